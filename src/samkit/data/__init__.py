@@ -1,0 +1,1 @@
+"""Data sets for the experiments: on-disk loaders, subsets, label noise, augmentation."""

@@ -1,0 +1,24 @@
+"""Sharpness-aware optimizers: each wraps a torch.optim optimizer and shares its param groups."""
+
+from samkit.optim.accumulation import accumulation_closure, m_sharpness_step
+from samkit.optim.asam import ASAM
+from samkit.optim.base import SharpnessAwareOptimizer
+from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.groups import param_groups
+from samkit.optim.registry import create_optimizer, list_optimizers, register_optimizer
+from samkit.optim.sam import SAM
+from samkit.optim.usam import USAM
+
+__all__ = [
+    "ASAM",
+    "SAM",
+    "USAM",
+    "SharpnessAwareOptimizer",
+    "accumulation_closure",
+    "create_optimizer",
+    "disable_running_stats",
+    "list_optimizers",
+    "m_sharpness_step",
+    "param_groups",
+    "register_optimizer",
+]

@@ -1,0 +1,267 @@
+r"""The two-pass protocol shared by every sharpness-aware optimizer.
+
+A sharpness-aware step at weights :math:`w` with gradient :math:`g = \nabla L(w)` is
+
+.. math::
+    \epsilon = \mathrm{ascent}(w, g; \rho), \qquad
+    w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
+
+Subclasses only say how ε is found (:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the
+weight backup, the AMP handling, the state dict and the closure live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+
+Closure = Callable[[], Any]
+
+# Per-parameter state entries that only live between first_step and second_step; they are not
+# saved by state_dict (a checkpoint is always taken between full steps).
+_TRANSIENT_STATE = ("w_backup",)
+
+
+class Bucket:
+    """The tensors of one param group on one device with one dtype, for the foreach kernels."""
+
+    __slots__ = ("group", "params", "grads", "backups")
+
+    def __init__(self, group: dict, params: list[Tensor], grads: list[Tensor], backups):
+        self.group = group
+        self.params = params
+        self.grads = grads
+        self.backups = backups
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class: wraps a ``torch.optim.Optimizer`` instance and shares its ``param_groups``.
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step (SGD, AdamW, ...), already
+            built over the model's parameters.
+        defaults: this optimizer's own per-group hyperparameters (``rho`` and friends). They
+            are added to every param group that lacks them, so a group may override them and a
+            schedule may change them between steps.
+
+    Use either ``loss = opt.step(closure)`` (the closure zeroes the gradients, runs the forward
+    and backward pass and returns the loss; it is called twice) or the explicit form
+    ``first_step()`` / ``second_step()``.
+    """
+
+    def __init__(self, base_optimizer: Optimizer, defaults: dict[str, Any]) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise ValueError(
+                f"Invalid base_optimizer: {type(base_optimizer).__name__} (allowed: an instance "
+                "of torch.optim.Optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1))"
+            )
+        if isinstance(base_optimizer, SharpnessAwareOptimizer):
+            raise ValueError("Invalid base_optimizer: it is already sharpness-aware")
+        clash = sorted(set(defaults) & set(base_optimizer.defaults))
+        if clash:
+            raise ValueError(
+                f"Invalid base_optimizer: {type(base_optimizer).__name__} already uses the "
+                f"hyperparameter name(s) {clash}, which {type(self).__name__} needs"
+            )
+        if not any(len(g["params"]) for g in base_optimizer.param_groups):
+            raise ValueError("Invalid base_optimizer: it has no parameters")
+        self.base_optimizer = base_optimizer
+        # Optimizer.__init__ adds our defaults to the base optimizer's group dicts in place
+        # (add_param_group keeps the dict); then both objects share the very same list.
+        super().__init__(base_optimizer.param_groups, defaults)
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = {**base_optimizer.defaults, **defaults}
+        self._perturbed: list[Bucket] | None = None
+        self._first_pass_finite: Tensor | None = None
+
+    # ------------------------------------------------------------------ the ascent direction
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        """Overwrite each bucket's gradients in place with the perturbation ε.
+
+        ``bucket.backups`` may be used as scratch space (it is refilled with ``w`` afterwards);
+        the parameters must not be changed. Subclasses implement the algorithm here.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the protocol
+
+    def _buckets(self) -> list[Bucket]:
+        buckets = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = []
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                grads.append(p.grad)
+            backups = []
+            for p in params:
+                state = self.state[p]
+                if "w_backup" not in state:  # allocated once, reused every step
+                    state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                backups.append(state["w_backup"])
+            for ps, gs, bs in kernels.group_by_device_and_dtype(params, grads, backups):
+                buckets.append(Bucket(group, ps, gs, bs))
+        return buckets
+
+    @torch.no_grad()
+    def first_step(
+        self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Move every parameter with a gradient from ``w`` to ``w + ε`` and clear the gradients.
+
+        Args:
+            zero_grad: clear the gradients afterwards (they hold ε at this point).
+            scaler: the ``torch.amp.GradScaler`` that scaled the loss, if any. The gradients
+                are then checked for inf/NaN (no host sync): if any is non-finite, ε = 0 and
+                :meth:`second_step` skips the base step and lets the scaler lower its scale.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError("first_step() was called twice without second_step() in between")
+        buckets = self._buckets()
+        use_scaler = scaler is not None and scaler.is_enabled()
+        if use_scaler:
+            self._first_pass_finite = self._sanitize_non_finite_(buckets)
+            if self._ascent_needs_unscaled_grads:
+                inv_scale = 1.0 / scaler.get_scale()  # one host sync per step, not per tensor
+                for b in buckets:
+                    torch._foreach_mul_(b.grads, inv_scale)
+        if buckets:
+            self._ascent_(buckets)
+        for b in buckets:
+            kernels.perturb_(b.params, b.grads, b.backups)
+        self._perturbed = buckets
+        if zero_grad:
+            self.zero_grad()
+
+    # Set by ascents that are not invariant to the loss scale (unnormalized SAM).
+    _ascent_needs_unscaled_grads = False
+
+    @staticmethod
+    def _sanitize_non_finite_(buckets: list[Bucket]) -> Tensor | None:
+        """0-d bool: are all gradients finite? If not, zero them all so that ε = 0."""
+        total = kernels.global_sq_norm(b.grads for b in buckets)
+        if total is None:
+            return None
+        finite = torch.isfinite(total)
+        for b in buckets:
+            for g in b.grads:
+                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            torch._foreach_mul_(b.grads, finite.to(device=b.grads[0].device, dtype=b.grads[0].dtype))
+        return finite
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by :meth:`first_step`, bit for bit, without stepping."""
+        if self._perturbed is None:
+            raise RuntimeError("restore()/second_step() needs a first_step() before it")
+        for b in self._perturbed:
+            kernels.restore_(b.params, b.backups)
+        self._perturbed = None
+
+    @torch.no_grad()
+    def second_step(
+        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Restore ``w`` and take the base optimizer's step with the gradient at ``w + ε``.
+
+        With a ``scaler``, the step goes through ``scaler.step(base_optimizer)``: it is skipped
+        when the gradients of either pass were non-finite. Call ``scaler.update()`` afterwards,
+        as in any AMP loop.
+        """
+        self.restore()
+        if scaler is not None and scaler.is_enabled():
+            self._poison_if_first_pass_non_finite()
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True  # tells LR schedulers that the optimizer stepped
+        if zero_grad:
+            self.zero_grad()
+
+    def _poison_if_first_pass_non_finite(self) -> None:
+        """Make the scaler see an inf when the first pass had one (no host sync)."""
+        finite, self._first_pass_finite = self._first_pass_finite, None
+        if finite is None:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    poison = torch.where(finite, 0.0, float("inf")).to(p.grad)
+                    p.grad.view(-1)[:1].add_(poison)
+                    return
+
+    def step(self, closure: Closure | None = None, scaler: torch.amp.GradScaler | None = None):
+        """One full sharpness-aware step: runs ``closure`` at ``w``, then at ``w + ε``.
+
+        The closure must zero the gradients, compute the loss, call ``backward()`` and return
+        the loss (scaled backward with a ``scaler``). Returns the loss of the first pass, at
+        ``w``, so closure-driven trainers (Lightning's automatic optimization) log the usual loss.
+        """
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs "
+                "forward and backward and returns the loss (it is called twice); or call "
+                "first_step() and second_step() yourself"
+            )
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise ValueError(
+                "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
+            )
+        self.first_step(zero_grad=True, scaler=scaler)
+        with torch.enable_grad():
+            closure()
+        self.second_step(scaler=scaler)
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (whose groups hold our keys too) plus our own state."""
+        state = self.base_optimizer.state_dict()
+        own = super().state_dict()["state"]
+        own = {
+            i: {k: v for k, v in s.items() if k not in _TRANSIENT_STATE} for i, s in own.items()
+        }
+        state["sharpness_aware"] = {"state": {i: s for i, s in own.items() if s}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("sharpness_aware", {"state": {}})
+        self.base_optimizer.load_state_dict(state_dict)
+        super().load_state_dict(
+            {"state": own["state"], "param_groups": state_dict["param_groups"]}
+        )
+        # Loading gives the base optimizer new group dicts: share them again and fill our
+        # keys into groups saved by an older version or by the plain base optimizer.
+        self.param_groups = self.base_optimizer.param_groups
+        self._fill_defaults()
+        self._perturbed = None
+
+    def _fill_defaults(self) -> None:
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_perturbed", None)
+        self.__dict__.setdefault("_first_pass_finite", None)
+        self._fill_defaults()
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in self.defaults.items() if k not in self.base_optimizer.defaults}
+        args = ", ".join(f"{k}={v!r}" for k, v in own.items())
+        return f"{type(self).__name__}({self.base_optimizer!r}, {args})"

@@ -1,0 +1,124 @@
+"""Functional foreach kernels shared by every sharpness-aware optimizer.
+
+Each function takes lists of tensors that live on one device with one dtype (a *bucket*, see
+:func:`group_by_device_and_dtype`) and works on the whole list with ``torch._foreach_*`` ops: one
+kernel launch per op for the whole bucket instead of one per parameter, and no host sync.
+
+The in-place functions (names ending in ``_``) overwrite their first argument. The optimizers use
+the gradients themselves as the workspace for the perturbation ε (they are cleared right after
+the first pass) and the weight backup as the scratch space for T_w, so a step needs no memory
+beyond that one parameter-sized backup.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+NORMALIZATIONS = ("elementwise", "filterwise")
+
+
+def group_by_device_and_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel lists into buckets whose first tensors share a device and a dtype.
+
+    ``group_by_device_and_dtype(params, grads)`` returns ``[(params_a, grads_a), ...]``.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = defaultdict(
+        lambda: tuple([] for _ in tensor_lists)
+    )
+    for items in zip(*tensor_lists, strict=True):
+        bucket = buckets[(items[0].device, items[0].dtype)]
+        for lst, t in zip(bucket, items, strict=True):
+            lst.append(t)
+    return list(buckets.values())
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which norms of ``dtype`` tensors are accumulated (float32 at least)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sq_norm(tensors: Sequence[Tensor]) -> Tensor:
+    r"""Squared Euclidean norm of the concatenation of ``tensors``, :math:`\sum_i \|t_i\|_2^2`.
+
+    Returns a 0-d tensor on the bucket's device, accumulated in float32 (float64 for float64).
+    """
+    dtype = accumulation_dtype(tensors[0].dtype)
+    norms = torch._foreach_norm(tensors)
+    return torch.stack(norms).to(dtype).square().sum()
+
+
+def global_sq_norm(buckets_of_tensors: Iterable[Sequence[Tensor]]) -> Tensor | None:
+    """Squared norm over several buckets (maybe on several devices): one sum, no host sync.
+
+    The result lives on the device of the first bucket; ``None`` when there is no tensor.
+    """
+    total: Tensor | None = None
+    for tensors in buckets_of_tensors:
+        if not tensors:
+            continue
+        part = sq_norm(tensors)
+        if total is None:
+            total = part
+        else:
+            part = part.to(device=total.device, dtype=torch.promote_types(total.dtype, part.dtype))
+            total = total + part
+    return total
+
+
+def safe_ratio(rho: float | Tensor, norm: Tensor) -> Tensor:
+    r""":math:`\rho / \|\cdot\|`, with the norm clamped away from zero.
+
+    A zero gradient has every entry zero, so the clamped ratio multiplies zeros and ε = 0 exactly
+    (no 0/0 = NaN); any norm above the smallest normal float is used as is.
+    """
+    return rho / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+def normalizer(
+    params: Sequence[Tensor],
+    eta: float,
+    normalization: str = "elementwise",
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    r"""The diagonal of ASAM's normalization operator :math:`T_w` for each tensor.
+
+    * ``"elementwise"``: :math:`T_w = |w| + \eta`, entry by entry. Written into ``out`` (a scratch
+      list shaped like ``params``) when given, else into new tensors.
+    * ``"filterwise"``: every output filter (row ``w[i]`` of a weight, output channel of a conv;
+      each entry of a 1-d tensor) is scaled by :math:`\|w_i\|_2 + \eta`. Returned as expanded,
+      read-only views of a per-filter vector, so no parameter-sized memory is used.
+    """
+    if normalization == "elementwise":
+        if out is None:
+            result = torch._foreach_abs(params)
+        else:
+            torch._foreach_copy_(out, params)
+            torch._foreach_abs_(out)
+            result = list(out)
+        torch._foreach_add_(result, eta)
+        return result
+    if normalization == "filterwise":
+        views = []
+        for w in params:
+            if w.dim() == 0:
+                views.append(w.abs() + eta)
+                continue
+            rows = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) + eta
+            views.append(rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w))
+        return views
+    raise ValueError(f"Invalid normalization: {normalization!r} (allowed: {NORMALIZATIONS})")
+
+
+def perturb_(params: Sequence[Tensor], eps: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
+    """Save ``w`` into ``backup``, then move to ``w + eps``."""
+    torch._foreach_copy_(backup, params)
+    torch._foreach_add_(params, eps)
+
+
+def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
+    """Put the saved ``w`` back, bit for bit (a copy, never ``w + eps - eps``)."""
+    torch._foreach_copy_(params, backup)

@@ -1,0 +1,109 @@
+"""Build any optimizer samkit knows by name: ``create_optimizer("asam", model, lr=0.1, rho=0.5)``.
+
+Plain optimizers (``sgd``, ``adam``, ``adamw``) are built directly. Sharpness-aware ones are a
+base optimizer (``base="sgd"`` unless the entry says otherwise) wrapped by their class; keyword
+arguments are split between the two by the wrapper's signature. A new variant registers itself
+with :func:`register_optimizer` and is then available to the trainer and the CLI.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from samkit.optim.asam import ASAM
+from samkit.optim.groups import param_groups
+from samkit.optim.sam import SAM
+from samkit.optim.usam import USAM
+
+BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One registry entry: ``wrapper`` is None for a plain optimizer."""
+
+    name: str
+    description: str
+    base: str  # the default base optimizer (a key of BASE_OPTIMIZERS)
+    wrapper: type | None = None  # a SharpnessAwareOptimizer subclass, or a factory(base, **kw)
+
+    def wrapper_keys(self) -> set[str]:
+        if self.wrapper is None:
+            return set()
+        sig = inspect.signature(self.wrapper)
+        return {k for k in sig.parameters if k != "base_optimizer"}
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register_optimizer(
+    name: str, wrapper: type | Callable | None, description: str, base: str = "sgd"
+) -> None:
+    """Add ``name`` to the registry (replacing an entry of the same name)."""
+    if base not in BASE_OPTIMIZERS:
+        raise ValueError(f"Invalid base: {base!r} (allowed: {sorted(BASE_OPTIMIZERS)})")
+    _REGISTRY[name.lower()] = OptimizerEntry(name.lower(), description, base, wrapper)
+
+
+def list_optimizers() -> list[str]:
+    """The names ``create_optimizer`` accepts, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe_optimizers() -> dict[str, str]:
+    return {name: _REGISTRY[name].description for name in list_optimizers()}
+
+
+def create_optimizer(
+    name: str, params: nn.Module | Iterable[Any], base: str | None = None, **kwargs: Any
+) -> Optimizer:
+    """Build the optimizer ``name`` over ``params``.
+
+    Args:
+        name: a registry name (see :func:`list_optimizers`), case-insensitive.
+        params: a model (sharpness-aware optimizers then get :func:`samkit.param_groups`, the
+            paper's setting; ``weight_decay`` goes into the groups), or parameters / groups.
+        base: the base optimizer of a sharpness-aware entry: ``sgd``, ``adam`` or ``adamw``.
+        **kwargs: hyperparameters of the base optimizer (``lr``, ``momentum``, ...) and of the
+            wrapper (``rho``, ``eta``, ...).
+    """
+    entry = _REGISTRY.get(str(name).lower())
+    if entry is None:
+        raise ValueError(f"Invalid optimizer: {name!r} (allowed: {', '.join(list_optimizers())})")
+    base_name = (base or entry.base).lower()
+    if base_name not in BASE_OPTIMIZERS:
+        raise ValueError(f"Invalid base: {base!r} (allowed: {', '.join(sorted(BASE_OPTIMIZERS))})")
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in entry.wrapper_keys()}
+    if isinstance(params, nn.Module):
+        if entry.wrapper is None:
+            params = [p for p in params.parameters() if p.requires_grad]
+        else:
+            params = param_groups(params, weight_decay=kwargs.pop("weight_decay", 0.0))
+    base_cls = BASE_OPTIMIZERS[base_name]
+    try:
+        base_opt = base_cls(params, **kwargs)
+    except TypeError as err:
+        allowed = sorted(set(inspect.signature(base_cls).parameters) - {"params"})
+        allowed += sorted(entry.wrapper_keys())
+        raise ValueError(f"Invalid argument for {entry.name}: {err} (allowed: {allowed})") from err
+    return base_opt if entry.wrapper is None else entry.wrapper(base_opt, **own)
+
+
+register_optimizer("sgd", None, "SGD (momentum, Nesterov, weight decay)", base="sgd")
+register_optimizer("adam", None, "Adam", base="adam")
+register_optimizer("adamw", None, "AdamW (decoupled weight decay)", base="adamw")
+register_optimizer("sam", SAM, "SAM, Foret et al. 2021: eps = rho g / ||g||")
+register_optimizer("asam", ASAM, "ASAM, Kwon et al. 2021: eps = rho T^2 g / ||T g||")
+register_optimizer("usam", USAM, "unnormalized SAM: eps = rho g")

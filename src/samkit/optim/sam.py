@@ -1,0 +1,54 @@
+r"""SAM: sharpness-aware minimization (Foret et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+
+
+class SAM(SharpnessAwareOptimizer):
+    r"""Sharpness-aware minimization around any base optimizer.
+
+    .. math::
+        \epsilon = \rho \, \frac{g}{\|g\|_2}, \qquad g = \nabla L(w), \qquad
+        w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
+
+    :math:`\|g\|_2` is the norm of the whole gradient, over every param group. ε is the
+    first-order solution of :math:`\max_{\|\epsilon\|_2 \le \rho} L(w + \epsilon)`. Each group may
+    carry its own ``rho`` (ε of that group's parameters uses it), and ``group["rho"]`` may be
+    changed between steps by a schedule. A zero gradient gives ε = 0.
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step, e.g.
+            ``torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)``.
+        rho: the radius ρ of the neighbourhood (>= 0; ``rho=0`` is exactly the base optimizer).
+
+    Example::
+
+        opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+
+    References:
+        P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
+        Efficiently Improving Generalization. ICLR 2021.
+    """
+
+    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05) -> None:
+        check_non_negative("rho", rho)
+        super().__init__(base_optimizer, dict(rho=rho))
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
+        for b in buckets:
+            check_non_negative("rho", b.group["rho"])
+            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
+            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))

@@ -1,0 +1,42 @@
+r"""USAM: unnormalized SAM (Andriushchenko & Flammarion, ICML 2022)."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+
+
+class USAM(SharpnessAwareOptimizer):
+    r"""Unnormalized SAM: the ascent step is the gradient itself, scaled by ρ.
+
+    .. math::
+        \epsilon = \rho \, g, \qquad w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
+
+    With plain gradient descent at step size η on a quadratic this is stable while the top Hessian
+    eigenvalue stays below :math:`(\sqrt{1 + 8\rho/\eta} - 1)/(2\rho)`
+    (:func:`samkit.stability.usam_edge`). Unlike SAM, ε depends on the loss scale, so under AMP
+    the gradients are unscaled first (one host sync per step).
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step.
+        rho: the step size ρ of the ascent (>= 0).
+
+    References:
+        M. Andriushchenko, N. Flammarion. Towards Understanding Sharpness-Aware Minimization.
+        ICML 2022. D. Long, P. Bartlett. Sharpness-Aware Minimization and the Edge of Stability.
+        arXiv:2309.12488, 2023.
+    """
+
+    _ascent_needs_unscaled_grads = True
+
+    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05) -> None:
+        check_non_negative("rho", rho)
+        super().__init__(base_optimizer, dict(rho=rho))
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            check_non_negative("rho", b.group["rho"])
+            torch._foreach_mul_(b.grads, float(b.group["rho"]))
