@@ -47,6 +47,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise CorruptFileError(
             f"{path}: IDX header says shape {shape} ({expected} bytes) but the file holds "
-            f"{len(raw) - header} bytes of data (truncated or corrupt: delete it and fetch it again)"
+            f"{len(raw) - header} bytes of data (truncated or corrupt: delete it and fetch it "
+            "again)"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))

@@ -18,7 +18,8 @@ class ASAM(SharpnessAwareOptimizer):
     r"""Adaptive SAM: the ascent is taken in the coordinates of a normalization operator T_w.
 
     With :math:`T_w = \mathrm{diag}(|w| + \eta)` (element-wise) and :math:`g = \nabla L(w)`, ε is
-    the first-order maximizer of :math:`L(w + \epsilon)` over :math:`\|T_w^{-1}\epsilon\|_p \le \rho`:
+    the first-order maximizer of :math:`L(w + \epsilon)` over the ball
+    :math:`\|T_w^{-1}\epsilon\|_p \le \rho`:
 
     .. math::
         p = 2:\quad \epsilon = \rho \, \frac{T_w^2 \, g}{\|T_w \, g\|_2}, \qquad

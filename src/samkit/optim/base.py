@@ -156,7 +156,8 @@ class SharpnessAwareOptimizer(Optimizer):
         for b in buckets:
             for g in b.grads:
                 g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            torch._foreach_mul_(b.grads, finite.to(device=b.grads[0].device, dtype=b.grads[0].dtype))
+            flag = finite.to(device=b.grads[0].device, dtype=b.grads[0].dtype)
+            torch._foreach_mul_(b.grads, flag)
         return finite
 
     @torch.no_grad()

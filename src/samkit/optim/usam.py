@@ -13,7 +13,8 @@ class USAM(SharpnessAwareOptimizer):
     r"""Unnormalized SAM: the ascent step is the gradient itself, scaled by ρ.
 
     .. math::
-        \epsilon = \rho \, g, \qquad w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
+        \epsilon = \rho \, g, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
 
     With plain gradient descent at step size η on a quadratic this is stable while the top Hessian
     eigenvalue stays below :math:`(\sqrt{1 + 8\rho/\eta} - 1)/(2\rho)`
