@@ -23,7 +23,7 @@ def usam_eps(grads, rho):
 
 
 def t_diag(w, eta, normalization, normalize):
-    """ASAM's T_w for one tensor: |w| + eta, or per output filter ||w_i|| + eta; 1 if not normalized."""
+    """ASAM's T_w: |w| + eta, or ||w_i|| + eta per output filter; 1 where not normalized."""
     if not normalize:
         return torch.ones_like(w)
     if normalization == "elementwise":

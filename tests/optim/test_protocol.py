@@ -64,17 +64,26 @@ def test_step_under_no_grad_still_computes_gradients():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda m: samkit.SAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=-0.1), "Invalid rho: -0.1"),
-        (lambda m: samkit.USAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=float("nan")),
-         "Invalid rho"),
+        (
+            lambda m: samkit.SAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=-0.1),
+            "Invalid rho: -0.1",
+        ),
+        (
+            lambda m: samkit.USAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=float("nan")),
+            "Invalid rho",
+        ),
         (lambda m: samkit.ASAM(torch.optim.SGD(m.parameters(), lr=0.1), eta=-1), "Invalid eta: -1"),
         (lambda m: samkit.ASAM(torch.optim.SGD(m.parameters(), lr=0.1), p=3), "Invalid p: 3"),
-        (lambda m: samkit.ASAM(torch.optim.SGD(m.parameters(), lr=0.1), normalization="layer"),
-         "Invalid normalization: 'layer'"),
+        (
+            lambda m: samkit.ASAM(torch.optim.SGD(m.parameters(), lr=0.1), normalization="layer"),
+            "Invalid normalization: 'layer'",
+        ),
         (lambda m: samkit.SAM(list(m.parameters())), "Invalid base_optimizer: list"),
         (lambda m: samkit.SAM(torch.optim.Adadelta(m.parameters())), "rho"),
-        (lambda m: samkit.SAM(samkit.SAM(torch.optim.SGD(m.parameters(), lr=0.1))),
-         "already sharpness-aware"),
+        (
+            lambda m: samkit.SAM(samkit.SAM(torch.optim.SGD(m.parameters(), lr=0.1))),
+            "already sharpness-aware",
+        ),
         (lambda m: samkit.SAM(torch.optim.SGD([{"params": []}], lr=0.1)), "no parameters"),
         (lambda m: samkit.create_optimizer("lion", m), "Invalid optimizer: 'lion'"),
         (lambda m: samkit.create_optimizer("sam", m, base="rmsprop"), "Invalid base: 'rmsprop'"),
@@ -108,8 +117,12 @@ def run(opt_name, steps, model=None, opt=None, **kw):
     model = model or mlp()
     x, y = data()
     opt = opt or samkit.create_optimizer(opt_name, model, **kw)
-    losses = [float(opt.step(make_closure(opt, model, x, y))) if isinstance(
-        opt, samkit.SharpnessAwareOptimizer) else plain_step(opt, model, x, y) for _ in range(steps)]
+    losses = [
+        float(opt.step(make_closure(opt, model, x, y)))
+        if isinstance(opt, samkit.SharpnessAwareOptimizer)
+        else plain_step(opt, model, x, y)
+        for _ in range(steps)
+    ]
     return model, opt, losses
 
 

@@ -67,8 +67,13 @@ def test_asam_eps_matches_reference(p, normalization, paper_groups):
         torch.optim.SGD(params, lr=0.1), rho=0.5, eta=0.01, p=p, normalization=normalization
     )
     # the optimizer's parameter order: weights first, then biases, with paper groups
-    names = [n for g in opt.param_groups for n, q in model.named_parameters() for p_ in g["params"]
-             if q is p_]
+    names = [
+        n
+        for g in opt.param_groups
+        for n, q in model.named_parameters()
+        for p_ in g["params"]
+        if q is p_
+    ]
     w0, grads, eps = observed_eps(opt, model, *batch())
     by_name = dict(model.named_parameters())
     order = [list(by_name).index(n) for n in names]
@@ -160,8 +165,14 @@ def test_second_step_restores_w_bit_for_bit(name):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda b: samkit.SAM(b), lambda b: samkit.USAM(b), lambda b: samkit.ASAM(b),
-             lambda b: samkit.ASAM(b, p=math.inf), lambda b: samkit.ASAM(b, normalization="filterwise")]
+    "make",
+    [
+        lambda b: samkit.SAM(b),
+        lambda b: samkit.USAM(b),
+        lambda b: samkit.ASAM(b),
+        lambda b: samkit.ASAM(b, p=math.inf),
+        lambda b: samkit.ASAM(b, normalization="filterwise"),
+    ],
 )
 def test_zero_gradient_gives_zero_eps(make):
     w = nn.Parameter(torch.randn(3, 4))
