@@ -8,6 +8,21 @@ A sharpness-aware step at weights :math:`w` with gradient :math:`g = \nabla L(w)
 
 Subclasses only say how ε is found (:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the
 weight backup, the AMP handling, the state dict and the closure live here once.
+
+Variants that need more than an ascent direction compose these hooks (each has a default that
+does nothing special, so SAM, ASAM and USAM never see them):
+
+* :meth:`~SharpnessAwareOptimizer._two_pass_`: after the first pass, decide whether this step is
+  a sharpness-aware step (two passes) or a one-pass step that descends with the first-pass
+  gradient right away (LookSAM between its full steps; AE-SAM and RST through a
+  :attr:`~SharpnessAwareOptimizer.schedule`). ``first_step`` returns the decision.
+* :meth:`~SharpnessAwareOptimizer._descent_`: rewrite the second-pass gradient before the base
+  step (GSAM's surrogate-gap term, LookSAM's orthogonal component);
+  :meth:`~SharpnessAwareOptimizer._one_pass_descent_` does the same for a one-pass step.
+* ``_keeps_first_grads``: keep a copy of the first-pass gradient ``g`` for the descent rule
+  (``bucket.first_grads``; allocated once, not saved by ``state_dict``).
+* :meth:`~SharpnessAwareOptimizer._global_state_dict`: optimizer-level state (step counters,
+  running statistics, random generators) saved next to the per-parameter state.
 """
 
 from __future__ import annotations
@@ -25,19 +40,23 @@ Closure = Callable[[], Any]
 
 # Per-parameter state entries that only live between first_step and second_step; they are not
 # saved by state_dict (a checkpoint is always taken between full steps).
-_TRANSIENT_STATE = ("w_backup",)
+_TRANSIENT_STATE = ("w_backup", "grad_first")
 
 
 class Bucket:
     """The tensors of one param group on one device with one dtype, for the foreach kernels."""
 
-    __slots__ = ("group", "params", "grads", "backups")
+    __slots__ = ("group", "params", "grads", "backups", "first_grads")
 
-    def __init__(self, group: dict, params: list[Tensor], grads: list[Tensor], backups):
+    def __init__(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], backups, first_grads=None
+    ):
         self.group = group
         self.params = params
         self.grads = grads
         self.backups = backups
+        # the first-pass gradient g, kept only for optimizers with _keeps_first_grads
+        self.first_grads = first_grads
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -79,6 +98,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self.defaults = {**base_optimizer.defaults, **defaults}
         self._perturbed: list[Bucket] | None = None
         self._first_pass_finite: Tensor | None = None
+        # An optional step schedule (AE-SAM, RST, see samkit.optim.schedules): an object with
+        # use_sam(optimizer, buckets, scaler) -> bool, state_dict() and load_state_dict().
+        self.schedule = None
 
     # ------------------------------------------------------------------ the ascent direction
 
@@ -89,6 +111,47 @@ class SharpnessAwareOptimizer(Optimizer):
         the parameters must not be changed. Subclasses implement the algorithm here.
         """
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ composition hooks
+
+    # Keep a copy of the first-pass gradient g in bucket.first_grads (GSAM, LookSAM).
+    _keeps_first_grads = False
+
+    def _two_pass_(self, buckets: list[Bucket], scaler: torch.amp.GradScaler | None) -> bool:
+        """After the first pass: is this a sharpness-aware (two-pass) step?
+
+        ``buckets`` hold the first-pass gradients (scaled by ``scaler`` when one is given; the
+        non-finite ones already zeroed). Returning False makes :meth:`first_step` descend with
+        the first-pass gradient at once (after :meth:`_one_pass_descent_`), so the step costs
+        one forward-backward pass. The default asks :attr:`schedule`, if one is set.
+        """
+        return self.schedule is None or bool(self.schedule.use_sam(self, buckets, scaler))
+
+    def _descent_(self, buckets: list[Bucket]) -> None:
+        """Rewrite the second-pass gradients (``bucket.grads``, at ``w + ε``) in place before the
+        base step; ``w`` is already restored, so ``bucket.backups`` is scratch space. Default:
+        descend with the second-pass gradient unchanged."""
+
+    def _one_pass_descent_(self, buckets: list[Bucket]) -> None:
+        """Rewrite the first-pass gradients in place before a one-pass step's base step; the
+        weights are unperturbed and ``bucket.backups`` is scratch space. Default: descend with
+        ``g`` unchanged (an SGD/base-optimizer step)."""
+
+    def _global_state_dict(self) -> dict[str, Any]:
+        """Optimizer-level state saved by :meth:`state_dict` (counters, running statistics,
+        generator states). Subclasses extend the dict returned by ``super()``."""
+        return {} if self.schedule is None else {"schedule": self.schedule.state_dict()}
+
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        if self.schedule is not None and "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between :meth:`first_step` (two-pass) and :meth:`second_step`/:meth:`restore`:
+        the weights are at ``w + ε``. Closures use it to tell the passes apart, e.g. to run the
+        perturbed pass under :func:`samkit.disable_running_stats`."""
+        return self._perturbed is not None
 
     # ------------------------------------------------------------------ the protocol
 
@@ -109,14 +172,24 @@ class SharpnessAwareOptimizer(Optimizer):
                 if "w_backup" not in state:  # allocated once, reused every step
                     state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 backups.append(state["w_backup"])
-            for ps, gs, bs in kernels.group_by_device_and_dtype(params, grads, backups):
-                buckets.append(Bucket(group, ps, gs, bs))
+            if not self._keeps_first_grads:
+                for ps, gs, bs in kernels.group_by_device_and_dtype(params, grads, backups):
+                    buckets.append(Bucket(group, ps, gs, bs))
+                continue
+            firsts = []
+            for p in params:
+                state = self.state[p]
+                if "grad_first" not in state:
+                    state["grad_first"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                firsts.append(state["grad_first"])
+            for ps, gs, bs, fs in kernels.group_by_device_and_dtype(params, grads, backups, firsts):
+                buckets.append(Bucket(group, ps, gs, bs, fs))
         return buckets
 
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None
-    ) -> None:
+    ) -> bool:
         """Move every parameter with a gradient from ``w`` to ``w + ε`` and clear the gradients.
 
         Args:
@@ -124,6 +197,14 @@ class SharpnessAwareOptimizer(Optimizer):
             scaler: the ``torch.amp.GradScaler`` that scaled the loss, if any. The gradients
                 are then checked for inf/NaN (no host sync): if any is non-finite, ε = 0 and
                 :meth:`second_step` skips the base step and lets the scaler lower its scale.
+
+        Returns:
+            True when the weights were perturbed and a second pass and :meth:`second_step` must
+            follow (always, for SAM, ASAM and USAM). False when the optimizer chose a one-pass
+            step (:meth:`_two_pass_`: LookSAM between full steps, a schedule): the base
+            optimizer has then already stepped with the first-pass gradient and the step is
+            over. The explicit form is therefore ``if opt.first_step(): <second pass>;
+            opt.second_step()``.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice without second_step() in between")
@@ -131,6 +212,16 @@ class SharpnessAwareOptimizer(Optimizer):
         use_scaler = scaler is not None and scaler.is_enabled()
         if use_scaler:
             self._first_pass_finite = self._sanitize_non_finite_(buckets)
+        if buckets and not self._two_pass_(buckets, scaler if use_scaler else None):
+            self._one_pass_descent_(buckets)
+            self._base_step(scaler)
+            if zero_grad:
+                self.zero_grad()
+            return False
+        if self._keeps_first_grads:  # g as the second pass sees it (scaled, like g_p)
+            for b in buckets:
+                torch._foreach_copy_(b.first_grads, b.grads)
+        if use_scaler:
             if self._ascent_needs_unscaled_grads:
                 inv_scale = 1.0 / scaler.get_scale()  # one host sync per step, not per tensor
                 for b in buckets:
@@ -142,6 +233,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed = buckets
         if zero_grad:
             self.zero_grad()
+        return True
 
     # Set by ascents that are not invariant to the loss scale (unnormalized SAM).
     _ascent_needs_unscaled_grads = False
@@ -180,14 +272,22 @@ class SharpnessAwareOptimizer(Optimizer):
         as in any AMP loop.
         """
         self.restore()
+        if type(self)._descent_ is not SharpnessAwareOptimizer._descent_:
+            buckets = self._buckets()  # the second pass's gradient tensors
+            if buckets:
+                self._descent_(buckets)
+        self._base_step(scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_step(self, scaler: torch.amp.GradScaler | None) -> None:
+        """The base optimizer's step with the gradients as they are (through the scaler)."""
         if scaler is not None and scaler.is_enabled():
             self._poison_if_first_pass_non_finite()
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
         self._opt_called = True  # tells LR schedulers that the optimizer stepped
-        if zero_grad:
-            self.zero_grad()
 
     def _poison_if_first_pass_non_finite(self) -> None:
         """Make the scaler see an inf when the first pass had one (no host sync)."""
@@ -220,10 +320,10 @@ class SharpnessAwareOptimizer(Optimizer):
             raise ValueError(
                 "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
             )
-        self.first_step(zero_grad=True, scaler=scaler)
-        with torch.enable_grad():
-            closure()
-        self.second_step(scaler=scaler)
+        if self.first_step(zero_grad=True, scaler=scaler):  # False: a one-pass step, done
+            with torch.enable_grad():
+                closure()
+            self.second_step(scaler=scaler)
         return loss
 
     # ------------------------------------------------------------------ state
@@ -236,6 +336,9 @@ class SharpnessAwareOptimizer(Optimizer):
             i: {k: v for k, v in s.items() if k not in _TRANSIENT_STATE} for i, s in own.items()
         }
         state["sharpness_aware"] = {"state": {i: s for i, s in own.items() if s}}
+        extra = self._global_state_dict()
+        if extra:
+            state["sharpness_aware"]["global"] = extra
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -250,6 +353,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._fill_defaults()
         self._perturbed = None
+        self._load_global_state_dict(own.get("global", {}))
 
     def _fill_defaults(self) -> None:
         for group in self.param_groups:
@@ -260,6 +364,7 @@ class SharpnessAwareOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_perturbed", None)
         self.__dict__.setdefault("_first_pass_finite", None)
+        self.__dict__.setdefault("schedule", None)
         self._fill_defaults()
 
     def __repr__(self) -> str:
