@@ -1,0 +1,38 @@
+"""The experiment runner's trainer: config, loop, callbacks, checkpoints, logs.
+
+>>> from samkit.train import TrainConfig, Trainer, load_config
+>>> cfg = load_config("configs/fashion-mnist-mlp.yaml", ["optimizer=asam", "rho=0.5"])
+>>> record = Trainer(cfg).fit()
+"""
+
+from samkit.train.callbacks import Callback
+from samkit.train.checkpoint import load_checkpoint, save_checkpoint
+from samkit.train.config import (
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from samkit.train.logs import read_metrics
+from samkit.train.schedule import LRSchedule
+from samkit.train.trainer import Trainer, classification_loss, load_run, train
+
+__all__ = [
+    "Callback",
+    "LRSchedule",
+    "TrainConfig",
+    "Trainer",
+    "apply_overrides",
+    "classification_loss",
+    "from_dict",
+    "load_checkpoint",
+    "load_config",
+    "load_run",
+    "read_metrics",
+    "save_checkpoint",
+    "save_config",
+    "to_dict",
+    "train",
+]

@@ -1,0 +1,161 @@
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard (optional), and the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from samkit.train.checkpoint import atomic_write_text
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (one JSON object per line)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+class MetricsWriter:
+    """Appends one JSON record per line, flushed at once (a crash loses nothing written)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            atomic_write_text(self.path, "")
+        else:
+            # Drop what a killed run wrote after its last checkpoint, so no step appears twice.
+            kept = []
+            if self.path.exists():
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            self._tb = make_summary_writer(run_dir)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key not in ("step", "event") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record.get('event', 'epoch')}/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def check_tensorboard() -> None:
+    """Raise a clear ImportError when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            "tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install 'samkit[tensorboard]' (or pip install tensorboard), or drop --tensorboard"
+        )
+
+
+def make_summary_writer(run_dir: Path):
+    """TensorBoard's SummaryWriter, imported only when asked for."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install 'samkit[tensorboard]' (or pip install tensorboard), or drop "
+            f"--tensorboard ({err})"
+        ) from err
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One human line for an epoch record."""
+    parts = [f"epoch {record['epoch']}/{record['epochs']}", f"step {record['step']}"]
+    parts.append(f"lr {record['lr']:.4g}")
+    parts.append(f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%")
+    if "test_acc" in record:
+        parts.append(f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%")
+    seconds = record["epoch_time"]
+    parts.append(f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    extra = [
+        f"{k} {v:.4g}"
+        for k, v in record.items()
+        if k not in _STANDARD and isinstance(v, float) and math.isfinite(v)
+    ]
+    return "  ".join(parts + extra)
+
+
+_STANDARD = {
+    "event", "epoch", "epochs", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+    "epoch_time", "images_per_s", "train_time", "best_test_acc",
+}
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain periodic lines otherwise (logs, CI, pipes)."""
+
+    def __init__(self, verbose: int, prefix: str = "", stream: TextIO | None = None) -> None:
+        self.verbose = verbose
+        self.prefix = prefix
+        self.stream = stream or sys.stdout
+        self.use_bar = verbose >= 1 and _isatty(sys.stderr)
+        self._bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, initial: int = 0) -> None:
+        if self.use_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total, initial=initial, desc=f"{self.prefix}epoch {epoch + 1}/{epochs}",
+                leave=False, dynamic_ncols=True, file=sys.stderr,
+            )
+
+    def step(self, step: int, loss: float | None, lr: float) -> None:
+        """Called every step; ``loss`` is only given (synchronized) on logging steps."""
+        if self._bar is not None:
+            self._bar.update(1)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+        elif loss is not None and self.verbose >= 2:
+            self.line(f"step {step}  loss {loss:.4f}  lr {lr:.4g}")
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.verbose >= 1:
+            self.line(format_record(record))
+
+    def line(self, text: str) -> None:
+        if self.verbose >= 1:
+            if self._bar is not None:
+                self._bar.write(self.prefix + text, file=self.stream)
+            else:
+                print(self.prefix + text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
