@@ -6,19 +6,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.samkit-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,experiments,curvature]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fashion-MNIST from Debian's package where we can install it (root on Debian); otherwise the
+# demo falls back to scikit-learn's digits and says so.
+FMNIST := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -d $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "samkit: could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
+	else echo "samkit: Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist, or set SAMKIT_DATA); the demo will use scikit-learn's digits"; fi
+
+demo: $(STAMP) data
 	$(VENV)/bin/samkit demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
