@@ -4,21 +4,44 @@ from samkit.optim.accumulation import accumulation_closure, m_sharpness_step
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.esam import ESAM, ExampleLosses
+from samkit.optim.fishersam import FisherSAM
+from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.groups import param_groups
+from samkit.optim.gsam import GSAM
+from samkit.optim.looksam import LookSAM
 from samkit.optim.registry import create_optimizer, list_optimizers, register_optimizer
 from samkit.optim.sam import SAM
+from samkit.optim.schedules import (
+    AESchedule,
+    RandomSchedule,
+    ae_sam,
+    rst_sam,
+    with_schedule,
+)
 from samkit.optim.usam import USAM
 
 __all__ = [
     "ASAM",
+    "ESAM",
+    "GSAM",
     "SAM",
     "USAM",
+    "AESchedule",
+    "ExampleLosses",
+    "FisherSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "RandomSchedule",
     "SharpnessAwareOptimizer",
     "accumulation_closure",
+    "ae_sam",
     "create_optimizer",
     "disable_running_stats",
     "list_optimizers",
     "m_sharpness_step",
     "param_groups",
     "register_optimizer",
+    "rst_sam",
+    "with_schedule",
 ]

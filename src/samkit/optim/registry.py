@@ -107,3 +107,24 @@ register_optimizer("adamw", None, "AdamW (decoupled weight decay)", base="adamw"
 register_optimizer("sam", SAM, "SAM, Foret et al. 2021: eps = rho g / ||g||")
 register_optimizer("asam", ASAM, "ASAM, Kwon et al. 2021: eps = rho T^2 g / ||T g||")
 register_optimizer("usam", USAM, "unnormalized SAM: eps = rho g")
+
+
+def _register_variants() -> None:
+    """The SAM family (issue 8); imported here, late, because schedules.py imports SAM & co."""
+    from samkit.optim.esam import ESAM
+    from samkit.optim.fishersam import FisherSAM
+    from samkit.optim.friendlysam import FriendlySAM
+    from samkit.optim.gsam import GSAM
+    from samkit.optim.looksam import LookSAM
+    from samkit.optim.schedules import ae_sam, rst_sam
+
+    register_optimizer("gsam", GSAM, "GSAM, Zhuang et al. 2022: g_p - alpha g_perp, rho_t ~ lr_t")
+    register_optimizer("looksam", LookSAM, "LookSAM, Liu et al. 2022: full SAM step every k")
+    register_optimizer("esam", ESAM, "ESAM, Du et al. 2022: random weight perturbation + SDS")
+    register_optimizer("aesam", ae_sam, "AE-SAM, Jiang et al. 2023: SAM when ||g||^2 is large")
+    register_optimizer("rst", rst_sam, "RST, Zhao et al. 2022: SAM with probability p, else SGD")
+    register_optimizer("friendlysam", FriendlySAM, "F-SAM, Li et al. 2024: eps along g - mean(g)")
+    register_optimizer("fishersam", FisherSAM, "Fisher SAM, Kim et al. 2022: eps = rho F^-1 g/..")
+
+
+_register_variants()

@@ -1,0 +1,179 @@
+r"""ESAM: efficient SAM by stochastic weight perturbation and sharpness-sensitive data selection
+(Du et al., ICLR 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.batchnorm import disable_running_stats
+
+
+class ExampleLossesClosure(Protocol):
+    """What :meth:`ESAM.step` needs for data selection: per-example losses, no backward."""
+
+    def losses(self, indices: Tensor | None, perturbed: bool) -> Tensor:
+        """The 1-d tensor of the batch's per-example losses (of ``batch[indices]`` when given),
+        with autograd as the caller's mode says. ``perturbed`` is True at ``w + ε``: BatchNorm
+        running statistics should then be left alone."""
+        ...
+
+
+class ExampleLosses:
+    """A per-example-loss closure for :meth:`ESAM.step` over one batch ``(x, y)``.
+
+    ``loss_fn(model(x), y)`` must return one loss per example, e.g.
+    ``functools.partial(F.cross_entropy, reduction="none")``. Perturbed passes run under
+    :func:`samkit.disable_running_stats`, so BatchNorm statistics are updated once per step::
+
+        losses = ExampleLosses(model, partial(F.cross_entropy, reduction="none"), x, y)
+        loss = opt.step(losses)
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+    ) -> None:
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+
+    def losses(self, indices: Tensor | None, perturbed: bool) -> Tensor:
+        x, y = (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
+        with disable_running_stats(self.model) if perturbed else nullcontext():
+            return self.loss_fn(self.model(x), y)
+
+
+class ESAM(SharpnessAwareOptimizer):
+    r"""ESAM: SAM with stochastic weight perturbation (SWP) and sharpness-sensitive data
+    selection (SDS).
+
+    **SWP.** Each parameter tensor :math:`i` is perturbed with probability β, independently at
+    every step (a seeded generator draws :math:`m_i \sim \mathrm{Bernoulli}(\beta)`), scaled by
+    :math:`1/\beta` so that the expected perturbation is SAM's:
+
+    .. math::
+        \epsilon_i = \frac{m_i}{\beta} \, \rho \, \frac{g_i}{\|g\|_2}, \qquad g = \nabla L_B(w).
+
+    **SDS.** With per-example losses :math:`\ell_j`, the second pass only uses the fraction γ of
+    the batch whose loss rises most under the perturbation:
+
+    .. math::
+        B^+ = \operatorname{top}_{\lceil \gamma |B| \rceil}\; \ell_j(w + \epsilon) - \ell_j(w),
+        \qquad w \leftarrow \mathrm{base\_step}\big(w, \nabla L_{B^+}(w + \epsilon)\big).
+
+    A step then costs a forward-backward pass on B, a forward pass without gradient on B at
+    :math:`w + \epsilon` and a forward-backward pass on :math:`B^+`.
+
+    Closures. ``step(closure)`` with an ordinary closure (zero_grad, forward, backward, return
+    the loss) does SWP only, with a full second pass, like every other optimizer here. For SDS
+    pass an object with a ``losses(indices, perturbed)`` method that returns per-example losses
+    without calling backward (:class:`ExampleLosses` builds one from a model, a per-example loss
+    function and a batch); the optimizer then runs the three passes, backpropagates the means
+    (scaled by ``scaler`` when given) and returns the mean loss at ``w``. ``gamma=1`` skips the
+    selection pass.
+
+    Notes:
+        * The official code saves backward compute by turning off ``requires_grad`` of
+          unperturbed tensors; here every tensor keeps its gradient (changing ``requires_grad``
+          inside an optimizer breaks DDP, compiled models and user code), so SWP changes the
+          perturbation, not the cost.
+        * The generator's state is saved by ``state_dict``; ``seed`` fixes the sequence.
+        * β, γ and the seed are optimizer-wide (``self.beta``, ``self.gamma``).
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step.
+        rho: the radius ρ (>= 0).
+        beta: the probability β that a parameter tensor is perturbed (0 < β <= 1).
+        gamma: the fraction γ of the batch kept for the second pass (0 < γ <= 1).
+        seed: the seed of the SWP generator.
+
+    References:
+        J. Du, H. Yan, J. Feng, J. T. Zhou, L. Zhen, R. S. M. Goh, V. Y. F. Tan. Efficient
+        Sharpness-aware Minimization for Improved Training of Neural Networks. ICLR 2022.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        check_non_negative("rho", rho)
+        for name, value in (("beta", beta), ("gamma", gamma)):
+            check_non_negative(name, value)
+            if not 0 < value <= 1:
+                raise ValueError(f"Invalid {name}: {value!r} (allowed: 0 < {name} <= 1)")
+        self.beta, self.gamma, self.seed = float(beta), float(gamma), int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        super().__init__(base_optimizer, dict(rho=rho))
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        # one draw per parameter of the optimizer (with a gradient or not), in group order
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        keep = (torch.rand(len(index), generator=self.generator) < self.beta).tolist()
+        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
+        for b in buckets:
+            check_non_negative("rho", b.group["rho"])
+            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
+            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            masks = [(1.0 / self.beta) if keep[index[p]] else 0.0 for p in b.params]
+            torch._foreach_mul_(b.grads, masks)
+
+    def step(self, closure=None, scaler: torch.amp.GradScaler | None = None):
+        """An ESAM step; SDS when ``closure`` has a ``losses(indices, perturbed)`` method."""
+        if closure is None or not hasattr(closure, "losses"):
+            return super().step(closure, scaler)
+        use_scaler = scaler is not None and scaler.is_enabled()
+
+        def backward(loss: Tensor) -> None:
+            (scaler.scale(loss) if use_scaler else loss).backward()
+
+        # 1. per-example losses and the gradient at w
+        self.zero_grad()
+        with torch.enable_grad():
+            before = closure.losses(None, False)
+            if before.dim() != 1 or before.numel() == 0:
+                raise ValueError(
+                    f"Invalid closure: losses() returned shape {tuple(before.shape)} (allowed: "
+                    "one loss per example, e.g. a loss function with reduction='none')"
+                )
+            loss = before.mean()
+            backward(loss)
+        # 2. w -> w + eps (SWP); a schedule may make this a one-pass step
+        if not self.first_step(zero_grad=True, scaler=scaler):
+            return loss.detach()
+        # 3. select the examples whose loss rises most (one forward pass, no gradient)
+        indices = None
+        n = before.numel()
+        keep = max(1, math.ceil(self.gamma * n - 1e-9))
+        if keep < n:
+            with torch.no_grad():
+                after = closure.losses(None, True)
+                indices = torch.topk(after.detach() - before.detach(), keep, sorted=False).indices
+        # 4. the gradient at w + eps on the selected examples, then back to w and step
+        with torch.enable_grad():
+            backward(closure.losses(indices, True).mean())
+        self.second_step(scaler=scaler)
+        return loss.detach()
+
+    def _global_state_dict(self) -> dict[str, Any]:
+        return {**super()._global_state_dict(), "esam_generator": self.generator.get_state()}
+
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        super()._load_global_state_dict(state)
+        if "esam_generator" in state:
+            self.generator.set_state(state["esam_generator"])
+
+    def __repr__(self) -> str:
+        return (
+            super().__repr__()[:-1] + f", beta={self.beta}, gamma={self.gamma}, seed={self.seed})"
+        )

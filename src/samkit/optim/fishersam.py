@@ -1,0 +1,66 @@
+r"""Fisher SAM: the ascent inside a Fisher-information ellipsoid (Kim et al., ICML 2022)."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+
+
+class FisherSAM(SharpnessAwareOptimizer):
+    r"""Fisher SAM: SAM's ball replaced by the ellipsoid of a diagonal empirical Fisher matrix.
+
+    With :math:`g = \nabla L(w)` and the diagonal empirical Fisher :math:`F = I + \eta\,
+    \mathrm{diag}(g \odot g)`, ε maximizes the linearized loss over
+    :math:`\epsilon^\top F \epsilon \le \rho^2`:
+
+    .. math::
+        \epsilon = \rho \, \frac{F^{-1} g}{\sqrt{g^\top F^{-1} g}}, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big).
+
+    Coordinates with a large squared gradient (much information) are perturbed less. ``eta = 0``
+    gives SAM exactly.
+
+    Notes:
+        * :math:`g^\top F^{-1} g` spans every param group; ``rho`` and ``eta`` are per-group keys.
+        * F depends on the scale of g, so under AMP the gradients are unscaled first (one host
+          sync per step), as for USAM.
+        * ``eta`` is the Fisher scale η of the paper, not the learning rate.
+        * A zero gradient gives ε = 0.
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step.
+        rho: the radius ρ of the ellipsoid (>= 0).
+        eta: the scale η of the empirical Fisher (>= 0).
+
+    References:
+        M. Kim, D. Li, S. X. Hu, T. M. Hospedales. Fisher SAM: Information Geometry and
+        Sharpness Aware Minimisation. ICML 2022.
+    """
+
+    _ascent_needs_unscaled_grads = True
+
+    def __init__(self, base_optimizer: Optimizer, rho: float = 0.1, eta: float = 1.0) -> None:
+        check_non_negative("rho", rho)
+        check_non_negative("eta", eta)
+        super().__init__(base_optimizer, dict(rho=rho, eta=eta))
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        # backups <- F = 1 + eta g^2;  grads <- u = F^-1 g;  backups <- sqrt(F) u = F^-1/2 g
+        for b in buckets:
+            check_non_negative("rho", b.group["rho"])
+            check_non_negative("eta", b.group["eta"])
+            torch._foreach_copy_(b.backups, b.grads)
+            torch._foreach_mul_(b.backups, b.grads)
+            torch._foreach_mul_(b.backups, float(b.group["eta"]))
+            torch._foreach_add_(b.backups, 1.0)
+            torch._foreach_div_(b.grads, b.backups)
+            torch._foreach_sqrt_(b.backups)
+            torch._foreach_mul_(b.backups, b.grads)
+        norm = kernels.global_sq_norm(b.backups for b in buckets).sqrt()  # sqrt(g^T F^-1 g)
+        for b in buckets:
+            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
+            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))

@@ -1,0 +1,88 @@
+r"""FriendlySAM: the ascent along the gradient minus its running mean (Li et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+
+
+class FriendlySAM(SharpnessAwareOptimizer):
+    r"""FriendlySAM (F-SAM): perturb along the batch-specific part of the gradient.
+
+    The full-gradient component of :math:`g = \nabla L_B(w)` is estimated by an exponential
+    moving average :math:`m` of past **raw** minibatch gradients and removed from the ascent:
+
+    .. math::
+        d_t = g_t - \sigma\, m_{t-1}, \qquad
+        \epsilon = \rho \frac{d_t}{\|d_t\|_2}, \qquad
+        m_t = \lambda\, m_{t-1} + (1 - \lambda)\, g_t, \qquad
+        w \leftarrow \mathrm{base\_step}\big(w, \nabla L_B(w + \epsilon)\big)
+
+    with :math:`m` started at the first gradient (the first step is a SAM step), as in the
+    official code. The mean is fed :math:`g_t` itself, never :math:`d_t` or the perturbed
+    gradient.
+
+    Note:
+        With σ = 1 this is the same ε as updating the mean first and perturbing along
+        :math:`g_t - m_t = \lambda (g_t - m_{t-1})`: only the direction matters after the
+        normalization. Under AMP the mean is kept in unscaled units (the gradients are unscaled
+        first, one host sync per step) and is not updated on a step whose first pass
+        overflowed. ``sigma``/``lmbda`` are stored per group as ``fsam_sigma``/``fsam_lambda``;
+        the mean is per-parameter state (saved by ``state_dict``). A zero :math:`d` gives ε = 0.
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step.
+        rho: the radius ρ (>= 0).
+        sigma: how much of the mean is removed, σ (>= 0; 0 is SAM).
+        lmbda: the decay λ of the moving average (0 <= λ < 1).
+
+    References:
+        T. Li, P. Zhou, Z. He, X. Cheng, X. Huang. Friendly Sharpness-Aware Minimization.
+        CVPR 2024.
+    """
+
+    _ascent_needs_unscaled_grads = True
+
+    def __init__(
+        self, base_optimizer: Optimizer, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.6
+    ) -> None:
+        check_non_negative("rho", rho)
+        check_non_negative("sigma", sigma)
+        check_non_negative("lmbda", lmbda)
+        if lmbda >= 1:
+            raise ValueError(f"Invalid lmbda: {lmbda!r} (allowed: 0 <= lmbda < 1)")
+        super().__init__(base_optimizer, dict(rho=rho, fsam_sigma=sigma, fsam_lambda=lmbda))
+
+    def _ascent_(self, buckets: list[Bucket]) -> None:
+        finite = self._first_pass_finite
+        for b in buckets:
+            check_non_negative("rho", b.group["rho"])
+            fresh = [i for i, p in enumerate(b.params) if "fsam_mean" not in self.state[p]]
+            for i in fresh:  # allocated once: m_0 = g_0, d_0 = g_0
+                self.state[b.params[i]]["fsam_mean"] = b.grads[i].clone()
+            fresh_set = set(fresh)
+            seen = [i for i in range(len(b.params)) if i not in fresh_set]
+            if not seen:
+                continue
+            grads = [b.grads[i] for i in seen]
+            raw = [b.backups[i] for i in seen]  # scratch: the raw gradient
+            means = [self.state[b.params[i]]["fsam_mean"] for i in seen]
+            torch._foreach_copy_(raw, grads)
+            # d = g - sigma m_{t-1}
+            torch._foreach_add_(grads, means, alpha=-float(b.group["fsam_sigma"]))
+            # m <- m + (1 - lambda)(g - m), skipped (weight 0) after a non-finite first pass
+            torch._foreach_sub_(raw, means)
+            weight = 1.0 - float(b.group["fsam_lambda"])
+            if finite is None:
+                torch._foreach_mul_(raw, weight)
+            else:
+                torch._foreach_mul_(raw, (finite.to(raw[0].device, raw[0].dtype) * weight))
+            torch._foreach_add_(means, raw)
+        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
+        for b in buckets:
+            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
+            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
