@@ -20,6 +20,7 @@ from samkit.data.split import (
     standardization_stats,
     subset_indices,
 )
+from samkit.data.text import load_text
 
 __all__ = [
     "DATASETS",
@@ -37,6 +38,7 @@ __all__ = [
     "flip_labels",
     "iterate_batches",
     "load_dataset",
+    "load_text",
     "make_mnist1d",
     "make_synthetic",
     "read_idx",

@@ -9,6 +9,8 @@ from pathlib import Path
 from samkit.data.fetch import Resource
 
 ENV_VAR = "SAMKIT_DATA"
+# Where Debian's dataset-* packages install (dataset-fashion-mnist: <root>/fashion-mnist).
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
 
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -125,7 +127,7 @@ def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
             root = Path(root).expanduser()
             dirs += [root, root / name]
     dirs += [
-        Path("/usr/share/datasets") / name,
+        SYSTEM_DATA_ROOT / name,
         Path.home() / ".cache" / "samkit" / name,
         Path("data") / name,
         Path("data"),
