@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 
-def _atomic(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,12 +30,12 @@ def _atomic(path: str | Path, write) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return _atomic(path, lambda handle: handle.write(text.encode()))
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save(state)`` to ``path`` through a temporary file in the same directory."""
-    return _atomic(path, lambda handle: torch.save(state, handle))
+    return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -56,6 +56,7 @@ class TrainConfig:
     # ---- run
     seed: int = 0  # seed of the initialization, data order, augmentation and dropout
     device: str = "auto"  # cpu, cuda, cuda:1, mps; auto: cuda when available, else cpu
+    threads: int | None = None  # CPU threads for torch (None: its default; 1 suits small models)
     amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU
     eval_every: int = 1  # evaluate on the test set every this many epochs (and at the end)
     eval_batch_size: int = 1000  # batch size of the evaluation (no effect on the results)
@@ -77,6 +78,8 @@ class TrainConfig:
             _positive_int("subset", self.subset)
         if self.batch_size < 0:
             raise ValueError(f"Invalid batch_size: {self.batch_size} (allowed: >= 1, or 0 = full)")
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
         for key in ("grad_accum", "eval_every", "eval_batch_size", "log_every"):
             _positive_int(key, getattr(self, key))
         _in_range("label_noise", self.label_noise, 0.0, 1.0)

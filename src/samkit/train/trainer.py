@@ -38,7 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between a checkpoint's config and the config that resumes it.
 RESUMABLE_CHANGES = (
     "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint", "data_dir",
-    "device",
+    "device", "threads",
 )
 
 
@@ -259,6 +259,15 @@ class Trainer:
         Ctrl-C finishes the current step, saves a checkpoint and raises ``KeyboardInterrupt``
         (a second Ctrl-C aborts at once); ``trainer.request_stop()`` does the same but returns.
         """
+        threads = torch.get_num_threads()
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> dict[str, Any]:
         self.setup()
         restore = self._install_sigint()
         try:

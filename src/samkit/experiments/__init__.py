@@ -1,0 +1,23 @@
+"""Experiments built on the trainer: each is a config, a set of runs and a report."""
+
+from samkit.experiments.compare import (
+    DEFAULT,
+    DEFAULT_OPTIMIZERS,
+    DEFAULT_SEEDS,
+    CompareResult,
+    format_table,
+    run_compare,
+    with_fallback,
+    write_report,
+)
+
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_OPTIMIZERS",
+    "DEFAULT_SEEDS",
+    "CompareResult",
+    "format_table",
+    "run_compare",
+    "with_fallback",
+    "write_report",
+]
