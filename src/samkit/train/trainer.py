@@ -334,13 +334,14 @@ class Trainer:
                 # 6b. first pass at w: forward + backward over the micro-batches
                 batch_loss, batch_correct = self._forward_backward(micro, track=True)
                 if self.sharpness_aware:
-                    # 6c. ascend to w + eps (the gradients are cleared) ...
-                    opt.first_step(zero_grad=True, scaler=self.scaler)
-                    # 6d. ... second pass at w + eps, BatchNorm running statistics untouched ...
-                    with disable_running_stats(model):
-                        self._forward_backward(micro, track=False)
-                    # 6e. ... back to w, and the base optimizer steps with the gradient at w + eps
-                    opt.second_step(scaler=self.scaler)
+                    # 6c. ascend to w + eps (the gradients are cleared); False means the
+                    #     optimizer chose a one-pass step (LookSAM, AE-SAM, RST) and has stepped
+                    if opt.first_step(zero_grad=True, scaler=self.scaler):
+                        # 6d. second pass at w + eps, BatchNorm running statistics untouched
+                        with disable_running_stats(model):
+                            self._forward_backward(micro, track=False)
+                        # 6e. back to w; the base optimizer steps with the gradient at w + eps
+                        opt.second_step(scaler=self.scaler)
                 elif self.scaler is not None and self.scaler.is_enabled():
                     self.scaler.step(opt)
                 else:

@@ -1,0 +1,570 @@
+r"""The edge-of-stability tracker: λ₁ of the Hessian against the edge of the optimizer in use.
+
+Every ``every`` steps, on a fixed probe set (the whole training subset in full-batch runs), the
+tracker measures at the current weights :math:`w`
+
+* the loss :math:`L(w)` and the gradient :math:`g = \nabla L(w)`, its norm :math:`\|g\|`;
+* the top Hessian eigenpair :math:`(\lambda_1, v_1)` by Lanczos, warm started from the last
+  :math:`v_1` (so a measurement costs a few Hessian-vector products once training is under way);
+* the edge that applies to the optimizer (:func:`edge_for`): :math:`2/\eta` for gradient descent,
+  the momentum and Nesterov edges, the SAM-edge with the current :math:`\|g\|`, the USAM edge,
+  or, for Adam, the *preconditioned* sharpness :math:`\lambda_1(P^{-1}H)` against ``adam_edge``;
+* the ratio :math:`\lambda_1/\text{edge}` (about 1 at the edge of stability);
+* the alignments :math:`|\langle g, v_1\rangle|/\|g\|` and
+  :math:`|\langle g_{\mathrm{SAM}}, v_1\rangle|/\|g_{\mathrm{SAM}}\|` with
+  :math:`g_{\mathrm{SAM}} = \nabla L(w + \epsilon)` (:math:`\epsilon = \rho g/\|g\|` for SAM,
+  :math:`\rho g` for USAM).
+
+Each measurement is one JSON row (``edge.jsonl`` in a trainer run) and the tracker keeps its cost:
+seconds and Hessian-vector products, in total and per row.
+
+Two ways to use it::
+
+    # 1. a trainer callback: measures at step 0 and after every `every` steps
+    Trainer(cfg, callbacks=[EdgeTracker(every=10)]).fit()     # runs/<name>/edge.jsonl
+
+    # 2. a plain loop: measure at w_t, before step t (the gradient norm SAM's step t uses)
+    tracker = EdgeTracker((x, y), loss_fn, every=10, path="edge.jsonl")
+    for t in range(steps):
+        tracker.maybe_record(t, model, opt)
+        ...  # the optimizer step
+    print(tracker.cost_summary())
+
+References:
+    J. Cohen, S. Kaur, Y. Li, J. Z. Kolter, A. Talwalkar. Gradient Descent on Neural Networks
+    Typically Occurs at the Edge of Stability. ICLR 2021.
+    P. M. Long, P. L. Bartlett. Sharpness-Aware Minimization and the Edge of Stability.
+    arXiv:2309.12488, 2023.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from samkit import stability
+from samkit.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from samkit.train.trainer import Trainer
+
+__all__ = ["EdgeTracker", "edge_for", "optimizer_kind"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+# --------------------------------------------------------------------------- which edge applies
+
+
+def optimizer_kind(optimizer: Optimizer) -> dict[str, Any]:
+    """What the edge depends on: the descent rule, the ascent rule and their hyperparameters.
+
+    Returns a dict with ``base`` (``"gd"``, ``"momentum"``, ``"nesterov"``, ``"adam"`` or
+    ``"unknown"``), ``ascent`` (``None``, ``"sam"``, ``"usam"`` or ``"unknown"``), ``lr``,
+    ``beta`` (momentum or Adam's β₁), ``rho`` and ``note`` (why no edge applies, or ``""``).
+    The first param group's hyperparameters are used; all groups must share ``lr``.
+    """
+    from samkit.optim import SAM, USAM, SharpnessAwareOptimizer
+
+    info: dict[str, Any] = {"base": "unknown", "ascent": None, "lr": None, "beta": 0.0,
+                            "rho": None, "note": ""}
+    base = optimizer
+    if isinstance(optimizer, SharpnessAwareOptimizer):
+        base = optimizer.base_optimizer
+        # exact types: a subclass may change the descent rule (GSAM, LookSAM, ...)
+        if type(optimizer) is SAM:
+            info["ascent"] = "sam"
+        elif type(optimizer) is USAM:
+            info["ascent"] = "usam"
+        else:
+            info["ascent"] = "unknown"
+            info["note"] = f"no closed-form edge for {type(optimizer).__name__}"
+        info["rho"] = float(optimizer.param_groups[0]["rho"])
+    groups = optimizer.param_groups
+    lrs = {float(g["lr"]) for g in groups}
+    info["lr"] = float(groups[0]["lr"])
+    if len(lrs) > 1:
+        info["note"] = info["note"] or f"param groups have different learning rates {sorted(lrs)}"
+    group = groups[0]
+    if isinstance(base, torch.optim.SGD):
+        beta = float(group.get("momentum", 0.0))
+        if beta == 0.0:
+            info["base"] = "gd"
+        else:
+            info["base"] = "nesterov" if group.get("nesterov", False) else "momentum"
+            info["beta"] = beta
+            if float(group.get("dampening", 0.0)) != 0.0:
+                info["note"] = info["note"] or "SGD with dampening != 0 has no edge here"
+    elif isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
+        info["base"] = "adam"
+        info["beta"] = float(group["betas"][0])
+        if info["ascent"] is not None:
+            info["note"] = info["note"] or "no closed-form edge for SAM with an Adam base"
+    else:
+        info["note"] = info["note"] or f"no edge for {type(base).__name__}"
+    return info
+
+
+def edge_for(optimizer: Optimizer | dict[str, Any], grad_norm: float | None = None) -> float | None:
+    r"""The stability threshold of λ₁ for ``optimizer`` at gradient norm ``grad_norm``.
+
+    * SGD: :func:`~samkit.stability.gd_edge`, or :func:`~samkit.stability.momentum_edge`
+      (heavy ball or Nesterov);
+    * Adam / AdamW: :func:`~samkit.stability.adam_edge` (compare it with the *preconditioned*
+      sharpness :math:`\lambda_1(P^{-1}H)`);
+    * SAM over SGD: :func:`~samkit.stability.sam_edge` with ``grad_norm`` (Long & Bartlett);
+      USAM over SGD: :func:`~samkit.stability.usam_edge`.
+
+    SAM over heavy-ball or Nesterov SGD (an extension of the same quadratic argument, not in the
+    paper): along :math:`v_1` SAM's gradient is :math:`\lambda(1 + \rho\lambda/\|g\|)` times the
+    plain one, so SAM is stable while :math:`\lambda(1 + \rho\lambda/\|g\|)` stays below the
+    base optimizer's edge :math:`E`. That is ``sam_edge(2/E, rho, grad_norm)`` (with :math:`E =
+    2/\eta` it is the paper's SAM-edge); likewise ``usam_edge(2/E, rho)``.
+
+    Returns ``None`` where no edge applies (ASAM and other variants, SAM over Adam, per-group
+    learning rates, other optimizers); :func:`optimizer_kind` says why.
+    """
+    info = optimizer if isinstance(optimizer, dict) else optimizer_kind(optimizer)
+    if info["note"] or info["base"] == "unknown":
+        return None
+    lr, beta = info["lr"], info["beta"]
+    if info["base"] == "adam":
+        return float(stability.adam_edge(lr, beta))
+    if info["base"] == "gd":
+        base_edge = float(stability.gd_edge(lr))
+    else:
+        base_edge = float(stability.momentum_edge(lr, beta, nesterov=info["base"] == "nesterov"))
+    if info["ascent"] is None:
+        return base_edge
+    effective_lr = 2.0 / base_edge  # == lr for plain gradient descent
+    if info["ascent"] == "usam":
+        return float(stability.usam_edge(effective_lr, info["rho"]))
+    if grad_norm is None:
+        raise ValueError("Invalid grad_norm: None (the SAM-edge needs the gradient norm)")
+    return float(stability.sam_edge(effective_lr, info["rho"], grad_norm))
+
+
+def _edge_name(info: dict[str, Any]) -> str:
+    if info["note"] or info["base"] == "unknown":
+        return "none"
+    return info["base"] if info["ascent"] is None else f"{info['ascent']}+{info['base']}"
+
+
+# --------------------------------------------------------------------------- the probe set
+
+
+def _batches(data: Any) -> list[tuple[Any, Any]]:
+    """``(x, y)`` or a list of ``(x, y)`` batches, as a list of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        return [(data[0], data[1])]
+    if isinstance(data, (tuple, list)) and data and all(
+        isinstance(b, (tuple, list)) and len(b) == 2 for b in data
+    ):
+        return [(b[0], b[1]) for b in data]
+    raise ValueError(
+        f"Invalid probe: {type(data).__name__} (allowed: one (x, y) batch or a list of (x, y) "
+        "batches)"
+    )
+
+
+def _size(x: Any, y: Any) -> int:
+    t = y if isinstance(y, Tensor) and y.dim() > 0 else x
+    return int(t.shape[0])
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+class EdgeTracker(Callback):
+    r"""Tracks λ₁ of the Hessian on a probe set against the optimizer's edge of stability.
+
+    Args:
+        probe: the probe set, one ``(x, y)`` batch or a list of batches (the loss over several
+            is the size-weighted mean). ``None`` in a trainer run: the training set when it has
+            at most ``probe_size`` examples (full-batch runs: exactly the training subset),
+            otherwise a fixed, seeded draw of ``probe_size`` of its examples.
+        loss_fn: ``loss_fn(model(x), y)``, the **mean** loss over a batch; ``None`` in a trainer
+            run: the trainer's loss.
+        every: measure at step 0 and then every ``every`` steps.
+        path: append the rows here as JSON lines (the file is started afresh); ``None`` in a
+            trainer run: ``runs/<name>/edge.jsonl``; ``None`` in a plain loop: keep them only in
+            :attr:`rows`.
+        rho: the radius of the SAM gradient whose alignment is recorded when the optimizer is
+            not SAM/USAM (e.g. for a gradient-descent baseline); default: the optimizer's ρ, and
+            for other optimizers no SAM alignment.
+        tol: Lanczos' relative tolerance on λ₁.
+        max_iter: most Lanczos iterations per measurement.
+        probe_size: see ``probe``.
+        seed: seeds Lanczos' first start vector and the probe draw.
+        params: the parameters to differentiate (default: all with ``requires_grad``).
+        preconditioned: also measure :math:`\lambda_1(P^{-1}H)` for Adam (``"auto"``: when the
+            optimizer is Adam / AdamW; ``False``: never).
+        verbose: print one line per measurement.
+
+    Attributes:
+        rows: the recorded rows (dicts), in order.
+        seconds, matvecs: the total cost so far (wall-clock seconds, Hessian-vector products).
+    """
+
+    def __init__(
+        self,
+        probe: Any = None,
+        loss_fn: LossFn | None = None,
+        every: int = 10,
+        *,
+        path: str | Path | None = None,
+        rho: float | None = None,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        probe_size: int = 4096,
+        seed: int = 0,
+        params: Sequence[Tensor] | None = None,
+        preconditioned: bool | str = "auto",
+        verbose: bool = False,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Invalid every: {every!r} (allowed: an integer >= 1)")
+        if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0):
+            raise ValueError(f"Invalid rho: {rho!r} (allowed: None or a number >= 0)")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"Invalid tol: {tol!r} (allowed: a number > 0)")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"Invalid max_iter: {max_iter!r} (allowed: an integer >= 1)")
+        if preconditioned not in ("auto", True, False):
+            raise ValueError(f"Invalid preconditioned: {preconditioned!r} (allowed: auto, True, "
+                             "False)")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
+        self.probe = None if probe is None else _batches(probe)
+        self.loss_fn = loss_fn
+        self.every = every
+        self.path = None if path is None else Path(path)
+        self.rho = rho
+        self.tol = float(tol)
+        self.max_iter = max_iter
+        self.probe_size = probe_size
+        self.seed = seed
+        self.params = None if params is None else list(params)
+        self.preconditioned = preconditioned
+        self.verbose = verbose
+        self.rows: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self.matvecs = 0
+        self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
+        self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
+        self._file_started = False
+        self._trainer: Trainer | None = None
+
+    # ------------------------------------------------------------------ plain-loop interface
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a measurement step (0, every, 2·every, ...)."""
+        return step % self.every == 0
+
+    def maybe_record(
+        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None
+    ) -> dict[str, Any] | None:
+        """:meth:`record` if ``step`` is a measurement step, else ``None``."""
+        return self.record(step, model, optimizer, batch) if self.due(step) else None
+
+    def record(
+        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None
+    ) -> dict[str, Any]:
+        """Measure at the model's current weights and append a row (see the module docstring).
+
+        Args:
+            step: the step number written in the row.
+            model: the network, in the mode the measurement should use (the tracker never
+                changes it; in training mode dropout masks are fixed per measurement).
+            optimizer: the optimizer in use: its kind and current hyperparameters decide the edge.
+            batch: in minibatch runs, the step's ``(x, y)``: the SAM-edge then uses the gradient
+                norm on this batch (the ‖g‖ the SAM step normalizes by), recorded as
+                ``batch_grad_norm``; λ₁ is still that of the probe set.
+        """
+        if self.probe is None or self.loss_fn is None:
+            raise ValueError(
+                "EdgeTracker has no probe set or loss_fn: pass EdgeTracker(probe=(x, y), "
+                "loss_fn=...) outside a trainer"
+            )
+        from samkit.curvature import HessianOperator
+
+        start = time.perf_counter()
+        params = self._params(model)
+        info = optimizer_kind(optimizer)
+
+        # 1. loss and gradient on the probe set
+        loss, grad = self._loss_grad(model, params, self.probe)
+        grad_norm = float(grad.norm())
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            row = {"step": int(step), "loss": loss, "grad_norm": grad_norm, "diverged": True}
+            return self._append(row, start, 0)
+
+        # 2. λ₁ and v₁ by Lanczos, started from the last v₁
+        H = HessianOperator(model, self.loss_fn, self.probe, params=params, seed=self.seed)
+        lam, vec, mv, converged = self._top(H, self._vector)
+        self._vector = vec
+        matvecs = mv
+
+        # 3. the edge for this optimizer; for Adam the preconditioned sharpness
+        edge_norm = grad_norm
+        row: dict[str, Any] = {"step": int(step), "loss": loss, "grad_norm": grad_norm}
+        if batch is not None:
+            _, batch_grad = self._loss_grad(model, params, _batches(batch))
+            edge_norm = float(batch_grad.norm())
+            row["batch_grad_norm"] = edge_norm
+        row["lambda1"] = lam
+        edge = edge_for(info, edge_norm)
+        sharpness = lam
+        use_pre = self.preconditioned is True or (
+            self.preconditioned == "auto" and info["base"] == "adam"
+        )
+        if use_pre:
+            from samkit.curvature import adam_preconditioned
+
+            base = getattr(optimizer, "base_optimizer", optimizer)
+            P = adam_preconditioned(H, base)
+            plam, self._pvector, pmv, pconv = self._top(P, self._pvector)
+            matvecs += pmv
+            converged = converged and pconv
+            row["lambda1_precond"] = plam
+            sharpness = plam
+        row["edge"] = edge
+        row["edge_kind"] = _edge_name(info)
+        row["ratio"] = None if edge is None or edge == 0 else sharpness / edge
+        row["gd_edge"] = float(stability.gd_edge(info["lr"])) if info["lr"] else None
+        row["lr"] = info["lr"]
+        rho = info["rho"] if info["rho"] is not None else self.rho
+        row["rho"] = rho
+
+        # 4. alignment of the plain and the SAM gradient with v₁
+        row["align_grad"] = _alignment(grad, vec)
+        row["align_sam_grad"] = None
+        if rho is not None and info["ascent"] in (None, "sam", "usam"):
+            if info["ascent"] == "usam":
+                eps = grad * rho
+            else:
+                eps = grad * (rho / grad_norm) if grad_norm > 0 else torch.zeros_like(grad)
+            _, sam_grad = self._loss_grad(model, params, self.probe, shift=eps)
+            row["align_sam_grad"] = _alignment(sam_grad, vec)
+        row["converged"] = bool(converged)
+        return self._append(row, start, matvecs)
+
+    # ------------------------------------------------------------------ cost
+
+    def cost(self) -> dict[str, float]:
+        """``{"rows", "seconds", "matvecs", "seconds_per_row", "matvecs_per_row"}``."""
+        n = len(self.rows)
+        return {
+            "rows": n,
+            "seconds": self.seconds,
+            "matvecs": self.matvecs,
+            "seconds_per_row": self.seconds / n if n else 0.0,
+            "matvecs_per_row": self.matvecs / n if n else 0.0,
+        }
+
+    def cost_summary(self) -> str:
+        """One line: how many measurements, their time and Hessian-vector products."""
+        c = self.cost()
+        return (
+            f"edge tracker: {c['rows']} measurements, {c['seconds']:.1f} s "
+            f"({c['seconds_per_row']:.2f} s each), {c['matvecs']} Hessian-vector products "
+            f"({c['matvecs_per_row']:.1f} each)"
+        )
+
+    # ------------------------------------------------------------------ trainer callback
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+        if self.loss_fn is None:
+            self.loss_fn = trainer.loss_fn
+        if self.probe is None:
+            self.probe = self._default_probe(trainer.train_data)
+        if self.path is None:
+            self.path = Path(trainer.run_dir) / "edge.jsonl"
+        if trainer.resume and self.path.exists():
+            # keep what was measured up to the checkpoint, drop what came after it
+            kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= trainer.step]
+            _write_rows(self.path, kept)
+            self.rows = kept
+            self._file_started = True
+        elif trainer.step == 0:
+            self.record(0, trainer.model, trainer.optimizer)
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: Tensor) -> None:
+        if self.due(step):
+            self.record(step, trainer.model, trainer.optimizer)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.rows and "lambda1" in self.rows[-1]:
+            metrics["lambda1"] = self.rows[-1]["lambda1"]
+            if self.rows[-1].get("ratio") is not None:
+                metrics["edge_ratio"] = self.rows[-1]["ratio"]
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        trainer.progress.line(self.cost_summary())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vector": self._vector, "pvector": self._pvector, "seconds": self.seconds,
+                "matvecs": self.matvecs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._vector = state.get("vector")
+        self._pvector = state.get("pvector")
+        self.seconds = float(state.get("seconds", 0.0))
+        self.matvecs = int(state.get("matvecs", 0))
+
+    # ------------------------------------------------------------------ internals
+
+    def _default_probe(self, split: Any) -> list[tuple[Tensor, Tensor]]:
+        x, y = split.x, split.y
+        n = len(y)
+        if n > self.probe_size:
+            gen = torch.Generator().manual_seed(self.seed)
+            idx = torch.randperm(n, generator=gen)[: self.probe_size].sort().values
+            idx = idx.to(y.device)
+            x, y = x[idx], y[idx]
+        return [(x, y)]
+
+    def _params(self, model: nn.Module) -> list[Tensor]:
+        if self.params is not None:
+            return self.params
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def _loss_grad(
+        self, model: nn.Module, params: list[Tensor], batches: list[tuple[Any, Any]],
+        shift: Tensor | None = None,
+    ) -> tuple[float, Tensor]:
+        """Mean loss and flat gradient over ``batches`` at ``w + shift``; the weights are put
+        back exactly and ``.grad`` is not touched."""
+        from samkit.curvature._data import fixed_rng, to_device, untouched
+
+        device = params[0].device
+        backup = [p.detach().clone() for p in params] if shift is not None else None
+        total = sum(_size(x, y) for x, y in batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
+        try:
+            if shift is not None:
+                with torch.no_grad():
+                    offset = 0
+                    for p in params:
+                        p.add_(shift[offset : offset + p.numel()].view_as(p))
+                        offset += p.numel()
+            for b, (x, y) in enumerate(batches):
+                x, y = to_device(x, device), to_device(y, device)
+                weight = _size(x, y) / total
+                with untouched(model), fixed_rng(device, self.seed + b, model.training), \
+                        torch.enable_grad():
+                    loss = self.loss_fn(model(x), y)
+                    gs = torch.autograd.grad(loss, params, allow_unused=True)
+                loss_sum += loss.detach().double() * weight
+                flat = _flat([torch.zeros_like(p) if g is None else g for p, g in
+                              zip(params, gs, strict=True)])
+                grad.add_(flat, alpha=weight)
+        finally:
+            if backup is not None:
+                with torch.no_grad():
+                    for p, w in zip(params, backup, strict=True):
+                        p.copy_(w)
+        return float(loss_sum), grad.detach()
+
+    def _top(self, H: Any, init: Tensor | None) -> tuple[float, Tensor, int, bool]:
+        from samkit.curvature import top_eigenvalues
+
+        if init is not None and (init.numel() != H.shape[0] or not torch.isfinite(init).all()):
+            init = None
+        before = getattr(H, "matvecs", 0)
+        top = top_eigenvalues(
+            H, k=1, tol=self.tol, method="lanczos", which="LA", max_iter=self.max_iter,
+            seed=self.seed, init=init,
+        )
+        vec = _first_vector(top.vectors, H.shape[0]).detach().clone()
+        mv = getattr(top, "matvecs", None)
+        if mv is None:
+            mv = getattr(H, "matvecs", 0) - before
+        value = float(torch.as_tensor(top.values).reshape(-1)[0])
+        return value, vec, int(mv), bool(getattr(top, "converged", True))
+
+    def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.matvecs += matvecs
+        row["matvecs"] = int(matvecs)
+        row["seconds"] = seconds
+        self.rows.append(row)
+        if self.path is not None:
+            if not self._file_started:
+                _write_rows(self.path, [])
+                self._file_started = True
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if self.verbose:
+            print(format_row(row), flush=True)
+        return row
+
+
+def _alignment(g: Tensor, v: Tensor) -> float:
+    norm = float(g.norm())
+    if norm == 0.0:
+        return 0.0
+    return abs(float(torch.dot(g.to(v.dtype), v))) / (norm * float(v.norm()))
+
+
+def _first_vector(vectors: Any, n: int) -> Tensor:
+    """The first eigenvector from ``vectors``: an ``n×k`` or ``k×n`` tensor, a flat one, or a
+    list of flat tensors."""
+    if isinstance(vectors, (list, tuple)):
+        return _first_vector(vectors[0], n)
+    v = torch.as_tensor(vectors)
+    if v.dim() == 1:
+        return v
+    if v.shape[0] == n and (v.dim() == 2 and (v.shape[1] != n or v.shape[0] != n)):
+        return v[:, 0]
+    return v[0].reshape(-1) if v.shape[-1] == n else v[:, 0]
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One human line for a tracker row."""
+    parts = [f"step {row['step']:>5d}", f"loss {row['loss']:.4f}", f"|g| {row['grad_norm']:.4f}"]
+    if row.get("diverged"):
+        return "  ".join(parts + ["diverged"])
+    parts.append(f"lambda1 {row['lambda1']:.3f}")
+    if "lambda1_precond" in row:
+        parts.append(f"lambda1(P^-1 H) {row['lambda1_precond']:.3f}")
+    if row.get("edge") is not None:
+        parts.append(f"edge {row['edge']:.3f} ({row['edge_kind']})")
+        parts.append(f"ratio {row['ratio']:.3f}")
+    parts.append(f"align {row['align_grad']:.2f}")
+    if row.get("align_sam_grad") is not None:
+        parts.append(f"sam-align {row['align_sam_grad']:.2f}")
+    parts.append(f"{row['matvecs']} Hv {row['seconds']:.2f} s")
+    return "  ".join(parts)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    from samkit.train.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_edge_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an ``edge.jsonl`` file (or of ``<run dir>/edge.jsonl``)."""
+    path = Path(path)
+    return _read_rows(path / "edge.jsonl" if path.is_dir() else path)
