@@ -1,0 +1,359 @@
+r"""The Hessian of a model's loss as a linear operator, applied by Hessian-vector products.
+
+.. math::
+    H = \nabla^2_w L(w), \qquad L(w) = \sum_b \frac{n_b}{N} \, \ell\big(f(x_b; w), y_b\big)
+
+over the batches :math:`(x_b, y_b)` of ``data`` (:math:`n_b` examples each, :math:`N` in all).
+:math:`H v` is computed batch by batch, never forming :math:`H` (:math:`d \times d` for
+:math:`d` parameters), so the memory is that of one batch's gradient graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
+
+BACKENDS = ("auto", "func", "autograd")
+
+
+class LinearOperator:
+    r"""A symmetric linear map on the flattened parameters, :math:`\mathbb{R}^d \to \mathbb{R}^d`.
+
+    ``A @ v`` takes a flat vector of shape ``(d,)``, a matrix ``(d, k)`` (applied column by
+    column) or a list of tensors shaped like the parameters (the result then has the same form).
+    ``matvecs`` counts the products (one per vector) since construction; it may be reset to 0.
+    Subclasses implement :meth:`_matvec` on one flat vector in the operator's dtype and device.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.numels = [s.numel() for s in self.shapes]
+        self.dim = sum(self.numels)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate parameter-shaped tensors into one flat vector (dtype and device of ``A``)."""
+        if len(tensors) != len(self.shapes):
+            raise ValueError(
+                f"Invalid vector: a list of {len(tensors)} tensors (allowed: {len(self.shapes)} "
+                "tensors shaped like the parameters)"
+            )
+        for i, (t, s) in enumerate(zip(tensors, self.shapes, strict=True)):
+            if t.shape != s:
+                raise ValueError(f"Invalid vector: entry {i} has shape {tuple(t.shape)}, not {s}")
+        return torch.cat([t.reshape(-1) for t in tensors]).to(self.device, self.dtype)
+
+    def unflatten(self, v: Tensor) -> list[Tensor]:
+        """Views of a flat ``(d,)`` vector shaped like the parameters."""
+        return [t.view(s) for t, s in zip(torch.split(v, self.numels), self.shapes, strict=True)]
+
+    def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(v, (list, tuple)):
+            return self.unflatten(self._apply(self.flatten(v)))
+        if not isinstance(v, Tensor):
+            raise ValueError(
+                f"Invalid vector: {type(v).__name__} (allowed: a tensor of shape ({self.dim},) or "
+                f"({self.dim}, k), or a list of tensors shaped like the parameters)"
+            )
+        if v.dim() == 1 and v.shape[0] == self.dim:
+            return self._apply(v.to(self.device, self.dtype))
+        if v.dim() == 2 and v.shape[0] == self.dim:
+            v = v.to(self.device, self.dtype)
+            return torch.stack([self._apply(v[:, j]) for j in range(v.shape[1])], dim=1)
+        raise ValueError(
+            f"Invalid vector: shape {tuple(v.shape)} (allowed: ({self.dim},) or ({self.dim}, k))"
+        )
+
+    matvec = __matmul__
+
+    def _apply(self, v: Tensor) -> Tensor:
+        out = self._matvec(v)
+        self.matvecs += 1
+        return out
+
+    def to_scipy(self, dtype: Any = None):
+        """A ``scipy.sparse.linalg.LinearOperator`` that calls this operator (for ``eigsh``).
+
+        ``dtype`` (a numpy dtype) is what scipy sees; the products are computed in the
+        operator's own dtype on its device, each one a host round trip.
+        """
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
+
+        np_dtype = (
+            np.dtype(dtype) if dtype is not None else torch.empty(0, dtype=self.dtype).numpy().dtype
+        )
+
+        def mv(x):
+            t = torch.from_numpy(np.ascontiguousarray(np.asarray(x).reshape(-1)))
+            out = self._apply(t.to(self.device, self.dtype))
+            return out.detach().cpu().numpy().astype(np_dtype, copy=False)
+
+        return ScipyLinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype=np_dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"
+
+
+class HessianOperator(LinearOperator):
+    r"""The Hessian of ``loss_fn(model(x), y)``, averaged over ``data``, with respect to ``params``.
+
+    .. math::
+        H v = \sum_b \frac{n_b}{N} \, \nabla^2_w \ell_b(w) \, v
+
+    Each product runs every batch once; the batches are weighted by their size (``loss_fn``
+    must return the **mean** loss over its batch, as ``nn.CrossEntropyLoss()`` does), so a data
+    set in chunks gives the Hessian of the mean loss over all of it with the memory of one
+    chunk. Batches are moved to the parameters' device. Products are taken at the weights the
+    model has at that moment.
+
+    Backends:
+
+    * ``"autograd"``: reverse-over-reverse (double backward),
+      :math:`Hv = \nabla_w \langle \nabla_w L, v \rangle`. With one batch and ``cache=True``
+      the graph of :math:`\nabla_w L` is built once and each product is a single backward pass
+      through it (about 1.5x the cost of a gradient on the MLP of ``benchmarks/curvature.py``);
+      the graph is rebuilt when a parameter or buffer is modified in place or a module changes
+      mode, and it is held (the memory of one batch's double-backward graph) while the operator
+      lives. Over several batches each product recomputes every batch.
+    * ``"func"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` over
+      ``functional_call``; nothing is kept between products. It needs forward-mode formulas for
+      every op of the model.
+    * ``"auto"`` (default): ``"autograd"``, and ``"func"`` if double backward fails (an op
+      without a double-backward formula). ``backend_in_use`` says which one runs. The order
+      follows measurement: on CPU (torch 2.13) forward-over-reverse cost 3-4x a gradient and
+      recomputed double backward 2-3x (see ``benchmarks/results/curvature.md``).
+
+    Model state: the model is used **in the mode the caller set** and is never changed.
+
+    * ``model.eval()`` (the usual choice): dropout is off and BatchNorm uses its running
+      statistics, so :math:`H` is the Hessian of the deterministic network.
+    * ``model.train()``: BatchNorm normalizes with the statistics of each batch (each chunk is a
+      separate batch) but its running statistics are *not* updated; dropout draws its masks
+      from a generator reseeded identically at every product (batch ``b`` with ``seed + b``;
+      the caller's generator state is restored), so :math:`H` is one fixed symmetric matrix:
+      the Hessian of the loss with those masks.
+
+    Neither the parameters nor their ``.grad`` are touched.
+
+    Args:
+        model: the network; its parameters must share one device and one floating dtype.
+        loss_fn: ``loss_fn(model(x), y)`` returns the mean loss over the batch.
+        data: one ``(x, y)`` batch, or a re-iterable collection of them (a list, a
+            ``DataLoader``; not a one-shot generator, the data are read at every product).
+        params: the parameters to differentiate (default: those with ``requires_grad``); the
+            others are held fixed.
+        backend: ``"auto"``, ``"autograd"`` or ``"func"``.
+        cache: keep one batch's gradient graph between products (``"autograd"`` only).
+        seed: the dropout seed in training mode.
+
+    Example::
+
+        H = HessianOperator(model.eval(), nn.CrossEntropyLoss(), (x, y))
+        Hv = H @ torch.randn(H.shape[0])
+        top = top_eigenvalues(H, k=1, tol=1e-4)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        params: Iterable[Tensor] | None = None,
+        backend: str = "auto",
+        cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+        if not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (allowed: {', '.join(BACKENDS)})")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names, self.params = resolve_params(model, params)
+        super().__init__(
+            [p.shape for p in self.params], self.params[0].dtype, self.params[0].device
+        )
+        self.batches = Batches(data, self.device)
+        self.backend = backend
+        self.backend_in_use = "func" if backend == "func" else "autograd"
+        self.backend_error: BaseException | None = None
+        self.cache = bool(cache)
+        self.seed = int(seed)
+        self._graph: list[tuple[int, Tensor]] | None = None
+        self._graph_key: tuple | None = None
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _differentiable(self) -> Iterator[None]:
+        """Let autograd differentiate every chosen parameter, frozen ones included."""
+        frozen = [p for p in self.params if not p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def _hvp_func(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
+        model, loss_fn, names = self.model, self.loss_fn, self.names
+
+        def loss_of(ps: tuple[Tensor, ...]) -> Tensor:
+            return loss_fn(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
+
+        primals = tuple(p.detach() for p in self.params)
+        _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vs),))
+        return hv
+
+    def _gradient_graph(self, x: Any, y: Any) -> list[tuple[int, Tensor]]:
+        """``(i, dL/dw_i)`` with ``create_graph=True``, for the gradients that depend on ``w``."""
+        with self._differentiable():
+            loss = self.loss_fn(self.model(x), y)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def _backward_through(
+        self, graph: list[tuple[int, Tensor]], vs: Sequence[Tensor], retain: bool
+    ) -> list[Tensor]:
+        if not graph:  # the gradient does not depend on w: H = 0
+            return [torch.zeros_like(p) for p in self.params]
+        with self._differentiable():
+            hv = torch.autograd.grad(
+                [g for _, g in graph],
+                self.params,
+                grad_outputs=[vs[i] for i, _ in graph],
+                retain_graph=retain,
+                allow_unused=True,
+            )
+        return [
+            torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv, strict=True)
+        ]
+
+    def _hvp_autograd(self, x: Any, y: Any, vs: Sequence[Tensor]) -> list[Tensor]:
+        return self._backward_through(self._gradient_graph(x, y), vs, retain=False)
+
+    def _state_key(self) -> tuple:
+        """Changes whenever a parameter or buffer is written in place or a module changes mode."""
+        tensors = [*self.params, *self.model.buffers()]
+        return (
+            tuple(t._version for t in tensors),
+            tuple(t.data_ptr() for t in tensors),
+            tuple(m.training for m in self.model.modules()),
+        )
+
+    def _hvp_cached(self, vs: Sequence[Tensor]) -> list[Tensor]:
+        key = self._state_key()
+        if self._graph is None or key != self._graph_key:
+            self._graph = None  # free the old graph before building the new one
+            ((x, y, _),) = iter(self.batches)
+            with untouched(self.model), fixed_rng(self.device, self.seed, self.model.training):
+                self._graph = self._gradient_graph(x, y)
+            self._graph_key = self._state_key()
+        return self._backward_through(self._graph, vs, retain=True)
+
+    # -- the whole data set -------------------------------------------------------------------
+
+    def _pass(self, v: Tensor, backend: str) -> Tensor:
+        vs = self.unflatten(v)
+        if self.batches.single is not None and backend == "autograd" and self.cache:
+            return torch.cat([h.reshape(-1) for h in self._hvp_cached(vs)])
+        hvp = self._hvp_func if backend == "func" else self._hvp_autograd
+        training = self.model.training
+        if self.batches.single is not None:
+            ((x, y, _),) = iter(self.batches)
+            with untouched(self.model), fixed_rng(self.device, self.seed, training):
+                hv = hvp(x, y, vs)
+            return torch.cat([h.reshape(-1) for h in hv])
+        out = torch.zeros_like(v)
+        views = self.unflatten(out)
+        total = 0
+        for b, (x, y, n) in enumerate(self.batches):
+            with untouched(self.model), fixed_rng(self.device, self.seed + b, training):
+                hv = hvp(x, y, vs)
+            torch._foreach_add_(views, list(hv), alpha=float(n))
+            total += n
+        return out.div_(total)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        if self.backend_in_use == "autograd":
+            try:
+                return self._pass(v, "autograd")
+            except (RuntimeError, NotImplementedError) as err:
+                if self.backend != "auto":
+                    raise
+                self._graph = None
+                self.backend_error = err
+                self.backend_in_use = "func"
+        return self._pass(v, "func")
+
+    def clear_cache(self) -> None:
+        """Drop the cached gradient graph (it is rebuilt at the next product)."""
+        self._graph = None
+        self._graph_key = None
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
+
+
+class MatrixOperator(LinearOperator):
+    """A dense symmetric ``(d, d)`` matrix as an operator (small problems, tests, references)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if (
+            not isinstance(matrix, Tensor)
+            or matrix.dim() != 2
+            or matrix.shape[0] != matrix.shape[1]
+        ):
+            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ValueError(f"Invalid matrix: {shape} (allowed: a square 2-d tensor)")
+        if not matrix.dtype.is_floating_point:
+            raise ValueError(f"Invalid matrix: dtype {matrix.dtype} (allowed: a floating dtype)")
+        super().__init__([torch.Size([matrix.shape[0]])], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.matrix @ v
+
+
+def as_operator(A: Any) -> Any:
+    """``A`` itself if it is an operator (anything with ``shape``, ``dtype``, ``device`` and
+    ``@``); a :class:`MatrixOperator` for a dense square tensor."""
+    if isinstance(A, LinearOperator):
+        return A
+    if isinstance(A, Tensor):
+        return MatrixOperator(A)
+    if all(hasattr(A, a) for a in ("shape", "dtype", "device", "__matmul__")):
+        return A
+    raise ValueError(
+        f"Invalid operator: {type(A).__name__} (allowed: a LinearOperator such as "
+        "HessianOperator, or a square tensor)"
+    )
