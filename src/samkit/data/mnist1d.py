@@ -49,10 +49,10 @@ class MNIST1DConfig:
 
 
 def templates() -> np.ndarray:
-    """The ten templates, whitened and shifted to start at zero (10 × 12)."""
+    """The ten templates, whitened, shifted to start at zero and divided by 6 (10 × 12)."""
     x = _TEMPLATES - _TEMPLATES.mean(1, keepdims=True)
     x = x / x.std(1, keepdims=True)
-    return x - x[:, :1]
+    return (x - x[:, :1]) / 6.0
 
 
 def _gaussian_smooth(x: np.ndarray, sigma: float = 2.0, truncate: float = 4.0) -> np.ndarray:
