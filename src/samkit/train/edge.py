@@ -93,6 +93,8 @@ def optimizer_kind(optimizer: Optimizer) -> dict[str, Any]:
     info["lr"] = float(groups[0]["lr"])
     if len(lrs) > 1:
         info["note"] = info["note"] or f"param groups have different learning rates {sorted(lrs)}"
+    elif not info["lr"] > 0:
+        info["note"] = info["note"] or f"lr is {info['lr']} (a schedule's end): no edge"
     group = groups[0]
     if isinstance(base, torch.optim.SGD):
         beta = float(group.get("momentum", 0.0))
@@ -343,7 +345,7 @@ class EdgeTracker(Callback):
         row["edge"] = edge
         row["edge_kind"] = _edge_name(info)
         row["ratio"] = None if edge is None or edge == 0 else sharpness / edge
-        row["gd_edge"] = float(stability.gd_edge(info["lr"])) if info["lr"] else None
+        row["gd_edge"] = float(stability.gd_edge(info["lr"])) if info["lr"] > 0 else None
         row["lr"] = info["lr"]
         rho = info["rho"] if info["rho"] is not None else self.rho
         row["rho"] = rho
@@ -485,17 +487,12 @@ class EdgeTracker(Callback):
 
         if init is not None and (init.numel() != H.shape[0] or not torch.isfinite(init).all()):
             init = None
-        before = getattr(H, "matvecs", 0)
         top = top_eigenvalues(
             H, k=1, tol=self.tol, method="lanczos", which="LA", max_iter=self.max_iter,
             seed=self.seed, init=init,
         )
-        vec = _first_vector(top.vectors, H.shape[0]).detach().clone()
-        mv = getattr(top, "matvecs", None)
-        if mv is None:
-            mv = getattr(H, "matvecs", 0) - before
-        value = float(torch.as_tensor(top.values).reshape(-1)[0])
-        return value, vec, int(mv), bool(getattr(top, "converged", True))
+        vec = top.vectors[:, 0].detach().clone()
+        return float(top.values[0]), vec, int(top.matvecs), bool(top.converged)
 
     def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
         seconds = time.perf_counter() - start
@@ -520,19 +517,6 @@ def _alignment(g: Tensor, v: Tensor) -> float:
     if norm == 0.0:
         return 0.0
     return abs(float(torch.dot(g.to(v.dtype), v))) / (norm * float(v.norm()))
-
-
-def _first_vector(vectors: Any, n: int) -> Tensor:
-    """The first eigenvector from ``vectors``: an ``n×k`` or ``k×n`` tensor, a flat one, or a
-    list of flat tensors."""
-    if isinstance(vectors, (list, tuple)):
-        return _first_vector(vectors[0], n)
-    v = torch.as_tensor(vectors)
-    if v.dim() == 1:
-        return v
-    if v.shape[0] == n and (v.dim() == 2 and (v.shape[1] != n or v.shape[0] != n)):
-        return v[:, 0]
-    return v[0].reshape(-1) if v.shape[-1] == n else v[:, 0]
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -1,0 +1,262 @@
+"""EdgeTracker: exact λ₁ and alignments on a linear model with MSE, the edge per optimizer,
+warm starts, JSONL rows, and the trainer callback."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import samkit
+from samkit.stability import adam_edge, gd_edge, momentum_edge, sam_edge, usam_edge
+from samkit.train.edge import EdgeTracker, edge_for, optimizer_kind, read_edge_rows
+
+
+def mse(out, y):
+    return ((out - y) ** 2).sum(-1).mean()
+
+
+def linear_problem(n=64, d=6, k=1, seed=0):
+    """A linear model f(x) = W x with MSE: H = (2/N) Xᵀ X ⊗ I_k, known in closed form (k = 1:
+    a simple top eigenvalue, so v₁ is unique up to sign)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x = x * torch.linspace(0.5, 2.0, d, dtype=torch.float64)  # a clear top eigenvalue
+    y = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    model = nn.Linear(d, k, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
+    return model, x, y
+
+
+def dense(model, x, y):
+    """Exact gradient, Hessian and top eigenpair (float64) of the linear problem."""
+    (w,) = list(model.parameters())
+
+    def loss_of(flat):
+        return mse(x @ flat.view_as(w).T, y)
+
+    flat = w.detach().reshape(-1).clone()
+    g = torch.func.grad(loss_of)(flat)
+    H = torch.func.hessian(loss_of)(flat)
+    vals, vecs = torch.linalg.eigh(H)
+    return g, H, vals[-1].item(), vecs[:, -1]
+
+
+def sgd(model, **kw):
+    return torch.optim.SGD(model.parameters(), **kw)
+
+
+def test_exact_lambda_gradient_and_alignments():
+    model, x, y = linear_problem()
+    g, H, lam, v = dense(model, x, y)
+    rho = 0.1
+    tracker = EdgeTracker((x, y), mse, every=1, rho=rho, tol=1e-8)
+    row = tracker.record(0, model, sgd(model, lr=0.01))
+    assert row["lambda1"] == pytest.approx(lam, rel=1e-7)
+    assert row["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-10)
+    assert row["loss"] == pytest.approx(mse(model(x), y).item(), rel=1e-12)
+    assert row["align_grad"] == pytest.approx(abs(g @ v).item() / g.norm().item(), rel=1e-6)
+    g_sam = g + H @ (rho * g / g.norm())  # the gradient at w + rho g/|g| of a quadratic
+    expect = abs(g_sam @ v).item() / g_sam.norm().item()
+    assert row["align_sam_grad"] == pytest.approx(expect, rel=1e-6)
+    # the GD edge and the ratio
+    assert row["edge"] == pytest.approx(gd_edge(0.01)) and row["edge_kind"] == "gd"
+    assert row["ratio"] == pytest.approx(lam / 200.0, rel=1e-7)
+    assert row["gd_edge"] == pytest.approx(200.0)
+    # the weights and their .grad are untouched
+    assert model.weight.grad is None
+
+
+def test_sam_gradient_aligns_more_than_the_gradient():
+    """On a quadratic the SAM gradient g + ρHg/‖g‖ tilts towards v₁ (Long & Bartlett)."""
+    model, x, y = linear_problem(seed=3)
+    row = EdgeTracker((x, y), mse, rho=1.0, tol=1e-8).record(0, model, sgd(model, lr=0.01))
+    assert row["align_sam_grad"] > row["align_grad"]
+
+
+def test_warm_start_cuts_the_products():
+    model, x, y = linear_problem(d=20)
+    tracker = EdgeTracker((x, y), mse, every=1, tol=1e-6)
+    opt = sgd(model, lr=0.001)
+    first = tracker.record(0, model, opt)
+    with torch.no_grad():
+        model.weight.mul_(1.001)  # H does not depend on w: v₁ stays exact
+    second = tracker.record(1, model, opt)
+    assert second["lambda1"] == pytest.approx(first["lambda1"], rel=1e-6)
+    assert second["matvecs"] < first["matvecs"]
+    assert tracker.matvecs == first["matvecs"] + second["matvecs"]
+    assert tracker.cost()["rows"] == 2 and tracker.seconds > 0
+    assert "2 measurements" in tracker.cost_summary()
+
+
+@pytest.mark.parametrize(
+    "make, expect, kind",
+    [
+        (lambda m: sgd(m, lr=0.02), lambda g: gd_edge(0.02), "gd"),
+        (lambda m: sgd(m, lr=0.02, momentum=0.9), lambda g: momentum_edge(0.02, 0.9), "momentum"),
+        (
+            lambda m: sgd(m, lr=0.02, momentum=0.5, nesterov=True),
+            lambda g: momentum_edge(0.02, 0.5, nesterov=True),
+            "nesterov",
+        ),
+        (lambda m: samkit.SAM(sgd(m, lr=0.02), rho=0.05), lambda g: sam_edge(0.02, 0.05, g),
+         "sam+gd"),
+        (lambda m: samkit.USAM(sgd(m, lr=0.02), rho=0.05), lambda g: usam_edge(0.02, 0.05),
+         "usam+gd"),
+    ],
+)
+def test_edge_per_optimizer(make, expect, kind):
+    model, x, y = linear_problem()
+    opt = make(model)
+    row = EdgeTracker((x, y), mse, tol=1e-8).record(0, model, opt)
+    assert row["edge_kind"] == kind
+    assert row["edge"] == pytest.approx(expect(row["grad_norm"]), rel=1e-12)
+    assert row["ratio"] == pytest.approx(row["lambda1"] / row["edge"], rel=1e-12)
+    assert (row["align_sam_grad"] is not None) == kind.startswith(("sam", "usam"))
+
+
+def test_sam_over_momentum_solves_the_effective_edge():
+    """SAM over heavy ball: λ(1 + ρλ/‖g‖) equals the momentum edge at the returned λ."""
+    model, _, _ = linear_problem()
+    opt = samkit.SAM(sgd(model, lr=0.05, momentum=0.9), rho=0.1)
+    lam = edge_for(opt, 0.3)
+    assert lam * (1 + 0.1 * lam / 0.3) == pytest.approx(momentum_edge(0.05, 0.9), rel=1e-12)
+    assert lam < momentum_edge(0.05, 0.9)
+    # and it reduces to the paper's SAM-edge without momentum
+    assert edge_for(samkit.SAM(sgd(model, lr=0.05), rho=0.1), 0.3) == pytest.approx(
+        sam_edge(0.05, 0.1, 0.3), rel=1e-12
+    )
+
+
+def test_no_edge_where_none_applies():
+    model, x, y = linear_problem()
+    asam = samkit.ASAM(sgd(model, lr=0.02), rho=0.5)
+    assert edge_for(asam, 1.0) is None and "ASAM" in optimizer_kind(asam)["note"]
+    row = EdgeTracker((x, y), mse).record(0, model, asam)
+    assert row["edge"] is None and row["ratio"] is None and row["edge_kind"] == "none"
+    groups = [{"params": [model.weight], "lr": 0.1}]
+    assert edge_for(torch.optim.RMSprop(groups), 1.0) is None
+    assert edge_for(sgd(model, lr=0.1, momentum=0.9, dampening=0.1), 1.0) is None
+    with pytest.raises(ValueError, match="grad_norm"):
+        edge_for(samkit.SAM(sgd(model, lr=0.1), rho=0.1))
+
+
+def test_adam_edge_selection():
+    model, _, _ = linear_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    assert optimizer_kind(opt)["base"] == "adam"
+    assert edge_for(opt) == pytest.approx(adam_edge(1e-3, 0.9))
+
+
+def test_adam_preconditioned_sharpness():
+    curvature = pytest.importorskip("samkit.curvature")
+    if not hasattr(curvature, "adam_preconditioned"):
+        pytest.skip("samkit.curvature.adam_preconditioned has not landed")
+    model, x, y = linear_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    row = EdgeTracker((x, y), mse, tol=1e-8).record(3, model, opt)
+    _, H, _, _ = dense(model, x, y)
+    (state,) = opt.state.values()
+    v_hat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+    p_inv_sqrt = (v_hat.sqrt() + 1e-8).reshape(-1) ** -0.5
+    expect = torch.linalg.eigvalsh(p_inv_sqrt[:, None] * H * p_inv_sqrt[None, :])[-1].item()
+    assert row["lambda1_precond"] == pytest.approx(expect, rel=1e-5)
+    assert row["ratio"] == pytest.approx(expect / adam_edge(1e-3, 0.9), rel=1e-5)
+
+
+def test_batch_gradient_norm_sets_the_sam_edge():
+    model, x, y = linear_problem()
+    opt = samkit.SAM(sgd(model, lr=0.02), rho=0.05)
+    row = EdgeTracker((x, y), mse).record(0, model, opt, batch=(x[:8], y[:8]))
+    g8 = dense(model, x[:8], y[:8])[0].norm().item()
+    assert row["batch_grad_norm"] == pytest.approx(g8, rel=1e-10)
+    assert row["edge"] == pytest.approx(sam_edge(0.02, 0.05, g8), rel=1e-12)
+
+
+def test_list_of_batches_is_the_weighted_mean():
+    model, x, y = linear_problem(n=50)
+    whole = EdgeTracker((x, y), mse, tol=1e-8).record(0, model, sgd(model, lr=0.1))
+    chunks = [(x[:20], y[:20]), (x[20:], y[20:])]
+    parts = EdgeTracker(chunks, mse, tol=1e-8).record(0, model, sgd(model, lr=0.1))
+    for key in ("loss", "grad_norm", "lambda1", "align_grad"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-6)
+
+
+def test_maybe_record_every_k_and_jsonl(tmp_path):
+    model, x, y = linear_problem()
+    path = tmp_path / "edge.jsonl"
+    path.write_text("stale\n")
+    tracker = EdgeTracker((x, y), mse, every=3, path=path)
+    opt = samkit.SAM(sgd(model, lr=0.01), rho=0.05)
+    for t in range(7):
+        tracker.maybe_record(t, model, opt)
+
+        def closure():
+            opt.zero_grad()
+            loss = mse(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    rows = read_edge_rows(path)
+    assert [r["step"] for r in rows] == [0, 3, 6] == [r["step"] for r in tracker.rows]
+    assert json.loads(path.read_text().splitlines()[0])["step"] == 0
+    for r in rows:
+        for key in ("loss", "grad_norm", "lambda1", "edge", "ratio", "align_grad",
+                    "align_sam_grad", "matvecs", "seconds", "gd_edge", "lr", "rho"):
+            assert key in r and r[key] is not None
+            assert not isinstance(r[key], float) or math.isfinite(r[key])
+
+
+def test_diverged_weights_give_a_row_without_eigenvalues():
+    model, x, y = linear_problem()
+    with torch.no_grad():
+        model.weight.fill_(float("inf"))
+    row = EdgeTracker((x, y), mse).record(5, model, sgd(model, lr=0.1))
+    assert row["diverged"] and row["step"] == 5 and "lambda1" not in row
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every": 0}, "Invalid every"),
+        ({"rho": -1.0}, "Invalid rho"),
+        ({"tol": 0}, "Invalid tol"),
+        ({"max_iter": 0}, "Invalid max_iter"),
+        ({"preconditioned": "yes"}, "Invalid preconditioned"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EdgeTracker(**kwargs)
+
+
+def test_needs_a_probe_outside_a_trainer():
+    model, _, _ = linear_problem()
+    with pytest.raises(ValueError, match="probe"):
+        EdgeTracker().record(0, model, sgd(model, lr=0.1))
+    with pytest.raises(ValueError, match="Invalid probe"):
+        EdgeTracker(probe="data.csv")
+
+
+def test_trainer_callback(tmp_path):
+    from samkit.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        dataset="synthetic", subset=128, model="mlp", model_kwargs={"width": 16, "depth": 1},
+        optimizer="sam", rho=0.05, lr=0.05, momentum=0.0, batch_size=0, steps=4,
+        schedule="constant",
+        out_dir=str(tmp_path), name="edge", checkpoint=False,
+    )
+    tracker = EdgeTracker(every=2)
+    Trainer(cfg, callbacks=[tracker], verbose=0).fit()
+    rows = read_edge_rows(tmp_path / "edge")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["edge_kind"] == "sam+gd"
+    assert rows[-1]["edge"] == pytest.approx(sam_edge(0.05, 0.05, rows[-1]["grad_norm"]))
