@@ -227,10 +227,7 @@ class Trainer:
         kwargs, self.notes = optimizer_kwargs(cfg)
         self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base, **kwargs)
         self.sharpness_aware = isinstance(self.optimizer, SharpnessAwareOptimizer)
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.schedule = LRSchedule(
-            cfg.schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma
-        )
+        self.schedule = self._make_schedule()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         cuda = self.device.type == "cuda"
         self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg.amp else None
@@ -524,6 +521,11 @@ class Trainer:
         }
         save_checkpoint(state, self.checkpoint_path)
 
+    def _make_schedule(self) -> LRSchedule:
+        cfg = self.config
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        return LRSchedule(cfg.schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma)
+
     def _load(self, state: dict[str, Any]) -> None:
         saved = state["config"]
         now = resolved_dict(self.config)
@@ -539,8 +541,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        # The schedule follows this config's budget (it may have been extended).
-        self.scheduler.lr_lambdas[0] = self.schedule
+        # The schedule follows this config's budget (it may have been extended); loading the
+        # state wrote the saved budget into the schedule objects, so make them anew.
+        self.schedule = self._make_schedule()
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
         groups, base_lrs = self.optimizer.param_groups, self.scheduler.base_lrs
         for group, base_lr in zip(groups, base_lrs, strict=True):
             group["lr"] = base_lr * self.schedule(self.scheduler.last_epoch)
