@@ -49,11 +49,16 @@ def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
     key = re.sub(r"^wrn-?(\d+)-(\d+)$", r"wrn\1-\2", key)
     if key in _MODELS:
         return _MODELS[key]
-    if m := re.fullmatch(r"resnet(\d+)", key):
+    m = re.fullmatch(r"resnet(\d+)", key)
+    if m and int(m.group(1)) >= 8 and (int(m.group(1)) - 2) % 6 == 0:
         return CifarResNet, {"depth": int(m.group(1))}
-    if m := re.fullmatch(r"wrn(\d+)-(\d+)", key):
+    m = re.fullmatch(r"wrn(\d+)-(\d+)", key)
+    if m and int(m.group(1)) >= 10 and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(2)) >= 1:
         return WideResNet, {"depth": int(m.group(1)), "widen_factor": int(m.group(2))}
-    raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    raise ValueError(
+        f"Unknown model {name!r}; choose one of: {', '.join(list_models())} "
+        "(also any CIFAR ResNet resnet{6n+2} and Wide-ResNet wrn{6n+4}-{k})"
+    )
 
 
 def create_model(

@@ -12,23 +12,38 @@ from samkit.models.common import check_dropout, check_positive_int
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with a causal mask (``scaled_dot_product_attention``)."""
+    """Multi-head self-attention with a causal mask.
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    By default written out (``softmax(QKᵀ/√d + mask) V``), which is twice differentiable, as
+    Hessian-vector products need; ``fused=True`` uses ``scaled_dot_product_attention``
+    (faster, but its CPU and flash kernels have no double backward).
+    """
+
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float, bias: bool, fused: bool = False
+    ) -> None:
         super().__init__()
         self.n_head = n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout = dropout
+        self.fused = fused
+        self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if self.fused:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            y = self.attn_dropout(att) @ v
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_dropout(self.proj(y))
 
@@ -36,10 +51,12 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))`` (GELU, 4× width)."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float, bias: bool, fused: bool = False
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, fused)
         self.ln2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd, bias=bias),
@@ -65,6 +82,8 @@ class CharTransformer(nn.Module):
         dropout: on embeddings, attention and residual branches.
         bias: biases in the linear and LayerNorm layers.
         tie_weights: share the token embedding with the output head.
+        fused_attention: use ``scaled_dot_product_attention`` (faster on a GPU); the default
+            written-out attention is the one that supports Hessian-vector products.
     """
 
     def __init__(
@@ -78,6 +97,7 @@ class CharTransformer(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         tie_weights: bool = True,
+        fused_attention: bool = False,
     ) -> None:
         super().__init__()
         if len(input_shape) != 1:
@@ -94,7 +114,9 @@ class CharTransformer(nn.Module):
         self.tok = nn.Embedding(num_classes, n_embd)
         self.pos = nn.Embedding(self.seq_len, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            Block(n_embd, n_head, dropout, bias, fused_attention) for _ in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, num_classes, bias=False)
         if tie_weights:
