@@ -156,3 +156,26 @@ def test_datasplit_checks_shapes():
         DataSplit(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 2, (3,), "bad")
     with pytest.raises(ValueError, match="examples"):
         DataSplit(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), 2, (2,), "bad")
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "0", True])
+def test_bad_seed_is_named(bad):
+    with pytest.raises(ValueError, match="Invalid seed"):
+        load_dataset("synthetic", seed=bad)
+
+
+def test_numpy_integer_seed_and_stratified_subset_of_a_real_loader():
+    train, _ = load_dataset("digits", subset=100, seed=np.int64(3))
+    assert torch.bincount(train.y).tolist() == [10] * 10
+    first, _ = load_dataset("digits", subset=100, stratified=False)
+    full, _ = load_dataset("digits")
+    assert torch.equal(first.y, full.y[:100])
+
+
+def test_datasplit_to_and_identity():
+    split = _split(4)
+    assert split.to("cpu") is split and split.device.type == "cpu"
+    moved = split.to("meta")
+    assert moved.x.device.type == "meta" and moved.name == "toy"
+    assert split == split and split != moved  # identity, never an ambiguous tensor comparison
+    assert split.nbytes == 4 * 4 + 4 * 8

@@ -20,9 +20,14 @@ from samkit.data.paths import (
     find_file,
     not_found_message,
     resolve_data_dir,
-    search_dirs,
 )
-from samkit.data.split import DataSplit, flip_labels, standardization_stats, subset_indices
+from samkit.data.split import (
+    DataSplit,
+    check_seed,
+    flip_labels,
+    standardization_stats,
+    subset_indices,
+)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "mnist1d", "synthetic")
 
@@ -250,8 +255,6 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> _Raw:
             raise
         folder = default_download_dir(name, data_dir)
         fetch_resources(FILE_SPECS[name].resources, folder)
-        if folder not in search_dirs(name, data_dir):  # pragma: no cover - defensive
-            raise
         folder = resolve_data_dir(name, folder)
     stamp = tuple(
         p.stat().st_mtime for alts in FILE_SPECS[name].files if (p := find_file(folder, alts))
@@ -307,8 +310,7 @@ def load_dataset(
         0.0 <= label_noise <= 1.0
     ):
         raise ValueError(f"Invalid label_noise: {label_noise!r} (a fraction in [0, 1])")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Invalid seed: {seed!r} (a non-negative integer)")
+    seed = check_seed(seed)
     device = torch.device(device)
     raw = _load_raw(name, data_dir, download)
 

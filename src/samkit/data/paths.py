@@ -187,6 +187,7 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
 
 
 def not_found_message(name: str, dirs: list[Path]) -> str:
+    """The message of :class:`DataNotFoundError`: what was wanted, where, and how to get it."""
     spec = _spec(name)
     wanted = ", ".join(" or ".join(alts) for alts in spec.files)
     looked = "\n".join(f"  - {d.resolve() if not d.is_absolute() else d}" for d in dirs)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DataSplit:
     """One split (train or test) of a data set, held as tensors on one device.
 
@@ -22,6 +22,9 @@ class DataSplit:
         input_shape: the shape of one example, ``x.shape[1:]``.
         name: the data set's name (``"fashion-mnist"``, ...).
         classes: optional names of the classes (the characters of the vocabulary for text).
+
+    Two splits compare equal only if they are the same object (tensors have no single truth
+    value); compare ``x`` and ``y`` with ``torch.equal``.
     """
 
     x: Tensor
@@ -68,7 +71,8 @@ class DataSplit:
         )
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
+    """``seed`` as an int, or a ValueError naming it."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"Invalid seed: {seed!r} (a non-negative integer)")
     return int(seed)
@@ -89,7 +93,7 @@ def subset_indices(
     n = int(n)
     if not stratified or n == total:
         return np.arange(n)
-    rng = np.random.default_rng(_check_seed(seed))
+    rng = np.random.default_rng(check_seed(seed))
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / total
     take = np.floor(exact).astype(np.int64)
@@ -122,7 +126,7 @@ def flip_labels(
         raise ValueError(f"label_noise needs at least 2 classes, got num_classes={num_classes}")
     n = labels.shape[0]
     k = int(round(fraction * n))
-    gen = torch.Generator().manual_seed(_check_seed(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     idx = torch.randperm(n, generator=gen)[:k]
     # Adding an offset in 1..C-1 modulo C gives every other class with equal probability.
     offset = torch.randint(1, max(num_classes, 2), (k,), generator=gen)
