@@ -182,6 +182,11 @@ def test_unknown_dataset_names_the_allowed_ones():
         load_dataset("imagenet")
 
 
+def test_aliases():
+    train, _ = load_dataset("MNIST-1D", subset=50)
+    assert train.name == "mnist1d"
+
+
 def test_all_names_listed():
     assert set(DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits",
                              "mnist1d", "synthetic"}

@@ -30,6 +30,21 @@ from samkit.data.split import (
 )
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "mnist1d", "synthetic")
+_ALIASES = {
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+    "cifar-10": "cifar10", "cifar_10": "cifar10", "cifar-100": "cifar100",
+    "cifar_100": "cifar100", "mnist-1d": "mnist1d", "mnist_1d": "mnist1d",
+}  # fmt: skip
+
+
+def canonical_name(name: str) -> str:
+    """The data set's canonical name (``"FashionMNIST"`` → ``"fashion-mnist"``), or a
+    ValueError listing the known ones."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return key
 
 FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -304,8 +319,7 @@ def load_dataset(
             to get them.
         CorruptFileError: a file is truncated or not in the expected format.
     """
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    name = canonical_name(name)
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not (
         0.0 <= label_noise <= 1.0
     ):
@@ -350,6 +364,7 @@ def load_dataset(
 def download_dataset(name: str, data_dir: str | Path | None = None) -> Path:
     """Download data set ``name`` from its official URLs (checksums verified, written
     atomically) unless it is already found; returns the folder that holds it."""
+    name = canonical_name(name)
     if name not in FILE_SPECS:
         raise ValueError(
             f"Data set {name!r} is not downloaded; downloadable: {', '.join(sorted(FILE_SPECS))}"
