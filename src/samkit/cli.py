@@ -205,7 +205,12 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         notes = []
     else:
         config = load_config(None, [], **to_dict(DEFAULT))
-        config, notes = with_fallback(config) if "dataset" not in values else (config, [])
+        if "dataset" not in values:
+            config, notes = with_fallback(config)
+        else:
+            notes = []
+            if values["dataset"] != DEFAULT.dataset and "subset" not in values:
+                values["subset"] = None  # the default's 10,000 is a Fashion-MNIST choice
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         config = load_config(None, args.overrides, **{**to_dict(config), **values})

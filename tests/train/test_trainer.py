@@ -209,7 +209,8 @@ def test_amp_on_cpu_runs(tmp_path):
 
 def test_optimizer_arguments_follow_the_optimizer():
     kw, notes = optimizer_kwargs(TrainConfig(optimizer="sgd", rho=0.1))
-    assert "rho" not in kw and "momentum" in kw and notes == ["sgd takes no rho; rho=0.1 is not used"]
+    assert "rho" not in kw and "momentum" in kw
+    assert notes == ["sgd takes no rho; rho=0.1 is not used"]
     kw, _ = optimizer_kwargs(TrainConfig(optimizer="asam", rho=1.0, eta=0.02))
     assert (kw["rho"], kw["eta"]) == (1.0, 0.02)
     kw, _ = optimizer_kwargs(TrainConfig(optimizer="adam"))
