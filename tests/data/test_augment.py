@@ -49,9 +49,15 @@ def test_flip_only_and_crop_only():
     for i in range(20):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
     assert torch.equal(augment_batch(x, gen, crop_padding=0, flip=False), x)
+    gen.manual_seed(3)
     cropped = augment_batch(torch.ones(50, 1, 6, 6), gen, crop_padding=3, flip=False)
-    zeros = (cropped == 0).flatten(1).sum(1)
-    assert zeros.max() > 0 and zeros.min() >= 0  # shifted images bring in zero padding
+    gen.manual_seed(3)
+    oy = torch.randint(0, 7, (50,), generator=gen)
+    ox = torch.randint(0, 7, (50,), generator=gen)
+    # A window shifted by (dy, dx) keeps (6 - |dy|) × (6 - |dx|) pixels of the image.
+    kept = (6 - (oy - 3).abs()) * (6 - (ox - 3).abs())
+    assert torch.equal(cropped.flatten(1).sum(1).long(), kept)
+    assert int((kept < 36).sum()) > 0
 
 
 def test_input_is_not_modified():

@@ -84,7 +84,8 @@ def test_search_order_data_dir_then_env_then_standard_places(isolated, monkeypat
     assert resolve_data_dir("mnist", explicit) == explicit  # --data-dir first
     dirs = search_dirs("mnist", explicit)
     assert dirs[:4] == [explicit, explicit / "mnist", env, env / "mnist"]
-    assert os.path.join("datasets", "mnist") in str(dirs[4]) or dirs[4].name == "mnist"
+    assert dirs[4] == isolated / "system" / "mnist"  # then /usr/share/datasets/<name>, ...
+    assert dirs[5] == isolated / "home" / ".cache" / "samkit" / "mnist"
 
 
 def test_standard_place_home_cache(isolated):
