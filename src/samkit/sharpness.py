@@ -1,0 +1,290 @@
+r"""Sharpness and adaptive sharpness of a loss at the model's current weights.
+
+.. math::
+    S_\rho(w) = \max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w + \epsilon) - L(w)
+
+with :math:`T_w = I` (plain sharpness, Keskar et al. 2017; Foret et al. 2021) or ASAM's
+normalization operator (adaptive sharpness, Kwon et al. 2021): element-wise
+:math:`T_w = \mathrm{diag}(|w| + \eta)`, or filter-wise :math:`\|w_i\|_2 + \eta` per output
+filter. Writing :math:`\epsilon = T_w\delta`, the maximization is over the plain ball
+:math:`\|\delta\|_p \le \rho` of :math:`f(\delta) = L(w + T_w\delta)`, whose gradient is
+:math:`T_w \nabla L(w + T_w\delta)`.
+
+Adaptive sharpness is invariant to any scaling :math:`A` that leaves the loss unchanged
+(:math:`L(Aw) = L(w)`, e.g. multiplying a ReLU layer by :math:`\alpha` and the next one by
+:math:`1/\alpha`): with :math:`\eta = 0`, :math:`T_{Aw} = A\,T_w`, so :math:`f` is the same
+function of :math:`\delta` at :math:`w` and at :math:`Aw`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
+from samkit.optim import kernels
+from samkit.optim._validation import check_choice, check_non_negative
+
+P_NORMS = (2, math.inf)
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """The outcome of :func:`sharpness` (with ``m``: means over the micro-batches, weighted by
+    their size).
+
+    Attributes:
+        value: :math:`\\max L(w + \\epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
+        base_loss: :math:`L(w)`.
+        perturbed_loss: :math:`L(w + \\epsilon)` at the best ε found.
+        steps: the projected-gradient steps taken after the first (SAM/ASAM) ascent step, per
+            maximization.
+        evaluations: the loss-and-gradient passes over the data, in all.
+    """
+
+    value: float
+    base_loss: float
+    perturbed_loss: float
+    steps: int
+    evaluations: int
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"Invalid steps: {steps!r} (allowed: an integer >= 0)")
+    return steps
+
+
+def _check_m(m) -> int | None:
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid m: {m!r} (allowed: None or an integer >= 1)")
+    return m
+
+
+class _Objective:
+    """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches."""
+
+    def __init__(self, model, loss_fn, params, batches, seed):
+        self.model, self.loss_fn, self.params = model, loss_fn, params
+        self.batches, self.seed = batches, seed
+        self.evaluations = 0
+
+    def __call__(self) -> tuple[float, list[Tensor]]:
+        total = 0
+        loss_sum: Tensor | None = None
+        grads = [torch.zeros_like(p) for p in self.params]
+        training = self.model.training
+        device = self.params[0].device
+        for b, (x, y, n) in enumerate(self.batches):
+            with untouched(self.model), fixed_rng(device, self.seed + b, training):
+                with torch.enable_grad():
+                    loss = self.loss_fn(self.model(x), y)
+                    gs = torch.autograd.grad(loss, self.params, allow_unused=True)
+            used = [(acc, g) for acc, g in zip(grads, gs, strict=True) if g is not None]
+            if used:
+                torch._foreach_add_([a for a, _ in used], [g for _, g in used], alpha=float(n))
+            part = loss.detach().to(torch.float64) * n
+            loss_sum = part if loss_sum is None else loss_sum + part
+            total += n
+        torch._foreach_div_(grads, float(total))
+        self.evaluations += 1
+        value = float(loss_sum) / total
+        if not math.isfinite(value):
+            raise ValueError(f"Invalid loss: {value} at the weights being evaluated (not finite)")
+        return value, grads
+
+
+def _maximize(
+    objective: _Objective,
+    params: list[Tensor],
+    backup: list[Tensor],
+    scale: list[Tensor] | None,
+    rho: float,
+    p: float,
+    steps: int,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """Projected gradient ascent in δ; returns (L(w), best L(w + T δ))."""
+    base, grad = objective()
+    if rho == 0:
+        return base, base
+    best_delta = [torch.zeros_like(w) for w in params]
+    best_loss, best_grad = base, grad
+    alpha = 2.0 * rho  # from δ = 0, the first step projects to exactly the SAM / ASAM ε
+    for _ in range(steps + 1):
+        # ascent direction in δ: T ∇L, normalized (p = 2) or its sign (p = ∞)
+        direction = list(best_grad) if scale is None else torch._foreach_mul(best_grad, scale)
+        if p == 2:
+            norm = kernels.global_sq_norm([direction]).sqrt()
+            if float(norm) == 0.0:  # a stationary point: start from a random direction
+                direction = [torch.randn(w.shape, generator=generator).to(w) for w in params]
+                norm = kernels.global_sq_norm([direction]).sqrt()
+            torch._foreach_div_(direction, norm)
+        else:
+            direction = torch._foreach_sign(direction)
+            if all(not bool(d.any()) for d in direction):
+                direction = [
+                    torch.randint(0, 2, w.shape, generator=generator).to(w).mul_(2).sub_(1)
+                    for w in params
+                ]
+        delta = torch._foreach_add(best_delta, direction, alpha=alpha)
+        # project onto ||δ||_p <= ρ
+        if p == 2:
+            norm = kernels.global_sq_norm([delta]).sqrt()
+            torch._foreach_mul_(delta, (rho / norm.clamp_min(rho)).to(delta[0].dtype))
+        else:
+            torch._foreach_clamp_min_(delta, -rho)
+            torch._foreach_clamp_max_(delta, rho)
+        # w + T δ
+        with torch.no_grad():
+            torch._foreach_copy_(params, backup)
+            if scale is None:
+                torch._foreach_add_(params, delta)
+            else:
+                torch._foreach_addcmul_(params, scale, delta)
+        loss, grad = objective()
+        if loss > best_loss:
+            best_delta, best_loss, best_grad = delta, loss, grad
+        else:
+            alpha /= 2.0
+    return base, best_loss
+
+
+def _micro_batches(batches: Batches, m: int) -> Iterator[list[tuple[Any, Any, int]]]:
+    for x, y, n in batches:
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+            raise ValueError(
+                f"Invalid data for m={m}: x is a {type(x).__name__} and y a {type(y).__name__} "
+                "(allowed: tensors, which can be split into micro-batches)"
+            )
+        for start in range(0, n, m):
+            stop = min(start + m, n)
+            yield [(x[start:stop], y[start:stop], stop - start)]
+
+
+def sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    rho: float,
+    p: float = 2,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    normalization: str = "elementwise",
+    steps: int = 10,
+    m: int | None = None,
+    params: Iterable[Tensor] | None = None,
+    seed: int = 0,
+) -> SharpnessResult:
+    r"""Sharpness :math:`\max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w+\epsilon) - L(w)`.
+
+    The maximum is sought by projected gradient ascent on :math:`\delta = T_w^{-1}\epsilon`:
+
+    1. start at :math:`\delta = 0`; the first step gives exactly the SAM / ASAM ascent,
+       :math:`\epsilon = \rho\,T_w^2 g/\|T_w g\|_2` for :math:`p = 2`,
+       :math:`\epsilon = \rho\,T_w\,\mathrm{sign}(g)` for :math:`p = \infty`;
+    2. each further step moves from the best point so far by
+       :math:`\alpha\,T_w\nabla L/\|T_w\nabla L\|_2` (:math:`p = 2`) or
+       :math:`\alpha\,\mathrm{sign}(\nabla L)` (:math:`p = \infty`) and projects back onto the
+       ball (rescaling, or clipping to :math:`[-\rho, \rho]`); :math:`\alpha` starts at
+       :math:`2\rho` and halves whenever a step does not raise the loss.
+
+    The best loss found is reported, so the value is a lower bound of the true maximum that
+    increases with ``steps`` (first order exact as ``rho -> 0``; exact for a convex quadratic
+    loss after enough steps). At a stationary point (:math:`g = 0`) the start is a random
+    direction.
+
+    The weights are restored bit for bit at the end (also on error); ``.grad`` is not touched.
+    The model is used in the caller's mode: BatchNorm running statistics are never updated, and
+    in training mode dropout masks are fixed per batch (the same at every evaluation), so the
+    loss is one deterministic function of the weights. ``model.eval()`` is the usual choice.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss over the batch.
+        data: one ``(x, y)`` batch or a re-iterable collection of them; the loss is the mean
+            over all examples (batches weighted by size, gradients accumulated batch by batch).
+        rho: the radius ρ (>= 0).
+        p: the norm of the ball, 2 or ``math.inf``.
+        adaptive: use ASAM's :math:`T_w` (adaptive sharpness) instead of :math:`T = I`. It
+            applies to every perturbed parameter, biases included (needed for the invariance).
+        eta: the offset η of :math:`T_w` (>= 0; 0 makes the invariance exact).
+        normalization: ``"elementwise"`` or ``"filterwise"`` :math:`T_w`.
+        steps: projected-gradient steps after the first ascent step (>= 0; 0 is the one-step
+            SAM / ASAM estimate).
+        m: m-sharpness (Foret et al.): split every batch into micro-batches of ``m`` examples
+            (the last may be smaller), maximize each separately and average the results
+            weighted by size. ``None``: one maximization over all of ``data``.
+        params: the parameters to perturb (default: those with ``requires_grad``).
+        seed: seeds the dropout masks and the random start at a stationary point.
+
+    Returns:
+        A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,
+        ``steps`` and ``evaluations``.
+
+    References:
+        P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
+        Efficiently Improving Generalization. ICLR 2021. J. Kwon, J. Kim, H. Park, I. K. Choi.
+        ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
+        Networks. ICML 2021. M. Andriushchenko, F. Croce, M. Müller, M. Hein, N. Flammarion.
+        A Modern Look at the Relationship between Sharpness and Generalization. ICML 2023.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+    check_non_negative("rho", rho)
+    check_choice("p", p, P_NORMS)
+    check_non_negative("eta", eta)
+    check_choice("normalization", normalization, kernels.NORMALIZATIONS)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"Invalid adaptive: {adaptive!r} (allowed: True or False)")
+    steps = _check_steps(steps)
+    m = _check_m(m)
+    rho, eta = float(rho), float(eta)
+    _, ps = resolve_params(model, params)
+    device = ps[0].device
+    batches = Batches(data, device)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    backup = [w.detach().clone() for w in ps]
+    frozen = [w for w in ps if not w.requires_grad]
+    scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
+    groups: Iterable[Any] = [batches] if m is None else _micro_batches(batches, m)
+    weighted = [0.0, 0.0]  # sums of n * L(w), n * L(w + ε)
+    total = 0
+    evaluations = 0
+    try:
+        for w in frozen:
+            w.requires_grad_(True)
+        for group in groups:
+            n = sum(b[2] for b in group) if isinstance(group, list) else 1
+            objective = _Objective(model, loss_fn, ps, group, int(seed))
+            base, best = _maximize(objective, ps, backup, scale, rho, p, steps, generator)
+            evaluations += objective.evaluations
+            if m is None:
+                n = 1
+            weighted[0] += n * base
+            weighted[1] += n * best
+            total += n
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(ps, backup)
+        for w in frozen:
+            w.requires_grad_(False)
+    base_loss, perturbed_loss = weighted[0] / total, weighted[1] / total
+    return SharpnessResult(
+        value=max(perturbed_loss - base_loss, 0.0),
+        base_loss=base_loss,
+        perturbed_loss=perturbed_loss,
+        steps=steps if rho > 0 else 0,
+        evaluations=evaluations,
+    )
+
+
+__all__ = ["SharpnessResult", "sharpness"]
