@@ -112,6 +112,8 @@ def _maximize(
     generator: torch.Generator,
 ) -> tuple[float, float]:
     """Projected gradient ascent in δ; returns (L(w), best L(w + T δ))."""
+    with torch.no_grad():
+        torch._foreach_copy_(params, backup)  # start at w (a previous group may have moved it)
     base, grad = objective()
     if rho == 0:
         return base, base

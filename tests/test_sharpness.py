@@ -1,0 +1,288 @@
+"""samkit.sharpness: analytic maxima on quadratics, the SAM/ASAM start, m-sharpness, scale
+invariance of adaptive sharpness, weight restoration and argument checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from samkit.sharpness import SharpnessResult, sharpness
+
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Quadratic(nn.Module):
+    """L(w) = 1/2 w'Aw + b'w, whatever the batch."""
+
+    def __init__(self, A, b, w0):
+        super().__init__()
+        self.w = nn.Parameter(w0.clone())
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+
+    def forward(self, x):
+        return 0.5 * self.w @ self.A @ self.w + self.b @ self.w
+
+
+def identity_loss(out, y):
+    return out
+
+
+DUMMY = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+
+
+def _quadratic(seed=0, d=6, diagonal=False):
+    g = torch.Generator().manual_seed(seed)
+    ev = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)[:d]
+    if diagonal:
+        A = torch.diag(ev)
+    else:
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        A = (q * ev) @ q.T
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    w0 = torch.randn(d, generator=g, dtype=torch.float64)
+    return A, b, w0
+
+
+def trust_region_max(c: np.ndarray, M: np.ndarray, rho: float) -> float:
+    """max over ||d||_2 <= rho of c'd + 1/2 d'Md for PSD M: d = (lam I - M)^-1 c on the sphere,
+    lam > lambda_max(M) found by bisection on ||d(lam)|| = rho (the easy case)."""
+    lam_max = np.linalg.eigvalsh(M).max()
+    lo, hi = lam_max + 1e-15, lam_max + np.linalg.norm(c) / rho + 1.0
+    eye = np.eye(len(c))
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        d = np.linalg.solve(mid * eye - M, c)
+        lo, hi = (mid, hi) if np.linalg.norm(d) > rho else (lo, mid)
+    d = np.linalg.solve(hi * eye - M, c)
+    return float(c @ d + 0.5 * d @ M @ d)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_p2_ascent_attains_the_trust_region_maximum(adaptive):
+    A, b, w0 = _quadratic()
+    model = Quadratic(A, b, w0)
+    rho, eta = (0.7, 0.01) if not adaptive else (0.5, 0.01)
+    t = (w0.abs() + eta).numpy() if adaptive else np.ones(len(w0))
+    g = (A @ w0 + b).numpy()
+    expected = trust_region_max(t * g, t[:, None] * A.numpy() * t[None, :], rho)
+    first = sharpness(model, identity_loss, DUMMY, rho=rho, adaptive=adaptive, eta=eta, steps=0)
+    r = sharpness(model, identity_loss, DUMMY, rho=rho, adaptive=adaptive, eta=eta, steps=60)
+    assert r.value == pytest.approx(expected, rel=1e-7)
+    assert first.value < expected * (1 - 1e-3)  # the single SAM step is not the maximum
+    assert r.value <= expected * (1 + 1e-9)  # the projection keeps the ball
+    assert r.base_loss == pytest.approx(float(0.5 * w0 @ A @ w0 + b @ w0))
+    assert r.perturbed_loss == pytest.approx(r.base_loss + r.value)
+    assert r.steps == 60 and r.evaluations == 62
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_pinf_ascent_attains_the_box_maximum(adaptive):
+    A, b, w0 = _quadratic(diagonal=True)
+    model = Quadratic(A, b, w0)
+    rho, eta = 0.3, 0.05
+    t = (w0.abs() + eta) if adaptive else torch.ones_like(w0)
+    g = A @ w0 + b
+    # separable: each coordinate goes to the end of its interval, +-rho t_i
+    expected = float((g.abs() * rho * t + 0.5 * torch.diag(A) * (rho * t) ** 2).sum())
+    r = sharpness(
+        model, identity_loss, DUMMY, rho=rho, p=math.inf, adaptive=adaptive, eta=eta, steps=10
+    )
+    assert r.value == pytest.approx(expected, rel=1e-10)
+
+
+def _mlp(seed=0, act=nn.Tanh):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 3)).double()
+
+
+def _data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+def _loss_at(model, x, y, eps):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(m.parameters(), eps, strict=True):
+            p.add_(e)
+        return float(CE(m(x), y))
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_zero_steps_is_the_sam_or_asam_perturbation(p, adaptive):
+    model = _mlp()
+    x, y = _data()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(CE(model(x), y), params)
+    eta, rho = 0.01, 0.05
+    ts = [w.detach().abs() + eta if adaptive else torch.ones_like(w) for w in params]
+    if p == 2:
+        norm = math.sqrt(sum(float(((t * g) ** 2).sum()) for t, g in zip(ts, grads, strict=True)))
+        eps = [rho * t * t * g / norm for t, g in zip(ts, grads, strict=True)]
+    else:
+        eps = [rho * t * g.sign() for t, g in zip(ts, grads, strict=True)]
+    expected = _loss_at(model, x, y, eps) - _loss_at(model, x, y, [0 * g for g in grads])
+    r = sharpness(model, CE, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta, steps=0)
+    assert expected > 0
+    assert r.value == pytest.approx(expected, rel=1e-10)
+    more = sharpness(model, CE, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta, steps=8)
+    assert more.value >= r.value  # the ascent never reports less than its start
+
+
+def _rescaled(model, alpha):
+    """Multiply the first ReLU layer (weight and bias) by alpha and the next weight by 1/alpha:
+    the function, hence the loss, is unchanged (ReLU is positively homogeneous)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[0].weight.mul_(alpha)
+        out[0].bias.mul_(alpha)
+        out[2].weight.div_(alpha)
+    return out
+
+
+@pytest.mark.parametrize("normalization", ["elementwise", "filterwise"])
+@pytest.mark.parametrize("p", [2, math.inf])
+def test_adaptive_sharpness_is_scale_invariant_and_plain_sharpness_is_not(normalization, p):
+    model = _mlp(act=nn.ReLU)
+    x, y = _data()
+    scaled = _rescaled(model, 4.0)
+    torch.testing.assert_close(scaled(x), model(x))
+    kw = dict(rho=0.05, p=p, steps=5)
+    a = sharpness(model, CE, (x, y), adaptive=True, eta=0.0, normalization=normalization, **kw)
+    b = sharpness(scaled, CE, (x, y), adaptive=True, eta=0.0, normalization=normalization, **kw)
+    assert a.value > 0
+    assert b.value == pytest.approx(a.value, rel=1e-6)
+    assert b.base_loss == pytest.approx(a.base_loss, rel=1e-12)
+    plain_a = sharpness(model, CE, (x, y), **kw)
+    plain_b = sharpness(scaled, CE, (x, y), **kw)
+    assert abs(plain_b.value - plain_a.value) > 0.1 * plain_a.value
+
+
+def test_chunked_data_equals_one_batch():
+    model = _mlp()
+    x, y = _data()
+    one = sharpness(model, CE, (x, y), rho=0.1, steps=4)
+    parts = [(x[:5], y[:5]), (x[5:9], y[5:9]), (x[9:], y[9:])]
+    many = sharpness(model, CE, parts, rho=0.1, steps=4)
+    assert many.value == pytest.approx(one.value, rel=1e-9)
+    assert many.base_loss == pytest.approx(one.base_loss, rel=1e-12)
+
+
+def test_m_sharpness_averages_micro_batches():
+    model = _mlp()
+    x, y = _data()
+    whole = sharpness(model, CE, (x, y), rho=0.1, steps=3)
+    assert sharpness(model, CE, (x, y), rho=0.1, steps=3, m=12).value == pytest.approx(whole.value)
+    r = sharpness(model, CE, (x, y), rho=0.1, steps=3, m=5)  # micro-batches of 5, 5 and 2
+    parts = [
+        sharpness(model, CE, (x[s : s + 5], y[s : s + 5]), rho=0.1, steps=3) for s in (0, 5, 10)
+    ]
+    weights = np.array([5, 5, 2]) / 12
+    assert r.value == pytest.approx(sum(w * q.value for w, q in zip(weights, parts, strict=True)))
+    assert r.base_loss == pytest.approx(whole.base_loss)
+    assert r.evaluations == 3 * (3 + 2)
+    assert r.value > whole.value  # each micro-batch gets its own, better-fitted perturbation
+
+
+def test_weights_are_restored_bit_for_bit_and_batchnorm_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3)
+    )
+    model = model.double().train()
+    x, y = _data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = sharpness(model, CE, (x, y), rho=0.5, adaptive=True, steps=3)
+    assert isinstance(r, SharpnessResult) and r.value > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    # dropout masks are fixed per batch: the measure is deterministic
+    assert sharpness(model, CE, (x, y), rho=0.5, adaptive=True, steps=3).value == r.value
+
+
+def test_weights_are_restored_when_the_loss_raises():
+    model = _mlp()
+    x, y = _data()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = 0
+
+    def flaky(out, target):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("boom")
+        return CE(out, target)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sharpness(model, flaky, (x, y), rho=0.5, steps=5)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_frozen_parameters_and_params_subset():
+    model = _mlp()
+    x, y = _data()
+    model[0].weight.requires_grad_(False)
+    sub = sharpness(model, CE, (x, y), rho=0.1, params=[model[0].weight], steps=2)
+    assert sub.value > 0 and not model[0].weight.requires_grad
+    assert model[0].weight.grad is None
+
+
+def test_zero_radius_and_stationary_point():
+    model = _mlp()
+    x, y = _data()
+    r = sharpness(model, CE, (x, y), rho=0.0)
+    assert r.value == 0.0 and r.perturbed_loss == r.base_loss and r.steps == 0
+    # at the minimum of a convex quadratic g = 0: the ascent starts from a random direction
+    A, _, _ = _quadratic()
+    w_star = torch.zeros(6, dtype=torch.float64)
+    model = Quadratic(A, torch.zeros(6, dtype=torch.float64), w_star)
+    r = sharpness(model, identity_loss, DUMMY, rho=0.1, steps=80)
+    assert r.value == pytest.approx(0.5 * 5.0 * 0.1**2, rel=1e-4)  # rho^2 lambda_max / 2
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _mlp()
+    x, y = _data()
+    d = (x, y)
+    for rho in (-0.1, float("nan"), float("inf"), "big"):
+        with pytest.raises(ValueError, match="Invalid rho"):
+            sharpness(model, CE, d, rho=rho)
+    with pytest.raises(ValueError, match=r"Invalid p: 3 \(allowed: 2, inf\)"):
+        sharpness(model, CE, d, rho=0.1, p=3)
+    with pytest.raises(ValueError, match="Invalid eta"):
+        sharpness(model, CE, d, rho=0.1, adaptive=True, eta=-0.01)
+    with pytest.raises(ValueError, match="Invalid normalization: 'layerwise'"):
+        sharpness(model, CE, d, rho=0.1, normalization="layerwise")
+    for steps in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid steps"):
+            sharpness(model, CE, d, rho=0.1, steps=steps)
+    for m in (0, -3, 2.0):
+        with pytest.raises(ValueError, match="Invalid m"):
+            sharpness(model, CE, d, rho=0.1, m=m)
+    with pytest.raises(ValueError, match="Invalid adaptive"):
+        sharpness(model, CE, d, rho=0.1, adaptive="yes")
+    with pytest.raises(ValueError, match="no batches"):
+        sharpness(model, CE, [], rho=0.1)
+    with pytest.raises(ValueError, match="0 examples"):
+        sharpness(model, CE, (x[:0], y[:0]), rho=0.1)
+    with pytest.raises(ValueError, match="Invalid model"):
+        sharpness(lambda t: t, CE, d, rho=0.1)
