@@ -118,7 +118,7 @@ def run(opt_name, steps, model=None, opt=None, **kw):
     x, y = data()
     opt = opt or samkit.create_optimizer(opt_name, model, **kw)
     losses = [
-        float(opt.step(make_closure(opt, model, x, y)))
+        opt.step(make_closure(opt, model, x, y)).item()
         if isinstance(opt, samkit.SharpnessAwareOptimizer)
         else plain_step(opt, model, x, y)
         for _ in range(steps)
@@ -338,3 +338,12 @@ def test_disable_running_stats_keeps_eval_mode_on_running_stats():
     expected = model(x)
     with samkit.disable_running_stats(model):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["looksam", "gsam", "aesam", "rst"])
+def test_m_sharpness_step_refuses_optimizers_that_rewrite_their_steps(name):
+    model = mlp()
+    x, y = data()
+    opt = samkit.create_optimizer(name, model, lr=0.1)
+    with pytest.raises(ValueError, match="m_sharpness_step takes optimizers"):
+        samkit.m_sharpness_step(opt, model, F.cross_entropy, [(x[:5], y[:5]), (x[5:], y[5:])])

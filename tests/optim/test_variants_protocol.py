@@ -241,11 +241,6 @@ def test_exact_accumulation_equals_the_full_batch_step(name):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accumulation_closure tells the passes apart by call parity, which one-pass steps "
-    "break; it should ask optimizer.is_perturbed (lead's accumulation.py)",
-)
 def test_accumulation_closure_keeps_batchnorm_statistics_right_across_one_pass_steps():
     x, y = data(n=20)
     micro = [(x[:10], y[:10]), (x[10:], y[10:])]

@@ -51,13 +51,10 @@ def accumulation_closure(
     """
     sizes = _sizes(micro_batches)
     total = sum(sizes)
-    calls = 0
 
     def closure() -> Tensor:
-        nonlocal calls
         optimizer.zero_grad()
-        perturbed = calls % 2 == 1
-        calls += 1
+        perturbed = optimizer.is_perturbed
         mean = None
         with disable_running_stats(model) if perturbed else nullcontext():
             for (x, y), n in zip(micro_batches, sizes, strict=True):
@@ -81,6 +78,19 @@ def m_sharpness_step(
     running statistics untouched), ``restore``; the weighted second-pass gradients are summed
     and the base optimizer steps once with their sum.
     """
+    base = SharpnessAwareOptimizer
+    custom = [
+        hook
+        for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
+        if getattr(type(optimizer), hook) is not getattr(base, hook)
+    ]
+    if custom or optimizer.schedule is not None:
+        why = f"rewrites its steps ({', '.join(custom)})" if custom else "has a step schedule"
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} {why}"
+            "; m_sharpness_step takes optimizers that always run two passes and descend with the "
+            "perturbed gradient (SAM, ASAM, USAM, FisherSAM, FriendlySAM, ...)"
+        )
     sizes = _sizes(micro_batches)
     total = sum(sizes)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -111,4 +121,3 @@ def m_sharpness_step(
     optimizer._opt_called = True
     optimizer.zero_grad()
     return mean
-
