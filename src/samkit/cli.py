@@ -178,12 +178,15 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _interrupted(checkpoint, argv: Sequence[str]) -> None:
+    if not checkpoint.exists():
+        print("\ninterrupted before the first checkpoint: nothing to resume", file=sys.stderr)
+        return
     again = list(argv)
     if "--resume" not in again:
         again.append("--resume")
     again = [a for a in again if a != "--overwrite"]
     print(
-        f"\ninterrupted: checkpoint saved in {checkpoint}\nresume with: {_command_line(again)}",
+        f"\ninterrupted; checkpoint: {checkpoint}\nresume with: {_command_line(again)}",
         file=sys.stderr,
     )
 

@@ -55,6 +55,7 @@ def plot_learning_curves(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not groups:
         raise ValueError("plot_learning_curves needs at least one group of runs")
@@ -75,6 +76,7 @@ def plot_learning_curves(
                     color=line.get_color(), alpha=0.2, linewidth=0,
                 )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ylabel = METRIC_LABELS.get(metric, metric)
         ax.set_ylabel(ylabel + (" (%)" if scale == 100.0 else ""))
         if metric.endswith("loss"):
