@@ -168,14 +168,14 @@ def test_every_optimizer_decreases_a_quadratic(name):
         loss.backward()
         return loss
 
-    first = float(closure())
+    first = closure().item()
     for _ in range(100):
         if isinstance(opt, samkit.SharpnessAwareOptimizer):
             opt.step(closure)
         else:
             closure()
             opt.step()
-    assert float(closure()) < 0.05 * first
+    assert closure().item() < 0.05 * first
 
 
 @pytest.mark.parametrize("name", samkit.list_optimizers())
@@ -279,7 +279,7 @@ def test_exact_accumulation_equals_the_full_batch_step():
     for _ in range(3):
         l_full = full.step(make_closure(full, full_model, x, y))
         l_acc = acc.step(closure)
-        assert float(l_acc) == pytest.approx(float(l_full), rel=1e-12)
+        assert l_acc.item() == pytest.approx(l_full.item(), rel=1e-12)
     for p, q in zip(full_model.parameters(), acc_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
 
