@@ -160,6 +160,10 @@ def test_adam_preconditioned_sharpness():
         opt.zero_grad()
         mse(model(x), y).backward()
         opt.step()
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)  # no state yet: no preconditioner
+    before = EdgeTracker((x, y), mse).record(0, model, fresh)
+    assert before["lambda1_precond"] is None and before["ratio"] is None
+    assert before["edge"] == pytest.approx(adam_edge(1e-3, 0.9))
     row = EdgeTracker((x, y), mse, tol=1e-8).record(3, model, opt)
     _, H, _, _ = dense(model, x, y)
     (state,) = opt.state.values()

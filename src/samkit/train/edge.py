@@ -314,7 +314,9 @@ class EdgeTracker(Callback):
             return self._append(row, start, 0)
 
         # 2. λ₁ and v₁ by Lanczos, started from the last v₁
-        H = HessianOperator(model, self.loss_fn, self.probe, params=params, seed=self.seed)
+        # one batch is passed as (x, y): the operator then caches its gradient graph
+        data = self.probe[0] if len(self.probe) == 1 else self.probe
+        H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
         lam, vec, mv, converged = self._top(H, self._vector)
         self._vector = vec
         matvecs = mv
@@ -336,15 +338,18 @@ class EdgeTracker(Callback):
             from samkit.curvature import adam_preconditioned
 
             base = getattr(optimizer, "base_optimizer", optimizer)
-            P = adam_preconditioned(H, base)
-            plam, self._pvector, pmv, pconv = self._top(P, self._pvector)
-            matvecs += pmv
-            converged = converged and pconv
+            if all(len(base.state.get(p, {})) for p in params):
+                P = adam_preconditioned(H, base)
+                plam, self._pvector, pmv, pconv = self._top(P, self._pvector)
+                matvecs += pmv
+                converged = converged and pconv
+                sharpness = plam
+            else:  # before Adam's first step there is no preconditioner yet
+                plam, sharpness = None, None
             row["lambda1_precond"] = plam
-            sharpness = plam
         row["edge"] = edge
         row["edge_kind"] = _edge_name(info)
-        row["ratio"] = None if edge is None or edge == 0 else sharpness / edge
+        row["ratio"] = None if edge is None or edge == 0 or sharpness is None else sharpness / edge
         row["gd_edge"] = float(stability.gd_edge(info["lr"])) if info["lr"] > 0 else None
         row["lr"] = info["lr"]
         rho = info["rho"] if info["rho"] is not None else self.rho
@@ -525,7 +530,7 @@ def format_row(row: dict[str, Any]) -> str:
     if row.get("diverged"):
         return "  ".join(parts + ["diverged"])
     parts.append(f"lambda1 {row['lambda1']:.3f}")
-    if "lambda1_precond" in row:
+    if row.get("lambda1_precond") is not None:
         parts.append(f"lambda1(P^-1 H) {row['lambda1_precond']:.3f}")
     if row.get("edge") is not None:
         parts.append(f"edge {row['edge']:.3f} ({row['edge_kind']})")
