@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="optimizers, models, data sets and config keys")
     listing.add_argument("--keys", action="store_true", help="only the config keys")
+    from samkit.experiments.eos import add_parser as add_eos_parser
+
+    add_eos_parser(sub)  # samkit eos: its flags live in experiments/eos.py
     return parser
 
 
@@ -270,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, argv)
         if args.command == "compare":
             return cmd_compare(args, argv)
+        if args.command == "eos":
+            return args.handler(args, argv)
         if args.command == "demo":
             compare_args = parser.parse_args(["compare"] + (["--quiet"] if args.quiet else []))
             return cmd_compare(compare_args, ["compare"])
