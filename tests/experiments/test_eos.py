@@ -93,8 +93,10 @@ def _check_run_dir(run_dir, labels, steps, every):
 def test_cli_smoke_full_batch(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--subset", "96", "--width", "16", "--steps", "6",
             "--every", "3", "--lr", "0.05", "--rho", "0.05", "--out-dir", str(tmp_path),
-            "--name", "smoke"]
-    assert eos.main(argv) == 0
+            "--name", "smoke", "--threads", "1"]
+    from samkit.cli import main
+
+    assert main(["eos", *argv]) == 0
     out = capsys.readouterr().out
     assert "step     3/6" in out and "median λ₁/edge" in out and "edge tracker" in out
     summary = _check_run_dir(tmp_path / "smoke", ["gd-lr0.05", "sam-lr0.05-rho0.05"], 6, 3)
@@ -105,16 +107,19 @@ def test_cli_smoke_full_batch(tmp_path, capsys):
 def test_cli_smoke_transformer_minibatch_sam(tmp_path, capsys):
     text = tmp_path / "input.txt"
     text.write_text("to be or not to be, that is the question. " * 40)
-    argv = ["--text", str(text), "--seq-len", "16", "--batch-size", "8", "--probe-size", "32",
-            "--steps", "4", "--every", "2", "--lr", "0.1", "--rho", "0.05", "--no-gd",
-            "--out-dir", str(tmp_path), "--name", "text", "--quiet"]
+    argv = ["--text", str(text), "--seq-len", "8", "--batch-size", "8", "--probe-size", "16",
+            "--width", "16", "--depth", "1", "--steps", "2", "--every", "1", "--lr", "0.1",
+            "--rho", "0.05", "--no-gd", "--out-dir", str(tmp_path), "--name", "text", "--quiet",
+            "--threads", "1"]
     assert eos.main(argv) == 0
-    summary = _check_run_dir(tmp_path / "text", ["sam-lr0.1-rho0.05"], 4, 2)
+    summary = _check_run_dir(tmp_path / "text", ["sam-lr0.1-rho0.05"], 2, 1)
     rows = [json.loads(line) for line in (tmp_path / "text/sam-lr0.1-rho0.05/edge.jsonl").open()]
     # minibatch: the SAM-edge uses the step's batch gradient norm
     assert all(r["edge"] == pytest.approx(sam_edge(0.1, 0.05, r["batch_grad_norm"]))
                for r in rows)
     assert summary["config"]["batch_size"] == 8
+    config = json.loads((tmp_path / "text/config.json").read_text())
+    assert config["model_kwargs"]["n_embd"] == 16 and config["model_kwargs"]["n_layer"] == 1
 
 
 def test_missing_text_file_is_a_clear_error(tmp_path, capsys):

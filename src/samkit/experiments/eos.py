@@ -600,8 +600,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "Transformer with minibatch SGD/SAM")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="Transformer window length")
     p.add_argument("--model", default=d.model, help="mlp or cnn")
-    p.add_argument("--width", type=int, default=None, help="hidden units / channels")
-    p.add_argument("--depth", type=int, default=None, help="MLP hidden layers")
+    p.add_argument("--width", type=int, default=None,
+                   help="hidden units (MLP, default 128) / channels (CNN, 32) / n_embd (64)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="hidden layers (MLP, default 2) / n_layer (Transformer, 2)")
     p.add_argument("--activation", default=None, help="tanh (default), relu, ...")
     p.add_argument("--loss", default=d.loss, choices=LOSSES, help="mse (default) or ce")
     p.add_argument("--lr", dest="lrs", type=float, nargs="+", default=list(d.lrs),
@@ -629,8 +631,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> EOSConfig:
-    model_kwargs = {k: getattr(args, k) for k in ("width", "depth", "activation")
-                    if getattr(args, k) is not None}
+    names = {"width": "width", "depth": "depth", "activation": "activation"}
+    if args.text:  # the Transformer's width and depth
+        names = {"width": "n_embd", "depth": "n_layer"}
+    model_kwargs = {key: getattr(args, flag) for flag, key in names.items()
+                    if getattr(args, flag) is not None}
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = 32 if args.text else 0
