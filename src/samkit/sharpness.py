@@ -128,7 +128,7 @@ def _maximize(
             if float(norm) == 0.0:  # a stationary point: start from a random direction
                 direction = [torch.randn(w.shape, generator=generator).to(w) for w in params]
                 norm = kernels.global_sq_norm([direction]).sqrt()
-            torch._foreach_div_(direction, norm)
+            direction = torch._foreach_div(direction, norm)
         else:
             direction = torch._foreach_sign(direction)
             if all(not bool(d.any()) for d in direction):

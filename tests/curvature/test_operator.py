@@ -184,6 +184,13 @@ def test_auto_falls_back_to_forward_over_reverse(monkeypatch):
     assert H.backend_in_use == "func" and isinstance(H.backend_error, NotImplementedError)
     assert "backend='func'" in repr(H)
 
+    def no_forward_ad(self, *args):
+        raise NotImplementedError("Trying to use forward AD with some_op")
+
+    monkeypatch.setattr(HessianOperator, "_hvp_func", no_forward_ad)
+    with pytest.raises(NotImplementedError, match="some_backward"):  # the first error is kept
+        HessianOperator(model, CE, (x, y)) @ v
+
 
 def test_to_scipy_eigsh_matches_eigvalsh():
     from scipy.sparse.linalg import eigsh

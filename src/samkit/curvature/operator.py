@@ -304,16 +304,21 @@ class HessianOperator(LinearOperator):
         return out.div_(total)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        if self.backend_in_use == "autograd":
+        if self.backend_in_use == "func":
+            return self._pass(v, "func")
+        try:
+            return self._pass(v, "autograd")
+        except (RuntimeError, NotImplementedError) as err:
+            if self.backend != "auto":
+                raise
+            self._graph = None
             try:
-                return self._pass(v, "autograd")
-            except (RuntimeError, NotImplementedError) as err:
-                if self.backend != "auto":
-                    raise
-                self._graph = None
-                self.backend_error = err
-                self.backend_in_use = "func"
-        return self._pass(v, "func")
+                out = self._pass(v, "func")
+            except Exception:
+                raise err from None  # both failed: the double-backward error is the relevant one
+            self.backend_error = err
+            self.backend_in_use = "func"
+            return out
 
     def clear_cache(self) -> None:
         """Drop the cached gradient graph (it is rebuilt at the next product)."""
