@@ -71,7 +71,7 @@ HYPERPARAMETERS = ("batch_size", "lr", "weight_decay", "dropout")
 # What every model of the default study shares (the grid sets batch_size, lr, weight_decay and
 # model_kwargs.dropout): an MLP with two ReLU layers of 128 units on a stratified 2,000-example
 # subset of Fashion-MNIST, SGD with heavy-ball momentum 0.9 at a constant learning rate, one
-# torch thread per model; at most 60 epochs to reach the stopping loss.
+# torch thread per model; at most 200 epochs to reach the stopping loss.
 DEFAULT_TRAIN = TrainConfig(
     dataset="fashion-mnist",
     subset=2000,
@@ -81,7 +81,7 @@ DEFAULT_TRAIN = TrainConfig(
     lr=0.03,
     momentum=0.9,
     weight_decay=0.0,
-    epochs=60,
+    epochs=200,
     batch_size=128,
     schedule="constant",
     threads=1,
@@ -103,9 +103,9 @@ class CorrelateConfig:
     train: TrainConfig = DEFAULT_TRAIN
     # ---- the grid: one model per combination (the ASAM paper varies these four)
     batch_sizes: tuple = (32, 128, 512)  # mini-batch sizes
-    lrs: tuple = (0.01, 0.03, 0.1)  # initial (here: constant) learning rates
+    lrs: tuple = (0.01, 0.02, 0.05)  # initial (here: constant) learning rates
     weight_decays: tuple = (0.0, 5e-4)  # L2 weight decay
-    dropouts: tuple = (0.0, 0.3)  # dropout rate (model_kwargs.dropout)
+    dropouts: tuple = (0.0, 0.2)  # dropout rate (model_kwargs.dropout)
     # ---- the stopping rule, the same for every model
     stop_loss: float | None = 0.01  # stop at this full training loss (eval mode); null: budget
     include_unconverged: bool = False  # correlate models that missed stop_loss too
@@ -1153,14 +1153,19 @@ def write_report(result: CorrelateResult, command: str | None = None) -> Path:
         "notes": result.notes,
     }
     atomic_write_text(result.run_dir / "summary.json",
-                      json.dumps(summary, indent=2, default=_json_default) + "\n")
+                      json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return path
 
 
-def _json_default(value: Any) -> Any:
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and inf replaced by None (strict JSON)."""
     if isinstance(value, float):
-        return None
-    return str(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------ the command
