@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from samkit.experiments.eos import add_parser as add_eos_parser
 
     add_eos_parser(sub)  # samkit eos: its flags live in experiments/eos.py
+    from samkit.experiments.correlate import add_parser as add_correlate_parser
+
+    add_correlate_parser(sub)  # samkit correlate: its flags live in experiments/correlate.py
     return parser
 
 
@@ -274,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args, argv)
         if args.command == "eos":
+            return args.handler(args, argv)
+        if args.command == "correlate":
             return args.handler(args, argv)
         if args.command == "demo":
             compare_args = parser.parse_args(["compare"] + (["--quiet"] if args.quiet else []))
