@@ -136,7 +136,7 @@ class HessianOperator(LinearOperator):
     * ``"autograd"``: reverse-over-reverse (double backward),
       :math:`Hv = \nabla_w \langle \nabla_w L, v \rangle`. With one batch and ``cache=True``
       the graph of :math:`\nabla_w L` is built once and each product is a single backward pass
-      through it (about 1.5x the cost of a gradient on the MLP of ``benchmarks/curvature.py``);
+      through it (1.44x the cost of a gradient on the MLP of ``benchmarks/curvature.py``);
       the graph is rebuilt when a parameter or buffer is modified in place or a module changes
       mode, and it is held (the memory of one batch's double-backward graph) while the operator
       lives. Over several batches each product recomputes every batch.
@@ -145,8 +145,9 @@ class HessianOperator(LinearOperator):
       every op of the model.
     * ``"auto"`` (default): ``"autograd"``, and ``"func"`` if double backward fails (an op
       without a double-backward formula). ``backend_in_use`` says which one runs. The order
-      follows measurement: on CPU (torch 2.13) forward-over-reverse cost 3-4x a gradient and
-      recomputed double backward 2-3x (see ``benchmarks/results/curvature.md``).
+      follows measurement: on CPU (torch 2.13, that MLP, 2000 images) forward-over-reverse
+      cost 2.9x a gradient and recomputed double backward 2.5x (see
+      ``benchmarks/results/curvature.md``).
 
     Model state: the model is used **in the mode the caller set** and is never changed.
 
