@@ -3,34 +3,70 @@
 >>> import samkit
 >>> base = torch.optim.SGD(samkit.param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
 >>> opt = samkit.ASAM(base, rho=0.5, eta=0.01)
+>>> samkit.sharpness(model, loss_fn, (x, y), rho=0.5, adaptive=True).value
+
+Subpackages: ``samkit.optim`` (the optimizers), ``samkit.curvature`` (Hessian operator,
+eigenvalues, trace, spectral density), ``samkit.stability`` (edges), ``samkit.data``,
+``samkit.models``, ``samkit.train`` and ``samkit.experiments`` (the experiment runner).
 """
 
+from samkit import curvature, stability
 from samkit.optim import (
     ASAM,
+    ESAM,
+    GSAM,
     SAM,
     USAM,
+    AESchedule,
+    ExampleLosses,
+    FisherSAM,
+    FriendlySAM,
+    LookSAM,
+    RandomSchedule,
     SharpnessAwareOptimizer,
     accumulation_closure,
+    ae_sam,
     create_optimizer,
     disable_running_stats,
     list_optimizers,
     m_sharpness_step,
     param_groups,
     register_optimizer,
+    rst_sam,
+    with_schedule,
 )
+
+# The function replaces the submodule as the package attribute: ``samkit.sharpness(...)``;
+# ``from samkit.sharpness import SharpnessResult`` still imports from the module.
+from samkit.sharpness import SharpnessResult, sharpness
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "ESAM",
+    "GSAM",
     "SAM",
     "USAM",
+    "AESchedule",
+    "ExampleLosses",
+    "FisherSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "RandomSchedule",
     "SharpnessAwareOptimizer",
+    "SharpnessResult",
     "accumulation_closure",
+    "ae_sam",
     "create_optimizer",
+    "curvature",
     "disable_running_stats",
     "list_optimizers",
     "m_sharpness_step",
     "param_groups",
     "register_optimizer",
+    "rst_sam",
+    "sharpness",
+    "stability",
+    "with_schedule",
 ]
