@@ -315,7 +315,9 @@ class Trainer:
 
             # 6. one epoch: the order of its batches depends only on (seed, epoch)
             generator.manual_seed(derive_seed(cfg.seed, _SHUFFLE, epoch))
-            batches = _iterate(self.train_data, self.batch_size, generator, cfg.drop_last)
+            full_batch = self.batch_size == len(self.train_data.y)  # no shuffle: one batch
+            batches = _iterate(self.train_data, self.batch_size, None if full_batch else generator,
+                               cfg.drop_last)
             for index, (x, y) in enumerate(islice(batches, skip, None), start=skip):
                 if self.step >= self.total_steps:
                     break
@@ -351,9 +353,10 @@ class Trainer:
                 self.step += 1
 
                 # 6g. running epoch statistics stay on the device (no sync per step)
-                loss_sum += batch_loss.double() * len(y)
+                n = y.numel()  # examples, or tokens for a language model
+                loss_sum += batch_loss.double() * n
                 correct += batch_correct
-                count += y.numel() if y.ndim > 1 else len(y)
+                count += n
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, batch_loss)
                 log_now = self.step % cfg.log_every == 0
@@ -568,10 +571,11 @@ class Trainer:
             self.progress.line(f"note: budget changed, now {self.total_steps} steps")
 
 
-def _iterate(split: Any, batch_size: int, generator: torch.Generator, drop_last: bool):
+def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, drop_last: bool):
     from samkit.data import iterate_batches
 
-    return iterate_batches(split, batch_size, True, generator, drop_last=drop_last)
+    shuffle = generator is not None
+    return iterate_batches(split, batch_size, shuffle, generator, drop_last=drop_last)
 
 
 def _micro_batches(x: Tensor, y: Tensor, parts: int) -> list[tuple[Tensor, Tensor]]:
