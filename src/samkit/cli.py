@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="compare optimizers on the same data, model and budget",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train every optimizer with every seed on the same data, model and budget; "
-        "print a table and write runs/<name>/report.md, curves.png and summary.json. Without "
-        "--config: an MLP on 10,000 Fashion-MNIST examples, 20 epochs, seeds 0 1 2 (digits when "
-        "Fashion-MNIST is missing).",
+        description="Train every optimizer with every seed on the same data, model and budget;\n"
+        "print a table and write runs/<name>/report.md, curves.png and summary.json.\n"
+        "Without --config: an MLP on 10,000 Fashion-MNIST examples, 20 epochs, seeds 0 1 2\n"
+        "(scikit-learn's digits, with a message, when the Fashion-MNIST files are missing).",
         epilog="examples:\n"
         "  samkit compare\n"
         "  samkit compare --label-noise 0.4\n"
