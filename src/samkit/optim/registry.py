@@ -57,6 +57,22 @@ def register_optimizer(
     _REGISTRY[name.lower()] = OptimizerEntry(name.lower(), description, base, wrapper)
 
 
+def optimizer_info(name: str) -> OptimizerEntry:
+    """The registry entry of ``name`` (case-insensitive): its default base and wrapper keys."""
+    entry = _REGISTRY.get(str(name).lower())
+    if entry is None:
+        raise ValueError(f"Invalid optimizer: {name!r} (allowed: {', '.join(list_optimizers())})")
+    return entry
+
+
+def base_optimizer_class(name: str) -> type[Optimizer]:
+    """The ``torch.optim`` class of a base optimizer name (``sgd``, ``adam``, ``adamw``)."""
+    cls = BASE_OPTIMIZERS.get(str(name).lower())
+    if cls is None:
+        raise ValueError(f"Invalid base: {name!r} (allowed: {', '.join(sorted(BASE_OPTIMIZERS))})")
+    return cls
+
+
 def list_optimizers() -> list[str]:
     """The names ``create_optimizer`` accepts, sorted."""
     return sorted(_REGISTRY)
@@ -79,19 +95,14 @@ def create_optimizer(
         **kwargs: hyperparameters of the base optimizer (``lr``, ``momentum``, ...) and of the
             wrapper (``rho``, ``eta``, ...).
     """
-    entry = _REGISTRY.get(str(name).lower())
-    if entry is None:
-        raise ValueError(f"Invalid optimizer: {name!r} (allowed: {', '.join(list_optimizers())})")
-    base_name = (base or entry.base).lower()
-    if base_name not in BASE_OPTIMIZERS:
-        raise ValueError(f"Invalid base: {base!r} (allowed: {', '.join(sorted(BASE_OPTIMIZERS))})")
+    entry = optimizer_info(name)
+    base_cls = base_optimizer_class(base or entry.base)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in entry.wrapper_keys()}
     if isinstance(params, nn.Module):
         if entry.wrapper is None:
             params = [p for p in params.parameters() if p.requires_grad]
         else:
             params = param_groups(params, weight_decay=kwargs.pop("weight_decay", 0.0))
-    base_cls = BASE_OPTIMIZERS[base_name]
     try:
         base_opt = base_cls(params, **kwargs)
     except TypeError as err:

@@ -86,16 +86,9 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
     from samkit.optim import registry
 
     name = config.optimizer.lower()
-    entries = getattr(registry, "_REGISTRY", {})
-    if name not in entries:
-        allowed = ", ".join(registry.list_optimizers())
-        raise ValueError(f"Invalid optimizer: {config.optimizer!r} (allowed: {allowed})")
-    entry = entries[name]
-    base_name = (config.base or entry.base).lower()
-    if base_name not in registry.BASE_OPTIMIZERS:
-        allowed = ", ".join(sorted(registry.BASE_OPTIMIZERS))
-        raise ValueError(f"Invalid base: {config.base!r} (allowed: {allowed})")
-    base_keys = set(inspect.signature(registry.BASE_OPTIMIZERS[base_name]).parameters)
+    entry = registry.optimizer_info(name)
+    base_cls = registry.base_optimizer_class(config.base or entry.base)
+    base_keys = set(inspect.signature(base_cls).parameters)
     own_keys = entry.wrapper_keys()
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     notes = []
