@@ -59,6 +59,25 @@ class Bucket:
         self.first_grads = first_grads
 
 
+def _replicated_with_shards(buckets: list[Bucket]) -> list[Bucket]:
+    """When some buckets hold local shards (FSDP2) and others plain tensors, the plain ones are
+    copies on every rank: tag them so the all-reduced norms count them once."""
+    sharded = [b for b in buckets if isinstance(b.grads, kernels.ShardedTensors)]
+    if not sharded or len(sharded) == len(buckets):
+        return buckets
+    import torch.distributed as dist
+
+    group = sharded[0].grads.group
+    replicas = dist.get_world_size(group)
+    for b in buckets:
+        if not isinstance(b.grads, kernels.ShardedTensors):
+            for name in ("params", "grads", "backups", "first_grads"):
+                value = getattr(b, name)
+                if value is not None:
+                    setattr(b, name, kernels.ShardedTensors(value, group, replicas))
+    return buckets
+
+
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: wraps a ``torch.optim.Optimizer`` instance and shares its ``param_groups``.
 
@@ -172,19 +191,25 @@ class SharpnessAwareOptimizer(Optimizer):
                 if "w_backup" not in state:  # allocated once, reused every step
                     state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 backups.append(state["w_backup"])
-            if not self._keeps_first_grads:
-                for ps, gs, bs in kernels.group_by_device_and_dtype(params, grads, backups):
-                    buckets.append(Bucket(group, ps, gs, bs))
-                continue
-            firsts = []
-            for p in params:
-                state = self.state[p]
-                if "grad_first" not in state:
-                    state["grad_first"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                firsts.append(state["grad_first"])
-            for ps, gs, bs, fs in kernels.group_by_device_and_dtype(params, grads, backups, firsts):
-                buckets.append(Bucket(group, ps, gs, bs, fs))
-        return buckets
+            lists = [params, grads, backups]
+            if self._keeps_first_grads:
+                firsts = []
+                for p in params:
+                    state = self.state[p]
+                    if "grad_first" not in state:
+                        state["grad_first"] = torch.empty_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                    firsts.append(state["grad_first"])
+                lists.append(firsts)
+            # FSDP2 (DTensor) parameters: the kernels work on the local shards, and the norms
+            # are all-reduced once (kernels.ShardedTensors); plain tensors pass through as is.
+            for info, parts in kernels.split_sharded(*lists):
+                for bucket_lists in kernels.group_by_device_and_dtype(*parts):
+                    if info is not None:
+                        bucket_lists = [kernels.ShardedTensors(t, *info) for t in bucket_lists]
+                    buckets.append(Bucket(group, *bucket_lists))
+        return _replicated_with_shards(buckets)
 
     @torch.no_grad()
     def first_step(

@@ -51,22 +51,119 @@ def sq_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(norms).to(dtype).square().sum()
 
 
+class ShardedTensors(list):
+    """A bucket's list of tensors that are the local shards of distributed tensors (FSDP2's
+    ``DTensor`` parameters and gradients).
+
+    :func:`global_sq_norm` all-reduces the squared norm of such lists over ``group`` (one
+    all-reduce per call, for all of them together), dividing each list's part by ``replicas``,
+    the number of ranks that hold a copy of the same shard (1 for plain sharding). Element-wise
+    kernels treat it as the plain list it is.
+    """
+
+    __slots__ = ("group", "replicas")
+
+    def __init__(self, tensors: Iterable[Tensor], group: object, replicas: int = 1) -> None:
+        super().__init__(tensors)
+        self.group = group
+        self.replicas = replicas
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    if total is None:
+        return part
+    part = part.to(device=total.device, dtype=torch.promote_types(total.dtype, part.dtype))
+    return total + part
+
+
 def global_sq_norm(buckets_of_tensors: Iterable[Sequence[Tensor]]) -> Tensor | None:
     """Squared norm over several buckets (maybe on several devices): one sum, no host sync.
 
     The result lives on the device of the first bucket; ``None`` when there is no tensor.
+    Buckets given as :class:`ShardedTensors` (local shards) are summed on this rank, then
+    all-reduced once per process group, so every rank gets the exact norm of the whole tensors.
     """
     total: Tensor | None = None
+    sharded: dict[object, Tensor] = {}
     for tensors in buckets_of_tensors:
         if not tensors:
             continue
         part = sq_norm(tensors)
-        if total is None:
-            total = part
+        if isinstance(tensors, ShardedTensors):
+            if tensors.replicas != 1:
+                part = part / tensors.replicas
+            sharded[tensors.group] = _add(sharded.get(tensors.group), part)
         else:
-            part = part.to(device=total.device, dtype=torch.promote_types(total.dtype, part.dtype))
-            total = total + part
+            total = _add(total, part)
+    for group, part in sharded.items():
+        import torch.distributed as dist
+
+        part = part.clone()
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        total = _add(total, part)
     return total
+
+
+def split_sharded(*tensor_lists: Sequence[Tensor]) -> list[tuple[tuple | None, tuple]]:
+    """Split parallel lists by how their first tensors are distributed.
+
+    Returns ``[(info, lists), ...]``: ``info`` is ``None`` for plain tensors (the lists as
+    given) and ``(process group, replicas)`` for ``DTensor`` s (FSDP2 parameters), whose lists
+    then hold the *local* tensors. These share storage with the DTensors, so in-place kernels
+    on them update the distributed tensors; ``replicas`` counts the ranks holding each shard.
+    """
+    if not tensor_lists[0] or not any(_is_dtensor(t) for t in tensor_lists[0]):
+        return [(None, tuple(tensor_lists))]
+    parts: dict[object, tuple[tuple | None, tuple[list[Tensor], ...]]] = {}
+    for items in zip(*tensor_lists, strict=True):
+        info = _shard_info(items[0]) if _is_dtensor(items[0]) else None
+        key = None if info is None else (id(info[0]), info[1])
+        if key not in parts:
+            parts[key] = (info, tuple([] for _ in tensor_lists))
+        for lst, t in zip(parts[key][1], items, strict=True):
+            lst.append(t.to_local() if _is_dtensor(t) else t)
+    return list(parts.values())
+
+
+def _shard_info(tensor: Tensor) -> tuple[object, int]:
+    import torch.distributed as dist
+
+    mesh = tensor.device_mesh
+    replicas = 1
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_replicate():
+            replicas *= mesh.size(dim)
+        elif not placement.is_shard():
+            raise NotImplementedError(
+                f"sharpness-aware steps on a DTensor placed as {placement} are not supported "
+                "(allowed: Shard and Replicate placements, as FSDP and HSDP use)"
+            )
+    if mesh.ndim == 1:
+        return mesh.get_group(), replicas
+    if mesh.size() != dist.get_world_size():
+        raise NotImplementedError(
+            f"sharpness-aware norms over a {mesh.ndim}-d device mesh that does not span every "
+            "rank are not supported (use a 1-d mesh, or a mesh over all ranks)"
+        )
+    return dist.group.WORLD, replicas
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+_DTENSOR: list = []
+
+
+def _dtensor_type():
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a build without torch.distributed
+            DTensor = None  # noqa: N806
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def safe_ratio(rho: float | Tensor, norm: Tensor) -> Tensor:
