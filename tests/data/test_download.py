@@ -158,3 +158,20 @@ def test_official_resources_are_pinned():
         for res in spec.resources:
             assert res.url.startswith(("http://", "https://")), name
             assert res.md5 is not None and len(res.md5) == 32, name
+
+
+def test_cli_download_command(isolated, monkeypatch, capsys):
+    from samkit.cli import main
+
+    make_idx_dataset(isolated / "server")
+    spec = paths.FILE_SPECS["mnist"]
+    resources = tuple(
+        dataclasses.replace(r, url=(isolated / "server" / r.filename).as_uri(),
+                            md5=_md5((isolated / "server" / r.filename).read_bytes()))
+        for r in spec.resources
+    )
+    monkeypatch.setitem(paths.FILE_SPECS, "mnist", dataclasses.replace(spec, resources=resources))
+    assert main(["download", "mnist", "--data-dir", str(isolated / "dl")]) == 0
+    assert (isolated / "dl" / "t10k-labels-idx1-ubyte.gz").is_file()
+    assert main(["download", "digits"]) == 2
+    assert "not downloaded" in capsys.readouterr().err

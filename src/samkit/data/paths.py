@@ -46,69 +46,105 @@ FILE_SPECS: dict[str, FileSpec] = {
     "fashion-mnist": FileSpec(
         files=tuple((f, f + ".gz") for f in _IDX_FILES),
         resources=(
-            Resource("train-images-idx3-ubyte.gz", _FASHION_URL + "train-images-idx3-ubyte.gz",
-                     md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            Resource("train-labels-idx1-ubyte.gz", _FASHION_URL + "train-labels-idx1-ubyte.gz",
-                     md5="25c81989df183df01b3e8a0aad5dffbe"),
-            Resource("t10k-images-idx3-ubyte.gz", _FASHION_URL + "t10k-images-idx3-ubyte.gz",
-                     md5="bef4ecab320f06d8554ea6380940ec79"),
-            Resource("t10k-labels-idx1-ubyte.gz", _FASHION_URL + "t10k-labels-idx1-ubyte.gz",
-                     md5="bb300cfdad3c16e7a12a480ee83cd310"),
+            Resource(
+                "train-images-idx3-ubyte.gz",
+                _FASHION_URL + "train-images-idx3-ubyte.gz",
+                md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            ),
+            Resource(
+                "train-labels-idx1-ubyte.gz",
+                _FASHION_URL + "train-labels-idx1-ubyte.gz",
+                md5="25c81989df183df01b3e8a0aad5dffbe",
+            ),
+            Resource(
+                "t10k-images-idx3-ubyte.gz",
+                _FASHION_URL + "t10k-images-idx3-ubyte.gz",
+                md5="bef4ecab320f06d8554ea6380940ec79",
+            ),
+            Resource(
+                "t10k-labels-idx1-ubyte.gz",
+                _FASHION_URL + "t10k-labels-idx1-ubyte.gz",
+                md5="bb300cfdad3c16e7a12a480ee83cd310",
+            ),
         ),
         how_to_get=(
             "on Debian/Ubuntu install it with `sudo apt-get install dataset-fashion-mnist` "
             "(files go to /usr/share/datasets/fashion-mnist); or put the four IDX files "
             "(train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir DIR or set "
-            f"{ENV_VAR}=DIR; or pass download=True (--download) to fetch them from "
-            f"{_FASHION_URL}"
+            f"{ENV_VAR}=DIR; or run `samkit download fashion-mnist` "
+            f"(load_dataset(..., download=True)) to fetch them from {_FASHION_URL}"
         ),
     ),
     "mnist": FileSpec(
         files=tuple((f, f + ".gz") for f in _IDX_FILES),
         resources=(
-            Resource("train-images-idx3-ubyte.gz", _MNIST_URL + "train-images-idx3-ubyte.gz",
-                     md5="f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            Resource("train-labels-idx1-ubyte.gz", _MNIST_URL + "train-labels-idx1-ubyte.gz",
-                     md5="d53e105ee54ea40749a09fcbcd1e9432"),
-            Resource("t10k-images-idx3-ubyte.gz", _MNIST_URL + "t10k-images-idx3-ubyte.gz",
-                     md5="9fb629c4189551a2d022fa330f9573f3"),
-            Resource("t10k-labels-idx1-ubyte.gz", _MNIST_URL + "t10k-labels-idx1-ubyte.gz",
-                     md5="ec29112dd5afa0611ce80d1b7f02629c"),
+            Resource(
+                "train-images-idx3-ubyte.gz",
+                _MNIST_URL + "train-images-idx3-ubyte.gz",
+                md5="f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            ),
+            Resource(
+                "train-labels-idx1-ubyte.gz",
+                _MNIST_URL + "train-labels-idx1-ubyte.gz",
+                md5="d53e105ee54ea40749a09fcbcd1e9432",
+            ),
+            Resource(
+                "t10k-images-idx3-ubyte.gz",
+                _MNIST_URL + "t10k-images-idx3-ubyte.gz",
+                md5="9fb629c4189551a2d022fa330f9573f3",
+            ),
+            Resource(
+                "t10k-labels-idx1-ubyte.gz",
+                _MNIST_URL + "t10k-labels-idx1-ubyte.gz",
+                md5="ec29112dd5afa0611ce80d1b7f02629c",
+            ),
         ),
         how_to_get=(
             "put the four MNIST IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass "
-            f"--data-dir DIR or set {ENV_VAR}=DIR; or pass download=True (--download) to fetch "
-            f"them from {_MNIST_URL}"
+            f"--data-dir DIR or set {ENV_VAR}=DIR; or run `samkit download mnist` "
+            f"(load_dataset(..., download=True)) to fetch them from {_MNIST_URL}"
         ),
     ),
     "cifar10": FileSpec(
         files=tuple(
             (f"cifar-10-batches-py/{f}",)
-            for f in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
-                      "data_batch_5", "test_batch")
+            for f in (
+                "data_batch_1",
+                "data_batch_2",
+                "data_batch_3",
+                "data_batch_4",
+                "data_batch_5",
+                "test_batch",
+            )
         ),
         resources=(
-            Resource("cifar-10-python.tar.gz",
-                     "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                     md5="c58f30108f718f92721af3b95e74349a", extract_to="cifar-10-batches-py"),
+            Resource(
+                "cifar-10-python.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                md5="c58f30108f718f92721af3b95e74349a",
+                extract_to="cifar-10-batches-py",
+            ),
         ),
         how_to_get=(
             "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it (it "
             "creates cifar-10-batches-py/) in a folder and pass --data-dir DIR or set "
-            f"{ENV_VAR}=DIR; or pass download=True (--download)"
+            f"{ENV_VAR}=DIR; or run `samkit download cifar10`"
         ),
     ),
     "cifar100": FileSpec(
         files=(("cifar-100-python/train",), ("cifar-100-python/test",)),
         resources=(
-            Resource("cifar-100-python.tar.gz",
-                     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                     md5="eb9058c3a382ffc7106e4002c42a8d85", extract_to="cifar-100-python"),
+            Resource(
+                "cifar-100-python.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                md5="eb9058c3a382ffc7106e4002c42a8d85",
+                extract_to="cifar-100-python",
+            ),
         ),
         how_to_get=(
             "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extract it (it "
             "creates cifar-100-python/) in a folder and pass --data-dir DIR or set "
-            f"{ENV_VAR}=DIR; or pass download=True (--download)"
+            f"{ENV_VAR}=DIR; or run `samkit download cifar100`"
         ),
     ),
 }
