@@ -13,7 +13,7 @@ tanh layers of 128 units, the square loss of Cohen et al. (½ Σ over the 10 cla
 :math:`(f_c(x) - \text{onehot}_c(y))^2`, mean over the examples), full-batch GD with η = 0.1
 and full-batch SAM with η = 0.1, ρ = 0.05, 300 steps each from the same initialization; λ₁ of
 the whole training subset every 10 steps by Lanczos warm started from the last eigenvector
-(:class:`samkit.train.edge.EdgeTracker`). It takes about two minutes on 2 CPU cores.
+(:class:`samkit.train.edge.EdgeTracker`). It takes about a minute on 2 CPU cores.
 
 Options: cross-entropy, the CNN, MNIST and CIFAR-10 subsets (when their files are present),
 several η and several ρ in one call (every η runs GD and SAM with every ρ), USAM, heavy-ball
@@ -586,7 +586,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "eigenvalue: GD settles at 2/η (Cohen et al. 2021), SAM at the SAM-edge, which falls "
         "with ‖g‖ (Long & Bartlett 2023). Writes runs/<name>/{report.md,summary.json,"
         "overview.png,<run>/eos.png,<run>/edge.jsonl}. Default: 2,000 Fashion-MNIST images, "
-        "MLP 2x128 tanh, square loss, η=0.1, ρ=0.05, 300 steps (about 2 minutes on 2 cores).",
+        "MLP 2x128 tanh, square loss, η=0.1, ρ=0.05, 300 steps (about a minute on 2 cores).",
         epilog="examples:\n"
         "  samkit eos\n"
         "  samkit eos --lr 0.1 0.05 --rho 0.02 0.05 0.1 --steps 500\n"
