@@ -264,3 +264,22 @@ def test_trainer_callback(tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert rows[0]["edge_kind"] == "sam+gd"
     assert rows[-1]["edge"] == pytest.approx(sam_edge(0.05, 0.05, rows[-1]["grad_norm"]))
+
+
+def test_trainer_resume_keeps_rows_and_warm_start(tmp_path):
+    from samkit.train import TrainConfig, Trainer
+
+    common = dict(
+        dataset="synthetic", subset=64, model="mlp", model_kwargs={"width": 8, "depth": 1},
+        optimizer="sgd", lr=0.05, momentum=0.0, batch_size=0, schedule="constant",
+        out_dir=str(tmp_path), name="edge", checkpoint=True,
+    )
+    first = EdgeTracker(every=2)
+    Trainer(TrainConfig(steps=4, **common), callbacks=[first], verbose=0).fit()
+    second = EdgeTracker(every=2)
+    trainer = Trainer(TrainConfig(steps=6, **common), callbacks=[second], resume=True, verbose=0)
+    trainer.fit()
+    rows = read_edge_rows(tmp_path / "edge" / "edge.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert second.matvecs > first.matvecs  # the cost carries over from the checkpoint
+    assert rows[-1]["edge"] == pytest.approx(gd_edge(0.05))
