@@ -21,6 +21,10 @@ Examples (real commands; the numbers in the README were measured with them)::
     # continue an interrupted run (Ctrl-C leaves a checkpoint), or extend its budget
     samkit train --config configs/fashion-mnist-mlp.yaml --resume --set epochs=30
 
+    # data parallel over 2 processes (gloo on CPU, NCCL on GPU); each replica its own eps
+    torchrun --nproc-per-node 2 -m samkit train --dataset digits --optimizer sam \
+        --perturbation local --name digits-sam-ddp
+
     # the ASAM paper's CIFAR-10 setting (needs the data and a GPU)
     samkit train --config configs/asam-paper/cifar10-wrn28-10-asam.yaml --data-dir ~/data
 
@@ -62,6 +66,7 @@ TRAIN_ONLY_FLAGS = [
     ("--eta", "eta", float, "ASAM's eta (not the learning rate)"),
     ("--seed", "seed", int, "seed"),
     ("--name", "name", str, "run name: runs/<name>/"),
+    ("--perturbation", "perturbation", str, "DDP under torchrun: synced (default) or local"),
 ]
 
 
@@ -185,6 +190,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _interrupted(trainer.checkpoint_path, argv)
         return 130
     wall = time.perf_counter() - start
+    if trainer.rank != 0:  # DDP: rank 0 reports
+        return 0
     if trainer.stopped:
         print(f"stopped at step {trainer.step}; checkpoint: {trainer.checkpoint_path}")
         return 0

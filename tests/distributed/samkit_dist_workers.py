@@ -221,3 +221,45 @@ def _fsdp_body(rank: int, world: int) -> dict:
             "sharded": all(isinstance(b.grads, kernels.ShardedTensors) for b in buckets),
         }
     return results
+
+
+# ---------------------------------------------------------------------- the Trainer under DDP
+
+
+def trainer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _run(rank, world, port, out_dir, lambda r, w: _trainer_body(r, w, out_dir))
+
+
+def trainer_config(out_dir: str, **changes):
+    from samkit.train import TrainConfig
+
+    base = dict(
+        dataset="digits", model="mlp", optimizer="sam", subset=400, batch_size=50,
+        schedule="constant", epochs=2, threads=1, out_dir=out_dir, log_every=4,
+        model_kwargs={"width": 32},
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def _trainer_body(rank: int, world: int, out_dir: str) -> dict:
+    from samkit.train import Trainer
+
+    results = {}
+    for mode in ("local", "synced"):
+        cfg = trainer_config(out_dir, perturbation=mode, grad_accum=2, name=f"{mode}-full")
+        results[mode] = Trainer(cfg, verbose=0).fit()
+        results[mode + "-params"] = _params(cfg)
+    # resume at the same world size: one epoch, then on to two
+    cfg = trainer_config(out_dir, perturbation="local", grad_accum=2, name="local-resumed")
+    Trainer(cfg.replace(epochs=1), verbose=0).fit()
+    dist.barrier()  # rank 0 has written the checkpoint
+    results["resumed"] = Trainer(cfg, resume=True, verbose=0).fit()
+    results["resumed-params"] = _params(cfg)
+    results["files"] = sorted(os.listdir(os.path.join(out_dir, "local-full")))
+    return results
+
+
+def _params(cfg):
+    path = os.path.join(cfg.out_dir, cfg.run_name, "checkpoint.pt")
+    dist.barrier()
+    return torch.load(path, weights_only=False)["model"]

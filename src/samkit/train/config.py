@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEDULES = ("constant", "cosine", "step")
+PERTURBATIONS = ("local", "synced")  # samkit.distributed.PERTURBATIONS
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     steps: int | None = None  # stop after this many optimizer steps instead (overrides epochs)
     batch_size: int = 128  # examples per optimizer step; 0 = the whole (sub)set (full-batch GD)
     grad_accum: int = 1  # split each batch into this many micro-batches (exact accumulation)
+    perturbation: str = "synced"  # DDP: synced (eps of the global batch) or local (per replica)
     drop_last: bool = False  # skip the last, smaller batch of each epoch
     schedule: str = "cosine"  # learning-rate schedule after warm-up: constant, cosine or step
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs (fractions ok)
@@ -94,6 +96,9 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, or null)")
+        if self.perturbation not in PERTURBATIONS:
+            allowed = ", ".join(PERTURBATIONS)
+            raise ValueError(f"Invalid perturbation: {self.perturbation!r} (allowed: {allowed})")
         if self.schedule not in SCHEDULES:
             allowed = ", ".join(SCHEDULES)
             raise ValueError(f"Invalid schedule: {self.schedule!r} (allowed: {allowed})")

@@ -150,6 +150,9 @@ class Trainer:
         self.epoch = 0  # the current epoch (0-based)
         self.batch: tuple[Tensor, Tensor] | None = None  # the current (x, y), for callbacks
         self.stopped = False  # True when the run ended before its budget (request_stop)
+        self.rank, self.world_size = 0, 1  # DDP under torchrun: set by setup()
+        self._owns_process_group = False
+        self._global_batch = 0  # examples in the current step's batch, over every rank
         self._stop_requested = False
         self._writer: MetricsWriter | None = None
         self.last_record: dict[str, Any] | None = None
@@ -169,7 +172,7 @@ class Trainer:
                 f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite "
                 "to start it again, or choose another --name"
             )
-        elif exists:
+        elif exists and self.rank == 0:
             for name in (CHECKPOINT, "metrics.jsonl", "tensorboard"):
                 path = self.run_dir / name
                 if path.is_dir():
@@ -182,6 +185,7 @@ class Trainer:
         cfg = self.config
         # 1. where, and the seeds: everything random below derives from cfg.seed / cfg.data_seed
         self.device = resolve_device(cfg.device)
+        self._setup_distributed()
         self._check_run_dir()
         if cfg.tensorboard:
             check_tensorboard()  # fail now, not after the first epoch
@@ -203,6 +207,8 @@ class Trainer:
         self.steps_per_epoch = n // self.batch_size if cfg.drop_last else -(-n // self.batch_size)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
+        if self.world_size > 1:
+            self._check_batches_shard(n)
 
         # 3. model, initialized from cfg.seed
         if self._given_model is not None:
@@ -220,6 +226,8 @@ class Trainer:
         kwargs, self.notes = optimizer_kwargs(cfg)
         self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base, **kwargs)
         self.sharpness_aware = isinstance(self.optimizer, SharpnessAwareOptimizer)
+        # DDP: the forward passes go through train_model; self.model stays the plain module
+        self.train_model = self._wrap_ddp(self.model)
         self.schedule = self._make_schedule()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         cuda = self.device.type == "cuda"
@@ -227,17 +235,20 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and cuda) if cuda else None
         self.loss_fn = lambda logits, y: classification_loss(logits, y, cfg.label_smoothing)
 
-        # 5. the run directory: resolved config, metrics, the checkpoint to resume from
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # 5. the run directory: resolved config, metrics, the checkpoint to resume from (under
+        #    DDP every rank loads the checkpoint; only rank 0 writes files)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_epoch, self.start_batch = 0, 0
         self._epoch_sums: dict[str, float] = {}
         self.train_time = 0.0
         if self.resume:
             self._load(load_checkpoint(self.checkpoint_path, map_location=self.device))
-        save_config(cfg, self.run_dir / "config.yaml")
-        self._writer = MetricsWriter(
-            self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume else None
-        )
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+            self._writer = MetricsWriter(
+                self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume else None
+            )
         for note in self.notes:
             self.progress.line(f"note: {note}")
 
@@ -256,6 +267,11 @@ class Trainer:
             return self._fit()
         finally:
             torch.set_num_threads(threads)
+            if self._owns_process_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+                self._owns_process_group = False
 
     def _fit(self) -> dict[str, Any]:
         self.setup()
@@ -280,7 +296,9 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg = self.config
-        model, opt = self.model, self.optimizer
+        opt = self.optimizer
+        # DDP local mode: the first pass (forward and backward) is not all-reduced
+        sync_first = not (self.sharpness_aware and cfg.perturbation == "local")
         cuda = self.device.type == "cuda"
         augment = cfg.augment and self.train_data.x.ndim == 4
         generator = torch.Generator()  # CPU generator: the same numbers on every device
@@ -301,7 +319,7 @@ class Trainer:
             self.progress.start_epoch(
                 epoch, self.num_epochs, min(self.steps_per_epoch, left), initial=skip
             )
-            model.train()
+            self.model.train()
             if cuda:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
@@ -320,32 +338,40 @@ class Trainer:
 
                     generator.manual_seed(derive_seed(cfg.seed, _AUGMENT, self.step))
                     x = augment_batch(x, generator)
+                # 6b. DDP: this rank's slice of the global batch (the same on every rank)
+                self._global_batch = len(y)
+                if self.world_size > 1:
+                    from samkit.distributed import shard_batch
+
+                    x, y = shard_batch(x, y, self.rank, self.world_size)
                 self.batch = (x, y)
                 micro = _micro_batches(x, y, cfg.grad_accum)
 
-                # 6b. first pass at w: forward + backward over the micro-batches
-                batch_loss, batch_correct = self._forward_backward(micro, track=True)
+                # 6c. first pass at w: forward + backward over the micro-batches
+                batch_loss, batch_correct = self._forward_backward(
+                    micro, track=True, sync=sync_first
+                )
                 if self.sharpness_aware:
-                    # 6c. ascend to w + eps (the gradients are cleared); False means the
+                    # 6d. ascend to w + eps (the gradients are cleared); False means the
                     #     optimizer chose a one-pass step (LookSAM, AE-SAM, RST) and has stepped
                     if opt.first_step(zero_grad=True, scaler=self.scaler):
-                        # 6d. second pass at w + eps, BatchNorm running statistics untouched
-                        with disable_running_stats(model):
+                        # 6e. second pass at w + eps, BatchNorm running statistics untouched
+                        with disable_running_stats(self.model):
                             self._forward_backward(micro, track=False)
-                        # 6e. back to w; the base optimizer steps with the gradient at w + eps
+                        # 6f. back to w; the base optimizer steps with the gradient at w + eps
                         opt.second_step(scaler=self.scaler)
                 elif self.scaler is not None and self.scaler.is_enabled():
                     self.scaler.step(opt)
                 else:
                     opt.step()
-                # 6f. bookkeeping: AMP scale, LR schedule, gradients cleared for the next step
+                # 6g. bookkeeping: AMP scale, LR schedule, gradients cleared for the next step
                 if self.scaler is not None and self.scaler.is_enabled():
                     self.scaler.update()
                 self.scheduler.step()
                 opt.zero_grad(set_to_none=True)
                 self.step += 1
 
-                # 6g. running epoch statistics stay on the device (no sync per step)
+                # 6h. running epoch statistics stay on the device (no sync per step)
                 n = y.numel()  # examples, or tokens for a language model
                 loss_sum += batch_loss.double() * n
                 correct += batch_correct
@@ -353,19 +379,24 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, batch_loss)
                 log_now = self.step % cfg.log_every == 0
+                if log_now and self.world_size > 1:  # the mean over the ranks; agree on stops
+                    batch_loss, self._stop_requested = self._reduce_step(batch_loss)
                 loss_value = float(batch_loss) if log_now else None
                 lr = opt.param_groups[0]["lr"]
                 if log_now:
                     self.log({"event": "step", "step": self.step, "epoch": epoch,
                               "lr": lr, "loss": loss_value})
                 self.progress.step(self.step, loss_value, lr)
-                if self._stop_requested:
-                    # A clean stop between two steps: save where we are and leave.
+                if self._stop_requested and (log_now or self.world_size == 1):
+                    # A clean stop between two steps (under DDP: at a log step, all ranks
+                    # together): save where we are and leave.
                     self._epoch_sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
                     self._save(epoch, index + 1)
                     raise TrainingStopped
 
             # 7. end of epoch: evaluate, log, checkpoint
+            if self.world_size > 1:
+                _, self._stop_requested = self._reduce_step(loss_sum.new_zeros(()))
             sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
             record = self._epoch_record(epoch, sums)
             for cb in self.callbacks:
@@ -378,13 +409,20 @@ class Trainer:
                 raise TrainingStopped
 
     def _forward_backward(
-        self, micro: Sequence[tuple[Tensor, Tensor]], track: bool
+        self, micro: Sequence[tuple[Tensor, Tensor]], track: bool, sync: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Backward of the mean loss over the micro-batches (each weighted by its size).
 
         Returns the mean loss (detached) and, when ``track``, the number of correct predictions.
+        Under DDP, a pass with ``sync`` all-reduces once, after its last micro-batch (the others
+        run under ``no_sync()``), and weighs each rank's loss by its share of the global batch,
+        so the all-reduced gradient is the global batch's; without ``sync`` (the first pass of
+        ``perturbation: local``) nothing is all-reduced and the gradient is this rank's own.
         """
+        from samkit.distributed import sync_context
+
         total = sum(len(y) for _, y in micro)
+        ddp = self.world_size > 1
         mean = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         autocast = (
@@ -392,13 +430,21 @@ class Trainer:
             if self.amp_dtype is not None
             else nullcontext()
         )
-        for x, y in micro:
-            with autocast:
-                logits = self.model(x)
-                loss = self.loss_fn(logits, y) * (len(y) / total)
-            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-            scaled.backward()
-            mean = mean + loss.detach().float()
+        for i, (x, y) in enumerate(micro):
+            with sync_context(self.train_model, sync and i == len(micro) - 1):
+                with autocast:
+                    logits = self.train_model(x)
+                    loss = self.loss_fn(logits, y)
+                    # DDP averages over the ranks: weigh so the average is the global mean
+                    share = (
+                        len(y) * self.world_size / self._global_batch
+                        if ddp and sync
+                        else len(y) / total
+                    )
+                    weighted = loss * share
+                scaled = self.scaler.scale(weighted) if self.scaler is not None else weighted
+                scaled.backward()
+            mean = mean + (weighted if not ddp else loss * (len(y) / total)).detach().float()
             if track:
                 correct = correct + (logits.detach().argmax(-1) == y).sum()
         return mean, correct
@@ -408,6 +454,12 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
         self.train_time += elapsed
+        if self.world_size > 1:  # the epoch's statistics over every rank's examples
+            from samkit.distributed import all_reduce_sum
+
+            packed = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(count))])
+            loss_sum, correct, count = all_reduce_sum(packed).unbind()
+            count = float(count)
         return {
             "loss": sums["loss"] + float(loss_sum),
             "correct": sums["correct"] + float(correct),
@@ -497,6 +549,14 @@ class Trainer:
         """Checkpoint the position ``(epoch, batch)``: the next batch to take."""
         if not self.config.checkpoint and not self._stop_requested:
             return
+        rngs = [rng_states()]
+        if self.world_size > 1:  # every rank's RNG (dropout), for an exact resume
+            import torch.distributed as dist
+
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, rng_states())
+            if self.rank != 0:
+                return
         state = {
             "version": 1,
             "config": resolved_dict(self.config),
@@ -510,12 +570,62 @@ class Trainer:
             "epoch_sums": dict(self._epoch_sums) if batch else {},
             "train_time": self.train_time,
             "last_record": self.last_record,
-            "rng": rng_states(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "world_size": self.world_size,
             "callbacks": [
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
         }
         save_checkpoint(state, self.checkpoint_path)
+
+    # ------------------------------------------------------------------ DDP (torchrun)
+
+    def _setup_distributed(self) -> None:
+        """Join torchrun's process group (gloo on CPU, NCCL on CUDA) when launched by it."""
+        from samkit import distributed
+
+        self._owns_process_group = distributed.init_from_env(self.device.type)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if self.world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            import os
+
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
+        if self.rank != 0:  # rank 0 prints and writes; the others stay quiet
+            self.progress = Progress(0, "")
+
+    def _check_batches_shard(self, n: int) -> None:
+        last = n % self.batch_size
+        if self.batch_size < self.world_size or (
+            not self.config.drop_last and 0 < last < self.world_size
+        ):
+            size = self.batch_size if self.batch_size < self.world_size else last
+            raise ValueError(
+                f"Invalid batch_size for {self.world_size} processes: a batch of {size} "
+                "example(s) cannot give every rank one (use a larger batch_size, or "
+                "drop_last=true)"
+            )
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        from samkit.distributed import check_local_optimizer
+
+        if self.config.perturbation == "local":
+            check_local_optimizer(self.optimizer)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _reduce_step(self, loss: Tensor) -> tuple[Tensor, bool]:
+        """One all-reduce: the mean of ``loss`` over the ranks, and whether any asks to stop."""
+        from samkit.distributed import all_reduce_sum
+
+        packed = torch.stack([loss.double(), loss.new_tensor(float(self._stop_requested)).double()])
+        total, stops = all_reduce_sum(packed).unbind()
+        return (total / self.world_size).to(loss.dtype), bool(stops > 0)
 
     def _make_schedule(self) -> LRSchedule:
         cfg = self.config
@@ -534,6 +644,12 @@ class Trainer:
                 f"Cannot resume {self.checkpoint_path}: the config differs in {diffs} (allowed "
                 f"to change: {', '.join(RESUMABLE_CHANGES)}); use --overwrite or another --name"
             )
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"Cannot resume {self.checkpoint_path}: it was saved by {saved_world} process(es) "
+                f"and this run has {self.world_size} (resume with the same --nproc-per-node)"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -551,7 +667,7 @@ class Trainer:
         self._epoch_sums = state.get("epoch_sums") or {}
         self.train_time = state.get("train_time", 0.0)
         self.last_record = state.get("last_record")
-        set_rng_states(state["rng"])
+        set_rng_states(state.get("rng_per_rank", [state["rng"]])[self.rank])
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
             if cb_state is not None and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(cb_state)
