@@ -190,6 +190,15 @@ def test_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     C.run_correlate(cfg.replace(rhos_l2=(0.1, 0.3)), name="study", verbose=0)
     assert (counter.fits, counter.measures) == (0, 4)
 
+    # a cache written before TrainConfig gained a key (at its default) is still valid
+    spec_path = next((run_dir / "models").glob("*/spec.json"))
+    saved = json.loads(spec_path.read_text())
+    del saved["train"]["label_smoothing"]
+    spec_path.write_text(json.dumps(saved))
+    counter = Counter(monkeypatch)
+    C.run_correlate(cfg, name="study", verbose=0)
+    assert (counter.fits, counter.measures) == (0, 0)
+
     # changed training settings are refused, not silently mixed
     with pytest.raises(ValueError, match="other settings.*--overwrite"):
         C.run_correlate(cfg.replace(train=cfg.train.replace(momentum=0.5)), name="study",
@@ -219,7 +228,6 @@ def test_model_interrupted_during_training_resumes_to_the_same_weights(tmp_path)
         reference)[0] | {"model": None, "_wall": 0, "_train_wall": 0}
 
 
-@pytest.mark.slow  # starts two Python processes (spawn): tens of seconds on a busy machine
 def test_jobs_give_the_same_study(tmp_path):
     cfg = tiny(tmp_path, dropouts=(0.0,))
     one = C.run_correlate(cfg, name="one", verbose=0)

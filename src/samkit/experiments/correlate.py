@@ -91,7 +91,7 @@ DEFAULT_TRAIN = TrainConfig(
 )
 # --quick: a tiny study for tests and demos (8 small models, a few seconds each).
 QUICK_TRAIN = DEFAULT_TRAIN.replace(
-    subset=500, model_kwargs={"depth": 2, "width": 32, "activation": "relu"}, epochs=15
+    subset=500, model_kwargs={"depth": 2, "width": 32, "activation": "relu"}, epochs=60
 )
 
 
@@ -181,7 +181,7 @@ class CorrelateConfig:
 QUICK = CorrelateConfig(
     train=QUICK_TRAIN,
     batch_sizes=(32, 128),
-    lrs=(0.03, 0.1),
+    lrs=(0.01, 0.03),
     weight_decays=(0.0,),
     dropouts=(0.0, 0.2),
     stop_loss=0.05,
@@ -586,6 +586,21 @@ def _spec_record(spec: ModelSpec, config: CorrelateConfig) -> dict[str, Any]:
             "stop_loss": config.stop_loss}
 
 
+def _spec_changes(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """The settings in which a cached model's ``spec.json`` differs from ``record``. A training
+    key the cache does not know (added to TrainConfig since) counts only if it is not at its
+    default; a key the cache has and TrainConfig no longer has is ignored."""
+    record = json.loads(json.dumps(record))
+    defaults = json.loads(json.dumps(to_dict(TrainConfig())))
+    old = saved.get("train", {})
+    changed = sorted(
+        k for k, v in record["train"].items()
+        if (old[k] != v if k in old else defaults.get(k) != v)
+    )
+    changed += [k for k in ("hparams", "stop_loss") if saved.get(k) != record[k]]
+    return changed
+
+
 def _finished_state(spec: ModelSpec, n_train: int) -> dict[str, Any] | None:
     """The checkpoint's state if the model has finished training (stop rule met, diverged or
     budget spent), else None."""
@@ -621,12 +636,8 @@ def train_model(
     spec_path = spec.run_dir / "spec.json"
     record = _spec_record(spec, config)
     if spec_path.is_file():
-        saved = json.loads(spec_path.read_text())
-        if saved != json.loads(json.dumps(record)):
-            changed = sorted(k for k in record["train"]
-                             if saved["train"].get(k) != record["train"][k])
-            if saved.get("stop_loss") != record["stop_loss"]:
-                changed.append("stop_loss")
+        changed = _spec_changes(json.loads(spec_path.read_text()), record)
+        if changed:
             raise ValueError(
                 f"The cached model {spec.run_dir} was trained with other settings (changed: "
                 f"{', '.join(changed) or 'spec'}); rerun with --overwrite, or choose another "
@@ -1032,7 +1043,10 @@ def plot_scatter(result: CorrelateResult, path: Path) -> Path:
                            color=colors[bi % 10], marker=markers[li % len(markers)],
                            alpha=0.8, label=label)
         if positive:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
         c = cors.get(m.key)
         title = m.label if c is None else f"{m.label}\nτ = {_f(c.tau, '+.2f')}"
         ax.set_title(title, fontsize="small")
@@ -1218,10 +1232,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tiny study (8 small models, one ρ each) for tests and demos")
     p.add_argument("--jobs", "-j", type=int, default=1, help="models trained at once (processes)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B")
-    p.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR")
-    p.add_argument("--weight-decays", type=float, nargs="+", default=None, metavar="WD")
-    p.add_argument("--dropouts", type=float, nargs="+", default=None, metavar="P")
+    for flag, key, typ, meta in (("--batch-sizes", "batch_sizes", int, "B"),
+                                 ("--lrs", "lrs", float, "LR"),
+                                 ("--weight-decays", "weight_decays", float, "WD"),
+                                 ("--dropouts", "dropouts", float, "P")):
+        default = " ".join(f"{v:g}" for v in getattr(d, key))
+        p.add_argument(flag, type=typ, nargs="+", default=None, metavar=meta,
+                       help=f"{helps[key]} (default: {default})")
     p.add_argument("--stop-loss", type=float, default=None,
                    help=f"stop at this training loss (default {d.stop_loss:g})")
     p.add_argument("--budget", action="store_true",
