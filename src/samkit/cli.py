@@ -28,6 +28,16 @@ Examples (real commands; the numbers in the README were measured with them)::
     # the ASAM paper's CIFAR-10 setting (needs the data and a GPU)
     samkit train --config configs/asam-paper/cifar10-wrn28-10-asam.yaml --data-dir ~/data
 
+    # the edge of stability (Long & Bartlett): full-batch GD and SAM on 2,000 Fashion-MNIST
+    # images; lambda_1 against 2/eta and the SAM-edge, figures and a table
+    samkit eos
+    samkit eos --lr 0.05 0.1 --rho 0.02 0.05 --steps 600
+
+    # adaptive sharpness vs the generalization gap (Kwon et al.): 36 models, Kendall tau
+    samkit correlate --jobs 2
+    samkit correlate --quick
+
+    samkit download cifar10 --data-dir ~/data   # official URLs, checksums verified
     samkit list        # optimizers, models, data sets and config keys
 
 Order of precedence: the config file, then the flags (--dataset, --lr, ...), then --set.

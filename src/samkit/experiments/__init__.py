@@ -10,12 +10,24 @@ from samkit.experiments.compare import (
     with_fallback,
     write_report,
 )
+from samkit.experiments.correlate import (
+    CorrelateConfig,
+    load_correlate_config,
+    measure_model,
+    rescale_relu,
+    run_correlate,
+)
 
 __all__ = [
     "DEFAULT",
     "DEFAULT_OPTIMIZERS",
     "DEFAULT_SEEDS",
     "CompareResult",
+    "CorrelateConfig",
+    "load_correlate_config",
+    "measure_model",
+    "rescale_relu",
+    "run_correlate",
     "format_table",
     "run_compare",
     "with_fallback",
