@@ -1,0 +1,90 @@
+"""Hugging Face: SAMTrainer on a tiny GPT-2 built from a local config (no hub downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+pytest.importorskip("accelerate", reason="accelerate is not installed")
+
+import samkit  # noqa: E402
+from samkit.integrations.huggingface import SAMTrainer  # noqa: E402
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _dataset(n=8):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (n, 8), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=0.1,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        use_cpu=True, seed=0, dataloader_num_workers=0,
+    )
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kind", ["sam", "asam"])
+def test_sam_trainer_equals_samkit_steps(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = {"rho": 0.05} if kind == "sam" else {"rho": 0.5, "eta": 0.01}
+    model = _model()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    data = _dataset()
+    trainer = SAMTrainer(model=model, args=_args(tmp_path), train_dataset=data, sam=kind,
+                         sam_kwargs=kwargs)
+    trainer.train()
+    assert len(calls) == 6  # two passes per step
+    assert isinstance(trainer.sam_optimizer, samkit.SAM if kind == "sam" else samkit.ASAM)
+
+    ref = _model()
+    opt_cls = samkit.SAM if kind == "sam" else samkit.ASAM
+    opt = opt_cls(torch.optim.SGD(ref.parameters(), lr=0.1), **kwargs)
+    ids = torch.stack([d["input_ids"] for d in data])
+    for _ in range(3):
+
+        def closure():
+            opt.zero_grad()
+            # the Trainer divides the summed token loss by the number of labels in the batch
+            loss = ref(input_ids=ids, labels=ids, num_items_in_batch=ids.numel()).loss
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name].detach(), p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_sam_trainer_gradient_accumulation_and_bad_arguments(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SAMTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4,
+                                                 gradient_accumulation_steps=2, max_steps=2),
+                         train_dataset=_dataset(), sam="sam")
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="Invalid sam: 'gsam'"):
+        SAMTrainer(model=_model(), args=_args(tmp_path), sam="gsam")
+    looksam = SAMTrainer(model=_model(), args=_args(tmp_path), train_dataset=_dataset(),
+                         sam=lambda base: samkit.LookSAM(base))
+    with pytest.raises(ValueError, match="rewrites the descent step"):
+        looksam.create_optimizer()
