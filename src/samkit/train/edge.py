@@ -56,7 +56,7 @@ from samkit.train.callbacks import Callback
 if TYPE_CHECKING:
     from samkit.train.trainer import Trainer
 
-__all__ = ["EdgeTracker", "edge_for", "optimizer_kind"]
+__all__ = ["EdgeTracker", "edge_for", "format_row", "optimizer_kind", "read_edge_rows"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -267,7 +267,6 @@ class EdgeTracker(Callback):
         self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
         self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
         self._file_started = False
-        self._trainer: Trainer | None = None
 
     # ------------------------------------------------------------------ plain-loop interface
 
@@ -393,7 +392,6 @@ class EdgeTracker(Callback):
     # ------------------------------------------------------------------ trainer callback
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self._trainer = trainer
         if self.loss_fn is None:
             self.loss_fn = trainer.loss_fn
         if self.probe is None:
