@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from realdata import require_fashion_mnist
 
-from samkit.data import DataNotFoundError, load_dataset, resolve_data_dir
+from samkit.data import load_dataset
 
 
 @pytest.mark.slow
 def test_fashion_mnist_real_files():
-    try:
-        resolve_data_dir("fashion-mnist")
-    except DataNotFoundError as err:
-        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    require_fashion_mnist()
     train, test = load_dataset("fashion-mnist", standardize=False)
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.y).tolist() == [6000] * 10

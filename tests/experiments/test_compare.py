@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from realdata import require_fashion_mnist
 
 from samkit.experiments.compare import (
     DEFAULT,
@@ -116,19 +117,9 @@ def test_asam_paper_settings(dataset, model):
             assert cfg.eta == 0.01
 
 
-def _fashion_mnist_present() -> bool:
-    from samkit.data import DataNotFoundError, resolve_data_dir
-
-    try:
-        resolve_data_dir("fashion-mnist")
-    except DataNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _fashion_mnist_present(), reason="Fashion-MNIST files not installed")
 def test_real_fashion_mnist_compare(tmp_path):
+    require_fashion_mnist()
     base = DEFAULT.replace(subset=3000, epochs=3, out_dir=str(tmp_path))
     result = run_compare(base, ["sgd", "sam", "asam"], [0, 1], name="fm", verbose=0)
     rows = {row["optimizer"]: row for row in result.rows()}

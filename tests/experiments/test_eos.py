@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from realdata import require_fashion_mnist
 
 from samkit.experiments import eos
 from samkit.experiments.eos import EOSConfig, RunResult, RunSpec, make_loss, run_specs, summarize
@@ -131,12 +132,7 @@ def test_missing_text_file_is_a_clear_error(tmp_path, capsys):
 def test_default_reproduces_the_edges_on_fashion_mnist(tmp_path):
     """The issue's real-data check: GD settles at 2/η, SAM at the SAM-edge, far below 2/η,
     and the SAM-edge falls with ‖g‖ (the default, about a minute on 2 cores)."""
-    from samkit.data import DataNotFoundError, load_dataset
-
-    try:
-        load_dataset("fashion-mnist", subset=10)
-    except DataNotFoundError:
-        pytest.skip("the Fashion-MNIST files are not installed")
+    require_fashion_mnist()
     result = eos.run_eos(EOSConfig(out_dir=str(tmp_path)), verbose=0)
     gd, sam = (r.summary for r in result.runs)
     assert 0.9 <= gd["median_ratio"] <= 1.2
