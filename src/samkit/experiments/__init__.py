@@ -17,6 +17,7 @@ from samkit.experiments.correlate import (
     rescale_relu,
     run_correlate,
 )
+from samkit.experiments.eos import EOSConfig, run_eos
 
 __all__ = [
     "DEFAULT",
@@ -24,10 +25,12 @@ __all__ = [
     "DEFAULT_SEEDS",
     "CompareResult",
     "CorrelateConfig",
+    "EOSConfig",
     "load_correlate_config",
     "measure_model",
     "rescale_relu",
     "run_correlate",
+    "run_eos",
     "format_table",
     "run_compare",
     "with_fallback",

@@ -15,21 +15,25 @@ from samkit.train.config import (
     save_config,
     to_dict,
 )
+from samkit.train.edge import EdgeTracker, edge_for, read_edge_rows
 from samkit.train.logs import read_metrics
 from samkit.train.schedule import LRSchedule
 from samkit.train.trainer import Trainer, classification_loss, load_run, train
 
 __all__ = [
     "Callback",
+    "EdgeTracker",
     "LRSchedule",
     "TrainConfig",
     "Trainer",
     "apply_overrides",
     "classification_loss",
+    "edge_for",
     "from_dict",
     "load_checkpoint",
     "load_config",
     "load_run",
+    "read_edge_rows",
     "read_metrics",
     "save_checkpoint",
     "save_config",
