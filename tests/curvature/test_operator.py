@@ -116,6 +116,14 @@ def test_cached_graph_follows_in_place_weight_changes():
     assert not torch.allclose(train_hv, Hb @ u)
 
 
+def test_a_list_of_one_batch_is_a_single_batch():
+    model, x, y = _setup("mlp")
+    H = HessianOperator(model, CE, [(x, y)])
+    assert H.batches.single is not None  # its gradient graph is cached like (x, y)'s
+    v = torch.randn(H.dim, dtype=torch.float64)
+    torch.testing.assert_close(H @ v, dense_hessian(model, CE, x, y) @ v)
+
+
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 

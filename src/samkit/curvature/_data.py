@@ -54,6 +54,15 @@ class Batches:
                 raise ValueError("Invalid data: the batch holds 0 examples (allowed: at least 1)")
             return
         self.single = None
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 1
+            and is_single_batch(data[0])
+            and batch_size(*data[0]) > 0
+        ):
+            self.single = tuple(data[0])  # [(x, y)] is one batch: its graph can be cached
+            self.source = [self.single]
+            return
         if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
             raise ValueError(
                 f"Invalid data: {type(data).__name__} (allowed: one (x, y) batch or a list / "
