@@ -23,6 +23,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(worker, out_dir, world: int = 2) -> list[dict]:
+    """Run ``worker`` on ``world`` gloo processes; their results, one dict per rank.
+
+    A launch that dies without a Python error (a port taken between choosing and binding it, a
+    gloo abort on an overloaded machine) is retried once, on a new port.
+    """
+    import torch.multiprocessing as mp
+
+    first = None
+    for _ in range(2):
+        try:
+            mp.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
+            break
+        except mp.ProcessExitedException as err:
+            if first is not None:
+                raise RuntimeError(f"2 launches failed; the first: {first}") from err
+            first = err
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world)]
+
+
 def data(n: int = 8, d: int = 5, k: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

@@ -27,11 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _spawn(worker, tmp_path_factory) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp(worker.__name__)
-    mp.spawn(worker, args=(WORLD, W.free_port(), str(out)), nprocs=WORLD, join=True)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = W.spawn(worker, tmp_path_factory.mktemp(worker.__name__), WORLD)
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
     return results
