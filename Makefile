@@ -11,7 +11,7 @@ STAMP := $(VENV)/.samkit-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,experiments,curvature]"
+	$(PY) -m pip install --quiet -e ".[dev,experiments,curvature,lightning,huggingface]"
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package where we can install it (root on Debian); otherwise the

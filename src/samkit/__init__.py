@@ -7,10 +7,12 @@
 
 Subpackages: ``samkit.optim`` (the optimizers), ``samkit.curvature`` (Hessian operator,
 eigenvalues, trace, spectral density), ``samkit.stability`` (edges), ``samkit.data``,
-``samkit.models``, ``samkit.train`` and ``samkit.experiments`` (the experiment runner).
+``samkit.models``, ``samkit.train`` and ``samkit.experiments`` (the experiment runner),
+``samkit.distributed`` (DDP perturbation modes) and ``samkit.integrations`` (Lightning,
+Hugging Face).
 """
 
-from samkit import curvature, stability
+from samkit import curvature, distributed, stability
 from samkit.optim import (
     ASAM,
     ESAM,
@@ -61,6 +63,7 @@ __all__ = [
     "create_optimizer",
     "curvature",
     "disable_running_stats",
+    "distributed",
     "list_optimizers",
     "m_sharpness_step",
     "param_groups",
