@@ -7,7 +7,7 @@ the mean loss over the 2000 images in float32, the model in eval mode. The refer
 Lanczos in float64 (a float64 copy of the model) with tol=1e-10.
 
     .venv/bin/python benchmarks/curvature.py                      # the table, on stdout
-    .venv/bin/python benchmarks/curvature.py --out benchmarks/results/curvature.md
+    .venv/bin/python benchmarks/curvature.py --out /tmp/curvature.md   # also write it there
 
 PyHessian (PyPI ``pyhessian`` 0.1, GPL-3.0) is optional: ``pip install --no-deps pyhessian``
 (its only needs are torch and numpy); the row is skipped when it is missing.

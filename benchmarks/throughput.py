@@ -9,7 +9,8 @@ two forward-backward passes, so the ideal ratio to SGD is about 2.
     python benchmarks/throughput.py --threads 2
     python benchmarks/throughput.py --device cuda --threads 0   # on a GPU (threads 0: torch's)
 
-Writes the table and the command to benchmarks/results/throughput.md (--out to change).
+Prints the table (Markdown, with the command and the machine); --out FILE also writes it there.
+The latest figures are kept in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--subset", type=int, default=DEFAULT.subset)
     parser.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.md"))
+    parser.add_argument("--out", default=None, help="also write the Markdown section here")
     parser.add_argument("--note", default="", help="a line added under the table")
     args = parser.parse_args(argv)
     base, rows, notes = measure(args.optimizers, args.device, args.threads, args.epochs,
@@ -112,10 +113,12 @@ def main(argv=None) -> int:
         "",
         *(f"Note: {n}" for n in notes + ([args.note] if args.note else [])),
     ])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text.rstrip() + "\n")
-    print("\n" + table(rows) + f"\n\nwritten: {out}")
+    print("\n" + text.rstrip())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text.rstrip() + "\n")
+        print(f"\nwritten: {out}")
     return 0
 
 

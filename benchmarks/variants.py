@@ -3,8 +3,9 @@
 Runs ``samkit compare`` (the built-in default: an MLP 2x256 on a stratified 10,000-example subset
 of Fashion-MNIST, 20 epochs, SGD momentum 0.9 with a cosine schedule, one thread per run; the
 digits fallback when Fashion-MNIST is missing) with every variant of issue 8 at its default
-settings, three seeds, and writes the table to ``benchmarks/results/variants.md`` with the
-command, the machine and which variants reach SAM's accuracy in less time.
+settings, three seeds, and prints the table with the command, the machine and which variants
+reach SAM's accuracy in less time (``--results FILE`` also writes it; the latest figures are kept
+in BENCHMARKS.md).
 
     .venv/bin/python benchmarks/variants.py                       # the full benchmark
     .venv/bin/python benchmarks/variants.py --seeds 0 --epochs 2  # a smoke run
@@ -37,7 +38,6 @@ from samkit.experiments.compare import (
 )
 
 OPTIMIZERS = ["sgd", "sam", "gsam", "looksam", "esam", "aesam", "rst", "friendlysam", "fishersam"]
-RESULTS = Path(__file__).parent / "results" / "variants.md"
 
 
 def verdict(result: CompareResult) -> list[str]:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: the compare default")
     parser.add_argument("--out-dir", default=None, help="runs folder (default: a temporary one)")
-    parser.add_argument("--results", default=str(RESULTS), help="the Markdown file written")
+    parser.add_argument("--results", default=None, help="also write the Markdown section here")
     args = parser.parse_args(argv)
 
     config, notes = with_fallback(DEFAULT)
@@ -137,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         *verdict(merged),
         "",
     ]
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    print(table)
-    print("\n".join(verdict(merged)))
-    print(f"wrote {path}")
+    print("\n".join(lines))
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines))
+        tmp.replace(path)
+        print(f"wrote {path}")
     return 0
 
 

@@ -147,7 +147,7 @@ class HessianOperator(LinearOperator):
       without a double-backward formula). ``backend_in_use`` says which one runs. The order
       follows measurement: on CPU (torch 2.13, that MLP, 2000 images) forward-over-reverse
       cost 2.9x a gradient and recomputed double backward 2.5x (see
-      ``benchmarks/results/curvature.md``).
+      BENCHMARKS.md).
 
     Model state: the model is used **in the mode the caller set** and is never changed.
 
