@@ -156,14 +156,8 @@ def check_local_optimizer(optimizer: Any) -> None:
     the perturbed gradient: their unsynced first-pass gradient would make replicas diverge."""
     if not isinstance(optimizer, SharpnessAwareOptimizer):
         return  # a plain optimizer has one pass, which is synced
-    base = SharpnessAwareOptimizer
-    custom = [
-        hook
-        for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
-        if getattr(type(optimizer), hook) is not getattr(base, hook)
-    ]
-    if custom or optimizer.schedule is not None:
-        why = f"rewrites its steps ({', '.join(custom)})" if custom else "has a step schedule"
+    why = optimizer.step_rewrites()
+    if why is not None:
         raise ValueError(
             f"Invalid optimizer for perturbation='local': {type(optimizer).__name__} {why} with "
             "the first-pass gradient, which is not synced across replicas in local mode; use "

@@ -78,14 +78,8 @@ def m_sharpness_step(
     running statistics untouched), ``restore``; the weighted second-pass gradients are summed
     and the base optimizer steps once with their sum.
     """
-    base = SharpnessAwareOptimizer
-    custom = [
-        hook
-        for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
-        if getattr(type(optimizer), hook) is not getattr(base, hook)
-    ]
-    if custom or optimizer.schedule is not None:
-        why = f"rewrites its steps ({', '.join(custom)})" if custom else "has a step schedule"
+    why = optimizer.step_rewrites()
+    if why is not None:
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} {why}"
             "; m_sharpness_step takes optimizers that always run two passes and descend with the "

@@ -172,6 +172,23 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed pass under :func:`samkit.disable_running_stats`."""
         return self._perturbed is not None
 
+    def step_rewrites(self) -> str | None:
+        """Why a step is more than "descend with the gradient at ``w + ε``", or None.
+
+        Not None for variants that override :meth:`_two_pass_`, :meth:`_descent_` or
+        :meth:`_one_pass_descent_`, or carry a :attr:`schedule` (they use the first-pass gradient
+        or skip passes): per-micro-batch and per-replica perturbation cannot take them.
+        """
+        base = SharpnessAwareOptimizer
+        custom = [
+            hook
+            for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
+            if getattr(type(self), hook) is not getattr(base, hook)
+        ]
+        if custom:
+            return f"rewrites its steps ({', '.join(custom)})"
+        return "has a step schedule" if self.schedule is not None else None
+
     # ------------------------------------------------------------------ the protocol
 
     def _buckets(self) -> list[Bucket]:
