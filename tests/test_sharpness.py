@@ -16,14 +16,6 @@ from samkit.sharpness import SharpnessResult, sharpness
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Quadratic(nn.Module):
     """L(w) = 1/2 w'Aw + b'w, whatever the batch."""
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from samkit.data import paths
 
@@ -28,12 +27,3 @@ def isolated(tmp_path, monkeypatch):
     system.mkdir()
     monkeypatch.setattr(paths, "SYSTEM_DATA_ROOT", system)
     return tmp_path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

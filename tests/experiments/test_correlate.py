@@ -15,15 +15,6 @@ from samkit.train.callbacks import Callback
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as the study's workers use (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tmp_path, **changes):
     """4 small MLPs on scikit-learn's digits, a few epochs each, one ρ per measure."""
     train = C.QUICK.train.replace(
