@@ -3,7 +3,7 @@
 Examples (real commands; the numbers in the README were measured with them)::
 
     # the main job: SGD vs SAM vs ASAM on Fashion-MNIST (MLP, 10k stratified subset,
-    # 20 epochs, 3 seeds; under 3 minutes on 2 CPU cores); writes
+    # 20 epochs, 3 seeds; about 70 s on 2 idle CPU cores); writes
     # runs/compare-fashion-mnist-mlp/report.md, curves.png and summary.json
     samkit compare
 
