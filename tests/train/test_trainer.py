@@ -1,6 +1,7 @@
 """The trainer: exact resume (epoch boundary, Ctrl-C mid-epoch, extended budget), callbacks,
 run-directory rules, full-batch and steps budgets, accumulation, AMP, TensorBoard errors."""
 
+import copy
 import json
 import math
 import os
@@ -236,3 +237,47 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
     Trainer(cfg(tmp_path, epochs=1, optimizer="sgd"), verbose=2).fit()
     out = capsys.readouterr().out
     assert "step 5  loss" in out and "epoch 1/1  step 15" in out and "test loss" in out
+
+
+def test_esam_data_selection_in_the_trainer_equals_esam_step(tmp_path):
+    """A full-batch ESAM step of the trainer (SWP + SDS: second pass on the γ-fraction whose
+    loss rises most) equals ESAM.step with ExampleLosses on the same batch."""
+    from functools import partial
+
+    import samkit
+    from samkit.data import load_dataset
+
+    config = cfg(tmp_path, optimizer="esam", batch_size=0, steps=2, augment=False,
+                 model_kwargs={"width": 32}, optimizer_kwargs={"gamma": 0.25},
+                 schedule="constant")
+    seen, start = [], {}
+
+    class Watch(Callback):
+        def on_train_start(self, trainer):
+            start["model"] = copy.deepcopy(trainer.model)
+            trainer.model.register_forward_pre_hook(
+                lambda m, args: seen.append(len(args[0])) if m.training else None
+            )
+
+    trainer = Trainer(config, callbacks=[Watch()], verbose=0)
+    trainer.fit()
+    reference = start["model"]
+    n = len(trainer.train_data.y)
+    # per step: the first pass (n), the selection forward (n) and the second pass (n / 4)
+    assert seen == [n, n, math.ceil(n / 4)] * 2
+
+    train, _ = load_dataset("digits")
+    kwargs, _ = optimizer_kwargs(config)
+    opt = samkit.create_optimizer("esam", reference, **kwargs)
+    for _ in range(2):
+        opt.step(samkit.ExampleLosses(reference, partial(nn.functional.cross_entropy,
+                                                          reduction="none"), train.x, train.y))
+    for p, q in zip(trainer.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_esam_data_selection_falls_back_with_accumulation(tmp_path):
+    trainer = Trainer(cfg(tmp_path, optimizer="esam", grad_accum=2, steps=1), verbose=0)
+    trainer.setup()
+    assert not trainer.selects_examples
+    assert any("weight perturbation only" in note for note in trainer.notes)

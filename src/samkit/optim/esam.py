@@ -153,17 +153,24 @@ class ESAM(SharpnessAwareOptimizer):
             return loss.detach()
         # 3. select the examples whose loss rises most (one forward pass, no gradient)
         indices = None
-        n = before.numel()
-        keep = max(1, math.ceil(self.gamma * n - 1e-9))
-        if keep < n:
+        if self.selects_examples(before.numel()):
             with torch.no_grad():
-                after = closure.losses(None, True)
-                indices = torch.topk(after.detach() - before.detach(), keep, sorted=False).indices
+                indices = self.select_examples(before, closure.losses(None, True))
         # 4. the gradient at w + eps on the selected examples, then back to w and step
         with torch.enable_grad():
             backward(closure.losses(indices, True).mean())
         self.second_step(scaler=scaler)
         return loss.detach()
+
+    def selects_examples(self, batch_size: int) -> bool:
+        """Does SDS drop examples from a batch of ``batch_size`` (is ⌈γ n⌉ < n)?"""
+        return max(1, math.ceil(self.gamma * batch_size - 1e-9)) < batch_size
+
+    def select_examples(self, before: Tensor, after: Tensor) -> Tensor:
+        """SDS: the indices of the ⌈γ n⌉ examples whose loss rises most from ``before`` (at
+        ``w``) to ``after`` (at ``w + ε``), both 1-d per-example losses."""
+        keep = max(1, math.ceil(self.gamma * before.numel() - 1e-9))
+        return torch.topk(after.detach() - before.detach(), keep, sorted=False).indices
 
     def _global_state_dict(self) -> dict[str, Any]:
         return {**super()._global_state_dict(), "esam_generator": self.generator.get_state()}

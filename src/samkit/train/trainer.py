@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.optim import SharpnessAwareOptimizer, create_optimizer, disable_running_stats
+from samkit.optim import ESAM, SharpnessAwareOptimizer, create_optimizer, disable_running_stats
 from samkit.train.callbacks import Callback
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from samkit.train.config import TrainConfig, resolved_dict, save_config
@@ -73,6 +73,15 @@ _SHUFFLE, _AUGMENT = 1, 2
 def classification_loss(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy; token logits ``N×T×V`` with targets ``N×T`` are flattened."""
     return F.cross_entropy(logits.flatten(0, -2), y.flatten(), label_smoothing=label_smoothing)
+
+
+def example_losses(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-example cross-entropy, shape ``N`` (a sequence's is the mean over its tokens); their
+    mean is :func:`classification_loss`."""
+    per_target = F.cross_entropy(
+        logits.flatten(0, -2), y.flatten(), reduction="none", label_smoothing=label_smoothing
+    )
+    return per_target.view(len(y), -1).mean(1)
 
 
 def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
@@ -226,6 +235,15 @@ class Trainer:
         kwargs, self.notes = optimizer_kwargs(cfg)
         self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base, **kwargs)
         self.sharpness_aware = isinstance(self.optimizer, SharpnessAwareOptimizer)
+        # ESAM's sharpness-sensitive data selection: the second pass on the examples whose loss
+        # rises most (one batch on one process; otherwise its weight perturbation only)
+        self.selects_examples = isinstance(self.optimizer, ESAM) and self.optimizer.gamma < 1
+        if self.selects_examples and (cfg.grad_accum > 1 or self.world_size > 1):
+            self.selects_examples = False
+            self.notes.append(
+                "ESAM's data selection needs grad_accum=1 and one process; this run uses its "
+                "weight perturbation only"
+            )
         # DDP: the forward passes go through train_model; self.model stays the plain module
         self.train_model = self._wrap_ddp(self.model)
         self.schedule = self._make_schedule()
@@ -356,7 +374,10 @@ class Trainer:
                     #     optimizer chose a one-pass step (LookSAM, AE-SAM, RST) and has stepped
                     if opt.first_step(zero_grad=True, scaler=self.scaler):
                         # 6e. second pass at w + eps, BatchNorm running statistics untouched
+                        #     (ESAM: only on the examples whose loss rose most)
                         with disable_running_stats(self.model):
+                            if self.selects_examples and opt.selects_examples(len(y)):
+                                micro = [self._sensitive_examples(x, y)]
                             self._forward_backward(micro, track=False)
                         # 6f. back to w; the base optimizer steps with the gradient at w + eps
                         opt.second_step(scaler=self.scaler)
@@ -408,6 +429,19 @@ class Trainer:
             if self._stop_requested:
                 raise TrainingStopped
 
+    def _sensitive_examples(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """ESAM's selection at w + eps: the batch's per-example losses are compared with those
+        of the first pass (kept by ``_forward_backward``), one forward pass without gradient."""
+        with torch.no_grad(), self._autocast():
+            after = example_losses(self.train_model(x), y, self.config.label_smoothing)
+        keep = self.optimizer.select_examples(self._first_pass_losses, after.float())
+        return x[keep], y[keep]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _forward_backward(
         self, micro: Sequence[tuple[Tensor, Tensor]], track: bool, sync: bool = True
     ) -> tuple[Tensor, Tensor]:
@@ -425,14 +459,9 @@ class Trainer:
         ddp = self.world_size > 1
         mean = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else nullcontext()
-        )
         for i, (x, y) in enumerate(micro):
             with sync_context(self.train_model, sync and i == len(micro) - 1):
-                with autocast:
+                with self._autocast():
                     logits = self.train_model(x)
                     loss = self.loss_fn(logits, y)
                     # DDP averages over the ranks: weigh so the average is the global mean
@@ -447,6 +476,10 @@ class Trainer:
             mean = mean + (weighted if not ddp else loss * (len(y) / total)).detach().float()
             if track:
                 correct = correct + (logits.detach().argmax(-1) == y).sum()
+                if self.selects_examples:  # the first pass, for ESAM's selection
+                    self._first_pass_losses = example_losses(
+                        logits.detach(), y, self.config.label_smoothing
+                    ).float()
         return mean, correct
 
     def _add_sums(self, sums, loss_sum, correct, count, t0, cuda) -> dict[str, float]:
@@ -496,16 +529,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         count = 0
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else nullcontext()
-        )
         bs = self.config.eval_batch_size
         x_all, y_all = split.x.to(self.device), split.y.to(self.device)
         for start in range(0, len(y_all), bs):
             x, y = x_all[start : start + bs], y_all[start : start + bs]
-            with autocast:
+            with self._autocast():
                 logits = self.model(x)
             logits = logits.float().flatten(0, -2)
             loss_sum += F.cross_entropy(logits, y.flatten(), reduction="sum").double()
