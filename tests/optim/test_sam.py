@@ -1,5 +1,6 @@
 """SAM, ASAM and USAM: the perturbation against reference formulas and the two-pass protocol."""
 
+import copy
 import math
 
 import pytest
@@ -252,3 +253,34 @@ def test_asam_eps_is_on_the_boundary_and_maximizes_the_linear_model(shapes, eta,
     dual = math.sqrt(sum(float(((t * gr) ** 2).sum()) for t, gr in zip(ts, grads, strict=True)))
     assert ball == pytest.approx(rho, rel=1e-6)
     assert gain == pytest.approx(rho * dual, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+def test_asam_perturbation_is_invariant_to_rescaling_and_sam_is_not(p):
+    """Scale a ReLU layer by alpha and the next by 1/alpha: the function is the same. With
+    eta = 0, ASAM's perturbed loss is the same at both weights (its eps scales with the
+    weights); SAM's is not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    scaled = copy.deepcopy(net)
+    with torch.no_grad():
+        scaled[0].weight.mul_(10.0)
+        scaled[0].bias.mul_(10.0)
+        scaled[2].weight.div_(10.0)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    torch.testing.assert_close(net(x), scaled(x))
+
+    def perturbed_loss(model, make):
+        opt = make(torch.optim.SGD(model.parameters(), lr=0.1))
+        loss_of(model, x, y).backward()
+        opt.first_step()
+        with torch.no_grad():
+            return loss_of(model, x, y).item()
+
+    asam = lambda b: samkit.ASAM(b, rho=0.5, eta=0.0, p=p)  # noqa: E731
+    sam = lambda b: samkit.SAM(b, rho=0.5)  # noqa: E731
+    a1, a2 = perturbed_loss(copy.deepcopy(net), asam), perturbed_loss(copy.deepcopy(scaled), asam)
+    s1, s2 = perturbed_loss(copy.deepcopy(net), sam), perturbed_loss(copy.deepcopy(scaled), sam)
+    assert a1 == pytest.approx(a2, rel=1e-10)
+    assert abs(s1 - s2) > 1e-3 * abs(s1)
