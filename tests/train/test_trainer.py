@@ -281,3 +281,18 @@ def test_esam_data_selection_falls_back_with_accumulation(tmp_path):
     trainer.setup()
     assert not trainer.selects_examples
     assert any("weight perturbation only" in note for note in trainer.notes)
+
+
+def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path):
+    seen = {}
+
+    class Look(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):  # before this epoch's checkpoint
+            path = trainer.checkpoint_path
+            seen[epoch] = load_checkpoint(path)["epoch"] if path.exists() else None
+
+    Trainer(cfg(tmp_path, epochs=5, checkpoint_every=2), callbacks=[Look()], verbose=0).fit()
+    assert seen == {0: None, 1: None, 2: 2, 3: 2, 4: 4}
+    assert load_checkpoint(tmp_path / "digits-mlp-sam-s0" / "checkpoint.pt")["epoch"] == 5
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        cfg(tmp_path, checkpoint_every=0)

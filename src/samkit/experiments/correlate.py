@@ -88,6 +88,7 @@ DEFAULT_TRAIN = TrainConfig(
     eval_every=1000,
     log_every=1_000_000,
     checkpoint=True,
+    checkpoint_every=10,  # an interrupted model resumes from at most 10 epochs back
 )
 # --quick: a tiny study for tests and demos (8 small models, a few seconds each).
 QUICK_TRAIN = DEFAULT_TRAIN.replace(

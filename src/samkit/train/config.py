@@ -64,7 +64,8 @@ class TrainConfig:
     eval_batch_size: int = 1000  # batch size of the evaluation (no effect on the results)
     name: str | None = None  # run name: runs/<name>/ (None: <dataset>-<model>-<optimizer>-s<seed>)
     out_dir: str = "runs"  # parent directory of the run directories
-    checkpoint: bool = True  # save runs/<name>/checkpoint.pt (atomically) after every epoch
+    checkpoint: bool = True  # save runs/<name>/checkpoint.pt (atomically) at epoch ends
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch and stops always save)
     tensorboard: bool = False  # also write TensorBoard events (needs `pip install tensorboard`)
     log_every: int = 50  # steps between progress lines when stdout is not a terminal
 
@@ -76,6 +77,7 @@ class TrainConfig:
         _positive_int("epochs", self.epochs)
         if self.steps is not None:
             _positive_int("steps", self.steps)
+        _positive_int("checkpoint_every", self.checkpoint_every)
         if self.subset is not None:
             _positive_int("subset", self.subset)
         if self.batch_size < 0:

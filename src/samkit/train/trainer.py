@@ -37,8 +37,8 @@ from samkit.train.schedule import LRSchedule
 CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between a checkpoint's config and the config that resumes it.
 RESUMABLE_CHANGES = (
-    "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint", "data_dir",
-    "device", "threads",
+    "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint",
+    "checkpoint_every", "data_dir", "device", "threads",
 )
 
 
@@ -425,7 +425,9 @@ class Trainer:
             self.last_record = record
             self.log(record)
             self.progress.end_epoch(record)
-            self._save(epoch + 1, 0)
+            last = epoch + 1 == self.num_epochs or self.step >= self.total_steps
+            if last or self._stop_requested or (epoch + 1) % cfg.checkpoint_every == 0:
+                self._save(epoch + 1, 0)
             if self._stop_requested:
                 raise TrainingStopped
 
