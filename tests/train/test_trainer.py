@@ -277,18 +277,28 @@ def test_esam_data_selection_in_the_trainer_equals_esam_step(tmp_path):
 
 
 def test_esam_data_selection_falls_back_with_accumulation(tmp_path):
-    trainer = Trainer(cfg(tmp_path, optimizer="esam", grad_accum=2, steps=1), verbose=0)
-    trainer.setup()
-    assert not trainer.selects_examples
+    seen = []
+
+    class Watch(Callback):
+        def on_train_start(self, state):
+            state.model.register_forward_pre_hook(
+                lambda m, args: seen.append(len(args[0])) if m.training else None
+            )
+
+    trainer = Trainer(cfg(tmp_path, optimizer="esam", grad_accum=2, steps=1), callbacks=[Watch()],
+                      verbose=0)
+    trainer.fit()
     assert any("weight perturbation only" in note for note in trainer.notes)
+    # two full passes over the two micro-batches of 50: no selection forward, no dropped example
+    assert seen == [50, 50, 50, 50]
 
 
 def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path):
     seen = {}
 
     class Look(Callback):
-        def on_epoch_end(self, trainer, epoch, metrics):  # before this epoch's checkpoint
-            path = trainer.checkpoint_path
+        def on_epoch_end(self, state, epoch, metrics):  # before this epoch's checkpoint
+            path = state.run_dir / "checkpoint.pt"
             seen[epoch] = load_checkpoint(path)["epoch"] if path.exists() else None
 
     Trainer(cfg(tmp_path, epochs=5, checkpoint_every=2), callbacks=[Look()], verbose=0).fit()
