@@ -136,10 +136,7 @@ def _scaled(loss: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
 
 class StepClosure:
     """The closure for ``optimizer.step``: one pass over weighted micro-batches (see the module
-    docstring). Build it with :func:`step_closure` or :meth:`StepEngine.closure`.
-
-    Attributes set after a call: ``calls`` (how many passes ran).
-    """
+    docstring). Build it with :func:`step_closure` or :meth:`StepEngine.closure`."""
 
     def __init__(
         self,
@@ -167,7 +164,6 @@ class StepClosure:
         self.autocast = autocast
         self.observe = observe
         self.after_first_pass = after_first_pass
-        self.calls = 0
 
     def autocast_context(self, device: torch.device):
         if self.autocast is None:
@@ -198,7 +194,6 @@ class StepClosure:
                 mean = part.detach() if mean is None else mean + part.detach()
                 if not perturbed and self.observe is not None:
                     self.observe(output.detach(), y)
-        self.calls += 1
         if not perturbed and self.after_first_pass is not None:
             self.after_first_pass(mean)
         return mean
@@ -223,10 +218,8 @@ class ExampleLossStepClosure(StepClosure):
             with self.autocast_context(self._device()):
                 output = self.model(x)
                 losses = self.example_loss_fn(output, y)
-        if not perturbed and indices is None:
-            self.calls += 1
-            if self.observe is not None:
-                self.observe(output.detach(), y)
+        if not perturbed and indices is None and self.observe is not None:
+            self.observe(output.detach(), y)
         return losses
 
 
