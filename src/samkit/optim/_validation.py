@@ -18,3 +18,13 @@ def check_non_negative(name: str, value) -> None:
 def check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {', '.join(map(repr, allowed))})")
+
+
+def check_positive(name: str, value) -> None:
+    """``value`` must be a finite number > 0 (a clipping norm)."""
+    try:
+        ok = float(value) > 0.0 and math.isfinite(float(value)) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: a finite number > 0, or None)")

@@ -94,6 +94,9 @@ class ESAM(SharpnessAwareOptimizer):
         gamma: the fraction γ of the batch kept for the second pass (0 < γ <= 1).
         seed: the seed of the SWP generator.
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         J. Du, H. Yan, J. Feng, J. T. Zhou, L. Zhen, R. S. M. Goh, V. Y. F. Tan. Efficient
         Sharpness-aware Minimization for Improved Training of Neural Networks. ICLR 2022.
@@ -106,6 +109,9 @@ class ESAM(SharpnessAwareOptimizer):
         beta: float = 0.6,
         gamma: float = 0.5,
         seed: int = 0,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         check_non_negative("rho", rho)
         for name, value in (("beta", beta), ("gamma", gamma)):
@@ -114,7 +120,12 @@ class ESAM(SharpnessAwareOptimizer):
                 raise ValueError(f"Invalid {name}: {value!r} (allowed: 0 < {name} <= 1)")
         self.beta, self.gamma, self.seed = float(beta), float(gamma), int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        super().__init__(base_optimizer, dict(rho=rho))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         # one draw per parameter of the optimizer (with a gradient or not), in group order
@@ -124,7 +135,7 @@ class ESAM(SharpnessAwareOptimizer):
         for b in buckets:
             check_non_negative("rho", b.group["rho"])
             scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
             masks = [(1.0 / self.beta) if keep[index[p]] else 0.0 for p in b.params]
             torch._foreach_mul_(b.grads, masks)
 
