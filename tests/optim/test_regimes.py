@@ -358,7 +358,7 @@ def test_8_a_compiled_train_step_takes_the_eager_step():
             return opt.step(closure)
 
         fn = torch.compile(train_step, backend="eager") if compiled else train_step
-        losses = [float(fn()) for _ in range(3)]
+        losses = [float(fn().detach()) for _ in range(3)]
         assert not opt.is_perturbed
         results.append((losses, weights(model)))
     (le, we), (lc, wc) = results
