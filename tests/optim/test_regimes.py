@@ -534,3 +534,34 @@ def test_12_create_optimizer_keeps_biases_and_norms_out_of_weight_decay():
     assert biases == {id(model[0].bias), id(model[1].bias), id(model[2].bias)}
     with pytest.raises(ValueError, match="lr is required"):
         samkit.create_optimizer("sam", model, rho=0.05)
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_1_a_fused_base_optimizer_is_unscaled_once_and_skipped_on_overflow(bad):
+    # fused Adam unscales inside its own step (GradScaler's _step_supports_amp_scaling path)
+    x, y = data()
+    results = []
+    for fused, scaler in ((True, torch.amp.GradScaler("cpu", init_scale=2.0**12)), (False, None)):
+        model = mlp()
+        opt = SAM(torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused), max_grad_norm=0.5)
+        w0 = weights(model)
+
+        def closure(model=model, opt=opt, scaler=scaler):
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if bad and scaler is not None:
+                model[2].weight.grad[0, 0] = float("inf")
+            return loss
+
+        for _ in range(3):
+            opt.step(closure, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        results.append((w0, weights(model)))
+    (w0, fused_w), (_, plain_w) = results
+    for p, q, w in zip(fused_w, plain_w, w0, strict=True):
+        if bad:
+            assert torch.equal(p, w)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

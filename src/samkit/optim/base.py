@@ -405,7 +405,8 @@ class SharpnessAwareOptimizer(Optimizer):
         found = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
         flag = (~finite).to(torch.float32)
         device = flag.device
-        found[device] = found[device] + flag.to(found[device].device) if device in found else flag
+        # a maximum, not a sum: fused optimizers (Adam(fused=True)) skip only on found_inf == 1
+        found[device] = torch.maximum(found[device], flag) if device in found else flag
 
     def _clip_(self, buckets: list[Bucket]) -> None:
         r"""Clip the step direction: :math:`d \leftarrow d \min(1, c / (\|d\|_2 + 10^{-6}))` with
