@@ -127,6 +127,31 @@ def test_3_unscale_before_first_step_is_allowed_and_counted_once():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_3_unscale_before_a_one_pass_step_is_not_repeated():
+    x, y = data()
+    results = []
+    for amp in (True, False):
+        model = mlp()
+        opt = LookSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.1, k=2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp)
+        passes = []
+        for _ in range(4):  # full, one-pass, full, one-pass
+            scaler.scale(loss_of(model, x, y)).backward()
+            scaler.unscale_(opt)
+            if opt.first_step(scaler=scaler):
+                scaler.scale(loss_of(model, x, y)).backward()
+                scaler.unscale_(opt)
+                opt.second_step(scaler=scaler, zero_grad=True)
+                passes.append(2)
+            else:
+                passes.append(1)
+            scaler.update()
+        assert passes == [2, 1, 2, 1]
+        results.append(weights(model))
+    for p, q in zip(*results, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- 4: clipping
 
 

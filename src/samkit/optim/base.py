@@ -23,6 +23,17 @@ does nothing special, so SAM, ASAM and USAM never see them):
   (``bucket.first_grads``; allocated once, not saved by ``state_dict``).
 * :meth:`~SharpnessAwareOptimizer._global_state_dict`: optimizer-level state (step counters,
   running statistics, random generators) saved next to the per-parameter state.
+
+The order of one step's base-step direction, on two-pass and one-pass steps alike:
+
+1. the gradients, unscaled once under AMP (through the scaler's own record for the base
+   optimizer; a ``scaler.unscale_`` by the user on this optimizer or the base is taken as is);
+2. the variant's rewrite (:meth:`~SharpnessAwareOptimizer._descent_` or
+   :meth:`~SharpnessAwareOptimizer._one_pass_descent_`), with ``g`` kept in the same units;
+3. the clip to ``max_grad_norm`` (over every group);
+4. ``scaler.step(base)``, which skips the step when either pass was non-finite (the first
+   pass's flag is added to the scaler's found-inf record, never to a gradient), or the base
+   step; without a scaler, ``skip_non_finite`` skips a non-finite step.
 """
 
 from __future__ import annotations
@@ -366,17 +377,19 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ AMP and clipping
 
-    def _take_unscaled_first_pass(self, scaler) -> bool:
-        """Did the user call ``scaler.unscale_`` (on this optimizer or the base) before
-        ``first_step``? Then the first-pass gradients are unscaled; the scaler's record is
-        cleared so that the second pass may be unscaled again."""
-        unscaled = False
+    def _unscaled_by_user(self, scaler) -> bool:
+        """Did the user call ``scaler.unscale_`` on this optimizer or on the base since the
+        last ``scaler.update()`` (the gradients are then unscaled)?"""
+        return any(
+            getattr(_found_inf_stage(scaler, opt), "name", None) == "UNSCALED"
+            for opt in (self, self.base_optimizer)
+        )
+
+    def _clear_first_pass_unscale(self, scaler) -> None:
+        """Before a second pass: forget a ``scaler.unscale_`` of the first pass, so that the
+        second pass may be unscaled again (its non-finite flag is kept by first_step)."""
         for opt in (self, self.base_optimizer):
-            stage = _found_inf_stage(scaler, opt)
-            if stage is not None and stage.name == "UNSCALED":
-                unscaled = True
-                _reset_scaler_state(scaler, opt)
-        return unscaled
+            _reset_scaler_state(scaler, opt)
 
     def _unscale_(self, scaler) -> None:
         """Unscale the gradients once, through the scaler's own record for the base optimizer
@@ -457,7 +470,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._one_pass_done = False
         buckets = self._buckets()
         use_scaler = scaler is not None and scaler.is_enabled()
-        scaled = use_scaler and not self._take_unscaled_first_pass(scaler)
+        scaled = use_scaler and not self._unscaled_by_user(scaler)
         self._first_pass_finite = None
         if use_scaler:
             self._first_pass_finite = self._sanitize_non_finite_(buckets)
@@ -477,6 +490,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 self.zero_grad()
             self._one_pass_done = True
             return False
+        if use_scaler and not scaled:
+            self._clear_first_pass_unscale(scaler)
         if scaled and (self._keeps_first_grads or self._ascent_needs_unscaled_grads):
             # the descent rule mixes g with the (unscaled) g_p: keep g in the same units;
             # the reciprocal in float64 as GradScaler.unscale_ does, no host sync
