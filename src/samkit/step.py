@@ -30,6 +30,14 @@ method that says yes for the batch, and a per-example loss function was given, t
 also has ``losses(indices, perturbed)`` (the protocol :meth:`samkit.ESAM.step` reads), and the
 optimizer runs its passes through it. Nothing here names a variant.
 
+A variant may also add a term to the loss of each pass (a trajectory loss: SAF, MESA). When the
+optimizer has a ``loss_term(output, batch)`` method, the closure calls it for every micro-batch
+with the outputs and a :class:`BatchInfo` (the model, ``x``, ``y``, and what the caller gave:
+the examples' ``indices`` into the training set, the ``epoch``, the size of the training set),
+and backpropagates ``loss + term``; the loss it returns stays the data loss. What the optimizer
+needs from the caller it declares in ``batch_needs`` (e.g. ``{"indices", "epoch"}``):
+:attr:`StepEngine.batch_needs` reads it, so a trainer gives the indices only when asked.
+
 >>> engine = StepEngine(opt, model, loss_fn, grad_accum=2)
 >>> loss = engine.step(x, y)          # the closure, opt.step(closure), scaler.update()
 """
@@ -52,6 +60,7 @@ PERTURBATIONS = ("local", "synced")
 
 __all__ = [
     "PERTURBATIONS",
+    "BatchInfo",
     "ExampleLossStepClosure",
     "StepClosure",
     "StepEngine",
@@ -131,6 +140,54 @@ def _scaled(loss: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
     return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
 
 
+# ---------------------------------------------------------------------- what a loss term sees
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What an optimizer's ``loss_term(output, batch)`` sees of one micro-batch.
+
+    Attributes:
+        model: the module the forward pass called (a ``DistributedDataParallel`` module too).
+        x, y: the micro-batch.
+        indices: the examples' positions in the training set (1-d, aligned with ``y``), when
+            the caller gave them (a trainer does when ``"indices"`` is in ``batch_needs``).
+        epoch: the current epoch (0-based), when given.
+        num_examples: the number of examples of the training set, when given.
+    """
+
+    model: nn.Module
+    x: Any
+    y: Tensor
+    indices: Tensor | None = None
+    epoch: int | None = None
+    num_examples: int | None = None
+
+
+def batch_needs(optimizer: Any) -> frozenset[str]:
+    """What the optimizer asks the caller to give with each batch (its ``batch_needs``: names of
+    :class:`BatchInfo` fields such as ``"indices"``, ``"epoch"``); empty for most optimizers."""
+    return frozenset(getattr(optimizer, "batch_needs", ()) or ())
+
+
+def _split_indices(indices: Tensor | Sequence[Tensor] | None, sizes: list[int]):
+    """``indices`` per micro-batch: a tensor for the whole batch is cut at the micro-batch sizes
+    (micro-batches are contiguous parts of the batch); a list is taken as given."""
+    if indices is None:
+        return [None] * len(sizes)
+    if isinstance(indices, Tensor):
+        if indices.dim() != 1 or len(indices) != sum(sizes):
+            raise ValueError(
+                f"Invalid indices: shape {tuple(indices.shape)} (allowed: a 1-d tensor with one "
+                f"index per example of the batch, {sum(sizes)})"
+            )
+        return list(indices.split(sizes))
+    parts = list(indices)
+    if len(parts) != len(sizes) or any(len(i) != n for i, n in zip(parts, sizes, strict=True)):
+        raise ValueError("Invalid indices: one 1-d tensor per micro-batch, of its size")
+    return parts
+
+
 # ---------------------------------------------------------------------- the closure
 
 
@@ -151,10 +208,17 @@ class StepClosure:
         autocast: torch.dtype | None = None,
         observe: Observer | None = None,
         after_first_pass: Callable[[Tensor], None] | None = None,
+        indices: Tensor | Sequence[Tensor] | None = None,
+        epoch: int | None = None,
+        num_examples: int | None = None,
     ) -> None:
         self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
         self.micro_batches = micro_batches
         self.sizes = check_micro_batches(micro_batches)
+        self.indices = _split_indices(indices, self.sizes)
+        self.epoch, self.num_examples = epoch, num_examples
+        term = getattr(optimizer, "loss_term", None)
+        self.loss_term = term if callable(term) else None
         self.total = sum(self.sizes)
         self.scaler = scaler
         self.perturbation = check_perturbation(perturbation)
@@ -188,8 +252,13 @@ class StepClosure:
                         output = self.model(x)
                         loss = self.loss_fn(output, y)
                         part = loss * (n / self.total)
-                        weighted = part if replicas == 1 else loss * (
-                            n * replicas / self.global_examples)
+                        # the loss that is backpropagated: plus the optimizer's term, if any
+                        trained = loss if self.loss_term is None else self._with_term(
+                            loss, output, x, y, i)
+                        if replicas > 1:
+                            weighted = trained * (n * replicas / self.global_examples)
+                        else:
+                            weighted = part if trained is loss else trained * (n / self.total)
                     _scaled(weighted, self.scaler).backward()
                 mean = part.detach() if mean is None else mean + part.detach()
                 if not perturbed and self.observe is not None:
@@ -197,6 +266,12 @@ class StepClosure:
         if not perturbed and self.after_first_pass is not None:
             self.after_first_pass(mean)
         return mean
+
+    def _with_term(self, loss: Tensor, output: Tensor, x: Any, y: Tensor, i: int) -> Tensor:
+        """``loss`` plus the optimizer's ``loss_term`` for micro-batch ``i`` (when it has one)."""
+        info = BatchInfo(self.model, x, y, self.indices[i], self.epoch, self.num_examples)
+        term = self.loss_term(output, info)
+        return loss if term is None else loss + term
 
 
 class ExampleLossStepClosure(StepClosure):
@@ -266,6 +341,9 @@ def step_closure(
             detached), e.g. to count correct predictions.
         after_first_pass: ``f(mean_loss)`` once the first pass's gradient is in ``.grad``,
             before the optimizer uses it (it may raise to abandon the step).
+        indices, epoch, num_examples: what the optimizer's ``loss_term`` may ask for (its
+            ``batch_needs``): the examples' positions in the training set (a 1-d tensor for
+            the whole batch, cut at the micro-batches), the epoch, the training set's size.
     """
     if (
         example_loss_fn is not None
@@ -333,6 +411,12 @@ class StepEngine:
 
             check_local_optimizer(self.optimizer)
 
+    @property
+    def batch_needs(self) -> frozenset[str]:
+        """What the optimizer asks to be given with each batch (``"indices"``, ``"epoch"``,
+        ``"num_examples"``: the keywords of :meth:`step`); see :func:`batch_needs`."""
+        return batch_needs(self.optimizer)
+
     def example_losses_unavailable(self, batch_size: int) -> str | None:
         """Why an optimizer that asks for per-example losses cannot have them, or None."""
         if not asks_for_example_losses(self.optimizer, batch_size):
@@ -345,7 +429,7 @@ class StepEngine:
 
     def closure(self, x: Any, y: Tensor, **options: Any) -> StepClosure:
         """The closure for the batch ``(x, y)`` (``options``: ``global_examples``, ``observe``,
-        ``after_first_pass`` of :func:`step_closure`)."""
+        ``after_first_pass``, ``indices``, ``epoch``, ``num_examples`` of :func:`step_closure`)."""
         return step_closure(
             self.optimizer, self.model, self.loss_fn, split_batch(x, y, self.grad_accum),
             example_loss_fn=self.example_loss_fn, scaler=self.scaler,

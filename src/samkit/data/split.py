@@ -157,8 +157,11 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     device: str | torch.device | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` mini-batches of ``split`` (one pass, an epoch).
+    indices: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]] | Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield ``(x, y)`` mini-batches of ``split`` (one pass, an epoch); with ``indices``,
+    ``(x, y, idx)`` where ``idx`` (int64, on the batch's device) holds the examples' positions in
+    ``split`` (what SAF's per-example memory needs).
 
     The fast path: the split already lives on the training device, and a batch is an index into
     its tensors (no copies through a DataLoader). ``shuffle`` draws a permutation from
@@ -184,6 +187,7 @@ def iterate_batches(
     for start in range(0, stop, batch_size):
         if order is None:
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            idx = None
         else:
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
@@ -192,4 +196,9 @@ def iterate_batches(
         if streaming:
             xb = xb.to(target, non_blocking=pin)
             yb = yb.to(target, non_blocking=pin)
-        yield xb, yb
+        if not indices:
+            yield xb, yb
+            continue
+        if idx is None:
+            idx = torch.arange(start, start + len(yb), device=target)
+        yield xb, yb, idx.to(target, non_blocking=pin)

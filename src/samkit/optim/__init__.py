@@ -19,12 +19,15 @@ from samkit.optim.schedules import (
     rst_sam,
     with_schedule,
 )
+from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
 
 __all__ = [
     "ASAM",
     "ESAM",
     "GSAM",
+    "MESA",
+    "SAF",
     "SAM",
     "USAM",
     "AESchedule",
@@ -34,6 +37,7 @@ __all__ = [
     "LookSAM",
     "RandomSchedule",
     "SharpnessAwareOptimizer",
+    "TrajectoryLossOptimizer",
     "accumulation_closure",
     "ae_sam",
     "create_optimizer",

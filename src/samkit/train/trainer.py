@@ -353,9 +353,12 @@ class Trainer:
             # 6. one epoch: the order of its batches depends only on (seed, epoch)
             generator.manual_seed(derive_seed(cfg.seed, _SHUFFLE, epoch))
             full_batch = self.batch_size == len(self.train_data.y)  # no shuffle: one batch
+            # the examples' indices only when the optimizer asks for them (samkit.step)
+            wants_indices = "indices" in self.engine.batch_needs
             batches = _iterate(self.train_data, self.batch_size, None if full_batch else generator,
-                               cfg.drop_last)
-            for index, (x, y) in enumerate(islice(batches, skip, None), start=skip):
+                               cfg.drop_last, wants_indices)
+            for index, batch in enumerate(islice(batches, skip, None), start=skip):
+                x, y, idx = batch if wants_indices else (*batch, None)
                 if self.step >= self.total_steps:
                     break
                 # 6a. augmentation on the device, seeded by (seed, step)
@@ -369,6 +372,8 @@ class Trainer:
                 if self.world_size > 1:
                     from samkit.distributed import shard_batch
 
+                    if idx is not None:  # the same slice as shard_batch's
+                        idx = idx.tensor_split(self.world_size)[self.rank]
                     x, y = shard_batch(x, y, self.rank, self.world_size)
                 self.batch = (x, y)
                 self._call("on_step_start", self.step)
@@ -380,6 +385,7 @@ class Trainer:
                 batch_loss = self.engine.step(
                     x, y, global_examples=global_examples if self.world_size > 1 else None,
                     observe=lambda out, t, hits=hits: hits.append((out.argmax(-1) == t).sum()),
+                    indices=idx, epoch=epoch, num_examples=len(self.train_data.y),
                 )
                 # 6d. bookkeeping: LR schedule, gradients cleared for the next step
                 self.scheduler.step()
@@ -656,11 +662,13 @@ class Trainer:
             self.progress.line(f"note: budget changed, now {self.total_steps} steps")
 
 
-def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, drop_last: bool):
+def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, drop_last: bool,
+             indices: bool = False):
     from samkit.data import iterate_batches
 
     shuffle = generator is not None
-    return iterate_batches(split, batch_size, shuffle, generator, drop_last=drop_last)
+    return iterate_batches(split, batch_size, shuffle, generator, drop_last=drop_last,
+                           indices=indices)
 
 
 def train(config: TrainConfig, callbacks: Iterable[Callback] = (), **kwargs: Any) -> dict:
