@@ -70,14 +70,17 @@ Defaults and departures (checked against the official code, AngusDujw/SAF, ``SAF
 * With ``--model-ema`` (used in ``run.sh`` for both) the official scripts *report* the EMA
   model's accuracy. samkit reports the trained model's; MESA's EMA model is a reference only.
 * MESA runs the EMA forward only while the term is on (the official code runs it every step).
+  Its EMA copy is made at the first call of the term, after the first forward pass, so its
+  BatchNorm buffers include that batch (timm copies before training);
+  ``opt.track(model)`` before the first step gives timm's start exactly.
 * SAF's logits must be 2-d (``N x C``); MESA's may have more dimensions (the KL is over the
   last one, the mean over the rest).
 * Under DDP each process keeps its own SAF memory, as in the official code: an example has a
   reference only if the same process saw it :math:`\tilde E` epochs before.
 
-Memory: SAF :math:`N \tilde E (4C + 1)` bytes (float32 logits and a flag per slot; 10 classes,
-:math:`\tilde E = 2`: 82 bytes per example, 4.1 MB for CIFAR-10's 50 000 images), on the device
-of the outputs unless ``memory_device`` says otherwise. MESA: one copy of the model's parameters
+Memory: SAF :math:`N \tilde E (4C + 1)` bytes (float32 logits, float64 for a float64 model,
+and a flag per slot; 10 classes, :math:`\tilde E = 2`: 82 bytes per example, 4.1 MB for
+CIFAR-10's 50 000 images), on the device of the outputs unless ``memory_device`` says otherwise. MESA: one copy of the model's parameters
 and buffers.
 
 References:
@@ -360,8 +363,8 @@ class SAF(TrajectoryLossOptimizer):
             \mathrm{KL}(\mathrm{softmax}(z_i^{(e-\tilde E)}/\tau) \,\|\,
                         \mathrm{softmax}(z_i(w)/\tau))\big]\Big)
 
-    when :math:`e >` ``start_epoch``; every step records :math:`z_i(w)` (detached, float32)
-    as example :math:`i`'s logits of epoch :math:`e`. One forward-backward pass per step. See
+    when :math:`e >` ``start_epoch``; every step records :math:`z_i(w)` (detached; float32, or
+    float64 for a float64 model) as example :math:`i`'s logits of epoch :math:`e`. One forward-backward pass per step. See
     :mod:`samkit.optim.trajectory` for the defaults, the departures from the official code and
     the memory (:math:`N \tilde E (4C + 1)` bytes).
 
@@ -411,9 +414,9 @@ class SAF(TrajectoryLossOptimizer):
             return 0
         return self.logits.nelement() * self.logits.element_size() + self.recorded.nelement()
 
-    def _allocate(self, rows: int, classes: int, device: torch.device) -> None:
+    def _allocate(self, rows: int, classes: int, device: torch.device, dtype: torch.dtype) -> None:
         device = self.memory_device or device
-        self.logits = torch.zeros(rows, self.lag, classes, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(rows, self.lag, classes, dtype=dtype, device=device)
         self.recorded = torch.zeros(rows, self.lag, dtype=torch.bool, device=device)
 
     def trajectory_loss(
@@ -451,7 +454,9 @@ class SAF(TrajectoryLossOptimizer):
                     "num_examples=...)"
                 )
             self.num_examples = _check_int("num_examples", rows, 1)
-            self._allocate(rows, output.shape[1], output.device)
+            # float32 logits (float64 for a float64 model; bfloat16/float16 ones are widened)
+            dtype = torch.promote_types(output.dtype, torch.float32)
+            self._allocate(rows, output.shape[1], output.device, dtype)
         elif output.shape[1] != self.logits.shape[2]:
             raise ValueError(
                 f"Invalid output for SAF: {output.shape[1]} classes, the memory has "
@@ -464,7 +469,7 @@ class SAF(TrajectoryLossOptimizer):
             reference = self.logits[rows, slot].to(output.device)
             have = self.recorded[rows, slot].to(output.device)
             term = self.lam * trajectory_kl(output, reference, self.temperature, have)
-        self.logits[rows, slot] = output.detach().to(self.logits.device, torch.float32)
+        self.logits[rows, slot] = output.detach().to(self.logits.device, self.logits.dtype)
         self.recorded[rows, slot] = True
         return self._counted(term)
 
