@@ -80,8 +80,8 @@ Defaults and departures (checked against the official code, AngusDujw/SAF, ``SAF
 
 Memory: SAF :math:`N \tilde E (4C + 1)` bytes (float32 logits, float64 for a float64 model,
 and a flag per slot; 10 classes, :math:`\tilde E = 2`: 82 bytes per example, 4.1 MB for
-CIFAR-10's 50 000 images), on the device of the outputs unless ``memory_device`` says otherwise. MESA: one copy of the model's parameters
-and buffers.
+CIFAR-10's 50 000 images), on the device of the outputs unless ``memory_device`` says
+otherwise. MESA: one copy of the model's parameters and buffers.
 
 References:
     Du, Zhou, Feng, Tan, Zhou, Goh. "Sharpness-Aware Training for Free", NeurIPS 2022
@@ -364,7 +364,8 @@ class SAF(TrajectoryLossOptimizer):
                         \mathrm{softmax}(z_i(w)/\tau))\big]\Big)
 
     when :math:`e >` ``start_epoch``; every step records :math:`z_i(w)` (detached; float32, or
-    float64 for a float64 model) as example :math:`i`'s logits of epoch :math:`e`. One forward-backward pass per step. See
+    float64 for a float64 model) as example :math:`i`'s logits of epoch :math:`e`. One
+    forward-backward pass per step. See
     :mod:`samkit.optim.trajectory` for the defaults, the departures from the official code and
     the memory (:math:`N \tilde E (4C + 1)` bytes).
 
