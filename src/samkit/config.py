@@ -462,7 +462,8 @@ def _cli_type(typ: Any):
 def flag_values(args: argparse.Namespace, prefix: str = "cfg_") -> dict[str, Any]:
     """The config values given as flags (those :func:`add_flags` generated with ``prefix``);
     a switch that was not given is left out."""
-    return {k[len(prefix):]: v for k, v in vars(args).items()
+    return {k[len(prefix):]: tuple(v) if isinstance(v, list) else v
+            for k, v in vars(args).items()
             if k.startswith(prefix) and v is not None and v is not False}
 
 
