@@ -42,7 +42,7 @@ _MISSING = dataclasses.MISSING
 
 
 def setting(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING,  # noqa: A002
-            flag: str | None = None) -> Any:
+            flag: str | tuple[str, ...] | None = None) -> Any:
     """A config field with its help text (and optionally its CLI flag) in the metadata."""
     metadata = {"help": help}
     if flag is not None:
@@ -142,6 +142,27 @@ def yaml_line(key: str, value: Any) -> str:
 # ------------------------------------------------------------------------- checking values
 
 
+def canonical(cls: Any, key: str) -> str:
+    """``key``, or the current name of a key ``cls`` has renamed (:data:`ALIASES`)."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    return ALIASES.get(cls, {}).get(key, key)
+
+
+def upgrade_keys(values: dict[str, Any], cls: Any = None, source: str = "config"
+                 ) -> dict[str, Any]:
+    """``values`` with renamed keys under their current names (``schedule`` → ``lr_schedule``);
+    an error when both names are given."""
+    cls = cls or TrainConfig
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        new = canonical(cls, key)
+        if new != key and new in values:
+            raise ValueError(f"Invalid {source}: both {key!r} and {new!r} are given ({key!r} is "
+                             f"the older name of {new!r}; keep one)")
+        out[new] = value
+    return out
+
+
 def _unknown_key(key: str, cls: Any, source: str, prefix: str = "") -> ValueError:
     names = list(fields_of(cls))
     close = difflib.get_close_matches(str(key), names, n=3)
@@ -231,6 +252,7 @@ def check_value(key: str, value: Any, source: str = "config", cls: Any = None) -
     A field of a config type takes an instance of it or a mapping (merged over its default)."""
     cls = cls or TrainConfig
     fields = fields_of(cls)
+    key = canonical(cls, key)
     if key not in fields:
         raise _unknown_key(key, cls, source)
     hint = hints_of(cls)[key]
@@ -288,7 +310,7 @@ def from_dict(values: dict[str, Any], source: str = "config", cls: Any = None,
         raise ValueError(f"Invalid {source}: expected a mapping of keys to values, got {values!r}")
     hints = hints_of(cls)
     checked = {}
-    for key, value in values.items():
+    for key, value in upgrade_keys(values, cls, source).items():
         if base is not None and key in hints and is_config(hints[key]) and isinstance(
             value, dict
         ):
@@ -315,7 +337,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls: Any,
               text: str, prefix: str = "") -> None:
-    key = path[0]
+    key = canonical(cls, path[0])
     fields = fields_of(cls)
     source = f"--set {text}"
     if key not in fields:
@@ -383,6 +405,7 @@ def load(cls: Any, path: str | Path | None = None, overrides: list[str] | tuple[
 
 def _merge(data: dict[str, Any], key: str, value: Any, cls: Any, source: str) -> None:
     hints = hints_of(cls)
+    key = canonical(cls, key)
     if key not in hints:
         raise _unknown_key(key, cls, source)
     if is_config(hints[key]):
@@ -418,8 +441,10 @@ def save_yaml(config: Any, path: str | Path, header: str, values: dict[str, Any]
 # ------------------------------------------------------------------------- CLI flags
 
 
-def flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
+    """The field's CLI flags: its metadata's ``flag`` (one or several), else ``--<name>``."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tuple[str, ...],
@@ -444,7 +469,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tupl
             kwargs.update(type=_cli_type(item), nargs="*", metavar=name.upper().rstrip("S"))
         else:
             kwargs.update(type=_cli_type(typ), metavar=name.upper())
-        parser.add_argument(flag_name(f), **kwargs)
+        parser.add_argument(*flag_names(f), **kwargs)
 
 
 def _cli_type(typ: Any):
@@ -522,8 +547,9 @@ class TrainConfig:
     perturbation: str = setting(
         "synced", "DDP: synced (eps of the global batch) or local (per replica)")
     drop_last: bool = setting(False, "skip the last, smaller batch of each epoch")
-    schedule: str = setting(
-        "cosine", "learning-rate schedule after warm-up: constant, cosine or step")
+    lr_schedule: str = setting(
+        "cosine", "learning-rate schedule after warm-up: constant, cosine or step",
+        flag=("--lr-schedule", "--schedule"))
     warmup_epochs: float = setting(
         0.0, "linear warm-up from 0 to lr over this many epochs (fractions ok)")
     milestones: tuple = setting(
@@ -581,7 +607,7 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, or null)")
         one_of("perturbation", self.perturbation, PERTURBATIONS)
-        one_of("schedule", self.schedule, LR_SCHEDULES)
+        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(
                 f"Invalid milestones: {list(self.milestones)} (allowed: fractions of training "
@@ -590,6 +616,11 @@ class TrainConfig:
         check_name(self.name)
 
     # ---------------------------------------------------------------- derived values
+
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule under its older name (read ``lr_schedule``)."""
+        return self.lr_schedule
 
     @property
     def run_name(self) -> str:
@@ -602,6 +633,26 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like the YAML keys)."""
         return from_dict({**to_dict(self), **changes}, cls=TrainConfig)
+
+
+# Older names of keys, still read from YAML files, --set, checkpoints and keyword arguments:
+# `schedule` became `lr_schedule` (a "schedule" of an optimizer is its step schedule: AE-SAM, RST).
+ALIASES: dict[type, dict[str, str]] = {TrainConfig: {"schedule": "lr_schedule"}}
+
+
+def _accept_aliases(cls: type) -> None:
+    """Let ``cls(...)`` take the older keyword names of its fields too."""
+    init = cls.__init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        init(self, *args, **upgrade_keys(kwargs, cls, "arguments"))
+
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+_accept_aliases(TrainConfig)
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> tuple[int, int]:

@@ -41,7 +41,7 @@ DEFAULT = TrainConfig(
     weight_decay=5e-4,
     epochs=20,
     batch_size=128,
-    schedule="cosine",
+    lr_schedule="cosine",
     threads=1,
     checkpoint=True,
 )
@@ -275,7 +275,7 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         + ". Test accuracy on the full test split.",
         f"Model: **{cfg.model}** {cfg.model_kwargs or ''}. Budget: "
         + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
-        + f", batch {cfg.batch_size or 'full'}, lr {cfg.lr:g} ({cfg.schedule}), momentum "
+        + f", batch {cfg.batch_size or 'full'}, lr {cfg.lr:g} ({cfg.lr_schedule}), momentum "
         f"{cfg.momentum:g}, weight decay {cfg.weight_decay:g}, label smoothing "
         f"{cfg.label_smoothing:g}. Seeds: {seeds}.",
         "",

@@ -19,7 +19,7 @@ from samkit.experiments import base
 # The config keys that are also flags (--dataset, --data-dir, ...), the rest through --set.
 COMMON_KEYS = (
     "dataset", "data_dir", "subset", "label_noise", "model", "epochs", "steps", "batch_size",
-    "lr", "schedule", "weight_decay", "label_smoothing", "device", "threads", "out_dir",
+    "lr", "lr_schedule", "weight_decay", "label_smoothing", "device", "threads", "out_dir",
 )
 TRAIN_KEYS = ("optimizer", "rho", "eta", "seed", "name", "perturbation", "amp", "tensorboard")
 

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.config import TrainConfig, resolved_dict, save_config, steps_per_epoch, total_steps
+from samkit.config import (
+    TrainConfig,
+    resolved_dict,
+    save_config,
+    steps_per_epoch,
+    total_steps,
+    upgrade_keys,
+)
 from samkit.optim import ESAM, SharpnessAwareOptimizer, create_optimizer, disable_running_stats
 from samkit.train.callbacks import Callback
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -646,10 +653,10 @@ class Trainer:
     def _make_schedule(self) -> LRSchedule:
         cfg = self.config
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        return LRSchedule(cfg.schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma)
+        return LRSchedule(cfg.lr_schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma)
 
     def _load(self, state: dict[str, Any]) -> None:
-        saved = state["config"]
+        saved = upgrade_keys(state["config"])  # checkpoints of older versions: older key names
         now = resolved_dict(self.config)
         changed = sorted(
             k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k]

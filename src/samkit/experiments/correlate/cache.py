@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from samkit.config import TrainConfig, resolved_dict, to_dict
+from samkit.config import TrainConfig, resolved_dict, to_dict, upgrade_keys
 from samkit.experiments.correlate.config import CorrelateConfig
 from samkit.experiments.correlate.grid import ModelSpec
 from samkit.train.checkpoint import atomic_write_text
@@ -48,7 +48,7 @@ def _spec_changes(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
     default; a key the cache has and TrainConfig no longer has is ignored."""
     record = json.loads(json.dumps(record))
     defaults = json.loads(json.dumps(to_dict(TrainConfig())))
-    old = saved.get("train", {})
+    old = upgrade_keys(saved.get("train", {}), TrainConfig, "cached spec")
     changed = sorted(
         k for k, v in record["train"].items()
         if (old[k] != v if k in old else defaults.get(k) != v)

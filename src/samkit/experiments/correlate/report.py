@@ -166,7 +166,7 @@ def write_report(result: CorrelateResult, command: str | None = None) -> Path:
         + (f", {100 * t.label_noise:g}% label noise" if t.label_noise else "")
         + "; test on the full test split. "
         f"Model: **{t.model}** {t.model_kwargs}, seed {t.seed}. Optimizer: {t.optimizer}, "
-        f"momentum {t.momentum:g}, {t.schedule} learning rate.",
+        f"momentum {t.momentum:g}, {t.lr_schedule} learning rate.",
         f"Grid: batch size {list(cfg.batch_sizes)} × learning rate {list(cfg.lrs)} × weight "
         f"decay {list(cfg.weight_decays)} × dropout {list(cfg.dropouts)} = "
         f"{len(originals)} models"
