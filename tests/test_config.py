@@ -115,3 +115,47 @@ def test_flags_are_generated_from_the_fields():
     assert C.flag_values(args) == {"rate": 1e-3, "data_dir": "/d", "amp": True,
                                    "milestones": (0.2, 0.5)}
     assert "a rate" in parser.format_help()
+
+
+# ------------------------------------------------------------------ the older key names
+
+
+def test_older_key_names_are_read_everywhere(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("schedule: step\n")
+    assert load_config(path).lr_schedule == "step"
+    assert load_config(None, ["schedule=constant"]).lr_schedule == "constant"
+    assert TrainConfig(schedule="constant").lr_schedule == "constant"
+    assert TrainConfig(lr_schedule="step").schedule == "step"  # read under the older name too
+    assert C.from_dict({"schedule": "step"}).lr_schedule == "step"
+    with pytest.raises(ValueError, match="both 'schedule' and 'lr_schedule'"):
+        TrainConfig(schedule="step", lr_schedule="cosine")
+
+
+def _as_older_version(run_dir):
+    """Rewrite a run as an older samkit wrote it: `schedule` instead of `lr_schedule`."""
+    from samkit.train.checkpoint import load_checkpoint, save_checkpoint
+
+    text = (run_dir / "config.yaml").read_text()
+    assert "\nlr_schedule:" in text
+    (run_dir / "config.yaml").write_text(text.replace("\nlr_schedule:", "\nschedule:"))
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    state["config"]["schedule"] = state["config"].pop("lr_schedule")
+    save_checkpoint(state, run_dir / "checkpoint.pt")
+
+
+def test_a_run_of_an_older_version_resumes_and_its_changes_are_seen(tmp_path, capsys):
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256",
+            "--threads", "1", "--lr-schedule", "constant", "--out-dir", str(tmp_path),
+            "--name", "old", "--quiet"]
+    assert main(args) == 0
+    _as_older_version(tmp_path / "old")
+    config = str(tmp_path / "old" / "config.yaml")
+    # a changed schedule is refused, under either name
+    assert main(["train", "--config", config, "--resume", "--set", "epochs=2",
+                 "lr_schedule=cosine", "--quiet"]) == 2
+    assert "lr_schedule: 'constant' -> 'cosine'" in capsys.readouterr().err
+    assert main(["train", "--config", config, "--resume", "--set", "epochs=2", "--quiet"]) == 0
+    from samkit.train import read_metrics
+
+    assert [r["epoch"] for r in read_metrics(tmp_path / "old") if r["event"] == "epoch"] == [1, 2]
