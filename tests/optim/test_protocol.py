@@ -155,12 +155,11 @@ def test_state_dict_round_trip_matches_an_uninterrupted_run(name):
     assert first + second == straight
 
 
-@pytest.mark.parametrize("name", samkit.list_optimizers())
-def test_every_optimizer_decreases_a_quadratic(name):
-    torch.manual_seed(0)
+def _quadratic_run(make, steps=100):
+    """Final/first loss and weights of ``make([w])`` on 0.5 w^T A w, A = diag(0.5 .. 3)."""
     a = torch.diag(torch.linspace(0.5, 3.0, 6, dtype=torch.float64))
     w = nn.Parameter(torch.ones(6, dtype=torch.float64))
-    opt = samkit.create_optimizer(name, [w], lr=0.05)
+    opt = make([w])
 
     def closure():
         opt.zero_grad()
@@ -169,13 +168,57 @@ def test_every_optimizer_decreases_a_quadratic(name):
         return loss
 
     first = closure().item()
-    for _ in range(100):
+    opt.zero_grad()
+    for _ in range(steps):
         if isinstance(opt, samkit.SharpnessAwareOptimizer):
             opt.step(closure)
         else:
             closure()
             opt.step()
-    assert closure().item() < 0.05 * first
+    return closure().item() / first, w.detach().clone()
+
+
+def check_decreases_a_quadratic_and_uses_rho(make, sharpness_aware: bool) -> None:
+    """The loss falls below 5% of its start; a sharpness-aware optimizer must also respond to
+    its radius: ρ and 2ρ give different trajectories (an optimizer that ignores ρ fails)."""
+    ratio, w = _quadratic_run(lambda ps: make(ps, 1.0))
+    assert ratio < 0.05
+    if sharpness_aware:
+        ratio2, w2 = _quadratic_run(lambda ps: make(ps, 2.0))
+        assert ratio2 < 0.05
+        assert not torch.allclose(w, w2, rtol=1e-6, atol=1e-9), "the step ignores rho"
+
+
+@pytest.mark.parametrize("name", samkit.list_optimizers())
+def test_every_optimizer_decreases_a_quadratic(name):
+    torch.manual_seed(0)
+    entry = samkit.optim.registry.optimizer_info(name)
+    key = {"gsam": "rho_max"}.get(name, "rho")
+    settings = {"looksam": dict(k=3), "rst": dict(seed=2)}.get(name, {})
+
+    def make(params, rho_scale):
+        if entry.wrapper is None:
+            return samkit.create_optimizer(name, params, lr=0.05)
+        return samkit.create_optimizer(name, params, lr=0.05, **{key: 0.05 * rho_scale}, **settings)
+
+    check_decreases_a_quadratic_and_uses_rho(make, entry.wrapper is not None)
+
+
+class _IgnoresRho(samkit.SAM):
+    """A toy that always perturbs with ρ = 0.05, whatever the group says."""
+
+    def _ascent_(self, buckets):
+        for b in buckets:
+            b.group["rho"] = 0.05
+        super()._ascent_(buckets)
+
+
+def test_the_quadratic_check_rejects_an_optimizer_that_ignores_rho():
+    def make(params, rho_scale):
+        return _IgnoresRho(torch.optim.SGD(params, lr=0.05), rho=0.05 * rho_scale)
+
+    with pytest.raises(AssertionError, match="ignores rho"):
+        check_decreases_a_quadratic_and_uses_rho(make, True)
 
 
 @pytest.mark.parametrize("name", samkit.list_optimizers())
@@ -347,3 +390,104 @@ def test_m_sharpness_step_refuses_optimizers_that_rewrite_their_steps(name):
     opt = samkit.create_optimizer(name, model, lr=0.1)
     with pytest.raises(ValueError, match="m_sharpness_step takes optimizers"):
         samkit.m_sharpness_step(opt, model, F.cross_entropy, [(x[:5], y[:5]), (x[5:], y[5:])])
+
+
+# ---------------------------------------------------------------- properties over the registry
+# (issue 12) every sharpness-aware entry of the registry, in settings that reach its one-pass
+# steps within a few steps
+
+SHARP = [n for n in samkit.list_optimizers() if samkit.optim.registry.optimizer_info(n).wrapper]
+SHARP_SETTINGS = {
+    "looksam": dict(k=3),
+    "rst": dict(p=0.5, seed=2),
+    "aesam": dict(c=0.0, delta=0.7),
+    "esam": dict(beta=0.5, seed=1),
+}
+RHO_KEY = {"gsam": "rho_max"}
+
+
+def sharp(name, params, rho=0.1, **kw):
+    kw = {**SHARP_SETTINGS.get(name, {}), RHO_KEY.get(name, "rho"): rho, **kw}
+    return samkit.create_optimizer(name, params, **kw)
+
+
+def _sq(model, x, y, opt, bad_call=None, calls=None):
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if len(calls) == bad_call:
+            model[0].weight.grad[0, 0] = float("inf")
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+@pytest.mark.parametrize("name", SHARP)
+def test_amp_with_an_overflow_in_either_pass_leaves_w_bit_identical(name, which):
+    model = mlp(torch.float32)
+    x, y = data(dtype=torch.float32)
+    opt = sharp(name, model, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def step(model, opt, scaler, bad_call=None):
+        calls = []
+        closure = _sq(model, x, y, opt, bad_call, calls)
+        opt.step(lambda: scaler.scale(closure()), scaler)
+        scaler.update()
+        return len(calls)
+
+    for _ in range(4):  # into the schedule: one-pass steps come up for LookSAM, AE-SAM, RST
+        step(model, opt, scaler)
+    passes = step(*copy.deepcopy((model, opt, scaler)))  # how many passes the next step takes
+    w0 = [p.detach().clone() for p in model.parameters()]
+    momentum = [b.clone() for b in opt.base_optimizer.state_dict()["state"][0].values()]
+    scale = scaler.get_scale()
+    assert step(model, opt, scaler, bad_call=1 if which == "first" else passes) in (1, passes)
+    for p, w in zip(model.parameters(), w0, strict=True):
+        assert torch.equal(p.detach(), w)
+    after = opt.base_optimizer.state_dict()["state"][0].values()
+    assert all(torch.equal(a, b) for a, b in zip(after, momentum, strict=True))
+    assert scaler.get_scale() == scale / 2
+
+
+@pytest.mark.parametrize("name", SHARP)
+def test_max_grad_norm_bounds_the_step_of_lr_1_sgd(name):
+    model = mlp()
+    x, y = data()
+    opt = sharp(name, model, lr=1.0, max_grad_norm=0.01)
+    for _ in range(6):  # one-pass steps included
+        w = [p.detach().clone() for p in model.parameters()]
+        opt.step(make_closure(opt, model, x, y))
+        steps = zip(model.parameters(), w, strict=True)
+        dw = torch.cat([(p.detach() - q).reshape(-1) for p, q in steps])
+        assert 0 < dw.norm() <= 0.01 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name", samkit.list_optimizers())
+def test_a_deepcopy_steps_like_the_original(name):
+    kw = dict(HYPER.get(name, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)))
+    model, opt, _ = run(name, 4, **kw)
+    model2, opt2 = copy.deepcopy((model, opt))
+    _, _, a = run(name, 4, model=model, opt=opt)
+    _, _, b = run(name, 4, model=model2, opt=opt2)
+    assert a == b
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", SHARP)
+def test_the_davda54_constructor_equals_the_wrapper(name):
+    entry = samkit.optim.registry.optimizer_info(name)
+    own = {**SHARP_SETTINGS.get(name, {}), RHO_KEY.get(name, "rho"): 0.1}
+    m1, m2 = mlp(), mlp()
+    a = entry.wrapper(m1.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **own)
+    b = entry.wrapper(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), **own)
+    assert type(a) is type(b)
+    _, _, la = run(name, 5, model=m1, opt=a)
+    _, _, lb = run(name, 5, model=m2, opt=b)
+    assert la == lb
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -36,8 +36,9 @@ def global_dot(pairs: Iterable[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Te
 
 
 def on(value: Tensor, like: Tensor) -> Tensor:
-    """``value`` moved to ``like``'s device and dtype (a 0-d scale for a foreach op)."""
-    return value.to(device=like.device, dtype=like.dtype)
+    """``value`` as a 0-d scale for a foreach op on tensors like ``like`` (its device; its dtype,
+    float32 for fp16/bf16: see :func:`samkit.optim.kernels.scale_for`)."""
+    return kernels.scale_for(value, like)
 
 
 def sq_norm_of(buckets, attr: str = "grads") -> Tensor:

@@ -50,6 +50,9 @@ class ASAM(SharpnessAwareOptimizer):
         p: the norm of the ball, 2 or ``math.inf`` (``float("inf")``).
         normalization: ``"elementwise"`` (the paper) or ``"filterwise"``.
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         J. Kwon, J. Kim, H. Park, I. K. Choi. ASAM: Adaptive Sharpness-Aware Minimization for
         Scale-Invariant Learning of Deep Neural Networks. ICML 2021.
@@ -62,6 +65,9 @@ class ASAM(SharpnessAwareOptimizer):
         eta: float = 0.01,
         p: float = 2,
         normalization: str = "elementwise",
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         check_non_negative("rho", rho)
         check_non_negative("eta", eta)
@@ -69,7 +75,12 @@ class ASAM(SharpnessAwareOptimizer):
         check_choice("normalization", normalization, kernels.NORMALIZATIONS)
         self.p = p
         self.normalization = normalization
-        super().__init__(base_optimizer, dict(rho=rho, eta=eta, normalize=True))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho, eta=eta, normalize=True),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         # T_w per bucket (None where the group is not normalized), using the backup as scratch.
@@ -94,7 +105,7 @@ class ASAM(SharpnessAwareOptimizer):
                 if t is not None:
                     torch._foreach_mul_(b.grads, t)
                 ratio = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-                torch._foreach_mul_(b.grads, ratio.to(b.grads[0].dtype))
+                torch._foreach_mul_(b.grads, kernels.scale_for(ratio, b.grads[0]))
         else:
             for b, t in zip(buckets, scales, strict=True):
                 torch._foreach_sign_(b.grads)

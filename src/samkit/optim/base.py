@@ -23,10 +23,23 @@ does nothing special, so SAM, ASAM and USAM never see them):
   (``bucket.first_grads``; allocated once, not saved by ``state_dict``).
 * :meth:`~SharpnessAwareOptimizer._global_state_dict`: optimizer-level state (step counters,
   running statistics, random generators) saved next to the per-parameter state.
+
+The order of one step's base-step direction, on two-pass and one-pass steps alike:
+
+1. the gradients, unscaled once under AMP (through the scaler's own record for the base
+   optimizer; a ``scaler.unscale_`` by the user on this optimizer or the base is taken as is);
+2. the variant's rewrite (:meth:`~SharpnessAwareOptimizer._descent_` or
+   :meth:`~SharpnessAwareOptimizer._one_pass_descent_`), with ``g`` kept in the same units;
+3. the clip to ``max_grad_norm`` (over every group);
+4. ``scaler.step(base)``, which skips the step when either pass was non-finite (the first
+   pass's flag is added to the scaler's found-inf record, never to a gradient), or the base
+   step; without a scaler, ``skip_non_finite`` skips a non-finite step.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +48,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import kernels
+from samkit.optim._validation import check_positive
 
 Closure = Callable[[], Any]
 
 # Per-parameter state entries that only live between first_step and second_step; they are not
 # saved by state_dict (a checkpoint is always taken between full steps).
 _TRANSIENT_STATE = ("w_backup", "grad_first")
+
+# Attributes of torch.optim.Optimizer that its own __getstate__ leaves out (hooks, profiler names).
+_TORCH_INTERNAL_PREFIXES = ("_optimizer_", "_zero_grad_profile", "_warned_")
 
 
 class Bucket:
@@ -78,6 +95,88 @@ def _replicated_with_shards(buckets: list[Bucket]) -> list[Bucket]:
     return buckets
 
 
+def _not_compiled(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly even inside a region compiled by ``torch.compile`` (a graph break).
+
+    The protocol methods move weights between ``w`` and ``w + ε`` and keep Python state between
+    calls; traced by Dynamo, that state is replayed wrongly (finding 8 of issue 12). Dynamo is
+    imported lazily: ``torch._dynamo.disable`` is applied on the first call made while compiling,
+    so importing samkit stays fast.
+    """
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        compiler = getattr(torch, "compiler", None)
+        if compiler is not None and compiler.is_compiling():
+            if not disabled:  # pragma: no cover - only under torch.compile
+                from torch import _dynamo
+
+                disabled.append(_dynamo.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _found_inf_stage(scaler, optimizer) -> Any:
+    """The GradScaler's stage for ``optimizer`` (READY, UNSCALED, STEPPED), or None."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None or id(optimizer) not in states:
+        return None
+    return states[id(optimizer)]["stage"]
+
+
+def _reset_scaler_state(scaler, optimizer) -> None:
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    if id(optimizer) in states:
+        states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
+
+
+def accepts_base_class(fn: Callable) -> Callable:
+    """Let ``fn(base_optimizer, ...)`` (an ``__init__`` or a factory) also be called as davda54/sam
+    and pytorch_optimizer spell it: ``fn(params, torch.optim.SGD, rho=0.05, lr=0.1, ...)``.
+
+    The keyword arguments that ``fn`` names go to ``fn``; the others build the base optimizer,
+    ``base_class(params, **others)``. Both forms give the same optimizer, step for step.
+    """
+    signature = inspect.signature(fn)
+    names = list(signature.parameters)
+    is_method = bool(names) and names[0] == "self"
+    own = set(names[2 if is_method else 1 :])
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        head, rest = (args[:1], args[1:]) if is_method else ((), args)
+        if "base_optimizer" in kwargs and not rest:
+            rest = (kwargs.pop("base_optimizer"),)
+        if not rest or isinstance(rest[0], Optimizer):
+            return fn(*head, *rest, **kwargs)
+        params, tail = rest[0], rest[1:]
+        base_class = kwargs.pop("base_optimizer_class", None)
+        if base_class is None and tail and isinstance(tail[0], type):
+            base_class, tail = tail[0], tail[1:]
+        if base_class is None:
+            return fn(*head, *rest, **kwargs)  # the usual "Invalid base_optimizer" error
+        if not (isinstance(base_class, type) and issubclass(base_class, Optimizer)):
+            raise ValueError(
+                f"Invalid base_optimizer_class: {base_class!r} (allowed: a torch.optim.Optimizer "
+                "subclass such as torch.optim.SGD)"
+            )
+        if "adaptive" in kwargs and "adaptive" not in own:
+            raise ValueError(
+                "Invalid argument adaptive: samkit has a class for adaptive SAM; use "
+                "samkit.ASAM(params, torch.optim.SGD, rho=0.5, ...) instead of adaptive=True"
+            )
+        mine = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+        base = base_class(params, **kwargs)
+        return fn(*head, base, *tail, **mine)
+
+    return wrapper
+
+
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: wraps a ``torch.optim.Optimizer`` instance and shares its ``param_groups``.
 
@@ -87,13 +186,37 @@ class SharpnessAwareOptimizer(Optimizer):
         defaults: this optimizer's own per-group hyperparameters (``rho`` and friends). They
             are added to every param group that lacks them, so a group may override them and a
             schedule may change them between steps.
+        max_grad_norm: clip the direction the base optimizer steps with (after the variant's
+            rewrite of the gradient, after unscaling under AMP, on two-pass and one-pass steps
+            alike) to this Euclidean norm, as ``torch.nn.utils.clip_grad_norm_`` would. The norm
+            spans every param group; the limit is a per-group key (``group["max_grad_norm"]``,
+            None: that group is not clipped). Default None: no clipping.
+        skip_non_finite: without a GradScaler, check each pass for inf/NaN (one host sync per
+            pass): a non-finite step is skipped, ``w`` is kept and :attr:`skipped_steps` counts
+            it. With a scaler the scaler decides, as always. Default False.
 
     Use either ``loss = opt.step(closure)`` (the closure zeroes the gradients, runs the forward
     and backward pass and returns the loss; it is called twice) or the explicit form
     ``first_step()`` / ``second_step()``.
     """
 
-    def __init__(self, base_optimizer: Optimizer, defaults: dict[str, Any]) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # SAM(params, torch.optim.SGD, rho=..., lr=...)
+            cls.__init__ = accepts_base_class(cls.__dict__["__init__"])
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        defaults: dict[str, Any],
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
+    ) -> None:
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
+        if not isinstance(skip_non_finite, bool):
+            raise ValueError(f"Invalid skip_non_finite: {skip_non_finite!r} (allowed: True, False)")
+        defaults = {**defaults, "max_grad_norm": max_grad_norm}
         if not isinstance(base_optimizer, Optimizer):
             raise ValueError(
                 f"Invalid base_optimizer: {type(base_optimizer).__name__} (allowed: an instance "
@@ -117,6 +240,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self.defaults = {**base_optimizer.defaults, **defaults}
         self._perturbed: list[Bucket] | None = None
         self._first_pass_finite: Tensor | None = None
+        self._one_pass_done = False  # the last first_step() took a one-pass step
+        self._zero_grad_calls = 0
+        self.skip_non_finite = skip_non_finite
+        self.skipped_steps = 0  # steps skipped by skip_non_finite
         # An optional step schedule (AE-SAM, RST, see samkit.optim.schedules): an object with
         # use_sam(optimizer, buckets, scaler) -> bool, state_dict() and load_state_dict().
         self.schedule = None
@@ -159,11 +286,17 @@ class SharpnessAwareOptimizer(Optimizer):
     def _global_state_dict(self) -> dict[str, Any]:
         """Optimizer-level state saved by :meth:`state_dict` (counters, running statistics,
         generator states). Subclasses extend the dict returned by ``super()``."""
-        return {} if self.schedule is None else {"schedule": self.schedule.state_dict()}
+        state: dict[str, Any] = {}
+        if self.schedule is not None:
+            state["schedule"] = self.schedule.state_dict()
+        if self.skipped_steps:
+            state["skipped_steps"] = self.skipped_steps
+        return state
 
     def _load_global_state_dict(self, state: dict[str, Any]) -> None:
         if self.schedule is not None and "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     @property
     def is_perturbed(self) -> bool:
@@ -189,9 +322,10 @@ class SharpnessAwareOptimizer(Optimizer):
             return f"rewrites its steps ({', '.join(custom)})"
         return "has a step schedule" if self.schedule is not None else None
 
-    # ------------------------------------------------------------------ the protocol
+    # ------------------------------------------------------------------ buckets
 
     def _buckets(self) -> list[Bucket]:
+        self._fill_defaults()  # groups added to the base optimizer after wrapping
         buckets = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -213,8 +347,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 firsts = []
                 for p in params:
                     state = self.state[p]
-                    if "grad_first" not in state:
-                        state["grad_first"] = torch.empty_like(
+                    if "grad_first" not in state:  # zero: a parameter without a first-pass grad
+                        state["grad_first"] = torch.zeros_like(
                             p, memory_format=torch.preserve_format
                         )
                     firsts.append(state["grad_first"])
@@ -228,6 +362,86 @@ class SharpnessAwareOptimizer(Optimizer):
                     buckets.append(Bucket(group, *bucket_lists))
         return _replicated_with_shards(buckets)
 
+    def _zero_stale_first_grads(self, buckets: list[Bucket]) -> None:
+        """A parameter with no gradient at ``w`` but one at ``w + ε`` (mixture-of-experts
+        routing) must see g = 0 in the descent rule, not last step's g."""
+        fresh = {p for b in buckets for p in b.params}
+        stale = [
+            self.state[p]["grad_first"]
+            for group in self.param_groups
+            for p in group["params"]
+            if p not in fresh and "grad_first" in self.state.get(p, {})
+        ]
+        if stale:
+            torch._foreach_zero_(stale)
+
+    # ------------------------------------------------------------------ AMP and clipping
+
+    def _unscaled_by_user(self, scaler) -> bool:
+        """Did the user call ``scaler.unscale_`` on this optimizer or on the base since the
+        last ``scaler.update()`` (the gradients are then unscaled)?"""
+        return any(
+            getattr(_found_inf_stage(scaler, opt), "name", None) == "UNSCALED"
+            for opt in (self, self.base_optimizer)
+        )
+
+    def _clear_first_pass_unscale(self, scaler) -> None:
+        """Before a second pass: forget a ``scaler.unscale_`` of the first pass, so that the
+        second pass may be unscaled again (its non-finite flag is kept by first_step)."""
+        for opt in (self, self.base_optimizer):
+            _reset_scaler_state(scaler, opt)
+
+    def _unscale_(self, scaler) -> None:
+        """Unscale the gradients once, through the scaler's own record for the base optimizer
+        (so ``scaler.step`` will not unscale them again), unless the user already called
+        ``scaler.unscale_`` on this optimizer or on the base optimizer."""
+        from torch.amp.grad_scaler import OptState
+
+        states = scaler._per_optimizer_states
+        base = states[id(self.base_optimizer)]
+        if _found_inf_stage(scaler, self) == OptState.UNSCALED:
+            # scaler.unscale_(opt) on the wrapper: the gradients are unscaled, and its found-inf
+            # record becomes the base optimizer's (update() reads both; counting twice is fine)
+            if base["stage"] is OptState.READY:
+                base["stage"] = OptState.UNSCALED
+                base["found_inf_per_device"] = dict(states[id(self)]["found_inf_per_device"])
+        elif base["stage"] is OptState.READY:
+            scaler.unscale_(self.base_optimizer)
+
+    def _record_first_pass_non_finite(self, scaler) -> None:
+        """Add the first pass's non-finite flag to the scaler's found-inf record of the base
+        optimizer, so that ``scaler.step`` skips the step and ``update()`` lowers the scale
+        (no host sync, no gradient touched)."""
+        finite = self._first_pass_finite
+        if finite is None:
+            return
+        found = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
+        flag = (~finite).to(torch.float32)
+        device = flag.device
+        # a maximum, not a sum: fused optimizers (Adam(fused=True)) skip only on found_inf == 1
+        found[device] = torch.maximum(found[device], flag) if device in found else flag
+
+    def _clip_(self, buckets: list[Bucket]) -> None:
+        r"""Clip the step direction: :math:`d \leftarrow d \min(1, c / (\|d\|_2 + 10^{-6}))` with
+        :math:`c` = ``group["max_grad_norm"]``, :math:`\|d\|` over every group (no host sync)."""
+        if not buckets or all(b.group.get("max_grad_norm") is None for b in buckets):
+            return
+        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
+        for b in buckets:
+            limit = b.group.get("max_grad_norm")
+            if limit is None:
+                continue
+            check_positive("max_grad_norm", limit)
+            coef = (float(limit) / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(b.grads, coef.to(b.grads[0].device))
+
+    def _all_finite(self, buckets: list[Bucket]) -> bool:
+        total = kernels.global_sq_norm(b.grads for b in buckets)
+        return total is None or bool(torch.isfinite(total))  # one host sync
+
+    # ------------------------------------------------------------------ the protocol
+
+    @_not_compiled
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None
@@ -238,36 +452,56 @@ class SharpnessAwareOptimizer(Optimizer):
             zero_grad: clear the gradients afterwards (they hold ε at this point).
             scaler: the ``torch.amp.GradScaler`` that scaled the loss, if any. The gradients
                 are then checked for inf/NaN (no host sync): if any is non-finite, ε = 0 and
-                :meth:`second_step` skips the base step and lets the scaler lower its scale.
+                the flag reaches ``scaler.step`` through the scaler's found-inf record, so the
+                base step is skipped and ``scaler.update()`` lowers the scale. A
+                ``scaler.unscale_(opt)`` before ``first_step`` is allowed (it is taken into
+                account, and the second pass may be unscaled again).
 
         Returns:
             True when the weights were perturbed and a second pass and :meth:`second_step` must
-            follow (always, for SAM, ASAM and USAM). False when the optimizer chose a one-pass
-            step (:meth:`_two_pass_`: LookSAM between full steps, a schedule): the base
-            optimizer has then already stepped with the first-pass gradient and the step is
-            over. The explicit form is therefore ``if opt.first_step(): <second pass>;
-            opt.second_step()``.
+            follow (always, for SAM, ASAM and USAM). False when the step is already over: the
+            optimizer chose a one-pass step (:meth:`_two_pass_`: LookSAM between full steps, a
+            schedule) and the base optimizer has stepped with the first-pass gradient, or
+            ``skip_non_finite`` skipped a non-finite step. The explicit form is therefore
+            ``if opt.first_step(): <second pass>; opt.second_step()``.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice without second_step() in between")
+        self._one_pass_done = False
         buckets = self._buckets()
         use_scaler = scaler is not None and scaler.is_enabled()
+        scaled = use_scaler and not self._unscaled_by_user(scaler)
+        self._first_pass_finite = None
         if use_scaler:
             self._first_pass_finite = self._sanitize_non_finite_(buckets)
-        if buckets and not self._two_pass_(buckets, scaler if use_scaler else None):
-            self._one_pass_descent_(buckets)
-            self._base_step(scaler)
+        elif self.skip_non_finite and buckets and not self._all_finite(buckets):
+            self.skipped_steps += 1
             if zero_grad:
                 self.zero_grad()
+            self._one_pass_done = True
             return False
-        if self._keeps_first_grads:  # g as the second pass sees it (scaled, like g_p)
+        if buckets and not self._two_pass_(buckets, scaler if scaled else None):
+            if scaled:
+                self._unscale_(scaler)
+            self._one_pass_descent_(buckets)
+            self._clip_(buckets)
+            self._base_step(scaler, buckets)
+            if zero_grad:
+                self.zero_grad()
+            self._one_pass_done = True
+            return False
+        if use_scaler and not scaled:
+            self._clear_first_pass_unscale(scaler)
+        if scaled and (self._keeps_first_grads or self._ascent_needs_unscaled_grads):
+            # the descent rule mixes g with the (unscaled) g_p: keep g in the same units;
+            # the reciprocal in float64 as GradScaler.unscale_ does, no host sync
+            inv_scale = scaler._scale.double().reciprocal().float()
+            for b in buckets:
+                torch._foreach_mul_(b.grads, inv_scale.to(b.grads[0].device))
+        if self._keeps_first_grads:
+            self._zero_stale_first_grads(buckets)
             for b in buckets:
                 torch._foreach_copy_(b.first_grads, b.grads)
-        if use_scaler:
-            if self._ascent_needs_unscaled_grads:
-                inv_scale = 1.0 / scaler.get_scale()  # one host sync per step, not per tensor
-                for b in buckets:
-                    torch._foreach_mul_(b.grads, inv_scale)
         if buckets:
             self._ascent_(buckets)
         for b in buckets:
@@ -294,61 +528,80 @@ class SharpnessAwareOptimizer(Optimizer):
             torch._foreach_mul_(b.grads, flag)
         return finite
 
+    @_not_compiled
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by :meth:`first_step`, bit for bit, without stepping."""
         if self._perturbed is None:
+            if self._one_pass_done:
+                raise RuntimeError(
+                    "restore()/second_step() needs a first_step() before it that perturbed the "
+                    "weights, but the last first_step() returned False: it took a one-pass step "
+                    "(the base optimizer has already stepped) or skipped a non-finite step. Run "
+                    "the second pass and second_step() only when first_step() returns True: "
+                    "`if opt.first_step(): loss_fn(model(x), y).backward(); opt.second_step()`"
+                )
             raise RuntimeError("restore()/second_step() needs a first_step() before it")
         for b in self._perturbed:
             kernels.restore_(b.params, b.backups)
         self._perturbed = None
 
+    @_not_compiled
     @torch.no_grad()
     def second_step(
         self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
     ) -> None:
         """Restore ``w`` and take the base optimizer's step with the gradient at ``w + ε``.
 
-        With a ``scaler``, the step goes through ``scaler.step(base_optimizer)``: it is skipped
-        when the gradients of either pass were non-finite. Call ``scaler.update()`` afterwards,
-        as in any AMP loop.
+        With a ``scaler``, the gradients are unscaled once (or taken as they are when
+        ``scaler.unscale_(opt)`` was called on this optimizer or its base after the second
+        backward pass), rewritten by the variant's descent rule, clipped to ``max_grad_norm``,
+        and the step goes through ``scaler.step(base_optimizer)``: it is skipped when the
+        gradients of either pass were non-finite. Call ``scaler.update()`` afterwards, as in
+        any AMP loop.
         """
         self.restore()
-        if type(self)._descent_ is not SharpnessAwareOptimizer._descent_:
-            buckets = self._buckets()  # the second pass's gradient tensors
-            if buckets:
-                self._descent_(buckets)
-        self._base_step(scaler)
+        use_scaler = scaler is not None and scaler.is_enabled()
+        buckets = self._buckets()  # the second pass's gradient tensors
+        if use_scaler:
+            self._unscale_(scaler)
+        if buckets and type(self)._descent_ is not SharpnessAwareOptimizer._descent_:
+            self._descent_(buckets)
+        self._clip_(buckets)
+        if not use_scaler and self.skip_non_finite and buckets and not self._all_finite(buckets):
+            self.skipped_steps += 1  # w is already restored: keep it
+            self._first_pass_finite = None
+        else:
+            self._base_step(scaler, buckets)
         if zero_grad:
             self.zero_grad()
 
-    def _base_step(self, scaler: torch.amp.GradScaler | None) -> None:
+    def _base_step(self, scaler: torch.amp.GradScaler | None, buckets=None) -> None:
         """The base optimizer's step with the gradients as they are (through the scaler)."""
         if scaler is not None and scaler.is_enabled():
-            self._poison_if_first_pass_non_finite()
+            self._unscale_(scaler)  # a no-op when already unscaled
+            self._record_first_pass_non_finite(scaler)
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
+        self._first_pass_finite = None
         self._opt_called = True  # tells LR schedulers that the optimizer stepped
 
-    def _poison_if_first_pass_non_finite(self) -> None:
-        """Make the scaler see an inf when the first pass had one (no host sync)."""
-        finite, self._first_pass_finite = self._first_pass_finite, None
-        if finite is None:
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    poison = torch.where(finite, 0.0, float("inf")).to(p.grad)
-                    p.grad.view(-1)[:1].add_(poison)
-                    return
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._zero_grad_calls = getattr(self, "_zero_grad_calls", 0) + 1
+        super().zero_grad(set_to_none=set_to_none)
 
+    @_not_compiled
     def step(self, closure: Closure | None = None, scaler: torch.amp.GradScaler | None = None):
         """One full sharpness-aware step: runs ``closure`` at ``w``, then at ``w + ε``.
 
         The closure must zero the gradients, compute the loss, call ``backward()`` and return
         the loss (scaled backward with a ``scaler``). Returns the loss of the first pass, at
         ``w``, so closure-driven trainers (Lightning's automatic optimization) log the usual loss.
+
+        A closure that does not zero the gradients while gradients are present when ``step``
+        is called (davda54/sam's pattern: the first backward outside the closure) is refused
+        with a ``ValueError``: it would silently add the old gradients into the first pass.
         """
         if closure is None:
             raise ValueError(
@@ -356,11 +609,35 @@ class SharpnessAwareOptimizer(Optimizer):
                 "forward and backward and returns the loss (it is called twice); or call "
                 "first_step() and second_step() yourself"
             )
+        present = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+        entry_norm = None
+        if present:  # no host sync here; read only for a closure that did not zero
+            local = [g.to_local() if kernels._is_dtensor(g) else g for g in present.values()]
+            entry_norm = kernels.global_sq_norm(
+                b[0] for b in kernels.group_by_device_and_dtype(local)
+            )
+        calls = self._zero_grad_calls
         with torch.enable_grad():
             loss = closure()
         if loss is None:
             raise ValueError(
                 "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
+            )
+        if (
+            present
+            and self._zero_grad_calls == calls
+            and any(p.grad is grad for p, grad in present.items())
+            and bool(entry_norm > 0)  # one host sync, only for a closure that did not zero
+        ):
+            self.zero_grad()
+            raise ValueError(
+                f"Invalid closure: gradients were already present at w when "
+                f"{type(self).__name__}.step(closure) was called, and the closure added to them "
+                "without zeroing them (davda54/sam's pattern, with the first backward outside the "
+                "closure, would run three passes and mix two gradients). step() runs the first "
+                "pass itself: call opt.zero_grad() at the start of the closure and drop the "
+                "backward before step(); or keep your first backward and call opt.first_step(), "
+                "the second pass, then opt.second_step()"
             )
         if self.first_step(zero_grad=True, scaler=scaler):  # False: a one-pass step, done
             with torch.enable_grad():
@@ -374,9 +651,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """The base optimizer's state dict (whose groups hold our keys too) plus our own state."""
         state = self.base_optimizer.state_dict()
         own = super().state_dict()["state"]
-        own = {
-            i: {k: v for k, v in s.items() if k not in _TRANSIENT_STATE} for i, s in own.items()
-        }
+        own = {i: {k: v for k, v in s.items() if k not in _TRANSIENT_STATE} for i, s in own.items()}
         state["sharpness_aware"] = {"state": {i: s for i, s in own.items() if s}}
         extra = self._global_state_dict()
         if extra:
@@ -387,9 +662,7 @@ class SharpnessAwareOptimizer(Optimizer):
         state_dict = dict(state_dict)
         own = state_dict.pop("sharpness_aware", {"state": {}})
         self.base_optimizer.load_state_dict(state_dict)
-        super().load_state_dict(
-            {"state": own["state"], "param_groups": state_dict["param_groups"]}
-        )
+        super().load_state_dict({"state": own["state"], "param_groups": state_dict["param_groups"]})
         # Loading gives the base optimizer new group dicts: share them again and fill our
         # keys into groups saved by an older version or by the plain base optimizer.
         self.param_groups = self.base_optimizer.param_groups
@@ -402,11 +675,28 @@ class SharpnessAwareOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but torch.optim's hooks and an LR scheduler's patched ``step``: so that
+        ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` keep the base optimizer (which
+        shares the very same group dicts) and our own attributes."""
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if key in state or key == "step" or key.startswith(_TORCH_INTERNAL_PREFIXES):
+                continue
+            state[key] = value
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_perturbed", None)
         self.__dict__.setdefault("_first_pass_finite", None)
+        self.__dict__.setdefault("_one_pass_done", False)
+        self.__dict__.setdefault("_zero_grad_calls", 0)
+        self.__dict__.setdefault("skip_non_finite", False)
+        self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("schedule", None)
+        if "base_optimizer" in self.__dict__:
+            self.param_groups = self.base_optimizer.param_groups
         self._fill_defaults()
 
     def __repr__(self) -> str:

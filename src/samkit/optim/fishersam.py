@@ -36,6 +36,9 @@ class FisherSAM(SharpnessAwareOptimizer):
         rho: the radius ρ of the ellipsoid (>= 0).
         eta: the scale η of the empirical Fisher (>= 0).
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         M. Kim, D. Li, S. X. Hu, T. M. Hospedales. Fisher SAM: Information Geometry and
         Sharpness Aware Minimisation. ICML 2022.
@@ -43,10 +46,23 @@ class FisherSAM(SharpnessAwareOptimizer):
 
     _ascent_needs_unscaled_grads = True
 
-    def __init__(self, base_optimizer: Optimizer, rho: float = 0.1, eta: float = 1.0) -> None:
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.1,
+        eta: float = 1.0,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
+    ) -> None:
         check_non_negative("rho", rho)
         check_non_negative("eta", eta)
-        super().__init__(base_optimizer, dict(rho=rho, eta=eta))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho, eta=eta),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         # backups <- F = 1 + eta g^2;  grads <- u = F^-1 g;  backups <- sqrt(F) u = F^-1/2 g
@@ -63,4 +79,4 @@ class FisherSAM(SharpnessAwareOptimizer):
         norm = kernels.global_sq_norm(b.backups for b in buckets).sqrt()  # sqrt(g^T F^-1 g)
         for b in buckets:
             scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

@@ -40,6 +40,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
         sigma: how much of the mean is removed, σ (>= 0; 0 is SAM).
         lmbda: the decay λ of the moving average (0 <= λ < 1).
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         T. Li, P. Zhou, Z. He, X. Cheng, X. Huang. Friendly Sharpness-Aware Minimization.
         CVPR 2024.
@@ -48,14 +51,26 @@ class FriendlySAM(SharpnessAwareOptimizer):
     _ascent_needs_unscaled_grads = True
 
     def __init__(
-        self, base_optimizer: Optimizer, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.6
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.6,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         check_non_negative("rho", rho)
         check_non_negative("sigma", sigma)
         check_non_negative("lmbda", lmbda)
         if lmbda >= 1:
             raise ValueError(f"Invalid lmbda: {lmbda!r} (allowed: 0 <= lmbda < 1)")
-        super().__init__(base_optimizer, dict(rho=rho, fsam_sigma=sigma, fsam_lambda=lmbda))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho, fsam_sigma=sigma, fsam_lambda=lmbda),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         finite = self._first_pass_finite
@@ -85,4 +100,4 @@ class FriendlySAM(SharpnessAwareOptimizer):
         norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
         for b in buckets:
             scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

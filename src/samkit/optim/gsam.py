@@ -44,7 +44,9 @@ class GSAM(SharpnessAwareOptimizer):
     Notes:
         * The fraction of the LR range is clipped to [0, 1] (the paper's linear map, without
           extrapolation during warm-up or past ``lr_max``). ``lr_max`` defaults to each group's
-          learning rate when the optimizer is built; ``lr_min`` to 0. The current
+          ``initial_lr`` (set by an LR scheduler built before GSAM, e.g. a warm-up that starts
+          low), else its learning rate when the optimizer is built (a scheduler built after
+          GSAM starts from that lr); ``lr_min`` to 0. The current
           :math:`\rho_t` is written to ``group["rho"]`` at every step, for logging.
         * Norms and the inner product span every param group; ρ and α may differ per group
           (``rho_max``, ``rho_min``, ``lr_max``, ``lr_min``, ``gsam_alpha``; α's group key is
@@ -57,8 +59,12 @@ class GSAM(SharpnessAwareOptimizer):
         rho_max: ρ at ``lr_max`` (>= 0).
         rho_min: ρ at ``lr_min`` (0 <= rho_min <= rho_max).
         alpha: the weight α of the surrogate-gap term (>= 0; 0 is SAM with the ρ schedule).
-        lr_max: the learning rate at which ρ = rho_max (default: each group's current lr).
+        lr_max: the learning rate at which ρ = rho_max (default: each group's ``initial_lr``,
+            else its current lr).
         lr_min: the learning rate at which ρ = rho_min.
+
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
 
     References:
         J. Zhuang, B. Gong, L. Yuan, Y. Cui, H. Adam, N. Dvornek, S. Tatikonda, J. Duncan, T. Liu.
@@ -75,6 +81,9 @@ class GSAM(SharpnessAwareOptimizer):
         alpha: float = 0.1,
         lr_max: float | None = None,
         lr_min: float = 0.0,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         check_non_negative("rho_max", rho_max)
         check_non_negative("rho_min", rho_min)
@@ -94,20 +103,27 @@ class GSAM(SharpnessAwareOptimizer):
             rho=rho_max, rho_max=rho_max, rho_min=rho_min, gsam_alpha=alpha,
             lr_max=lr_max, lr_min=lr_min,
         )  # fmt: skip
-        super().__init__(base_optimizer, defaults)
+        super().__init__(
+            base_optimizer,
+            defaults,
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
         for group in self.param_groups:
-            if group["lr_max"] is None:
-                group["lr_max"] = float(group["lr"])
+            if group["lr_max"] is None:  # an LR scheduler built first has stored the peak lr
+                group["lr_max"] = float(group.get("initial_lr", group["lr"]))
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         norm = _ops.sq_norm_of(buckets).sqrt()
         for b in buckets:
             grp = b.group
-            lr_max = float(grp["lr"]) if grp["lr_max"] is None else float(grp["lr_max"])
+            if grp["lr_max"] is None:  # a group added after wrapping
+                grp["lr_max"] = float(grp.get("initial_lr", grp["lr"]))
+            lr_max = float(grp["lr_max"])
             rho = gsam_rho(grp["lr"], grp["rho_max"], grp["rho_min"], lr_max, grp["lr_min"])
             grp["rho"] = rho
             scale = kernels.safe_ratio(rho, norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
 
     def _descent_(self, buckets: list[Bucket]) -> None:
         # g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g,  c = <g, g_p> / ||g_p||^2

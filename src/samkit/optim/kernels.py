@@ -47,8 +47,17 @@ def sq_norm(tensors: Sequence[Tensor]) -> Tensor:
     Returns a 0-d tensor on the bucket's device, accumulated in float32 (float64 for float64).
     """
     dtype = accumulation_dtype(tensors[0].dtype)
-    norms = torch._foreach_norm(tensors)
-    return torch.stack(norms).to(dtype).square().sum()
+    # accumulated in ``dtype`` itself: an fp16 norm above 65504 would be inf (ε = 0 silently)
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    return torch.stack(norms).square().sum()
+
+
+def scale_for(value: Tensor, like: Tensor) -> Tensor:
+    """A 0-d scale for a foreach op on tensors like ``like``: on its device, in its dtype, except
+    float32 for fp16/bf16 tensors (ρ/‖g‖ of a large scaled gradient is subnormal in fp16; the
+    op computes in float32 and rounds once)."""
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return value.to(device=like.device, dtype=dtype)
 
 
 class ShardedTensors(list):

@@ -54,6 +54,9 @@ class LookSAM(SharpnessAwareOptimizer):
         k: a full SAM step every ``k`` steps (>= 1; 1 is SAM).
         alpha: the weight α of :math:`g_v` in the in-between steps (>= 0).
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         Y. Liu, S. Mai, X. Chen, C.-J. Hsieh, Y. You. Towards Efficient and Scalable
         Sharpness-Aware Minimization. CVPR 2022.
@@ -62,7 +65,14 @@ class LookSAM(SharpnessAwareOptimizer):
     _keeps_first_grads = True
 
     def __init__(
-        self, base_optimizer: Optimizer, rho: float = 0.05, k: int = 5, alpha: float = 0.7
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        k: int = 5,
+        alpha: float = 0.7,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         check_non_negative("rho", rho)
         check_non_negative("alpha", alpha)
@@ -70,7 +80,12 @@ class LookSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid k: {k!r} (allowed: an integer >= 1)")
         self.k = k
         self.steps = 0  # steps begun so far (full and in-between)
-        super().__init__(base_optimizer, dict(rho=rho, looksam_alpha=alpha))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho, looksam_alpha=alpha),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _gv(self, params) -> list[torch.Tensor]:
         return [self.state[p]["looksam_gv"] for p in params]
@@ -86,7 +101,7 @@ class LookSAM(SharpnessAwareOptimizer):
         for b in buckets:
             check_non_negative("rho", b.group["rho"])
             scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
 
     def _descent_(self, buckets: list[Bucket]) -> None:
         # g_v = g_s - (<g, g_s> / ||g||^2) g, built in the (free) backup; g_s is left as is.

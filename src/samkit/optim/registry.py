@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from samkit.optim._validation import check_non_negative
 from samkit.optim.asam import ASAM
 from samkit.optim.groups import param_groups
 from samkit.optim.sam import SAM
@@ -82,27 +83,82 @@ def describe_optimizers() -> dict[str, str]:
     return {name: _REGISTRY[name].description for name in list_optimizers()}
 
 
+def decay_groups(
+    model: nn.Module, weight_decay: float, normalize_key: bool = True
+) -> list[dict[str, Any]]:
+    """``model``'s trainable parameters in groups where biases and norm parameters (every
+    parameter named ``bias`` and every parameter with fewer than 2 dimensions: BatchNorm and
+    LayerNorm weights, scalar gains) get no weight decay, as timm and pytorch_optimizer do.
+
+    With ``normalize_key``, biases also get ``normalize=False`` and the rest ``normalize=True``
+    (the ASAM paper's setting, as :func:`samkit.param_groups`). Empty groups are left out.
+    """
+    check_non_negative("weight_decay", weight_decay)
+    decay, no_decay, biases = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.rsplit(".", 1)[-1].endswith("bias"):
+            biases.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    for ps, wd, normalize in (
+        (decay, weight_decay, True),
+        (no_decay, 0.0, True),
+        (biases, 0.0, False),
+    ):
+        if ps:
+            group: dict[str, Any] = {"params": ps, "weight_decay": wd}
+            if normalize_key:
+                group["normalize"] = normalize
+            groups.append(group)
+    if not groups:
+        raise ValueError(f"Invalid model: {type(model).__name__} has no trainable parameters")
+    return groups
+
+
 def create_optimizer(
-    name: str, params: nn.Module | Iterable[Any], base: str | None = None, **kwargs: Any
+    name: str,
+    params: nn.Module | Iterable[Any],
+    base: str | None = None,
+    decay_bias_and_norm: bool = False,
+    **kwargs: Any,
 ) -> Optimizer:
     """Build the optimizer ``name`` over ``params``.
 
     Args:
         name: a registry name (see :func:`list_optimizers`), case-insensitive.
-        params: a model (sharpness-aware optimizers then get :func:`samkit.param_groups`, the
-            paper's setting; ``weight_decay`` goes into the groups), or parameters / groups.
+        params: a model, or parameters / groups. A model is split into groups: with a
+            ``weight_decay`` > 0, biases and norm parameters (every parameter named ``bias`` or
+            with fewer than 2 dimensions) get no weight decay (:func:`decay_groups`, as timm
+            and pytorch_optimizer do); sharpness-aware optimizers get ``normalize=False`` on the
+            biases (:func:`samkit.param_groups`, the ASAM paper's setting).
         base: the base optimizer of a sharpness-aware entry: ``sgd``, ``adam`` or ``adamw``.
-        **kwargs: hyperparameters of the base optimizer (``lr``, ``momentum``, ...) and of the
-            wrapper (``rho``, ``eta``, ...).
+        decay_bias_and_norm: decay biases and norm parameters too (samkit < 0.2's behaviour).
+        **kwargs: hyperparameters of the base optimizer (``lr`` is required, ``momentum``,
+            ...) and of the wrapper (``rho``, ``eta``, ``max_grad_norm``, ...).
     """
     entry = optimizer_info(name)
     base_cls = base_optimizer_class(base or entry.base)
+    if "lr" not in kwargs:
+        raise ValueError(
+            f"Invalid arguments for {entry.name}: lr is required (allowed: a learning rate > 0, "
+            "e.g. create_optimizer(name, model, lr=0.1)); samkit does not pick one for you"
+        )
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in entry.wrapper_keys()}
     if isinstance(params, nn.Module):
-        if entry.wrapper is None:
+        weight_decay = kwargs.pop("weight_decay", 0.0)
+        if weight_decay and not decay_bias_and_norm:
+            params = decay_groups(params, weight_decay, normalize_key=entry.wrapper is not None)
+            kwargs["weight_decay"] = weight_decay
+        elif entry.wrapper is None:
             params = [p for p in params.parameters() if p.requires_grad]
+            kwargs["weight_decay"] = weight_decay
         else:
-            params = param_groups(params, weight_decay=kwargs.pop("weight_decay", 0.0))
+            params = param_groups(params, weight_decay=weight_decay)
     try:
         base_opt = base_cls(params, **kwargs)
     except TypeError as err:

@@ -37,18 +37,33 @@ class SAM(SharpnessAwareOptimizer):
             return loss
         loss = opt.step(closure)
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
         Efficiently Improving Generalization. ICLR 2021.
     """
 
-    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05) -> None:
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
+    ) -> None:
         check_non_negative("rho", rho)
-        super().__init__(base_optimizer, dict(rho=rho))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
         for b in buckets:
             check_non_negative("rho", b.group["rho"])
             scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, scale.to(b.grads[0].dtype))
+            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

@@ -25,7 +25,7 @@ import torch
 from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
 from samkit.optim.asam import ASAM
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer, accepts_base_class
 from samkit.optim.fishersam import FisherSAM
 from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.sam import SAM
@@ -215,13 +215,16 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
     return optimizer
 
 
-def _ascent(name: str, base_optimizer, rho: float | None) -> SharpnessAwareOptimizer:
+def _ascent(name: str, base_optimizer, rho: float | None, **options) -> SharpnessAwareOptimizer:
     cls = ASCENTS.get(str(name).lower())
     if cls is None:
         raise ValueError(f"Invalid ascent: {name!r} (allowed: {', '.join(ASCENTS)})")
-    return cls(base_optimizer) if rho is None else cls(base_optimizer, rho=rho)
+    return (
+        cls(base_optimizer, **options) if rho is None else cls(base_optimizer, rho=rho, **options)
+    )
 
 
+@accepts_base_class
 def ae_sam(
     base_optimizer,
     rho: float | None = None,
@@ -230,14 +233,25 @@ def ae_sam(
     c_final: float | None = None,
     total_steps: int | None = None,
     ascent: str = "sam",
+    *,
+    max_grad_norm: float | None = None,
+    skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
     """AE-SAM: the ``ascent`` optimizer (SAM by default, its default ρ unless given) with an
     :class:`AESchedule`."""
     return with_schedule(
-        _ascent(ascent, base_optimizer, rho), AESchedule(c, delta, c_final, total_steps)
+        _ascent(
+            ascent,
+            base_optimizer,
+            rho,
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        ),
+        AESchedule(c, delta, c_final, total_steps),
     )
 
 
+@accepts_base_class
 def rst_sam(
     base_optimizer,
     rho: float | None = None,
@@ -246,8 +260,18 @@ def rst_sam(
     total_steps: int | None = None,
     seed: int = 0,
     ascent: str = "sam",
+    *,
+    max_grad_norm: float | None = None,
+    skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
     """RST: the ``ascent`` optimizer (SAM by default) with a :class:`RandomSchedule`."""
     return with_schedule(
-        _ascent(ascent, base_optimizer, rho), RandomSchedule(p, p_final, total_steps, seed)
+        _ascent(
+            ascent,
+            base_optimizer,
+            rho,
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        ),
+        RandomSchedule(p, p_final, total_steps, seed),
     )

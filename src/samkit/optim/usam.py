@@ -25,6 +25,9 @@ class USAM(SharpnessAwareOptimizer):
         base_optimizer: the optimizer that takes the descent step.
         rho: the step size ρ of the ascent (>= 0).
 
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
+
     References:
         M. Andriushchenko, N. Flammarion. Towards Understanding Sharpness-Aware Minimization.
         ICML 2022. D. Long, P. Bartlett. Sharpness-Aware Minimization and the Edge of Stability.
@@ -33,9 +36,21 @@ class USAM(SharpnessAwareOptimizer):
 
     _ascent_needs_unscaled_grads = True
 
-    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05) -> None:
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
+    ) -> None:
         check_non_negative("rho", rho)
-        super().__init__(base_optimizer, dict(rho=rho))
+        super().__init__(
+            base_optimizer,
+            dict(rho=rho),
+            max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
         for b in buckets:
