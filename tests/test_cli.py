@@ -75,7 +75,11 @@ def test_compare_writes_report_and_table(tmp_path, capsys):
     assert "![learning curves](curves.png)" in report and "samkit compare" in report
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
-    assert [r["optimizer"] for r in summary["rows"]] == ["sgd", "sam:rho=0.1"]
+    # the default equal-budget row: SGD trained again for SAM's (measured) training time
+    assert [r["optimizer"] for r in summary["rows"]] == [
+        "sgd", "sam:rho=0.1", "sgd (equal time: sam:rho=0.1)"]
+    assert summary["rows"][2]["passes"] > summary["rows"][0]["passes"]
+    assert "equal budget: sgd trained for" in report
     assert summary["rows"][0]["time_ratio"] == pytest.approx(1.0)
     assert load_config(run / "sam_rho0.1-s1" / "config.yaml").rho == 0.1
     # --resume skips finished runs and writes the same table
@@ -99,7 +103,7 @@ def test_compare_falls_back_to_digits_without_fashion_mnist(tmp_path, capsys, mo
     assert rc == 0
     assert "falling back to scikit-learn's digits" in captured.err
     assert "dataset-fashion-mnist" in captured.err
-    report = (tmp_path / "compare-digits-mlp" / "report.md").read_text()
+    report = (tmp_path / "compare-digits-mlp-noise40" / "report.md").read_text()
     assert "falling back" in report and "**digits**" in report
 
 

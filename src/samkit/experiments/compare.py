@@ -3,7 +3,14 @@
 Writes ``runs/<name>/<optimizer>-s<seed>/`` (each a full training run: config, metrics,
 checkpoint), then ``runs/<name>/report.md`` with the table and ``curves.png``, and
 ``summary.json`` with the numbers. Optimizers are registry names, optionally with their own
-settings: ``sam:rho=0.1``, ``asam:rho=1.0,eta=0.01``.
+settings: ``sam:rho=0.1``, ``asam:rho=1.0,eta=0.01``, ``saf:lam=0.3`` (a key the optimizer
+takes that is not a config key goes to ``optimizer_kwargs``).
+
+Fair comparisons (:mod:`samkit.experiments.budget`): every run counts its forward-backward
+passes and step seconds; ``sam:rho=0.02,0.05,0.1`` is a grid chosen on a validation split carved
+from the training set (only the chosen value's test accuracy is reported); ``equal_budget``
+trains a baseline again for the time or the passes of the most expensive method, as its own
+row; the report draws test accuracy against seconds and against passes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from typing import Any
 from samkit import config as C
 from samkit.config import TrainConfig, apply_overrides, check_value, from_dict, to_dict
 from samkit.experiments import base as experiment
+from samkit.experiments import budget as B
+from samkit.experiments.budget import CompareOptions
 from samkit.train.checkpoint import atomic_write_text
 from samkit.train.logs import read_metrics
 from samkit.train.trainer import Trainer
@@ -34,6 +43,7 @@ from samkit.train.trainer import Trainer
 DEFAULT = TrainConfig(
     dataset="fashion-mnist",
     subset=10_000,
+    label_noise=0.4,
     model="mlp",
     model_kwargs={"depth": 2, "width": 256},
     lr=0.05,
@@ -45,7 +55,9 @@ DEFAULT = TrainConfig(
     threads=1,
     checkpoint=True,
 )
-DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam")
+DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam", "saf")
+# The command's default: SGD trained again for the time of the most expensive method.
+DEFAULT_OPTIONS = CompareOptions(equal_budget="sgd", budget="time")
 DEFAULT_SEEDS = (0, 1, 2)
 # Used when the Fashion-MNIST files are missing: scikit-learn's digits ship with scikit-learn.
 FALLBACK = {"dataset": "digits", "subset": None, "epochs": 30, "batch_size": 64}
@@ -80,6 +92,11 @@ class RunSummary:
         times = [r["epoch_time"] for r in self.epochs()]
         return statistics.fmean(times) if times else math.nan
 
+    def last(self, key: str) -> float:
+        """The last epoch record's ``key`` (NaN when absent)."""
+        found = [r[key] for r in self.epochs() if r.get(key) is not None]
+        return float(found[-1]) if found else math.nan
+
 
 @dataclass
 class CompareResult:
@@ -91,6 +108,10 @@ class CompareResult:
     runs: list[RunSummary] = field(default_factory=list)
     wall_time: float = 0.0
     notes: list[str] = field(default_factory=list)
+    options: CompareOptions = field(default_factory=CompareOptions)
+    # grid search: spec -> {candidate: mean final validation accuracy}
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)
+    equal_budget_label: str | None = None
 
     def by_label(self, label: str) -> list[RunSummary]:
         return [r for r in self.runs if r.label == label]
@@ -116,6 +137,8 @@ class CompareResult:
                 "time_per_epoch": t,
                 "time_ratio": t / ref_time if ref_time and ref_time > 0 else math.nan,
                 "reference": reference,
+                "passes": _mean([r.last("passes") for r in runs]),
+                "train_seconds": _mean([r.last("step_seconds") for r in runs]),
             })
         return rows
 
@@ -158,6 +181,7 @@ def run_configs(
         if name.lower() not in list_optimizers():
             allowed = ", ".join(list_optimizers())
             raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})")
+        overrides = _optimizer_keys(name, overrides)
         for seed in seeds:
             check_value("seed", seed, "--seeds")
             values = to_dict(base)
@@ -166,6 +190,34 @@ def run_configs(
             values = apply_overrides(values, overrides)
             out.append((spec, seed, from_dict(values, f"--optimizers {spec}")))
     return out
+
+
+def _optimizer_keys(name: str, overrides: list[str]) -> list[str]:
+    """``lam=0.3`` -> ``optimizer_kwargs.lam=0.3`` for a key the optimizer takes that is not a
+    TrainConfig key (``rho``, ``eta`` stay config keys)."""
+    from samkit.optim.registry import optimizer_info
+
+    own = optimizer_info(name).wrapper_keys()
+    keys = set(C.fields_of(TrainConfig))
+    out = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if eq and key.strip() not in keys and key.strip() in own:
+            item = f"optimizer_kwargs.{key.strip()}={value}"
+        out.append(item)
+    return out
+
+
+def _train(cfg: TrainConfig, data, label: str, seed: int, resume: bool, overwrite: bool,
+           verbose: int, callbacks: list) -> RunSummary:
+    already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
+    if not already_done:
+        trainer = Trainer(
+            cfg, callbacks=callbacks, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
+            overwrite=overwrite, data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
+        )
+        trainer.fit()
+    return RunSummary(label, seed, cfg.run_dir, read_metrics(cfg.run_dir / "metrics.jsonl"))
 
 
 def run_compare(
@@ -178,42 +230,114 @@ def run_compare(
     verbose: int = 1,
     command: str | None = None,
     notes: list[str] | None = None,
+    options: CompareOptions | None = None,
 ) -> CompareResult:
     """Train every (optimizer, seed) pair on ``base``'s data, model and budget; write the report.
 
     The data are loaded once and shared (``base.data_seed`` fixes the subset and the noise);
     each run's ``seed`` sets its initialization, data order and augmentation, so the optimizers
-    see the same initial weights and batches for the same seed.
+    see the same initial weights and batches for the same seed. ``options`` (a
+    :class:`~samkit.experiments.budget.CompareOptions`): the validation split of a grid and the
+    equal-budget row.
     """
     if not optimizers:
         raise ValueError("Invalid optimizers: the list is empty (e.g. sgd sam asam)")
     if not seeds:
         raise ValueError("Invalid seeds: the list is empty (e.g. 0 1 2)")
+    options = options or CompareOptions()
     name = name or default_name(base)
     run_dir = Path(base.out_dir) / name
-    runs = run_configs(base, list(optimizers), list(seeds), run_dir)
-    result = CompareResult(name, run_dir, base, list(optimizers), list(seeds), notes=notes or [])
+    candidates = {spec: B.expand_spec(spec) for spec in optimizers}
+    grid = any(len(c) > 1 for c in candidates.values())
+    labels = list(dict.fromkeys(c for spec in optimizers for c in candidates[spec]))
+    baseline = options.equal_budget
+    if baseline is not None and baseline not in labels:
+        labels.append(baseline)  # trained at the base budget too: its cost per step is measured
+    runs = run_configs(base, labels, list(seeds), run_dir)
+    result = CompareResult(name, run_dir, base, [], list(seeds), notes=list(notes or []),
+                           options=options)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     from samkit.train.trainer import resolve_device
 
     data = experiment.load_data(base, resolve_device(base.device))
+    val = None
+    if grid:  # candidates are chosen on a validation split carved from the training set
+        train_part, val = B.carve_validation(data[0], options.val_fraction, base.data_seed)
+        data = (train_part, data[1])
+        result.notes.append(
+            f"grid search: {len(val.y)} training examples ({options.val_fraction:g}) held out "
+            f"(stratified, data seed {base.data_seed}) to choose each grid's value; every "
+            f"method trains on the other {len(train_part.y)}")
     start = time.perf_counter()
+    trained: dict[str, list[RunSummary]] = {}
+    total = len(runs) + (len(seeds) if baseline is not None else 0)
     for i, (label, seed, cfg) in enumerate(runs):
         if verbose:
-            print(f"[{i + 1}/{len(runs)}] {label} seed {seed} -> {cfg.run_dir}", flush=True)
-        already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
-        if not already_done:
-            trainer = Trainer(
-                cfg, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
-                overwrite=overwrite, data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
-            )
-            trainer.fit()
-        records = read_metrics(cfg.run_dir / "metrics.jsonl")
-        result.runs.append(RunSummary(label, seed, cfg.run_dir, records))
+            print(f"[{i + 1}/{total}] {label} seed {seed} -> {cfg.run_dir}", flush=True)
+        callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
+        summary = _train(cfg, data, label, seed, resume, overwrite, verbose, callbacks)
+        trained.setdefault(label, []).append(summary)
+
+    # one row per method: a grid's chosen candidate (best mean validation accuracy)
+    for spec in [*optimizers, *([baseline] if baseline not in optimizers else [])]:
+        if spec is None:
+            continue
+        options_of = candidates.get(spec, [spec])
+        chosen = options_of[0]
+        if len(options_of) > 1:
+            groups = {c: [r.records for r in trained[c]] for c in options_of}
+            chosen = B.select_candidate(groups)
+            result.selection[spec] = {c: B.mean_final(g, "val_acc") for c, g in groups.items()}
+        if chosen not in result.labels:
+            result.labels.append(chosen)
+            result.runs.extend(trained[chosen])
+
+    if baseline is not None:
+        add_equal_budget_row(result, base, baseline, data, seeds, run_dir, resume, overwrite,
+                          verbose, val, total)
     result.wall_time = time.perf_counter() - start
     write_report(result, command=command)
     return result
+
+
+def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str, data, seeds,
+                      run_dir: Path, resume: bool, overwrite: bool, verbose: int, val,
+                      total: int) -> None:
+    """Train ``baseline`` for the budget (time or passes) of the most expensive method."""
+    budget = result.options.budget
+    costs = {label: B.cost([r.records for r in result.by_label(label)], budget)
+             for label in result.labels}
+    expensive = max(costs, key=lambda k: (costs[k] if not math.isnan(costs[k]) else -1))
+    if expensive == baseline:
+        result.notes.append(f"equal budget: {baseline} is the most expensive method; no row")
+        return
+    base_steps = C.total_steps(base, len(data[0].y))
+    steps = B.equal_budget_steps(base_steps, costs[baseline], costs[expensive])
+    label = f"{baseline} (equal {budget}: {expensive})"
+    name, overrides = parse_optimizer_spec(baseline)
+    overrides = _optimizer_keys(name, overrides)
+    for j, seed in enumerate(seeds):
+        values = to_dict(base)
+        values.update(optimizer=name, seed=seed, out_dir=str(run_dir), steps=steps,
+                      name=f"{_slug(baseline)}-equal-{budget}-s{seed}")
+        values = apply_overrides(values, overrides)
+        cfg = from_dict(values, f"--equal-budget {baseline}")
+        saved = cfg.run_dir / "config.yaml"
+        if resume and saved.exists():  # keep the budget it was started with
+            cfg = cfg.replace(steps=C.load_config(saved).steps)
+        if verbose:
+            print(f"[{total - len(seeds) + j + 1}/{total}] {label} seed {seed}: {cfg.steps} "
+                  f"steps -> {cfg.run_dir}", flush=True)
+        callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
+        result.runs.append(_train(cfg, data, label, seed, resume, overwrite, verbose, callbacks))
+    result.labels.append(label)
+    result.equal_budget_label = label
+    unit = "training seconds (measured, steps only)" if budget == "time" else "passes"
+    result.notes.append(
+        f"equal budget: {baseline} trained for {steps} steps instead of {base_steps}, the "
+        f"{unit} of {expensive} ({costs[expensive]:.4g} vs {costs[baseline]:.4g} per run); "
+        "its LR schedule spans the longer budget")
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -237,9 +361,9 @@ def format_table(result: CompareResult) -> str:
     ref = rows[0]["reference"] if rows else "sgd"
     header = (
         "| optimizer | test acc final (%) | test acc best (%) | train loss | s/epoch "
-        f"| time vs {ref} |"
+        f"| time vs {ref} | passes | train s |"
     )
-    lines = [header, "|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         fa, fs = row["final_acc"]
         ba, bs = row["best_acc"]
@@ -247,8 +371,32 @@ def format_table(result: CompareResult) -> str:
         lines.append(
             f"| {row['optimizer']} | {100 * fa:.2f} ± {100 * fs:.2f} | {100 * ba:.2f} ± "
             f"{100 * bs:.2f} | {la:.4f} ± {ls:.4f} | {row['time_per_epoch']:.2f} | "
-            f"{row['time_ratio']:.2f}x |"
+            f"{row['time_ratio']:.2f}x | {_count(row.get('passes', math.nan))} | "
+            f"{row.get('train_seconds', math.nan):.1f} |"
         )
+    return "\n".join(lines)
+
+
+def _count(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
+
+
+def format_time_to_accuracy(result: CompareResult) -> str:
+    """Seconds and passes each method needs to reach the reference row's final accuracy."""
+    rows = result.rows()
+    if not rows:
+        return ""
+    ref = next(r for r in rows if r["optimizer"] == rows[0]["reference"])
+    target = ref["final_acc"][0]
+    if math.isnan(target):
+        return ""
+    lines = [f"Time to reach {ref['optimizer']}'s final test accuracy ({100 * target:.2f} %), "
+             "mean curve over seeds, at epoch ends:", "",
+             "| optimizer | training s | passes |", "|---|---|---|"]
+    for label in result.labels:
+        secs, passes = B.time_to_accuracy([r.records for r in result.by_label(label)], target)
+        lines.append(f"| {label} | {'never' if math.isnan(secs) else f'{secs:.1f}'} | "
+                     f"{'never' if math.isnan(passes) else _count(passes)} |")
     return "\n".join(lines)
 
 
@@ -262,6 +410,7 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         f", {round(100 * cfg.label_noise)}% label noise" if cfg.label_noise else ""
     )
     plot_learning_curves(groups, result.run_dir / "curves.png", title=title)
+    B.plot_time_to_accuracy(groups, result.run_dir / "time_to_accuracy.png", title=title)
     seeds = ", ".join(str(s) for s in result.seeds)
     train_n = cfg.subset if cfg.subset else "all"
     lines = [
@@ -287,6 +436,14 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         "",
         "![learning curves](curves.png)",
         "",
+        format_time_to_accuracy(result),
+        "",
+        "![test accuracy against training time and passes](time_to_accuracy.png)",
+        "",
+        "*passes*: forward-backward passes per run (SAM: 2 per step; MESA's EMA forward and the "
+        "evaluations are not counted). *train s*: seconds spent in the optimizer steps, "
+        "measured on this machine (a busy machine inflates them).",
+        "",
         f"Wall time: {result.wall_time:.0f} s. Runs:",
         "",
     ]
@@ -295,6 +452,10 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
             f"- `{run.run_dir.name}`: final {100 * run.final_acc:.2f}%, best "
             f"{100 * run.best_acc:.2f}%, {run.time_per_epoch:.2f} s/epoch"
         )
+    for spec, scores in result.selection.items():
+        lines += ["", f"Grid `{spec}`: mean final validation accuracy per candidate "
+                  "(the best one is the method's row):", ""]
+        lines += [f"- `{c}`: {100 * v:.2f} %" for c, v in scores.items()]
     if result.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in result.notes]
     path = atomic_write_text(result.run_dir / "report.md", "\n".join(lines) + "\n")
@@ -305,10 +466,14 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         "seeds": result.seeds,
         "wall_time": result.wall_time,
         "rows": result.rows(),
+        "selection": result.selection,
+        "equal_budget": result.equal_budget_label,
+        "options": to_dict(result.options),
         "runs": [
             {"optimizer": r.label, "seed": r.seed, "dir": str(r.run_dir), "final_acc": r.final_acc,
              "best_acc": r.best_acc, "train_loss": r.train_loss,
-             "time_per_epoch": r.time_per_epoch}
+             "time_per_epoch": r.time_per_epoch, "passes": r.last("passes"),
+             "train_seconds": r.last("step_seconds")}
             for r in result.runs
         ],
         "notes": result.notes,
@@ -328,12 +493,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
         sub, "compare", cmd_compare, help="compare optimizers on the same data, model and budget",
         description="Train every optimizer with every seed on the same data, model and budget;\n"
         "print a table and write runs/<name>/report.md, curves.png and summary.json.\n"
-        "Without --config: an MLP on 10,000 Fashion-MNIST examples, 20 epochs, seeds 0 1 2\n"
-        "(scikit-learn's digits, with a message, when the Fashion-MNIST files are missing).",
+        "Without --config: an MLP on 10,000 Fashion-MNIST examples with 40 % of the labels\n"
+        f"flipped, 20 epochs, seeds 0 1 2, optimizers {' '.join(DEFAULT_OPTIMIZERS)} and SGD\n"
+        "trained again for SAM's time (scikit-learn's digits, with a message, when the\n"
+        "Fashion-MNIST files are missing).",
         epilog="examples:\n"
         "  samkit compare\n"
-        "  samkit compare --label-noise 0.4\n"
+        "  samkit compare --label-noise 0\n"
         "  samkit compare --optimizers sgd sam:rho=0.1 asam:rho=1.0 --seeds 0 1 --epochs 5\n"
+        "  samkit compare --optimizers sgd sam:rho=0.02,0.05,0.1 saf --val-fraction 0.1\n"
+        "  samkit compare --equal-budget sgd --budget passes\n"
         "  samkit compare --config configs/fashion-mnist-mlp.yaml --set model=cnn\n",
     )
     experiment.add_config_flags(p, "the shared settings; default: built in")
@@ -343,8 +512,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="seeds (default: 0 1 2)")
     p.add_argument("--name", default=None, help="runs/<name>/ (default: compare-<data>-...)")
     C.add_flags(p, TrainConfig, COMMON_KEYS)
+    C.add_flags(p, CompareOptions, OPTION_KEYS, prefix="cmp_",
+                helps={"equal_budget": "an optimizer trained again for the budget of the most "
+                       "expensive method, as its own row (default: sgd; none: no such row)"})
     experiment.add_run_flags(p)
     return p
+
+
+OPTION_KEYS = ("equal_budget", "budget", "val_fraction")
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -366,11 +541,13 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         config = C.load(TrainConfig, None, args.overrides, base=config, **values)
     optimizers = args.optimizers or list(DEFAULT_OPTIMIZERS)
     seeds = args.seeds if args.seeds is not None else list(DEFAULT_SEEDS)
+    options = C.from_dict({**C.to_dict(DEFAULT_OPTIONS), **C.flag_values(args, "cmp_")},
+                          "compare options", cls=CompareOptions)
     try:
         result = run_compare(
             config, optimizers, seeds, name=args.name, resume=args.resume,
             overwrite=args.overwrite, verbose=0 if args.quiet else 1,
-            command=experiment.command_line(argv), notes=notes,
+            command=experiment.command_line(argv), notes=notes, options=options,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept; rerun with --resume to continue",
