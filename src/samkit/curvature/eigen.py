@@ -460,8 +460,8 @@ def _block_lanczos_top(
             state = dict(current, ok=current["ok"] and reached)
             break
         snapshots = snapshots[-1:]
-        if n + p > max_basis and max_basis < d and m > k:  # thick restart: keep the best Ritz vectors
-            theta, s = current["theta"], current["s"]
+        if n + p > max_basis and max_basis < d and m > k:  # thick restart: keep the best
+            theta, s = current["theta"], current["s"]  # Ritz vectors
             order = _wanted(theta, len(theta), which)
             keep = max(k, min(m - p, max_basis // 2, max_basis - 2 * p))
             sel = order[:keep]
