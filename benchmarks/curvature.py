@@ -237,11 +237,11 @@ def main() -> None:
                 count = [0]
                 inner = op.matvec
 
-                def mv(v):
+                def counted(v, inner=inner, count=count):
                     count[0] += 1
                     return inner(v)
 
-                op.matvec = mv
+                op.matvec = counted
                 r = he.lanczos(op, k=1, max_iter=steps, tol=1e-12, which="LA", seed=0)
                 return float(r.eigenvalues[0]), count[0]
 
