@@ -151,3 +151,15 @@ def test_time_to_accuracy_reads_the_mean_curves(tmp_path):
     assert all(math.isnan(v) for v in B.time_to_accuracy([result.runs[0].records], 0.9))
     table = format_time_to_accuracy(result)
     assert "| saf | 1.5 | 10 |" in table and "| sgd | 2.0 | 20 |" in table
+
+
+def test_the_default_job_shows_the_effect_setting():
+    from samkit.experiments.compare import DEFAULT_OPTIMIZERS, DEFAULT_OPTIONS
+    from samkit.optim.registry import optimizer_info
+
+    assert DEFAULT.label_noise == 0.4 and DEFAULT.subset == 10_000
+    assert DEFAULT_OPTIMIZERS[:3] == ("sgd", "sam", "asam")
+    one_pass = [o for o in DEFAULT_OPTIMIZERS if hasattr(
+        optimizer_info(o.partition(":")[0]).wrapper, "loss_term")]
+    assert one_pass  # the best one-pass variant
+    assert DEFAULT_OPTIONS.equal_budget == "sgd" and DEFAULT_OPTIONS.budget == "time"

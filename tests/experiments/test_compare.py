@@ -120,7 +120,7 @@ def test_asam_paper_settings(dataset, model):
 @pytest.mark.slow
 def test_real_fashion_mnist_compare(tmp_path):
     require_fashion_mnist()
-    base = DEFAULT.replace(subset=3000, epochs=3, out_dir=str(tmp_path))
+    base = DEFAULT.replace(subset=3000, epochs=3, label_noise=0.0, out_dir=str(tmp_path))
     result = run_compare(base, ["sgd", "sam", "asam"], [0, 1], name="fm", verbose=0)
     rows = {row["optimizer"]: row for row in result.rows()}
     for row in rows.values():

@@ -55,7 +55,9 @@ DEFAULT = TrainConfig(
     threads=1,
     checkpoint=True,
 )
-DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam", "saf")
+# SAF's lam = 6 was chosen by `samkit compare --optimizers saf:lam=1,3,6 --seeds 0` on this
+# setting's validation split (10 % held out); the paper's default 0.3 is much weaker here.
+DEFAULT_OPTIMIZERS = ("sgd", "sam", "asam", "saf:lam=6")
 # The command's default: SGD trained again for the time of the most expensive method.
 DEFAULT_OPTIONS = CompareOptions(equal_budget="sgd", budget="time")
 DEFAULT_SEEDS = (0, 1, 2)
