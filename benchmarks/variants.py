@@ -45,7 +45,7 @@ from samkit.optim import list_optimizers
 
 OPTIMIZERS = [
     "sgd", "sam", "asam", "aesam", "rst", "looksam", "msam",
-    "saf:lam=6", "mesa:lam=1.5,ema_decay=0.987",
+    "saf:lam=6", "mesa:lam=6,ema_decay=0.987",
 ]
 GOAL_TIME = 1.15  # x SGD's training time
 

@@ -499,3 +499,40 @@ def test_the_trainer_trains_and_resumes_exactly(tmp_path, name, kw):
         elif isinstance(v, dict):
             for key in v:
                 assert torch.equal(v[key], b["optimizer"]["trajectory"][k][key])
+
+
+# ---------------------------------------------------------------------- the generic hook
+
+
+class _Penalty(torch.optim.SGD):
+    """A toy optimizer with a loss term (not a samkit class): the engine names no variant."""
+
+    batch_needs = frozenset({"indices"})
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.seen = []
+
+    def loss_term(self, output, batch):
+        self.seen.append((batch.indices.clone(), batch.epoch, batch.num_examples))
+        return 0.5 * (output**2).mean()
+
+
+def test_the_step_engine_adds_any_optimizers_loss_term_and_returns_the_data_loss():
+    data = split(n=8)
+    model, ref = mlp(), mlp()
+    opt = _Penalty(model.parameters())
+    engine = StepEngine(opt, model, F.cross_entropy, grad_accum=2)
+    assert engine.batch_needs == {"indices"}
+    loss = engine.step(data.x, data.y, indices=torch.arange(8), epoch=3, num_examples=8)
+    assert [s[0].tolist() for s in opt.seen] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert opt.seen[0][1:] == (3, 8)
+    out = ref(data.x)
+    data_loss = F.cross_entropy(out, data.y)
+    torch.testing.assert_close(loss, data_loss.detach(), rtol=1e-12, atol=1e-14)
+    (data_loss + 0.5 * (out**2).mean()).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
