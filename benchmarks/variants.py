@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: the compare default")
     parser.add_argument("--out-dir", default=None, help="runs folder (default: a temporary one)")
     parser.add_argument("--results", default=None, help="also write the Markdown section here")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs in --out-dir and continue the others")
     args = parser.parse_args(argv)
 
     known = set(list_optimizers())
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     merged: CompareResult | None = None
     for seed in args.seeds:
         part = run_compare(config, optimizers, [seed], name=f"variants-s{seed}",
-                           overwrite=True, verbose=1)
+                           overwrite=not args.resume, resume=args.resume, verbose=1)
         if merged is None:
             merged = part
         else:
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = experiment.load_data(config, resolve_device(config.device))
     add_equal_budget_row(merged, config, "sgd", data, list(args.seeds), Path(out_dir) / "equal",
-                         False, True, 1, None, len(args.seeds))
+                         args.resume, not args.resume, 1, None, len(args.seeds))
     wall = time.perf_counter() - start
 
     table = format_table(merged)
