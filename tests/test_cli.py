@@ -117,6 +117,7 @@ def test_list(capsys):
         assert word in out
 
 
+@pytest.mark.slow  # spawns a process
 def test_console_script_help():
     exe = Path(sys.executable).with_name("samkit")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "samkit.cli"]

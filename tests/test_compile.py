@@ -10,10 +10,13 @@ from torch import nn
 
 import samkit
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None and shutil.which("cc") is None,
-    reason="torch.compile's inductor backend needs a C++ compiler on CPU",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("gcc") is None and shutil.which("cc") is None,
+        reason="torch.compile's inductor backend needs a C++ compiler on CPU",
+    ),
+    pytest.mark.slow,  # compiles with inductor: tens of seconds
+]
 
 
 def _setup(kind, compiled):

@@ -43,16 +43,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from samkit.optim.base import SharpnessAwareOptimizer
-from samkit.optim.batchnorm import disable_running_stats
-
-PERTURBATIONS = ("local", "synced")
+from samkit.step import (
+    PERTURBATIONS,
+    check_perturbation,
+    pass_syncs,
+    step_closure,
+    sync_context,
+)
 
 __all__ = [
     "PERTURBATIONS",
@@ -143,14 +146,6 @@ def shard_batch(x: Tensor, y: Tensor, rank: int, world_size: int) -> tuple[Tenso
 # ---------------------------------------------------------------------- DDP perturbation modes
 
 
-def check_perturbation(perturbation: str) -> str:
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(
-            f"Invalid perturbation: {perturbation!r} (allowed: {', '.join(PERTURBATIONS)})"
-        )
-    return perturbation
-
-
 def check_local_optimizer(optimizer: Any) -> None:
     """Refuse, for ``perturbation="local"``, optimizers whose step is not just descending with
     the perturbed gradient: their unsynced first-pass gradient would make replicas diverge."""
@@ -164,13 +159,6 @@ def check_local_optimizer(optimizer: Any) -> None:
             "perturbation='synced', or an optimizer that descends with the perturbed gradient "
             "(SAM, ASAM, USAM, FisherSAM, FriendlySAM, ...)"
         )
-
-
-def sync_context(model: nn.Module, sync: bool):
-    """``model.no_sync()`` when ``sync`` is False and the model has it (DDP), else a no-op."""
-    if sync or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
 
 
 def first_pass(model: nn.Module, perturbation: str = "synced"):
@@ -190,14 +178,15 @@ def ddp_closure(
 
     The closure itself zeroes the gradients, runs forward and backward and returns the loss;
     ``model`` is the ``DistributedDataParallel`` module it calls (a plain module is fine too:
-    then nothing is synced anyway).
+    then nothing is synced anyway). Which pass syncs is the step engine's rule
+    (:func:`samkit.step.pass_syncs`).
     """
     check_perturbation(perturbation)
     if perturbation == "local":
         check_local_optimizer(optimizer)
 
     def wrapped():
-        with sync_context(model, perturbation == "synced" or optimizer.is_perturbed):
+        with sync_context(model, pass_syncs(optimizer, perturbation)):
             return closure()
 
     return wrapped
@@ -218,30 +207,11 @@ def accumulation_closure(
     examples. A synced pass runs all micro-batches but the last under ``no_sync()`` (DDP then
     all-reduces the accumulated gradient once); the first pass of ``"local"`` runs them all
     under ``no_sync()``. The pass at ``w + ε`` leaves BatchNorm running statistics untouched.
-    Returns the replica's mean loss at ``w`` (detached).
+    Returns the replica's mean loss at ``w`` (detached). Built by :func:`samkit.step.step_closure`.
     """
     check_perturbation(perturbation)
     if perturbation == "local":
         check_local_optimizer(optimizer)
-    if isinstance(micro_batches, (str, bytes)) or not isinstance(micro_batches, Sequence):
-        raise ValueError("Invalid micro_batches: pass a list of (x, y) pairs (it is read twice)")
-    sizes = [len(y) for _, y in micro_batches]
-    if not sizes or sum(sizes) == 0:
-        raise ValueError(f"Invalid micro_batches: no examples in {len(sizes)} micro-batch(es)")
-    total = sum(sizes)
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        perturbed = optimizer.is_perturbed
-        sync = perturbation == "synced" or perturbed
-        mean = None
-        with disable_running_stats(model) if perturbed else nullcontext():
-            for i, ((x, y), n) in enumerate(zip(micro_batches, sizes, strict=True)):
-                with sync_context(model, sync and i == len(sizes) - 1):
-                    loss = loss_fn(model(x), y) * (n / total)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                mean = loss.detach() if mean is None else mean + loss.detach()
-        return mean
-
-    return closure
-
+    return step_closure(
+        optimizer, model, loss_fn, micro_batches, perturbation=perturbation, scaler=scaler
+    )

@@ -76,6 +76,7 @@ def _close(got, want, tol=1e-12):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("kind", ["sam", "asam"])
 def test_synced_equals_single_process_full_batch(ddp, kind, accum):
@@ -84,6 +85,7 @@ def test_synced_equals_single_process_full_batch(ddp, kind, accum):
         _close(res[(kind, "synced", accum)]["params"], want)
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("kind", ["sam", "asam"])
 def test_local_equals_mean_of_per_shard_sam_gradients(ddp, kind, accum):
@@ -95,6 +97,7 @@ def test_local_equals_mean_of_per_shard_sam_gradients(ddp, kind, accum):
     assert any(not torch.allclose(a, b) for a, b in zip(want, full, strict=True))
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("kind", ["sam", "asam"])
 def test_one_allreduce_per_synced_pass(ddp, kind):
     # 2 steps: synced all-reduces both passes, local only the second one (first under no_sync),
@@ -105,11 +108,13 @@ def test_one_allreduce_per_synced_pass(ddp, kind):
             assert res[(kind, "local", accum)]["allreduce_calls"] == 2
 
 
+@pytest.mark.slow  # spawns processes
 def test_local_losses_are_per_replica(ddp):
     # the loss returned by step() is each replica's own loss at w
     assert ddp[0][("sam", "local", 1)]["loss"][0] != ddp[1][("sam", "local", 1)]["loss"][0]
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("mode", ["synced", "local"])
 def test_batchnorm_context_is_fine_with_ddp(ddp, mode):
     # three steps ran without DDP's unused-parameter / unfinished-reduction error; running
@@ -119,10 +124,12 @@ def test_batchnorm_context_is_fine_with_ddp(ddp, mode):
     _close(a["params"], b["params"], tol=0)
 
 
+@pytest.mark.slow  # spawns processes
 def test_local_mode_refuses_first_gradient_descent_rules(ddp):
     assert "perturbation='local'" in ddp[0]["looksam_local"]
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("kind", ["sam", "asam", "asam-filterwise", "asam-inf"])
 def test_fsdp_fully_shard_equals_single_process(fsdp, kind):
     want = _full_batch_reference(kind)
@@ -131,6 +138,7 @@ def test_fsdp_fully_shard_equals_single_process(fsdp, kind):
         _close(res[kind]["params"], want)
 
 
+@pytest.mark.slow  # spawns processes
 def test_fsdp_global_norm_is_exact_with_one_allreduce(fsdp):
     x, y = W.data()
     for kind in ("sam", "asam"):

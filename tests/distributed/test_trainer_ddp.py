@@ -39,6 +39,7 @@ def _single(out_dir, **changes):
     return record, state["model"]
 
 
+@pytest.mark.slow  # spawns processes
 def test_synced_with_accumulation_matches_one_process(ddp_runs, tmp_path):
     _, results = ddp_runs
     record, params = _single(tmp_path, grad_accum=2, name="one")
@@ -49,6 +50,7 @@ def test_synced_with_accumulation_matches_one_process(ddp_runs, tmp_path):
         torch.testing.assert_close(results[0]["synced-params"][k], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # spawns processes
 def test_local_mode_trains_and_differs_from_synced(ddp_runs):
     _, results = ddp_runs
     a, b = results[0], results[1]
@@ -58,6 +60,7 @@ def test_local_mode_trains_and_differs_from_synced(ddp_runs):
     assert a["local"]["train_loss"] != a["synced"]["train_loss"]
 
 
+@pytest.mark.slow  # spawns processes
 def test_resume_at_same_world_size_is_exact(ddp_runs):
     _, results = ddp_runs
     res = results[0]
@@ -67,6 +70,7 @@ def test_resume_at_same_world_size_is_exact(ddp_runs):
         assert torch.equal(res["resumed-params"][k], v)
 
 
+@pytest.mark.slow  # spawns processes
 def test_rank0_writes_the_run_and_a_different_world_size_cannot_resume(ddp_runs, capsys):
     out, results = ddp_runs
     assert results[0]["files"] == ["checkpoint.pt", "config.yaml", "metrics.jsonl"]
@@ -81,6 +85,7 @@ def test_rank0_writes_the_run_and_a_different_world_size_cannot_resume(ddp_runs,
     assert "saved by 2 process(es) and this run has 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # spawns processes
 def test_torchrun_module_entry_point(tmp_path):
     """torchrun --nproc-per-node 2 -m samkit train: gloo on CPU, equal to one process."""
     args = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "asam",

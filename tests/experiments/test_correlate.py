@@ -219,6 +219,7 @@ def test_model_interrupted_during_training_resumes_to_the_same_weights(tmp_path)
         reference)[0] | {"model": None, "_wall": 0, "_train_wall": 0}
 
 
+@pytest.mark.slow  # spawns processes
 def test_jobs_give_the_same_study(tmp_path):
     cfg = tiny(tmp_path, dropouts=(0.0,))
     one = C.run_correlate(cfg, name="one", verbose=0)

@@ -277,18 +277,28 @@ def test_esam_data_selection_in_the_trainer_equals_esam_step(tmp_path):
 
 
 def test_esam_data_selection_falls_back_with_accumulation(tmp_path):
-    trainer = Trainer(cfg(tmp_path, optimizer="esam", grad_accum=2, steps=1), verbose=0)
-    trainer.setup()
-    assert not trainer.selects_examples
+    seen = []
+
+    class Watch(Callback):
+        def on_train_start(self, state):
+            state.model.register_forward_pre_hook(
+                lambda m, args: seen.append(len(args[0])) if m.training else None
+            )
+
+    trainer = Trainer(cfg(tmp_path, optimizer="esam", grad_accum=2, steps=1), callbacks=[Watch()],
+                      verbose=0)
+    trainer.fit()
     assert any("weight perturbation only" in note for note in trainer.notes)
+    # two full passes over the two micro-batches of 50: no selection forward, no dropped example
+    assert seen == [50, 50, 50, 50]
 
 
 def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path):
     seen = {}
 
     class Look(Callback):
-        def on_epoch_end(self, trainer, epoch, metrics):  # before this epoch's checkpoint
-            path = trainer.checkpoint_path
+        def on_epoch_end(self, state, epoch, metrics):  # before this epoch's checkpoint
+            path = state.run_dir / "checkpoint.pt"
             seen[epoch] = load_checkpoint(path)["epoch"] if path.exists() else None
 
     Trainer(cfg(tmp_path, epochs=5, checkpoint_every=2), callbacks=[Look()], verbose=0).fit()
@@ -296,3 +306,60 @@ def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path):
     assert load_checkpoint(tmp_path / "digits-mlp-sam-s0" / "checkpoint.pt")["epoch"] == 5
     with pytest.raises(ValueError, match="checkpoint_every"):
         cfg(tmp_path, checkpoint_every=0)
+
+
+def test_callbacks_see_a_train_state_with_step_start(tmp_path):
+    from samkit.train import TrainState
+
+    calls = []
+
+    class Look(Callback):
+        def on_train_start(self, state):
+            assert isinstance(state, TrainState) and state.step == 0 and not state.resumed
+            with pytest.raises(AttributeError, match="TrainState has no attribute 'scheduler'.*"
+                                                     "model, optimizer"):
+                state.scheduler  # noqa: B018 - the trainer's internals are not part of it
+
+        def on_step_start(self, state, step):
+            assert step == state.step and state.batch is not None
+            calls.append(("start", step, id(state.batch)))
+
+        def on_step_end(self, state, step, loss):
+            calls.append(("end", step, id(state.batch)))
+
+        def on_epoch_end(self, state, epoch, metrics):
+            metrics["eval"] = state.evaluate()
+
+    trainer = Trainer(cfg(tmp_path, optimizer="sgd", steps=4, augment=False, batch_size=500),
+                      callbacks=[Look()], verbose=0)
+    record = trainer.fit()
+    assert [c[:2] for c in calls] == [("start", 0), ("end", 1), ("start", 1), ("end", 2),
+                                      ("start", 2), ("end", 3), ("start", 3), ("end", 4)]
+    assert calls[0][2] == calls[1][2]  # the batch a step starts with is the one it used
+    assert record["eval"] == pytest.approx((record["test_loss"], record["test_acc"]))
+
+
+def test_edge_tracker_in_the_trainer_measures_where_a_plain_loop_does(tmp_path):
+    """Row t: the weights before step t and the gradient norm on the batch step t uses (the
+    ‖g‖ the SAM step normalizes by), as `tracker.maybe_record(t, model, opt, batch)` does in a
+    plain loop; the final weights get a row too."""
+    from samkit.train import EdgeTracker, read_edge_rows
+    from samkit.train.trainer import classification_loss
+
+    saved = {}
+
+    class Save(Callback):
+        def on_step_start(self, state, step):
+            saved[step] = (copy.deepcopy(state.model), state.batch)
+
+    config = cfg(tmp_path, optimizer="sam", steps=4, augment=False, subset=300,
+                 model_kwargs={"width": 8, "dropout": 0.0})
+    Trainer(config, callbacks=[Save(), EdgeTracker(every=2, probe_size=64)], verbose=0).fit()
+    rows = read_edge_rows(config.run_dir)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for row in rows[:2]:
+        model, (x, y) = saved[row["step"]]
+        grads = torch.autograd.grad(classification_loss(model(x), y), list(model.parameters()))
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        assert row["batch_grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert "batch_grad_norm" not in rows[2]  # the final weights: no next batch

@@ -244,7 +244,8 @@ def train_run(
     verbose: int = 1, prefix: str = "",
 ) -> RunResult:
     """Train one run from the shared initialization, tracking λ₁ every ``config.every`` steps."""
-    from samkit.optim import SharpnessAwareOptimizer, create_optimizer
+    from samkit.optim import create_optimizer
+    from samkit.step import step_closure, take_step
 
     run_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = make_loss("ce" if config.is_text and config.loss == "mse" else config.loss)
@@ -254,7 +255,6 @@ def train_run(
     if spec.rho is not None:
         kwargs["rho"] = spec.rho
     opt = create_optimizer(spec.optimizer, model, **kwargs)
-    sharpness_aware = isinstance(opt, SharpnessAwareOptimizer)
 
     # 1. the probe set: the whole training subset (full batch) or fixed examples (minibatch)
     n = len(train.y)
@@ -309,24 +309,23 @@ def train_run(
         if t == config.steps:
             break
 
-        # 4. one step: first pass at w (its loss and ‖g‖ are logged), SAM's second pass at w+ε
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))
-        loss_value, grad_value = float(loss.detach()), float(grad_norm)
-        train_rows.append({"step": t, "loss": loss_value, "grad_norm": grad_value})
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+        # 4. one step (samkit.step): the first pass's loss and ‖g‖ at w are logged before the
+        #    optimizer uses them; a non-finite one ends the run without stepping
+        def log_first_pass(loss: Tensor, t: int = t) -> None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))
+            loss_value, grad_value = float(loss), float(grad_norm)
+            train_rows.append({"step": t, "loss": loss_value, "grad_norm": grad_value})
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                raise _Diverged
+
+        try:
+            take_step(opt, step_closure(opt, model, loss_fn, [(x, y)],
+                                        after_first_pass=log_first_pass))
+        except _Diverged:
             diverged = True
             break
-        if sharpness_aware:
-            if opt.first_step(zero_grad=True):
-                loss_fn(model(x), y).backward()
-                opt.second_step(zero_grad=True)
-        else:
-            opt.step()
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     atomic_write_text(run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
@@ -337,6 +336,10 @@ def train_run(
         print(f"{prefix}done in {seconds:.1f} s; {tracker.cost_summary()} "
               f"({100 * tracker.seconds / max(seconds, 1e-9):.0f}% of the run)", flush=True)
     return result
+
+
+class _Diverged(Exception):  # noqa: N818 - not an error: a run that diverged ends early
+    """Raised from the step's closure when the first pass is non-finite."""
 
 
 # --------------------------------------------------------------------------- summary

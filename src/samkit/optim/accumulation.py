@@ -10,30 +10,20 @@ r"""Gradient accumulation for sharpness-aware optimizers, in its two meanings.
   accumulator.
 
 Each micro-batch's loss is weighted by its share of the examples, so uneven micro-batches give
-the mean loss over the batch.
+the mean loss over the batch. Both build their closures with :mod:`samkit.step`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from samkit.optim.base import SharpnessAwareOptimizer
-from samkit.optim.batchnorm import disable_running_stats
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _sizes(micro_batches: Sequence[tuple[Tensor, Tensor]]) -> list[int]:
-    if isinstance(micro_batches, (str, bytes)) or not isinstance(micro_batches, Sequence):
-        raise ValueError("Invalid micro_batches: pass a list of (x, y) pairs (it is read twice)")
-    sizes = [len(y) for _, y in micro_batches]
-    if not sizes or sum(sizes) == 0:
-        raise ValueError(f"Invalid micro_batches: no examples in {len(sizes)} micro-batch(es)")
-    return sizes
 
 
 def accumulation_closure(
@@ -49,21 +39,31 @@ def accumulation_closure(
     share of the examples; it returns the mean loss (detached). The second call (at ``w + ε``)
     runs under :func:`disable_running_stats`, so BatchNorm statistics are updated once per step.
     """
-    sizes = _sizes(micro_batches)
-    total = sum(sizes)
+    from samkit.step import step_closure
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        perturbed = optimizer.is_perturbed
-        mean = None
-        with disable_running_stats(model) if perturbed else nullcontext():
-            for (x, y), n in zip(micro_batches, sizes, strict=True):
-                loss = loss_fn(model(x), y) * (n / total)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                mean = loss.detach() if mean is None else mean + loss.detach()
-        return mean
+    return step_closure(optimizer, model, loss_fn, micro_batches, scaler=scaler)
 
-    return closure
+
+class _Accumulate:
+    """Stands in for the base optimizer during the per-micro-batch steps of
+    :func:`m_sharpness_step`: its ``step()`` adds ``weight · grad`` to the accumulator instead
+    of moving the weights."""
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.param_groups, self.defaults, self.state = base.param_groups, base.defaults, base.state
+        self.weight = 1.0
+        self.sums: dict[Tensor, Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p in self.sums:
+                    self.sums[p].add_(p.grad, alpha=self.weight)
+                else:
+                    self.sums[p] = p.grad.mul(self.weight)
 
 
 def m_sharpness_step(
@@ -74,10 +74,13 @@ def m_sharpness_step(
 ) -> Tensor:
     """One step with a separate perturbation per micro-batch; returns the mean loss at ``w``.
 
-    For each micro-batch: gradient at ``w``, ``first_step``, gradient at ``w + ε_i`` (BatchNorm
-    running statistics untouched), ``restore``; the weighted second-pass gradients are summed
-    and the base optimizer steps once with their sum.
+    Each micro-batch takes its own ``optimizer.step(closure)`` (gradient at ``w``, ε_i, gradient
+    at ``w + ε_i`` with BatchNorm running statistics untouched, back to ``w``) with a base
+    optimizer that only accumulates the weighted second-pass gradient; then the base optimizer
+    steps once with the sum.
     """
+    from samkit.step import check_micro_batches, step_closure
+
     why = optimizer.step_rewrites()
     if why is not None:
         raise ValueError(
@@ -85,33 +88,24 @@ def m_sharpness_step(
             "; m_sharpness_step takes optimizers that always run two passes and descend with the "
             "perturbed gradient (SAM, ASAM, USAM, FisherSAM, FriendlySAM, ...)"
         )
-    sizes = _sizes(micro_batches)
+    sizes = check_micro_batches(micro_batches)
     total = sum(sizes)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    accumulated: dict[nn.Parameter, Tensor] = {}
+    base = optimizer.base_optimizer
+    accumulate = _Accumulate(base)
     mean = None
-    for (x, y), n in zip(micro_batches, sizes, strict=True):
-        weight = n / total
-        optimizer.zero_grad()
-        with torch.enable_grad():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        mean = loss.detach() * weight if mean is None else mean + loss.detach() * weight
-        optimizer.first_step(zero_grad=True)
-        with torch.enable_grad(), disable_running_stats(model):
-            loss_fn(model(x), y).backward()
-        optimizer.restore()
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    continue
-                if p in accumulated:
-                    accumulated[p].add_(p.grad, alpha=weight)
-                else:
-                    accumulated[p] = p.grad.mul(weight)
-    for p in params:
-        p.grad = accumulated.get(p)
-    optimizer.base_optimizer.step()
+    optimizer.base_optimizer = accumulate
+    try:
+        for (x, y), n in zip(micro_batches, sizes, strict=True):
+            accumulate.weight = n / total
+            loss = optimizer.step(step_closure(optimizer, model, loss_fn, [(x, y)]))
+            mean = loss.detach() * accumulate.weight if mean is None else (
+                mean + loss.detach() * accumulate.weight)
+    finally:
+        optimizer.base_optimizer = base
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = accumulate.sums.get(p)
+    base.step()
     optimizer._opt_called = True
     optimizer.zero_grad()
     return mean

@@ -5,7 +5,7 @@
 >>> record = Trainer(cfg).fit()
 """
 
-from samkit.train.callbacks import Callback
+from samkit.train.callbacks import Callback, TrainState
 from samkit.train.checkpoint import load_checkpoint, save_checkpoint
 from samkit.train.config import (
     TrainConfig,
@@ -25,6 +25,7 @@ __all__ = [
     "EdgeTracker",
     "LRSchedule",
     "TrainConfig",
+    "TrainState",
     "Trainer",
     "apply_overrides",
     "classification_loss",

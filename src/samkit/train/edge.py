@@ -20,7 +20,8 @@ seconds and Hessian-vector products, in total and per row.
 
 Two ways to use it::
 
-    # 1. a trainer callback: measures at step 0 and after every `every` steps
+    # 1. a trainer callback: measures before steps 0, every, 2·every, ... (the same point as
+    #    the plain loop below, with the step's batch) and at the final weights
     Trainer(cfg, callbacks=[EdgeTracker(every=10)]).fit()     # runs/<name>/edge.jsonl
 
     # 2. a plain loop: measure at w_t, before step t (the gradient norm SAM's step t uses)
@@ -54,7 +55,7 @@ from samkit import stability
 from samkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
-    from samkit.train.trainer import Trainer
+    from samkit.train.callbacks import TrainState
 
 __all__ = ["EdgeTracker", "edge_for", "format_row", "optimizer_kind", "read_edge_rows"]
 
@@ -391,34 +392,41 @@ class EdgeTracker(Callback):
 
     # ------------------------------------------------------------------ trainer callback
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, state: TrainState) -> None:
         if self.loss_fn is None:
-            self.loss_fn = trainer.loss_fn
+            self.loss_fn = state.loss_fn
         if self.probe is None:
-            self.probe = self._default_probe(trainer.train_data)
+            self.probe = self._default_probe(state.train_data)
         if self.path is None:
-            self.path = Path(trainer.run_dir) / "edge.jsonl"
-        if trainer.resume and self.path.exists():
+            self.path = Path(state.run_dir) / "edge.jsonl"
+        if state.resumed and self.path.exists():
             # keep what was measured up to the checkpoint, drop what came after it
-            kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= trainer.step]
+            kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= state.step]
             _write_rows(self.path, kept)
             self.rows = kept
             self._file_started = True
-        elif trainer.step == 0:
-            self.record(0, trainer.model, trainer.optimizer)
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: Tensor) -> None:
-        if self.due(step):
-            self.record(step, trainer.model, trainer.optimizer)
+    def on_step_start(self, state: TrainState, step: int) -> None:
+        # at w_step, before step `step`, with the batch that step uses: as in a plain loop
+        if self.due(step) and not self._has_row(step):
+            self.record(step, state.model, state.optimizer, _step_batch(state))
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, state: TrainState, epoch: int, metrics: dict[str, Any]) -> None:
+        # full batch: the next step's measurement (batch=None) can be taken now, for the record
+        if _step_batch(state) is None and self.due(state.step) and not self._has_row(state.step):
+            self.record(state.step, state.model, state.optimizer)
         if self.rows and "lambda1" in self.rows[-1]:
             metrics["lambda1"] = self.rows[-1]["lambda1"]
             if self.rows[-1].get("ratio") is not None:
                 metrics["edge_ratio"] = self.rows[-1]["ratio"]
 
-    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        trainer.progress.line(self.cost_summary())
+    def on_train_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.due(state.step) and not self._has_row(state.step):  # the final weights
+            self.record(state.step, state.model, state.optimizer)
+        state.print(self.cost_summary())
+
+    def _has_row(self, step: int) -> bool:
+        return bool(self.rows) and self.rows[-1].get("step") == step
 
     def state_dict(self) -> dict[str, Any]:
         return {"vector": self._vector, "pvector": self._pvector, "seconds": self.seconds,
@@ -513,6 +521,15 @@ class EdgeTracker(Callback):
         if self.verbose:
             print(format_row(row), flush=True)
         return row
+
+
+def _step_batch(state: TrainState) -> Any:
+    """The step's batch for the SAM-edge's ‖g‖, or None in full-batch runs (the probe set is
+    then the training set)."""
+    batch = state.batch
+    if batch is None or len(batch[1]) == len(state.train_data.y):
+        return None
+    return batch
 
 
 def _alignment(g: Tensor, v: Tensor) -> float:

@@ -18,17 +18,18 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.optim import ESAM, SharpnessAwareOptimizer, create_optimizer, disable_running_stats
-from samkit.train.callbacks import Callback
+from samkit.optim import create_optimizer
+from samkit.step import StepEngine
+from samkit.train.callbacks import Callback, TrainState
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from samkit.train.config import TrainConfig, resolved_dict, save_config
 from samkit.train.logs import MetricsWriter, Progress, check_tensorboard, read_metrics
@@ -144,27 +145,40 @@ class Trainer:
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"Invalid config: {type(config).__name__} (allowed: a TrainConfig)")
+        # what the run is (fixed at construction)
         self.config = config
         self.callbacks = list(callbacks)
         self.resume = resume
         self.overwrite = overwrite
-        self.verbose = verbose
         self.progress = Progress(verbose, prefix)
-        self.run_dir = config.run_dir
+        self.run_dir: Path = config.run_dir
         self.checkpoint_path = self.run_dir / CHECKPOINT
-        self._given_model = model
-        self._given_data = data
+        self._given: tuple[nn.Module | None, tuple[Any, Any] | None] = (model, data)
+        # built by setup()
+        self.device: torch.device | None = None
+        self.rank, self.world_size = 0, 1  # DDP under torchrun
+        self._owns_process_group = False
+        self.train_data: Any = None
+        self.test_data: Any = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.engine: StepEngine | None = None  # how each step is taken (samkit.step)
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.notes: list[str] = []
+        self.batch_size = self.steps_per_epoch = self.total_steps = self.num_epochs = 0
+        self._writer: MetricsWriter | None = None
+        # where the run is (saved in the checkpoint)
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # the current epoch (0-based)
         self.batch: tuple[Tensor, Tensor] | None = None  # the current (x, y), for callbacks
-        self.stopped = False  # True when the run ended before its budget (request_stop)
-        self.rank, self.world_size = 0, 1  # DDP under torchrun: set by setup()
-        self._owns_process_group = False
-        self._global_batch = 0  # examples in the current step's batch, over every rank
-        self._stop_requested = False
-        self._writer: MetricsWriter | None = None
+        self._start = (0, 0)  # (epoch, batch) the loop starts from (a resumed position)
+        self._epoch_sums: dict[str, float] = {}
+        self.train_time = 0.0
         self.last_record: dict[str, Any] | None = None
+        self.stopped = False  # True when the run ended before its budget (request_stop)
+        self._stop_requested = False
+        self._interrupted = False
+        self.state = TrainState(self)  # what callbacks see
 
     # ------------------------------------------------------------------ set-up
 
@@ -200,9 +214,10 @@ class Trainer:
             check_tensorboard()  # fail now, not after the first epoch
         torch.manual_seed(cfg.seed)
 
+        given_model, given_data = self._given
         # 2. data: held on the device as tensors (subset and label noise seeded by data_seed)
-        if self._given_data is not None:
-            self.train_data, self.test_data = self._given_data
+        if given_data is not None:
+            self.train_data, self.test_data = given_data
         else:
             from samkit.data import load_dataset
 
@@ -220,8 +235,8 @@ class Trainer:
             self._check_batches_shard(n)
 
         # 3. model, initialized from cfg.seed
-        if self._given_model is not None:
-            self.model = self._given_model.to(self.device)
+        if given_model is not None:
+            self.model = given_model.to(self.device)
         else:
             from samkit.models import create_model
 
@@ -231,35 +246,33 @@ class Trainer:
                 **cfg.model_kwargs,
             ).to(self.device)
 
-        # 4. optimizer (from the registry), per-step LR schedule, mixed precision, loss
+        # 4. optimizer (from the registry), per-step LR schedule, and the step engine: DDP
+        #    (the forward passes go through the wrapped model; self.model stays the plain
+        #    module), micro-batches, mixed precision, the per-example losses a variant asks for
         kwargs, self.notes = optimizer_kwargs(cfg)
         self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base, **kwargs)
-        self.sharpness_aware = isinstance(self.optimizer, SharpnessAwareOptimizer)
-        # ESAM's sharpness-sensitive data selection: the second pass on the examples whose loss
-        # rises most (one batch on one process; otherwise its weight perturbation only)
-        self.selects_examples = isinstance(self.optimizer, ESAM) and self.optimizer.gamma < 1
-        if self.selects_examples and (cfg.grad_accum > 1 or self.world_size > 1):
-            self.selects_examples = False
-            self.notes.append(
-                "ESAM's data selection needs grad_accum=1 and one process; this run uses its "
-                "weight perturbation only"
-            )
-        # DDP: the forward passes go through train_model; self.model stays the plain module
-        self.train_model = self._wrap_ddp(self.model)
-        self.schedule = self._make_schedule()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._make_schedule())
         cuda = self.device.type == "cuda"
-        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg.amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and cuda) if cuda else None
-        self.loss_fn = lambda logits, y: classification_loss(logits, y, cfg.label_smoothing)
+        self.engine = StepEngine(
+            self.optimizer, self._wrap_ddp(self.model),
+            lambda logits, y: classification_loss(logits, y, cfg.label_smoothing),
+            grad_accum=cfg.grad_accum,
+            scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and cuda) if cuda else None,
+            autocast=(torch.float16 if cuda else torch.bfloat16) if cfg.amp else None,
+            perturbation=cfg.perturbation if self.world_size > 1 else "synced",
+            example_loss_fn=lambda logits, y: example_losses(logits, y, cfg.label_smoothing),
+        )
+        why = self.engine.example_losses_unavailable(self.batch_size)
+        if why is not None:
+            self.notes.append(
+                f"{type(self.optimizer).__name__}'s data selection is off ({why}); this run "
+                "uses its weight perturbation only"
+            )
 
         # 5. the run directory: resolved config, metrics, the checkpoint to resume from (under
         #    DDP every rank loads the checkpoint; only rank 0 writes files)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.start_epoch, self.start_batch = 0, 0
-        self._epoch_sums: dict[str, float] = {}
-        self.train_time = 0.0
         if self.resume:
             self._load(load_checkpoint(self.checkpoint_path, map_location=self.device))
         if self.rank == 0:
@@ -295,8 +308,7 @@ class Trainer:
         self.setup()
         restore = self._install_sigint()
         try:
-            for cb in self.callbacks:
-                cb.on_train_start(self)
+            self._call("on_train_start")
             self._loop()
         except TrainingStopped:
             self.stopped = True
@@ -308,31 +320,27 @@ class Trainer:
         if self._interrupted:
             raise KeyboardInterrupt(f"training interrupted; checkpoint: {self.checkpoint_path}")
         if not self.stopped:
-            for cb in self.callbacks:
-                cb.on_train_end(self, self.last_record or {})
+            self._call("on_train_end", self.last_record or {})
         return self.last_record or {}
 
     def _loop(self) -> None:
         cfg = self.config
-        opt = self.optimizer
-        # DDP local mode: the first pass (forward and backward) is not all-reduced
-        sync_first = not (self.sharpness_aware and cfg.perturbation == "local")
         cuda = self.device.type == "cuda"
         augment = cfg.augment and self.train_data.x.ndim == 4
         generator = torch.Generator()  # CPU generator: the same numbers on every device
-        for epoch in range(self.start_epoch, self.num_epochs):
+        start_epoch, start_batch = self._start
+        for epoch in range(start_epoch, self.num_epochs):
             if self.step >= self.total_steps:
                 break
             self.epoch = epoch
-            skip = self.start_batch if epoch == self.start_epoch else 0
+            skip = start_batch if epoch == start_epoch else 0
             if skip == 0:
                 self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0}
             sums = self._epoch_sums
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             correct = torch.zeros((), dtype=torch.int64, device=self.device)
             count = 0
-            for cb in self.callbacks:
-                cb.on_epoch_start(self, epoch)
+            self._call("on_epoch_start", epoch)
             left = self.total_steps - epoch * self.steps_per_epoch
             self.progress.start_epoch(
                 epoch, self.num_epochs, min(self.steps_per_epoch, left), initial=skip
@@ -357,53 +365,39 @@ class Trainer:
                     generator.manual_seed(derive_seed(cfg.seed, _AUGMENT, self.step))
                     x = augment_batch(x, generator)
                 # 6b. DDP: this rank's slice of the global batch (the same on every rank)
-                self._global_batch = len(y)
+                global_examples = len(y)
                 if self.world_size > 1:
                     from samkit.distributed import shard_batch
 
                     x, y = shard_batch(x, y, self.rank, self.world_size)
                 self.batch = (x, y)
-                micro = _micro_batches(x, y, cfg.grad_accum)
+                self._call("on_step_start", self.step)
 
-                # 6c. first pass at w: forward + backward over the micro-batches
-                batch_loss, batch_correct = self._forward_backward(
-                    micro, track=True, sync=sync_first
+                # 6c. the step (samkit.step): the closure's passes over the micro-batches, as
+                #     many as the optimizer runs, then the AMP scale update; the first pass's
+                #     predictions are counted
+                hits: list[Tensor] = []
+                batch_loss = self.engine.step(
+                    x, y, global_examples=global_examples if self.world_size > 1 else None,
+                    observe=lambda out, t, hits=hits: hits.append((out.argmax(-1) == t).sum()),
                 )
-                if self.sharpness_aware:
-                    # 6d. ascend to w + eps (the gradients are cleared); False means the
-                    #     optimizer chose a one-pass step (LookSAM, AE-SAM, RST) and has stepped
-                    if opt.first_step(zero_grad=True, scaler=self.scaler):
-                        # 6e. second pass at w + eps, BatchNorm running statistics untouched
-                        #     (ESAM: only on the examples whose loss rose most)
-                        with disable_running_stats(self.model):
-                            if self.selects_examples and opt.selects_examples(len(y)):
-                                micro = [self._sensitive_examples(x, y)]
-                            self._forward_backward(micro, track=False)
-                        # 6f. back to w; the base optimizer steps with the gradient at w + eps
-                        opt.second_step(scaler=self.scaler)
-                elif self.scaler is not None and self.scaler.is_enabled():
-                    self.scaler.step(opt)
-                else:
-                    opt.step()
-                # 6g. bookkeeping: AMP scale, LR schedule, gradients cleared for the next step
-                if self.scaler is not None and self.scaler.is_enabled():
-                    self.scaler.update()
+                # 6d. bookkeeping: LR schedule, gradients cleared for the next step
                 self.scheduler.step()
-                opt.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
 
-                # 6h. running epoch statistics stay on the device (no sync per step)
+                # 6e. running epoch statistics stay on the device (no sync per step)
                 n = y.numel()  # examples, or tokens for a language model
                 loss_sum += batch_loss.double() * n
-                correct += batch_correct
+                for hit in hits:
+                    correct += hit
                 count += n
-                for cb in self.callbacks:
-                    cb.on_step_end(self, self.step, batch_loss)
+                self._call("on_step_end", self.step, batch_loss)
                 log_now = self.step % cfg.log_every == 0
                 if log_now and self.world_size > 1:  # the mean over the ranks; agree on stops
                     batch_loss, self._stop_requested = self._reduce_step(batch_loss)
                 loss_value = float(batch_loss) if log_now else None
-                lr = opt.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[0]["lr"]
                 if log_now:
                     self.log({"event": "step", "step": self.step, "epoch": epoch,
                               "lr": lr, "loss": loss_value})
@@ -420,8 +414,7 @@ class Trainer:
                 _, self._stop_requested = self._reduce_step(loss_sum.new_zeros(()))
             sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
             record = self._epoch_record(epoch, sums)
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, epoch, record)
+            self._call("on_epoch_end", epoch, record)
             self.last_record = record
             self.log(record)
             self.progress.end_epoch(record)
@@ -431,58 +424,15 @@ class Trainer:
             if self._stop_requested:
                 raise TrainingStopped
 
-    def _sensitive_examples(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """ESAM's selection at w + eps: the batch's per-example losses are compared with those
-        of the first pass (kept by ``_forward_backward``), one forward pass without gradient."""
-        with torch.no_grad(), self._autocast():
-            after = example_losses(self.train_model(x), y, self.config.label_smoothing)
-        keep = self.optimizer.select_examples(self._first_pass_losses, after.float())
-        return x[keep], y[keep]
+    def _call(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` of every callback with the run's TrainState."""
+        for cb in self.callbacks:
+            getattr(cb, hook)(self.state, *args)
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _forward_backward(
-        self, micro: Sequence[tuple[Tensor, Tensor]], track: bool, sync: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        """Backward of the mean loss over the micro-batches (each weighted by its size).
-
-        Returns the mean loss (detached) and, when ``track``, the number of correct predictions.
-        Under DDP, a pass with ``sync`` all-reduces once, after its last micro-batch (the others
-        run under ``no_sync()``), and weighs each rank's loss by its share of the global batch,
-        so the all-reduced gradient is the global batch's; without ``sync`` (the first pass of
-        ``perturbation: local``) nothing is all-reduced and the gradient is this rank's own.
-        """
-        from samkit.distributed import sync_context
-
-        total = sum(len(y) for _, y in micro)
-        ddp = self.world_size > 1
-        mean = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for i, (x, y) in enumerate(micro):
-            with sync_context(self.train_model, sync and i == len(micro) - 1):
-                with self._autocast():
-                    logits = self.train_model(x)
-                    loss = self.loss_fn(logits, y)
-                    # DDP averages over the ranks: weigh so the average is the global mean
-                    share = (
-                        len(y) * self.world_size / self._global_batch
-                        if ddp and sync
-                        else len(y) / total
-                    )
-                    weighted = loss * share
-                scaled = self.scaler.scale(weighted) if self.scaler is not None else weighted
-                scaled.backward()
-            mean = mean + (weighted if not ddp else loss * (len(y) / total)).detach().float()
-            if track:
-                correct = correct + (logits.detach().argmax(-1) == y).sum()
-                if self.selects_examples:  # the first pass, for ESAM's selection
-                    self._first_pass_losses = example_losses(
-                        logits.detach(), y, self.config.label_smoothing
-                    ).float()
-        return mean, correct
+    @property
+    def loss_fn(self):
+        """The training loss ``loss_fn(logits, y)`` (mean over the batch)."""
+        return None if self.engine is None else self.engine.loss_fn
 
     def _add_sums(self, sums, loss_sum, correct, count, t0, cuda) -> dict[str, float]:
         if cuda:
@@ -535,7 +485,7 @@ class Trainer:
         x_all, y_all = split.x.to(self.device), split.y.to(self.device)
         for start in range(0, len(y_all), bs):
             x, y = x_all[start : start + bs], y_all[start : start + bs]
-            with self._autocast():
+            with self.engine.autocast_context(self.device):
                 logits = self.model(x)
             logits = logits.float().flatten(0, -2)
             loss_sum += F.cross_entropy(logits, y.flatten(), reduction="sum").double()
@@ -554,8 +504,6 @@ class Trainer:
     def request_stop(self) -> None:
         """Stop after the current step, with a resumable checkpoint; ``fit`` then returns."""
         self._stop_requested = True
-
-    _interrupted = False
 
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():
@@ -579,6 +527,7 @@ class Trainer:
         """Checkpoint the position ``(epoch, batch)``: the next batch to take."""
         if not self.config.checkpoint and not self._stop_requested:
             return
+        scaler = self.engine.scaler
         rngs = [rng_states()]
         if self.world_size > 1:  # every rank's RNG (dropout), for an exact resume
             import torch.distributed as dist
@@ -593,7 +542,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch,
             "batch": batch,
             "step": self.step,
@@ -642,10 +591,6 @@ class Trainer:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        from samkit.distributed import check_local_optimizer
-
-        if self.config.perturbation == "local":
-            check_local_optimizer(self.optimizer)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -685,14 +630,15 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows this config's budget (it may have been extended); loading the
         # state wrote the saved budget into the schedule objects, so make them anew.
-        self.schedule = self._make_schedule()
-        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+        schedule = self._make_schedule()
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
         groups, base_lrs = self.optimizer.param_groups, self.scheduler.base_lrs
         for group, base_lr in zip(groups, base_lrs, strict=True):
-            group["lr"] = base_lr * self.schedule(self.scheduler.last_epoch)
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.start_batch = state["epoch"], state["batch"]
+            group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+        scaler = self.engine.scaler
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        self._start = (state["epoch"], state["batch"])
         self.step = state["step"]
         self._epoch_sums = state.get("epoch_sums") or {}
         self.train_time = state.get("train_time", 0.0)
@@ -701,10 +647,10 @@ class Trainer:
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", []), strict=False):
             if cb_state is not None and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(cb_state)
-        if self.start_batch == 0:
+        if self._start[1] == 0:
             self._epoch_sums = {}
         self.progress.line(
-            f"resumed {self.checkpoint_path} at epoch {self.start_epoch + 1}, step {self.step}"
+            f"resumed {self.checkpoint_path} at epoch {self._start[0] + 1}, step {self.step}"
         )
         if saved.get("epochs") != now["epochs"] or saved.get("steps") != now["steps"]:
             self.progress.line(f"note: budget changed, now {self.total_steps} steps")
@@ -715,13 +661,6 @@ def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, dro
 
     shuffle = generator is not None
     return iterate_batches(split, batch_size, shuffle, generator, drop_last=drop_last)
-
-
-def _micro_batches(x: Tensor, y: Tensor, parts: int) -> list[tuple[Tensor, Tensor]]:
-    if parts == 1:
-        return [(x, y)]
-    return [(xs, ys) for xs, ys in zip(x.tensor_split(parts), y.tensor_split(parts), strict=True)
-            if len(ys)]
 
 
 def train(config: TrainConfig, callbacks: Iterable[Callback] = (), **kwargs: Any) -> dict:
