@@ -2,11 +2,11 @@ r"""USAM: unnormalized SAM (Andriushchenko & Flammarion, ICML 2022)."""
 
 from __future__ import annotations
 
-import torch
 from torch.optim import Optimizer
 
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import USAM_ASCENT
+from samkit.optim.base import SharpnessAwareOptimizer
 
 
 class USAM(SharpnessAwareOptimizer):
@@ -34,7 +34,7 @@ class USAM(SharpnessAwareOptimizer):
         arXiv:2309.12488, 2023.
     """
 
-    _ascent_needs_unscaled_grads = True
+    ascent = USAM_ASCENT  # the direction and its declarations; needs unscaled gradients
 
     def __init__(
         self,
@@ -51,8 +51,3 @@ class USAM(SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
-
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            torch._foreach_mul_(b.grads, float(b.group["rho"]))
