@@ -2,9 +2,9 @@ r"""GSAM: surrogate-gap guided sharpness-aware minimization (Zhuang et al., ICLR
 
 from __future__ import annotations
 
-from torch.optim import Optimizer
-
 from typing import Any
+
+from torch.optim import Optimizer
 
 from samkit.optim import descents
 from samkit.optim._validation import check_non_negative

@@ -73,7 +73,8 @@ def ascent_optimizer(
 ) -> SharpnessAwareOptimizer:
     """The optimizer of ``ascent`` alone over ``base_optimizer``: its preset class where it has
     one (same type, defaults and checkpoints as ``samkit.SAM(...)`` & co.), else
-    :class:`SharpnessAware`. ``kwargs``: the preset's arguments (``rho``, ``max_grad_norm``, ...)."""
+    :class:`SharpnessAware`. ``kwargs``: the preset's arguments (``rho``, ``max_grad_norm``,
+    ...)."""
     cls = preset_class(ascent) if isinstance(ascent, str) else None
     if cls is not None:
         return cls(base_optimizer, **kwargs)

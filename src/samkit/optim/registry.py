@@ -33,8 +33,8 @@ from torch.optim import Optimizer
 from samkit.optim import ascents as _ascents
 from samkit.optim import descents as _descents
 from samkit.optim._validation import check_non_negative
-from samkit.optim.ascents import Ascent
 from samkit.optim.asam import ASAM
+from samkit.optim.ascents import Ascent
 from samkit.optim.groups import param_groups
 from samkit.optim.sam import SAM
 from samkit.optim.usam import USAM
