@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit import stability
+from samkit.stability import base_edge_for, edge_for, optimizer_kind
 from samkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -63,96 +64,6 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 # --------------------------------------------------------------------------- which edge applies
-
-
-def optimizer_kind(optimizer: Optimizer) -> dict[str, Any]:
-    """What the edge depends on: the descent rule, the ascent rule and their hyperparameters.
-
-    Returns a dict with ``base`` (``"gd"``, ``"momentum"``, ``"nesterov"``, ``"adam"`` or
-    ``"unknown"``), ``ascent`` (``None``, ``"sam"``, ``"usam"`` or ``"unknown"``), ``lr``,
-    ``beta`` (momentum or Adam's β₁), ``rho`` and ``note`` (why no edge applies, or ``""``).
-    The first param group's hyperparameters are used; all groups must share ``lr``.
-    """
-    from samkit.optim import SAM, USAM, SharpnessAwareOptimizer
-
-    info: dict[str, Any] = {"base": "unknown", "ascent": None, "lr": None, "beta": 0.0,
-                            "rho": None, "note": ""}
-    base = optimizer
-    if isinstance(optimizer, SharpnessAwareOptimizer):
-        base = optimizer.base_optimizer
-        # exact types: a subclass may change the descent rule (GSAM, LookSAM, ...)
-        if type(optimizer) is SAM:
-            info["ascent"] = "sam"
-        elif type(optimizer) is USAM:
-            info["ascent"] = "usam"
-        else:
-            info["ascent"] = "unknown"
-            info["note"] = f"no closed-form edge for {type(optimizer).__name__}"
-        info["rho"] = float(optimizer.param_groups[0]["rho"])
-    groups = optimizer.param_groups
-    lrs = {float(g["lr"]) for g in groups}
-    info["lr"] = float(groups[0]["lr"])
-    if len(lrs) > 1:
-        info["note"] = info["note"] or f"param groups have different learning rates {sorted(lrs)}"
-    elif not info["lr"] > 0:
-        info["note"] = info["note"] or f"lr is {info['lr']} (a schedule's end): no edge"
-    group = groups[0]
-    if isinstance(base, torch.optim.SGD):
-        beta = float(group.get("momentum", 0.0))
-        if beta == 0.0:
-            info["base"] = "gd"
-        else:
-            info["base"] = "nesterov" if group.get("nesterov", False) else "momentum"
-            info["beta"] = beta
-            if float(group.get("dampening", 0.0)) != 0.0:
-                info["note"] = info["note"] or "SGD with dampening != 0 has no edge here"
-    elif isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
-        info["base"] = "adam"
-        info["beta"] = float(group["betas"][0])
-        if info["ascent"] is not None:
-            info["note"] = info["note"] or "no closed-form edge for SAM with an Adam base"
-    else:
-        info["note"] = info["note"] or f"no edge for {type(base).__name__}"
-    return info
-
-
-def edge_for(optimizer: Optimizer | dict[str, Any], grad_norm: float | None = None) -> float | None:
-    r"""The stability threshold of λ₁ for ``optimizer`` at gradient norm ``grad_norm``.
-
-    * SGD: :func:`~samkit.stability.gd_edge`, or :func:`~samkit.stability.momentum_edge`
-      (heavy ball or Nesterov);
-    * Adam / AdamW: :func:`~samkit.stability.adam_edge` (compare it with the *preconditioned*
-      sharpness :math:`\lambda_1(P^{-1}H)`);
-    * SAM over SGD: :func:`~samkit.stability.sam_edge` with ``grad_norm`` (Long & Bartlett);
-      USAM over SGD: :func:`~samkit.stability.usam_edge`.
-
-    SAM over heavy-ball or Nesterov SGD (an extension of the same quadratic argument, not in the
-    paper): along :math:`v_1` SAM's gradient is :math:`\lambda(1 + \rho\lambda/\|g\|)` times the
-    plain one, so SAM is stable while :math:`\lambda(1 + \rho\lambda/\|g\|)` stays below the
-    base optimizer's edge :math:`E`. That is ``sam_edge(2/E, rho, grad_norm)`` (with :math:`E =
-    2/\eta` it is the paper's SAM-edge); likewise ``usam_edge(2/E, rho)``.
-
-    Returns ``None`` where no edge applies (ASAM and other variants, SAM over Adam, per-group
-    learning rates, other optimizers); :func:`optimizer_kind` says why.
-    """
-    info = optimizer if isinstance(optimizer, dict) else optimizer_kind(optimizer)
-    if info["note"] or info["base"] == "unknown":
-        return None
-    lr, beta = info["lr"], info["beta"]
-    if info["base"] == "adam":
-        return float(stability.adam_edge(lr, beta))
-    if info["base"] == "gd":
-        base_edge = float(stability.gd_edge(lr))
-    else:
-        base_edge = float(stability.momentum_edge(lr, beta, nesterov=info["base"] == "nesterov"))
-    if info["ascent"] is None:
-        return base_edge
-    effective_lr = 2.0 / base_edge  # == lr for plain gradient descent
-    if info["ascent"] == "usam":
-        return float(stability.usam_edge(effective_lr, info["rho"]))
-    if grad_norm is None:
-        raise ValueError("Invalid grad_norm: None (the SAM-edge needs the gradient norm)")
-    return float(stability.sam_edge(effective_lr, info["rho"], grad_norm))
 
 
 def _edge_name(info: dict[str, Any]) -> str:
