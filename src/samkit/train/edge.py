@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit import stability
-from samkit.stability import base_edge_for, edge_for, optimizer_kind
+from samkit.stability import edge_for, optimizer_kind
 from samkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
