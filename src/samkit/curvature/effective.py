@@ -127,7 +127,9 @@ def effective_hessian(
         )
     why = effective_note(optimizer)
     if why:
-        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__} has no effective form: {why}")
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} has no effective form: {why}"
+        )
     position = {id(p): i for i, p in enumerate(H.params)}
     groups_params, seen = [], set()
     for group in optimizer.param_groups:
