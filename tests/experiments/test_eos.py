@@ -130,7 +130,7 @@ def test_missing_text_file_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_reproduces_the_edges_on_fashion_mnist(tmp_path):
-    """The issue's real-data check: GD settles at 2/η, SAM at the SAM-edge, far below 2/η,
+    """The real-data check: GD settles at 2/η, SAM at the SAM-edge, far below 2/η,
     and the SAM-edge falls with ‖g‖ (the default, about a minute on 2 cores)."""
     require_fashion_mnist()
     result = eos.run_eos(EOSConfig(out_dir=str(tmp_path)), verbose=0)

@@ -71,7 +71,8 @@ def test_bad_overrides_say_what_is_wrong(text, message):
         ({"epochs": 0}, "Invalid epochs: 0"),
         ({"batch_size": -1}, "Invalid batch_size"),
         ({"label_noise": 1.0}, "Invalid label_noise"),
-        ({"schedule": "linear"}, "Invalid schedule: 'linear'.*constant, cosine, step"),
+        ({"lr_schedule": "linear"}, "Invalid lr_schedule: 'linear'.*constant, cosine, step"),
+        ({"schedule": "linear"}, "Invalid lr_schedule: 'linear'"),  # the older name
         ({"milestones": (0.5, 1.5)}, "Invalid milestones"),
         ({"rho": -1.0}, "Invalid rho"),
         ({"grad_accum": 0}, "Invalid grad_accum"),

@@ -1,4 +1,9 @@
-"""Experiments built on the trainer: each is a config, a set of runs and a report."""
+"""Experiments built on the trainer: each is a config, a set of runs and a report.
+
+``base`` holds what they share (subcommand registration, run directory, finished runs, data and
+its fallback, figures, strict JSON, the report files); ``train``, ``compare``, ``eos`` (with
+``eos_report``) and the ``correlate`` package each register their ``samkit`` subcommand.
+"""
 
 from samkit.experiments.compare import (
     DEFAULT,

@@ -8,17 +8,22 @@ settings: ``sam:rho=0.1``, ``asam:rho=1.0,eta=0.01``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samkit import config as C
+from samkit.config import TrainConfig, apply_overrides, check_value, from_dict, to_dict
+from samkit.experiments import base as experiment
 from samkit.train.checkpoint import atomic_write_text
-from samkit.train.config import TrainConfig, apply_overrides, check_value, from_dict, to_dict
 from samkit.train.logs import read_metrics
 from samkit.train.trainer import Trainer
 
@@ -36,7 +41,7 @@ DEFAULT = TrainConfig(
     weight_decay=5e-4,
     epochs=20,
     batch_size=128,
-    schedule="cosine",
+    lr_schedule="cosine",
     threads=1,
     checkpoint=True,
 )
@@ -192,12 +197,12 @@ def run_compare(
 
     from samkit.train.trainer import resolve_device
 
-    data = _load_data(base, resolve_device(base.device))
+    data = experiment.load_data(base, resolve_device(base.device))
     start = time.perf_counter()
     for i, (label, seed, cfg) in enumerate(runs):
         if verbose:
             print(f"[{i + 1}/{len(runs)}] {label} seed {seed} -> {cfg.run_dir}", flush=True)
-        already_done = resume and _finished(cfg)
+        already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
         if not already_done:
             trainer = Trainer(
                 cfg, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
@@ -211,28 +216,6 @@ def run_compare(
     return result
 
 
-def _finished(cfg: TrainConfig) -> bool:
-    path = cfg.run_dir / "checkpoint.pt"
-    if not path.exists():
-        return False
-    from samkit.train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    return state.get("batch") == 0 and state.get("last_record") is not None and (
-        state["last_record"]["epoch"] == state["last_record"]["epochs"]
-        and state["config"]["epochs"] == cfg.epochs and state["config"]["steps"] == cfg.steps
-    )
-
-
-def _load_data(cfg: TrainConfig, device):
-    from samkit.data import load_dataset
-
-    return load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, stratified=cfg.stratified,
-        label_noise=cfg.label_noise, seed=cfg.data_seed, standardize=True, device=device,
-    )
-
-
 def default_name(cfg: TrainConfig) -> str:
     name = f"compare-{cfg.dataset}-{cfg.model}"
     if cfg.label_noise:
@@ -242,22 +225,7 @@ def default_name(cfg: TrainConfig) -> str:
 
 def with_fallback(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
     """``config``, or its digits fallback when its Fashion-MNIST files cannot be found."""
-    from samkit.data import DataNotFoundError, resolve_data_dir
-
-    if config.dataset != "fashion-mnist":
-        return config, []
-    try:
-        resolve_data_dir("fashion-mnist", config.data_dir)
-    except DataNotFoundError as err:
-        first = str(err).splitlines()[0]
-        note = (
-            f"Fashion-MNIST not found ({first}); falling back to scikit-learn's digits "
-            "(8x8 images, 1,438 train / 359 test). To run the default on Fashion-MNIST install "
-            "it (Debian: apt-get install dataset-fashion-mnist) or point --data-dir / "
-            "SAMKIT_DATA at the four IDX files."
-        )
-        return config.replace(**FALLBACK), [note]
-    return config, []
+    return experiment.with_fallback(config, FALLBACK)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -307,7 +275,7 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         + ". Test accuracy on the full test split.",
         f"Model: **{cfg.model}** {cfg.model_kwargs or ''}. Budget: "
         + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs")
-        + f", batch {cfg.batch_size or 'full'}, lr {cfg.lr:g} ({cfg.schedule}), momentum "
+        + f", batch {cfg.batch_size or 'full'}, lr {cfg.lr:g} ({cfg.lr_schedule}), momentum "
         f"{cfg.momentum:g}, weight decay {cfg.weight_decay:g}, label smoothing "
         f"{cfg.label_smoothing:g}. Seeds: {seeds}.",
         "",
@@ -347,3 +315,71 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
     }
     atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add ``samkit compare`` to the CLI's subparsers."""
+    from samkit.experiments.train import COMMON_KEYS
+
+    p = experiment.subcommand(
+        sub, "compare", cmd_compare, help="compare optimizers on the same data, model and budget",
+        description="Train every optimizer with every seed on the same data, model and budget;\n"
+        "print a table and write runs/<name>/report.md, curves.png and summary.json.\n"
+        "Without --config: an MLP on 10,000 Fashion-MNIST examples, 20 epochs, seeds 0 1 2\n"
+        "(scikit-learn's digits, with a message, when the Fashion-MNIST files are missing).",
+        epilog="examples:\n"
+        "  samkit compare\n"
+        "  samkit compare --label-noise 0.4\n"
+        "  samkit compare --optimizers sgd sam:rho=0.1 asam:rho=1.0 --seeds 0 1 --epochs 5\n"
+        "  samkit compare --config configs/fashion-mnist-mlp.yaml --set model=cnn\n",
+    )
+    experiment.add_config_flags(p, "the shared settings; default: built in")
+    p.add_argument("--optimizers", nargs="+", default=None, metavar="OPT",
+                   help="registry names, optionally name:key=value,... (default: sgd sam asam)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="seeds (default: 0 1 2)")
+    p.add_argument("--name", default=None, help="runs/<name>/ (default: compare-<data>-...)")
+    C.add_flags(p, TrainConfig, COMMON_KEYS)
+    experiment.add_run_flags(p)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    values = C.flag_values(args)
+    if args.config:
+        config = C.load_config(args.config, args.overrides, **values)
+        notes = []
+    else:
+        config = DEFAULT
+        if "dataset" not in values:
+            config, notes = with_fallback(config)
+        else:
+            notes = []
+            if values["dataset"] != DEFAULT.dataset and "subset" not in values:
+                values["subset"] = None  # the default's 10,000 is a Fashion-MNIST choice
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        config = C.load(TrainConfig, None, args.overrides, base=config, **values)
+    optimizers = args.optimizers or list(DEFAULT_OPTIMIZERS)
+    seeds = args.seeds if args.seeds is not None else list(DEFAULT_SEEDS)
+    try:
+        result = run_compare(
+            config, optimizers, seeds, name=args.name, resume=args.resume,
+            overwrite=args.overwrite, verbose=0 if args.quiet else 1,
+            command=experiment.command_line(argv), notes=notes,
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    print()
+    print(format_table(result))
+    print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "
+          f"{result.run_dir / 'report.md'}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0

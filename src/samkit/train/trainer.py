@@ -27,11 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samkit.config import (
+    TrainConfig,
+    resolved_dict,
+    save_config,
+    steps_per_epoch,
+    total_steps,
+    upgrade_keys,
+)
 from samkit.optim import create_optimizer
 from samkit.step import StepEngine
 from samkit.train.callbacks import Callback, TrainState
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from samkit.train.config import TrainConfig, resolved_dict, save_config
 from samkit.train.logs import MetricsWriter, Progress, check_tensorboard, read_metrics
 from samkit.train.schedule import LRSchedule
 
@@ -227,9 +234,8 @@ class Trainer:
                 device=self.device,
             )
         n = len(self.train_data.y)
-        self.batch_size = n if cfg.batch_size == 0 else min(cfg.batch_size, n)
-        self.steps_per_epoch = n // self.batch_size if cfg.drop_last else -(-n // self.batch_size)
-        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        self.batch_size, self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
+        self.total_steps = total_steps(cfg, n)
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
         if self.world_size > 1:
             self._check_batches_shard(n)
@@ -473,26 +479,13 @@ class Trainer:
         record["train_time"] = self.train_time
         return record
 
-    @torch.no_grad()
     def evaluate(self, split: Any) -> tuple[float, float]:
-        """Mean cross-entropy (no label smoothing) and accuracy of the model on ``split``."""
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        count = 0
-        bs = self.config.eval_batch_size
-        x_all, y_all = split.x.to(self.device), split.y.to(self.device)
-        for start in range(0, len(y_all), bs):
-            x, y = x_all[start : start + bs], y_all[start : start + bs]
-            with self.engine.autocast_context(self.device):
-                logits = self.model(x)
-            logits = logits.float().flatten(0, -2)
-            loss_sum += F.cross_entropy(logits, y.flatten(), reduction="sum").double()
-            correct += (logits.argmax(-1) == y.flatten()).sum()
-            count += y.numel()
-        self.model.train(was_training)
-        return float(loss_sum) / max(count, 1), float(correct) / max(count, 1)
+        """Mean cross-entropy (no label smoothing) and accuracy of the model on ``split``
+        (:func:`samkit.measures.evaluate`, under the run's autocast)."""
+        from samkit.measures import evaluate
+
+        return evaluate(self.model, split, self.config.eval_batch_size, self.device,
+                        lambda: self.engine.autocast_context(self.device))
 
     # ------------------------------------------------------------------ logging and stopping
 
@@ -605,10 +598,10 @@ class Trainer:
     def _make_schedule(self) -> LRSchedule:
         cfg = self.config
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        return LRSchedule(cfg.schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma)
+        return LRSchedule(cfg.lr_schedule, self.total_steps, warmup, cfg.milestones, cfg.gamma)
 
     def _load(self, state: dict[str, Any]) -> None:
-        saved = state["config"]
+        saved = upgrade_keys(state["config"])  # checkpoints of older versions: older key names
         now = resolved_dict(self.config)
         changed = sorted(
             k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, now[k]) != now[k]

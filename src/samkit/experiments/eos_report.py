@@ -1,0 +1,207 @@
+r"""``samkit eos``'s summary, table, figures and report: the median of λ₁/edge over the second
+half of training and the first step at which λ₁ reaches the edge, for every run; λ₁ against
+2/η and the SAM-edge; ``summary.json`` and ``report.md``."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from samkit import config as C
+from samkit.experiments import base as experiment
+
+if TYPE_CHECKING:
+    from samkit.experiments.eos import EOSResult, RunResult
+
+# The acceptance bands of the experiment: median λ₁/edge over the second half of training.
+GD_BAND = (0.9, 1.2)
+SAM_BAND = (0.8, 1.3)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def summarize(run: RunResult, steps: int) -> dict[str, Any]:
+    """The numbers of the table for one run.
+
+    ``median_ratio``: median of λ₁/edge over the measurements of the second half of training
+    (steps >= steps/2); ``median_lambda1``, ``median_edge`` likewise; ``first_at_edge``: the
+    first measured step with λ₁ >= edge; ``edge_early``: the median edge over the first quarter
+    (after step 0); ``lambda1_over_gd_edge``: median λ₁·η/2 over the second half.
+    """
+    rows = [r for r in run.rows if not r.get("diverged") and r.get("lambda1") is not None]
+    late = [r for r in rows if r["step"] >= steps / 2]
+    early = [r for r in rows if 0 < r["step"] <= steps / 4]
+    first = next((r["step"] for r in rows if r.get("edge") is not None
+                  and r["lambda1"] >= r["edge"]), None)
+    lr = run.spec.lr
+    out = {
+        "label": run.spec.label,
+        "optimizer": run.spec.optimizer,
+        "lr": lr,
+        "rho": run.spec.rho,
+        "gd_edge": 2.0 / lr,
+        "lambda1_init": rows[0]["lambda1"] if rows else None,
+        "median_lambda1": _median([r["lambda1"] for r in late]),
+        "median_edge": _median([r.get("edge") for r in late]),
+        "median_ratio": _median([r.get("ratio") for r in late]),
+        "lambda1_over_gd_edge": _median([r["lambda1"] * lr / 2 for r in late]),
+        "edge_early": _median([r.get("edge") for r in early]),
+        "grad_norm_early": _median([r["grad_norm"] for r in early]),
+        "grad_norm_late": _median([r["grad_norm"] for r in late]),
+        "first_at_edge": first,
+        "final_loss": run.train[-1]["loss"] if run.train else None,
+        "diverged": run.diverged,
+        "seconds": run.seconds,
+        "tracker_seconds": run.tracker_seconds,
+        "matvecs": run.matvecs,
+        "measurements": len(run.rows),
+    }
+    band = GD_BAND if run.spec.rho is None else SAM_BAND
+    ratio = out["median_ratio"]
+    out["at_edge"] = ratio is not None and band[0] <= ratio <= band[1]
+    return out
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan"
+    return format(value, spec)
+
+
+def format_table(result: EOSResult) -> str:
+    """The summary table (Markdown): one row per run."""
+    head = ("| run | η | ρ | 2/η | λ₁ at step 0 | median λ₁ (2nd half) | median edge (2nd half) "
+            "| median λ₁/edge | median λ₁/(2/η) | first step λ₁ ≥ edge | edge early → late "
+            "| ‖g‖ early → late | final loss | in band | time (tracker) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in result.runs:
+        s = run.summary
+        band = GD_BAND if s["rho"] is None else SAM_BAND
+        lines.append(
+            f"| {s['label']} | {s['lr']:g} | {_fmt(s['rho'], 'g')} | {s['gd_edge']:.2f} "
+            f"| {_fmt(s['lambda1_init'], '.2f')} | {_fmt(s['median_lambda1'], '.2f')} "
+            f"| {_fmt(s['median_edge'], '.2f')} | **{_fmt(s['median_ratio'])}** "
+            f"| {_fmt(s['lambda1_over_gd_edge'])} | {_fmt(s['first_at_edge'], 'd')} "
+            f"| {_fmt(s['edge_early'], '.2f')} → {_fmt(s['median_edge'], '.2f')} "
+            f"| {_fmt(s['grad_norm_early'], '.3f')} → {_fmt(s['grad_norm_late'], '.3f')} "
+            f"| {_fmt(s['final_loss'], '.4f')} "
+            f"| {'yes' if s['at_edge'] else 'no'} [{band[0]}, {band[1]}]"
+            f"{' (diverged)' if s['diverged'] else ''} "
+            f"| {s['seconds']:.0f} s ({s['tracker_seconds']:.0f} s) |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_run(run: RunResult, path: Path, title: str = "") -> Path:
+    """Four panels: λ₁ with the 2/η line and the SAM-edge curve; loss; ‖g‖; alignments."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in run.rows if r.get("lambda1") is not None]
+    fig = Figure(figsize=(13, 3.2), constrained_layout=True)
+    axes = fig.subplots(1, 4)
+    steps = [r["step"] for r in rows]
+    ax = axes[0]
+    ax.plot(steps, [r["lambda1"] for r in rows], "o-", ms=3, color="C0", label="λ₁")
+    ax.axhline(2 / run.spec.lr, ls="--", color="k", lw=1, label="2/η")
+    if run.spec.rho is not None:
+        # the SAM-edge at every step, from that step's gradient norm, and at the measurements
+        edges = _edges_per_step(run)
+        if edges:
+            ax.plot([e[0] for e in edges], [e[1] for e in edges], color="C3", lw=0.8,
+                    alpha=0.6, label=f"{run.spec.optimizer.upper()}-edge")
+        ax.plot(steps, [r.get("edge") for r in rows], "s", ms=2.5, color="C3")
+    elif rows and rows[0].get("edge_kind") not in ("gd", None):
+        ax.plot(steps, [r.get("edge") for r in rows], color="C3", lw=1, label="edge")
+    ax.set_xlabel("step")
+    ax.set_ylabel("top Hessian eigenvalue")
+    ax.legend(fontsize=8)
+    ax.set_title(title or run.spec.label, fontsize=9)
+    train = run.train
+    axes[1].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[1].set_ylabel("training loss")
+    axes[1].set_yscale("log")
+    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=0.8)
+    axes[2].set_ylabel("‖g‖ (step's batch)")
+    axes[2].set_yscale("log")
+    axes[3].plot(steps, [r["align_grad"] for r in rows], "o-", ms=3, label="|⟨g, v₁⟩|/‖g‖")
+    if any(r.get("align_sam_grad") is not None for r in rows):
+        axes[3].plot(steps, [r.get("align_sam_grad") for r in rows], "s-", ms=3,
+                     label="SAM gradient")
+    axes[3].set_ylabel("alignment with v₁")
+    axes[3].set_ylim(0, 1.02)
+    axes[3].legend(fontsize=8)
+    for a in axes[1:]:
+        a.set_xlabel("step")
+    _save(fig, path)
+    return path
+
+
+def _edges_per_step(run: RunResult) -> list[tuple[int, float]]:
+    from samkit.stability import momentum_edge, sam_edge, usam_edge
+
+    lr, rho = run.spec.lr, run.spec.rho
+    # the base optimizer's edge E; SAM over it is sam_edge(2/E, ...) (see edge_for)
+    eff = 2.0 / float(momentum_edge(lr, run.spec.momentum))
+    if run.spec.optimizer == "usam":
+        return [(r["step"], float(usam_edge(eff, rho))) for r in run.train]
+    return [(r["step"], float(sam_edge(eff, rho, r["grad_norm"]))) for r in run.train
+            if math.isfinite(r["grad_norm"])]
+
+
+def plot_overview(result: EOSResult, path: Path) -> Path:
+    """λ₁/edge of every run against steps, and λ₁ against 2/η and the edges."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6), constrained_layout=True)
+    ax1, ax2 = fig.subplots(1, 2)
+    for i, run in enumerate(result.runs):
+        rows = [r for r in run.rows if r.get("lambda1") is not None]
+        color = f"C{i % 10}"
+        steps = [r["step"] for r in rows]
+        ax1.plot(steps, [r.get("ratio") for r in rows], "o-", ms=2.5, color=color,
+                 label=run.spec.label)
+        ax2.plot(steps, [r["lambda1"] for r in rows], "o-", ms=2.5, color=color,
+                 label=f"{run.spec.label} λ₁")
+        ax2.plot(steps, [r.get("edge") for r in rows], ":", color=color, lw=1)
+        ax2.axhline(2 / run.spec.lr, ls="--", color=color, lw=0.6)
+    ax1.axhline(1.0, color="k", lw=0.8)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("λ₁ / edge")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("λ₁ (solid), edge (dotted), 2/η (dashed)")
+    ax2.legend(fontsize=7)
+    _save(fig, path)
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    experiment.save_figure(fig, path, dpi=110)
+
+
+def write_report(result: EOSResult, command: str | None = None) -> None:
+    summary = {"config": C.to_dict(result.config), "runs": [r.summary for r in
+               result.runs], "wall_time": result.wall_time, "notes": result.notes}
+    experiment.write_json(result.run_dir / "summary.json", summary, strict=False)
+    text = [f"# samkit eos: {result.config.run_name}", ""]
+    if command:
+        text += ["```", command, "```", ""]
+    text += [format_table(result), "",
+             f"Median over the measurements of the second half of training; the edge is 2/η "
+             f"for GD and the SAM-edge with that step's ‖g‖ for SAM. Bands: GD {GD_BAND}, SAM "
+             f"{SAM_BAND}. {len(result.runs)} runs in {result.wall_time:.0f} s.", ""]
+    text += [f"![{r.spec.label}]({r.spec.label}/eos.png)" for r in result.runs]
+    text += ["", "![overview](overview.png)", ""]
+    text += [f"note: {n}" for n in result.notes]
+    experiment.write_markdown(result.run_dir / "report.md", text)
