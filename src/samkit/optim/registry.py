@@ -88,9 +88,25 @@ class _AscentPreset:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def __call__(self, base_optimizer, **kwargs):
+    def __call__(self, base_optimizer, *args, **kwargs):
+        """``preset(base, rho=...)``, or davda54's ``preset(params, torch.optim.SGD, rho=...,
+        lr=...)`` (the ascent's keys go to the ascent, the others build the base)."""
         from samkit.optim.presets import SharpnessAware
 
+        if not isinstance(base_optimizer, Optimizer):
+            base_class = kwargs.pop("base_optimizer_class", None)
+            if base_class is None and args:
+                base_class, args = args[0], args[1:]
+            if not (isinstance(base_class, type) and issubclass(base_class, Optimizer)):
+                raise ValueError(
+                    f"Invalid base_optimizer: {type(base_optimizer).__name__} (allowed: an "
+                    "optimizer instance, or params followed by a torch.optim.Optimizer class)"
+                )
+            own = _ascents.get_ascent(self.name).keys() | {"max_grad_norm", "skip_non_finite"}
+            mine = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+            base_optimizer, kwargs = base_class(base_optimizer, **kwargs), mine
+        if args:
+            raise ValueError(f"Invalid arguments {args!r}: pass the ascent's options by name")
         return SharpnessAware(base_optimizer, self.name, **kwargs)
 
 
