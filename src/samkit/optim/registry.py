@@ -328,6 +328,7 @@ def _register_variants() -> None:
     from samkit.optim.friendlysam import FriendlySAM
     from samkit.optim.gsam import GSAM
     from samkit.optim.looksam import LookSAM
+    from samkit.optim.msam import MSAM
     from samkit.optim.schedules import ae_sam, rst_sam
 
     register_optimizer("gsam", GSAM, "GSAM, Zhuang et al. 2022: g_p - alpha g_perp, rho_t ~ lr_t")
@@ -336,6 +337,7 @@ def _register_variants() -> None:
     register_optimizer("aesam", ae_sam, "AE-SAM, Jiang et al. 2023: SAM when ||g||^2 is large")
     register_optimizer("rst", rst_sam, "RST, Zhao et al. 2022: SAM with probability p, else SGD")
     register_optimizer("friendlysam", FriendlySAM, "F-SAM, Li et al. 2024: eps along g - mean(g)")
+    register_optimizer("msam", MSAM, "MSAM, Becker et al. 2024: eps along -momentum, one pass")
     register_optimizer("fishersam", FisherSAM, "Fisher SAM, Kim et al. 2022: eps = rho F^-1 g/..")
 
 
