@@ -80,7 +80,8 @@ def test_msam_perturbs_along_the_adam_first_moment():
     pb = Problem()
     base = torch.optim.Adam([{"params": [pb.w1]}, {"params": [pb.w2]}], lr=0.01)
     opt = MSAM(base, rho=0.2)
-    x, m, v = pb.x0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    x = pb.x0.clone()
+    m, v = torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
     for t in range(1, 6):
         g = pb.grad(x - 0.2 * unit(m))
         m = 0.9 * m + 0.1 * g
