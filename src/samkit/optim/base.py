@@ -1,13 +1,22 @@
 r"""The two-pass protocol shared by every sharpness-aware optimizer.
 
+Names: ``lr`` (written :math:`\gamma` in the optimizers' math) is always the base optimizer's
+learning rate; ``eta`` is always a hyperparameter of an ascent (ASAM's offset of :math:`T_w`,
+Fisher SAM's Fisher scale), never a learning rate. A *step schedule*
+(:mod:`samkit.optim.schedules`) decides which steps take two passes; a learning-rate schedule is
+a ``torch.optim.lr_scheduler`` attached to the optimizer as usual.
+
 A sharpness-aware step at weights :math:`w` with gradient :math:`g = \nabla L(w)` is
 
 .. math::
     \epsilon = \mathrm{ascent}(w, g; \rho), \qquad
     w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
 
-Subclasses only say how ε is found (:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the
-weight backup, the AMP handling, the state dict and the closure live here once.
+Presets only say how ε is found: an ascent record (:mod:`samkit.optim.ascents`, run by
+:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the weight backup, the AMP handling, the
+state dict and the closure live here once. Descent rules are in :mod:`samkit.optim.descents`,
+step schedules in :mod:`samkit.optim.schedules`, :class:`~samkit.optim.presets.SharpnessAware`
+runs any registered ascent, and :mod:`samkit.optim.registry` names all four kinds.
 
 Variants that need more than an ascent direction compose these hooks (each has a default that
 does nothing special, so SAM, ASAM and USAM never see them):

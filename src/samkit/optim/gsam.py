@@ -14,8 +14,8 @@ from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 
 def gsam_rho(lr: float, rho_max: float, rho_min: float, lr_max: float, lr_min: float) -> float:
     r""":math:`\rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
-    \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}`, the fraction clipped to [0, 1];
-    :math:`\rho_{max}` when :math:`\eta_{max} = \eta_{min}`."""
+    \frac{\gamma_t - \gamma_{min}}{\gamma_{max} - \gamma_{min}}`, the fraction clipped to [0, 1];
+    :math:`\rho_{max}` when :math:`\gamma_{max} = \gamma_{min}`."""
     if lr_max == lr_min:
         return float(rho_max)
     frac = (float(lr) - lr_min) / (lr_max - lr_min)
@@ -25,12 +25,12 @@ def gsam_rho(lr: float, rho_max: float, rho_min: float, lr_max: float, lr_min: f
 class GSAM(SharpnessAwareOptimizer):
     r"""GSAM: SAM's perturbed gradient plus an ascent on the surrogate gap, with ρ tied to the LR.
 
-    With :math:`g = \nabla L(w)` and the learning rate :math:`\eta_t` the base optimizer has at
+    With :math:`g = \nabla L(w)` and the learning rate :math:`\gamma_t` the base optimizer has at
     this step (an LR scheduler may change it),
 
     .. math::
         \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
-            \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}, \qquad
+            \frac{\gamma_t - \gamma_{min}}{\gamma_{max} - \gamma_{min}}, \qquad
         \epsilon = \rho_t \frac{g}{\|g\|_2}, \qquad g_p = \nabla L(w + \epsilon),
 
     .. math::

@@ -20,14 +20,15 @@ class MSAM(SharpnessAwareOptimizer):
     r"""Momentum-SAM: perturb along the negative momentum, one forward-backward pass per step.
 
     With the base optimizer's momentum buffer :math:`v_t` (SGD's ``momentum_buffer``, whose step
-    is :math:`-\eta v`; Adam's first moment ``exp_avg``), each step is
+    is :math:`-\gamma v` at the learning rate :math:`\gamma` = ``lr``; Adam's first moment
+    ``exp_avg``), each step is
 
     .. math::
         \tilde w_t = w_t - \rho \frac{v_t}{\|v_t\|_2}, \qquad
         g_t = \nabla L(\tilde w_t), \qquad
         w_{t+1} = \mathrm{base\_step}(w_t, g_t)
 
-    (for SGD: :math:`v_{t+1} = \mu v_t + g_t`, :math:`w_{t+1} = w_t - \eta v_{t+1}`). The
+    (for SGD: :math:`v_{t+1} = \mu v_t + g_t`, :math:`w_{t+1} = w_t - \gamma v_{t+1}`). The
     momentum points down the loss, so :math:`-v_t` is an ascent direction found for free: the
     step costs **one** forward-backward pass, at :math:`\tilde w_t`. ``step(closure)`` moves to
     :math:`\tilde w_t`, runs the closure once and restores :math:`w_t` bit for bit before the

@@ -16,8 +16,9 @@ class USAM(SharpnessAwareOptimizer):
         \epsilon = \rho \, g, \qquad
         w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
 
-    With plain gradient descent at step size η on a quadratic this is stable while the top Hessian
-    eigenvalue stays below :math:`(\sqrt{1 + 8\rho/\eta} - 1)/(2\rho)`
+    With plain gradient descent at learning rate :math:`\gamma` (``lr``) on a quadratic this is
+    stable while the top Hessian eigenvalue stays below
+    :math:`(\sqrt{1 + 8\rho/\gamma} - 1)/(2\rho)`
     (:func:`samkit.stability.usam_edge`). Unlike SAM, ε depends on the loss scale, so under AMP
     the gradients are unscaled first (one host sync per step).
 
