@@ -122,3 +122,5 @@ def test_msam_explicit_form_and_misuse():
         MSAM(pb.base(), rho=-1.0)
     with pytest.raises(ValueError, match="needs a closure"):
         opt.step()
+    with pytest.raises(ValueError, match="schedules its own steps"):
+        samkit.create_optimizer("msam", [Problem().w1], lr=0.1, schedule="ae")

@@ -72,6 +72,8 @@ class MSAM(SharpnessAwareOptimizer):
         Computational Overhead. arXiv:2401.12033, 2024.
     """
 
+    _one_pass_only = True  # every step is one pass: a step schedule would be ignored
+
     def __init__(
         self,
         base_optimizer: Optimizer,

@@ -190,7 +190,9 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware optimizer)"
         )
-    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_:
+    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_ or getattr(
+        optimizer, "_one_pass_only", False
+    ):
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} schedules its own steps; a schedule "
             "would be ignored"
