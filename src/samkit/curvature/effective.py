@@ -108,6 +108,12 @@ def effective_hessian(
         ``@`` on a ``(d, k)`` matrix, counted products), usable with
         :func:`~samkit.curvature.top_eigenvalues`.
 
+    Note:
+        Only the ascent is linearised. For an optimizer whose descent rewrites the step (GSAM's
+        gap term :math:`-\alpha g_\perp`, LookSAM's reuse of :math:`g_v`) the operator is that
+        of its ascent alone, i.e. of the plain step with the same ε; the note of the returned
+        operator says so.
+
     Raises:
         ValueError: for an optimizer without a form (the reason is in the message: ASAM with
             p = ∞, FriendlySAM, ESAM, ...), or an ``H`` over other parameters.
@@ -160,4 +166,11 @@ def effective_hessian(
     for p, d in zip(flat_params, diag, strict=True):
         ordered[position[id(p)]] = d.reshape(-1)
     scale = torch.cat([d.to(H.device, H.dtype) for d in ordered])
-    return EffectiveHessian(H, scale, note=f"{optimizer.ascent.name}: H + (rho/c) H M H")
+    from samkit.stability import _descent_rewrites
+
+    note = f"{optimizer.ascent.name}: H + (rho/c) H M H"
+    rewrites = _descent_rewrites(optimizer)
+    if rewrites:
+        name = type(optimizer).__name__
+        note += f" (the ascent only: {name}'s {', '.join(rewrites)} not included)"
+    return EffectiveHessian(H, scale, note=note)
