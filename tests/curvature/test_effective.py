@@ -52,6 +52,10 @@ def test_sam_is_h_plus_rho_over_norm_h_squared():
     # two products of H per product, all counted
     assert Heff.matvecs == Heff.shape[0] and H.matvecs == 2 * Heff.shape[0]
     assert Heff.hessian_products == H.matvecs
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(Heff.shape[0], 3, dtype=torch.float64, generator=gen)
+    cols = torch.stack([Heff @ V[:, j] for j in range(3)], dim=1)
+    torch.testing.assert_close(Heff @ V, cols, rtol=1e-12, atol=1e-13)  # matmat == matvecs
 
 
 def test_usam_is_h_plus_rho_h_squared():

@@ -69,6 +69,13 @@ class EffectiveHessian(LinearOperator):
         u = self.base @ v
         return u + self.base @ (self.scale * u)
 
+    def _matmat(self, v: Tensor) -> Tensor:
+        """``H_eff @ V`` for ``V`` of shape ``(d, k)`` through ``H``'s own ``(d, k)`` products
+        (batched where ``H`` batches them); ``matvecs`` grows by ``k``."""
+        u = self.base @ v
+        self.matvecs += v.shape[1]
+        return u + self.base @ (self.scale[:, None] * u)
+
 
 def _gradient(H: HessianOperator) -> list[Tensor]:
     """:math:`\\nabla L(w)` on ``H``'s own data (size-weighted mean over its batches, the same
