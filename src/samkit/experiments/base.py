@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +22,7 @@ from typing import Any
 
 from samkit.config import TrainConfig, check_name, total_steps
 from samkit.train.checkpoint import atomic_write, atomic_write_text
+from samkit.train.rundir import RunLock, finite, strict_dumps, versions  # noqa: F401 - shared
 
 # ------------------------------------------------------------------------- subcommands
 
@@ -194,24 +193,10 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def finite(value: Any) -> Any:
-    """``value`` with NaN and inf replaced by None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def write_json(path: str | Path, value: Any, strict: bool = True) -> Path:
-    """``value`` as indented JSON, atomically; ``strict``: NaN and inf written as null."""
-    if strict:
-        text = json.dumps(finite(value), indent=2, allow_nan=False)
-    else:
-        text = json.dumps(value, indent=2)
-    return atomic_write_text(Path(path), text + "\n")
+    """``value`` as indented strict JSON (NaN and inf written as null), atomically. ``strict``
+    is kept for older callers: samkit writes strict JSON only."""
+    return atomic_write_text(Path(path), strict_dumps(value, indent=2) + "\n")
 
 
 def write_markdown(path: str | Path, lines: Sequence[str]) -> Path:

@@ -9,7 +9,6 @@ settings: ``sam:rho=0.1``, ``asam:rho=1.0,eta=0.01``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -313,7 +312,7 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         ],
         "notes": result.notes,
     }
-    atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    experiment.write_json(result.run_dir / "summary.json", summary)
     return path
 
 

@@ -37,7 +37,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -360,7 +359,8 @@ def train_run(
             break
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    atomic_write_text(run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
+    atomic_write_text(run_dir / "train.jsonl",
+                      "".join(experiment.strict_dumps(r) + "\n" for r in train_rows))
     result = RunResult(spec, list(tracker.rows), train_rows, diverged, seconds,
                        tracker.seconds, tracker.matvecs)
     result.summary = summarize(result, config.steps)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from samkit.train.checkpoint import atomic_write_text
+from samkit.train.rundir import strict_dumps
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -36,14 +37,14 @@ class MetricsWriter:
             kept = []
             if self.path.exists():
                 kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(strict_dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
             self._tb = make_summary_writer(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = record.get("step", 0)
