@@ -59,7 +59,7 @@ def versions() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "samkit": getattr(samkit, "__version__", None),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_commit": None,
@@ -111,6 +111,7 @@ class RunLock:
         self.overwrite = overwrite
         self.old = [] if not self.run_dir.exists() else sorted(
             p.name for p in self.run_dir.iterdir() if p.name != LOCK)
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.held = False
         self.took_over: dict[str, Any] | None = None
@@ -173,9 +174,15 @@ class RunLock:
         self.old = []
 
     def release(self) -> None:
+        """Drop the lock (and the directory, when this lock made it and nothing was written)."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created:
+                try:
+                    self.run_dir.rmdir()  # only when empty
+                except OSError:
+                    pass
 
     def __enter__(self) -> RunLock:
         return self
