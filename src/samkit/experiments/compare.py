@@ -174,8 +174,13 @@ def run_configs(
     for spec in optimizers:
         name, overrides = parse_optimizer_spec(spec)
         if name.lower() not in list_optimizers():
+            import difflib
+
             allowed = ", ".join(list_optimizers())
-            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})")
+            close = difflib.get_close_matches(name.lower(), list_optimizers(), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})"
+                             + hint)
         for seed in seeds:
             check_value("seed", seed, "--seeds")
             values = to_dict(base)

@@ -124,7 +124,15 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
     from samkit.optim import registry
 
     name = config.optimizer.lower()
-    entry = registry.optimizer_info(name)
+    try:
+        entry = registry.optimizer_info(name)
+    except ValueError as err:
+        import difflib
+
+        close = difflib.get_close_matches(name, registry.list_optimizers(), n=3)
+        if not close:
+            raise
+        raise ValueError(f"{err}; did you mean {' or '.join(close)}?") from None
     base_cls = registry.base_optimizer_class(config.base or entry.base)
     base_keys = set(inspect.signature(base_cls).parameters)
     own_keys = entry.wrapper_keys()
