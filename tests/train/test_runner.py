@@ -382,3 +382,72 @@ def test_an_older_checkpoint_resumed_from_flags_keeps_its_behaviour(tmp_path):
     old = torch.load(OLD / "old_continued.pt", weights_only=True)
     for key, value in old["model"].items():
         assert torch.equal(trainer.model.state_dict()[key], value), key
+
+
+class FakeWriter:
+    """Records what the trainer gives TensorBoard's SummaryWriter."""
+
+    def __init__(self):
+        self.scalars, self.hparams = [], None
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_hparams(self, hparams, metrics, run_name=None):
+        self.hparams = (hparams, metrics, run_name)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_gets_per_step_curves_sane_tags_and_hparams(tmp_path, monkeypatch):
+    import samkit.train.logs as logs
+
+    writer = FakeWriter()
+    monkeypatch.setattr(logs, "make_summary_writer", lambda run_dir: writer)
+    monkeypatch.setattr(logs, "check_tensorboard", lambda: None)
+    monkeypatch.setattr("samkit.train.trainer.check_tensorboard", lambda: None)
+    c = cfg(tmp_path, name="tb", epochs=2, tensorboard=True)
+    record = Trainer(c, verbose=0).fit()
+    tags = {t for t, _, _ in writer.scalars}
+    assert {"step/loss", "step/lr", "step/grad_norm", "train/loss", "test/accuracy",
+            "train/lr"} <= tags
+    assert not any(t.endswith("/epochs") or t.endswith("/epoch") for t in tags)
+    steps = [s for t, _, s in writer.scalars if t == "step/loss"]
+    assert steps == list(range(1, record["step"] + 1))  # every step
+    norms = [v for t, v, _ in writer.scalars if t == "step/grad_norm"]
+    assert all(v > 0 and math.isfinite(v) for v in norms)
+    hparams, metrics, _ = writer.hparams
+    assert hparams["optimizer"] == "sam" and hparams["lr"] == 0.05
+    assert metrics["final/test_acc"] == record["test_acc"]
+
+
+def test_loss_text_and_plot_axes(tmp_path):
+    from samkit.plots import plot_learning_curves
+    from samkit.train.logs import loss_text
+
+    assert loss_text(61518085542370779070464.0) == "6.152e+22"
+    assert loss_text(0.31254) == "0.3125" and loss_text(math.nan) == "nan"
+    runs = [[{"event": "epoch", "epoch": 1, "test_acc": 0.5, "train_loss": 0.9},
+             {"event": "epoch", "epoch": 2, "test_acc": None, "train_loss": None}]]
+    path = plot_learning_curves({"sgd": runs}, tmp_path / "c.png")  # nulls are left out
+    assert path.stat().st_size > 1000
+
+    from matplotlib.figure import Figure
+
+    from samkit.plots import plain_log_axis
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([1, 2], [0.5, 0.95])
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    labels = [t.get_text() for t in ax.yaxis.get_ticklabels(minor=True)
+              + ax.yaxis.get_ticklabels()]
+    assert any(labels) and not any("10^" in t or "times" in t or "×" in t for t in labels)

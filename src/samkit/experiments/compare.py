@@ -300,9 +300,12 @@ def _pm(mean_std: tuple[float, float], scale: float, digits: int) -> str:
     mean, std = mean_std
     if mean is None or not math.isfinite(mean):
         return "-"
+    def fmt(v: float) -> str:  # a huge (nearly diverged) loss as 6.2e+22, not 23 digits
+        return f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+
     if std is None or not math.isfinite(std):
-        return f"{scale * mean:.{digits}f} (1 seed)"
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+        return f"{fmt(scale * mean)} (1 seed)"
+    return f"{fmt(scale * mean)} ± {fmt(scale * std)}"
 
 
 def write_report(result: CompareResult, command: str | None = None) -> Path:

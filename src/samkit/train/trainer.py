@@ -385,6 +385,8 @@ class Trainer:
             self._call("on_train_start")
             self._loop()
             status = "finished"
+            if self._writer is not None:
+                self._writer.write_hparams(resolved_dict(self.config), self.last_record or {})
         except TrainingStopped:
             self.stopped = True
             status = "interrupted" if self._interrupted else "stopped"
@@ -473,7 +475,12 @@ class Trainer:
                     x, y, global_examples=global_examples if self.world_size > 1 else None,
                     observe=lambda out, t, hits=hits: hits.append((out.argmax(-1) == t).sum()),
                 )
-                # 6d. bookkeeping: LR schedule, gradients cleared for the next step
+                # 6d. bookkeeping: LR schedule, gradients cleared for the next step (with
+                #     TensorBoard, the per-step loss, lr and ‖g‖ of the step's gradient first)
+                if self._writer is not None and self._writer.tensorboard:
+                    self._writer.write_step(self.step + 1, float(batch_loss),
+                                            self.optimizer.param_groups[0]["lr"],
+                                            _grad_norm(self.model))
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -791,6 +798,15 @@ class Trainer:
         )
         if saved.get("epochs") != now["epochs"] or saved.get("steps") != now["steps"]:
             self.progress.line(f"note: budget changed, now {self.total_steps} steps")
+
+
+def _grad_norm(model: nn.Module) -> float | None:
+    """‖g‖₂ over every parameter's ``.grad`` (None when none has one)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
 
 
 def given_data_is_none(given: tuple[Any, Any]) -> bool:
