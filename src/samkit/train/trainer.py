@@ -504,7 +504,8 @@ class Trainer:
                 self.progress.step(self.step, loss_value, lr)
                 if self._stop_requested and (log_now or self.world_size == 1):
                     # A clean stop between two steps (under DDP: at a log step, all ranks
-                    # together): save where we are and leave.
+                    # together): save where we are and leave (never a diverged state).
+                    self._check_finite(batch_loss, True, epoch)
                     self._epoch_sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
                     self._save(epoch, index + 1)
                     raise TrainingStopped
@@ -530,6 +531,11 @@ class Trainer:
 
         The first bad step is recorded on the device every step (no host sync); it is read at
         ``now`` (every step on CPU, on logging steps and epoch ends on a GPU)."""
+        if self.world_size > 1 and not now:
+            return  # DDP: only the mean loss of a logging step and the (shared) weights, so
+            # that every rank stops at the same step
+        if self.world_size > 1 and weights:
+            loss = loss.new_zeros(())  # this rank's epoch loss is not the others'
         bad = ~torch.isfinite(loss.detach())
         step = torch.tensor(self.step, device=loss.device)
         if self._bad_step is None or self._bad_step.device != loss.device:
