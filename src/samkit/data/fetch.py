@@ -14,6 +14,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,11 @@ def download(
         out = os.fdopen(fd, "wb")
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - our URLs
+        except urllib.error.HTTPError as err:  # the server answered: keep its error type
+            out.close()
+            err.msg = (f"{err.msg} for {url}; fetch that file elsewhere and put it at {dest} "
+                       "(checksums are verified), then run again")
+            raise
         except (OSError, ValueError) as err:
             out.close()
             reason = getattr(err, "reason", None) or err
@@ -140,8 +146,16 @@ def download(
     return dest
 
 
-class DownloadError(OSError):
-    """A URL could not be fetched; the message names it and where to put the file by hand."""
+class DownloadError(urllib.error.URLError):
+    """A URL could not be fetched; the message names it and where to put the file by hand
+    (a :class:`urllib.error.URLError`, so an :class:`OSError`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _safe_extract(archive: Path, into: Path) -> None:
