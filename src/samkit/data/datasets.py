@@ -266,7 +266,7 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> _Raw:
         return _load_raw_cached(name, None, ())
     try:
         folder = resolve_data_dir(name, data_dir)
-    except DataNotFoundError:
+    except (DataNotFoundError, DataDirError):  # with download, a missing folder is made
         if not download:
             raise
         folder = default_download_dir(name, data_dir)
