@@ -93,10 +93,9 @@ def final_table(trainer, record: dict, wall: float) -> str:
         ("steps", str(record.get("step", trainer.step))),
         ("train time", f"{record.get('train_time', trainer.train_time):.1f} s"),
         ("wall time", f"{wall:.1f} s"),
-        ("run", str(trainer.run_dir)),
     ]
     width = max(len(k) for k, _ in rows)
-    return "done:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return f"done: {trainer.run_dir}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def interrupted(checkpoint: Path, argv: Sequence[str]) -> None:
