@@ -16,7 +16,6 @@ row; the report draws test accuracy against seconds and against passes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -76,18 +75,35 @@ class RunSummary:
         return [r for r in self.records if r.get("event") == "epoch"]
 
     @property
+    def diverged(self) -> dict[str, Any] | None:
+        """The ``diverged`` record when the run diverged (its numbers are then left out)."""
+        return next((r for r in self.records if r.get("event") == "diverged"), None)
+
+    @property
     def final_acc(self) -> float:
+        if self.diverged:
+            return math.nan
         tested = [r for r in self.epochs() if "test_acc" in r]
         return tested[-1]["test_acc"] if tested else math.nan
 
     @property
     def best_acc(self) -> float:
+        if self.diverged:
+            return math.nan
         return max((r["test_acc"] for r in self.epochs() if "test_acc" in r), default=math.nan)
 
     @property
     def train_loss(self) -> float:
         epochs = self.epochs()
-        return epochs[-1]["train_loss"] if epochs else math.nan
+        if self.diverged or not epochs or epochs[-1]["train_loss"] is None:
+            return math.nan
+        return epochs[-1]["train_loss"]
+
+    @property
+    def train_time(self) -> float:
+        """Training seconds of the run, over every call that trained it (resumes included)."""
+        epochs = self.epochs()
+        return float(epochs[-1].get("train_time") or 0.0) if epochs else 0.0
 
     @property
     def time_per_epoch(self) -> float:
@@ -133,6 +149,7 @@ class CompareResult:
             rows.append({
                 "optimizer": label,
                 "seeds": len(runs),
+                "diverged": sum(1 for r in runs if r.diverged),
                 "final_acc": _mean_std([r.final_acc for r in runs]),
                 "best_acc": _mean_std([r.best_acc for r in runs]),
                 "train_loss": _mean_std([r.train_loss for r in runs]),
@@ -151,10 +168,11 @@ def _mean(values: list[float]) -> float:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation (NaN for one value: a spread needs two)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def parse_optimizer_spec(spec: str) -> tuple[str, list[str]]:
@@ -181,8 +199,13 @@ def run_configs(
     for spec in optimizers:
         name, overrides = parse_optimizer_spec(spec)
         if name.lower() not in list_optimizers():
+            import difflib
+
             allowed = ", ".join(list_optimizers())
-            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})")
+            close = difflib.get_close_matches(name.lower(), list_optimizers(), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})"
+                             + hint)
         overrides = _optimizer_keys(name, overrides)
         for seed in seeds:
             check_value("seed", seed, "--seeds")
@@ -211,14 +234,18 @@ def _optimizer_keys(name: str, overrides: list[str]) -> list[str]:
 
 
 def _train(cfg: TrainConfig, data, label: str, seed: int, resume: bool, overwrite: bool,
-           verbose: int, callbacks: list) -> RunSummary:
+           verbose: int, callbacks: list, diverged_error: type = ()) -> RunSummary:
     already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
     if not already_done:
         trainer = Trainer(
             cfg, callbacks=callbacks, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
             overwrite=overwrite, data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except diverged_error as err:  # reported as diverged, the others go on
+            if verbose:
+                print(f"  {label} s{seed}: diverged: {err}", flush=True)
     return RunSummary(label, seed, cfg.run_dir, read_metrics(cfg.run_dir / "metrics.jsonl"))
 
 
@@ -258,11 +285,23 @@ def run_compare(
     runs = run_configs(base, labels, list(seeds), run_dir)
     result = CompareResult(name, run_dir, base, [], list(seeds), notes=list(notes or []),
                            options=options)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from samkit.config import save_config
+    from samkit.train.trainer import TrainingDiverged, resolve_device
 
-    from samkit.train.trainer import resolve_device
+    lock = experiment.RunLock(run_dir)  # one comparison of this name at a time
+    try:
+        data = experiment.load_data(base, resolve_device(base.device))
+        save_config(base, run_dir / "config.yaml")
+        return _train_all(result, runs, data, resume, overwrite, verbose, command,
+                          TrainingDiverged, candidates, optimizers, seeds, base, run_dir, grid)
+    finally:
+        lock.release()
 
-    data = experiment.load_data(base, resolve_device(base.device))
+
+def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged_error,
+               candidates, optimizers, seeds, base, run_dir, grid):
+    options = result.options
+    baseline = options.equal_budget
     val = None
     if grid:  # candidates are chosen on a validation split carved from the training set
         train_part, val = B.carve_validation(data[0], options.val_fraction, base.data_seed)
@@ -278,7 +317,8 @@ def run_compare(
         if verbose:
             print(f"[{i + 1}/{total}] {label} seed {seed} -> {cfg.run_dir}", flush=True)
         callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
-        summary = _train(cfg, data, label, seed, resume, overwrite, verbose, callbacks)
+        summary = _train(cfg, data, label, seed, resume, overwrite, verbose, callbacks,
+                         diverged_error)
         trained.setdefault(label, []).append(summary)
 
     # one row per method: a grid's chosen candidate (best mean validation accuracy)
@@ -297,15 +337,15 @@ def run_compare(
 
     if baseline is not None:
         add_equal_budget_row(result, base, baseline, data, seeds, run_dir, resume, overwrite,
-                          verbose, val, total)
+                             verbose, val, total, diverged_error)
     result.wall_time = time.perf_counter() - start
     write_report(result, command=command)
     return result
 
 
 def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str, data, seeds,
-                      run_dir: Path, resume: bool, overwrite: bool, verbose: int, val,
-                      total: int) -> None:
+                         run_dir: Path, resume: bool, overwrite: bool, verbose: int, val,
+                         total: int, diverged_error: type = ()) -> None:
     """Train ``baseline`` for the budget (time or passes) of the most expensive method."""
     budget = result.options.budget
     costs = {label: B.cost([r.records for r in result.by_label(label)], budget)
@@ -332,7 +372,8 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
             print(f"[{total - len(seeds) + j + 1}/{total}] {label} seed {seed}: {cfg.steps} "
                   f"steps -> {cfg.run_dir}", flush=True)
         callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
-        result.runs.append(_train(cfg, data, label, seed, resume, overwrite, verbose, callbacks))
+        result.runs.append(_train(cfg, data, label, seed, resume, overwrite, verbose, callbacks,
+                                  diverged_error))
     result.labels.append(label)
     result.equal_budget_label = label
     unit = "training seconds (measured, steps only)" if budget == "time" else "passes"
@@ -367,14 +408,17 @@ def format_table(result: CompareResult) -> str:
     )
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        fa, fs = row["final_acc"]
-        ba, bs = row["best_acc"]
-        la, ls = row["train_loss"]
+        name = row["optimizer"]
+        if row.get("diverged"):
+            name += f" ({row['diverged']}/{row['seeds']} seeds diverged)"
+        if row.get("diverged", 0) == row["seeds"]:
+            lines.append(f"| {name} | diverged | diverged | diverged | - | - | - | - |")
+            continue
         lines.append(
-            f"| {row['optimizer']} | {100 * fa:.2f} ± {100 * fs:.2f} | {100 * ba:.2f} ± "
-            f"{100 * bs:.2f} | {la:.4f} ± {ls:.4f} | {row['time_per_epoch']:.2f} | "
-            f"{row['time_ratio']:.2f}x | {_count(row.get('passes', math.nan))} | "
-            f"{row.get('train_seconds', math.nan):.1f} |"
+            f"| {name} | {_pm(row['final_acc'], 100, 2)} | {_pm(row['best_acc'], 100, 2)} | "
+            f"{_pm(row['train_loss'], 1, 4)} | {_num(row['time_per_epoch'], 2)} | "
+            f"{_num(row['time_ratio'], 2)}x | {_count(row.get('passes', math.nan))} | "
+            f"{_num(row.get('train_seconds', math.nan), 1)} |"
         )
     return "\n".join(lines)
 
@@ -400,6 +444,23 @@ def format_time_to_accuracy(result: CompareResult) -> str:
         lines.append(f"| {label} | {'never' if math.isnan(secs) else f'{secs:.1f}'} | "
                      f"{'never' if math.isnan(passes) else _count(passes)} |")
     return "\n".join(lines)
+
+
+def _num(value: float, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pm(mean_std: tuple[float, float], scale: float, digits: int) -> str:
+    """``mean ± std``; the mean alone (``(1 seed)``) when there is no spread to show."""
+    mean, std = mean_std
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    def fmt(v: float) -> str:  # a huge (nearly diverged) loss as 6.2e+22, not 23 digits
+        return f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+
+    if std is None or not math.isfinite(std):
+        return f"{fmt(scale * mean)} (1 seed)"
+    return f"{fmt(scale * mean)} ± {fmt(scale * std)}"
 
 
 def write_report(result: CompareResult, command: str | None = None) -> Path:
@@ -450,6 +511,10 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         "",
     ]
     for run in result.runs:
+        if run.diverged:
+            lines.append(f"- `{run.run_dir.name}`: **diverged** at step {run.diverged['step']} "
+                         f"({run.diverged.get('message', '')})")
+            continue
         lines.append(
             f"- `{run.run_dir.name}`: final {100 * run.final_acc:.2f}%, best "
             f"{100 * run.best_acc:.2f}%, {run.time_per_epoch:.2f} s/epoch"
@@ -475,12 +540,13 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
             {"optimizer": r.label, "seed": r.seed, "dir": str(r.run_dir), "final_acc": r.final_acc,
              "best_acc": r.best_acc, "train_loss": r.train_loss,
              "time_per_epoch": r.time_per_epoch, "passes": r.last("passes"),
-             "train_seconds": r.last("step_seconds")}
+             "train_seconds": r.last("step_seconds"),
+             "diverged_at": r.diverged["step"] if r.diverged else None}
             for r in result.runs
         ],
         "notes": result.notes,
     }
-    atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    experiment.write_json(result.run_dir / "summary.json", summary)
     return path
 
 
@@ -557,8 +623,14 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 130
     print()
     print(format_table(result))
-    print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "
-          f"{result.run_dir / 'report.md'}")
+    trained = sum(r.train_time for r in result.runs)
+    print(f"\n{len(result.runs)} runs, {trained:.0f} s of training in all "
+          f"({result.wall_time:.0f} s this call); report: {result.run_dir / 'report.md'}")
     for note in notes:
         print(f"note: {note}")
+    diverged = [f"{r.label} seed {r.seed}" for r in result.runs if r.diverged]
+    if diverged:
+        print(f"samkit: error: {len(diverged)} of {len(result.runs)} runs diverged: "
+              f"{', '.join(diverged)} (exit status 3)", file=sys.stderr)
+        return 3
     return 0
