@@ -9,8 +9,11 @@ Lanczos in float64 (a float64 copy of the model) with tol=1e-10.
     .venv/bin/python benchmarks/curvature.py                      # the table, on stdout
     .venv/bin/python benchmarks/curvature.py --out /tmp/curvature.md   # also write it there
 
-PyHessian (PyPI ``pyhessian`` 0.1, GPL-3.0) is optional: ``pip install --no-deps pyhessian``
-(its only needs are torch and numpy); the row is skipped when it is missing.
+PyHessian (PyPI ``pyhessian`` 0.1), curvlinops (``curvlinops-for-pytorch``) and
+hessian-eigenthings are optional (``pip install --no-deps ...``; curvlinops also imports einops,
+einconv, linear_operator and jaxtyping); a row says so when one does not import. Each method is
+run at several settings, and the report gives the cheapest setting reaching a relative error of
+1e-3 and of 1e-6.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
     ap.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    ap.add_argument("--tol", type=float, default=1e-4, help="samkit / eigsh tolerance")
+    ap.add_argument("--tol", type=float, default=1e-4, help="power iteration's tolerance")
+    ap.add_argument("--tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-5],
+                    help="the tolerances swept for samkit Lanczos and eigsh")
     ap.add_argument("--reps", type=int, default=7, help="repetitions for the HVP timing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
@@ -113,40 +118,42 @@ def main() -> None:
 
     rows = []
 
-    def record(name, value, seconds, matvecs, note=""):
+    def record(name, setting, value, seconds, matvecs, note=""):
         rel = abs(value - lam) / abs(lam)
-        rows.append((name, value, rel, seconds, matvecs, note))
+        rows.append((name, setting, value, rel, seconds, matvecs, note))
         print(
-            f"{name}: {value:.8g} rel.err {rel:.2e} in {seconds:.2f} s, {matvecs} products",
+            f"{name} [{setting}]: {value:.8g} rel.err {rel:.2e} in {seconds:.2f} s, "
+            f"{matvecs} products {note}",
             flush=True,
         )
 
-    # 3. samkit Lanczos and power iteration (a fresh operator each: graph build included)
-    def samkit(method):
+    # 3. samkit Lanczos (a fresh operator each: graph build included) and power iteration
+    import warnings
+
+    def samkit(method, tol):
         H = HessianOperator(model, ce, (x, y))
-        r = top_eigenvalues(H, tol=args.tol, method=method, seed=0)
-        return r
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return top_eigenvalues(H, tol=tol, method=method, seed=0)
 
-    r, t = timed(lambda: samkit("lanczos"))
-    record("samkit Lanczos", float(r.values[0]), t, r.matvecs, f"tol={args.tol:g}")
-    r, t = timed(lambda: samkit("power"))
-    record(
-        "samkit power iteration",
-        float(r.values[0]),
-        t,
-        r.matvecs,
-        f"tol={args.tol:g}" + ("" if r.converged else ", not converged"),
-    )
+    for tol in args.tols:
+        r, t = timed(lambda tol=tol: samkit("lanczos", tol))
+        record("samkit Lanczos", f"tol={tol:g}", float(r.values[0]), t, r.matvecs,
+               "" if r.converged else "not converged")
+    r, t = timed(lambda: samkit("power", args.tol))
+    record("samkit power iteration", f"tol={args.tol:g}", float(r.values[0]), t, r.matvecs,
+           "" if r.converged else "not converged")
 
-    # 4. PyHessian at its defaults (power iteration, maxIter=100, tol=1e-3 on the value change)
+    # 4. PyHessian (power iteration; tol on the relative change of the estimate)
     try:
         import importlib
 
         ph = importlib.import_module("pyhessian.hessian")  # the module, not the class
-    except ImportError:
+    except ImportError as err:
         ph = None
-        rows.append(("PyHessian", float("nan"), float("nan"), float("nan"), 0, "not installed"))
-        print("PyHessian: not installed (pip install --no-deps pyhessian)", flush=True)
+        rows.append(("PyHessian", "-", float("nan"), float("nan"), float("nan"), 0,
+                     f"does not import: {err}"))
+        print(f"PyHessian: does not import ({err})", flush=True)
     if ph is not None:
         count = [0]
         original = ph.hessian_vector_product
@@ -156,34 +163,90 @@ def main() -> None:
             return original(*a, **k)
 
         ph.hessian_vector_product = counting
-        m2 = copy.deepcopy(model)
-        torch.manual_seed(0)
+        for tol, max_iter in ((1e-3, 100), (1e-4, 100), (1e-5, 1000), (1e-6, 1000)):
+            m2 = copy.deepcopy(model)
+            torch.manual_seed(0)
+            count[0] = 0
 
-        def pyhessian_top():
-            return ph.hessian(m2, ce, data=(x, y), cuda=False).eigenvalues()[0][0]
+            def pyhessian_top(m2=m2, tol=tol, max_iter=max_iter):
+                return ph.hessian(m2, ce, data=(x, y), cuda=False).eigenvalues(
+                    maxIter=max_iter, tol=tol
+                )[0][0]
 
-        value, t = timed(pyhessian_top)
+            value, t = timed(pyhessian_top)
+            record("PyHessian 0.1", f"maxIter={max_iter}, tol={tol:g}", float(value), t,
+                   count[0])
         ph.hessian_vector_product = original
-        record("PyHessian 0.1 (defaults)", float(value), t, count[0], "maxIter=100, tol=1e-3")
 
-    # 5. scipy eigsh (ARPACK) over samkit's operator: one host round trip per product
+    # 5. scipy eigsh (ARPACK): over samkit's operator, and over curvlinops' operator
     from scipy.sparse.linalg import eigsh
 
-    def scipy_top():
-        H = HessianOperator(model, ce, (x, y))
-        v0 = np.random.default_rng(0).standard_normal(H.dim)
-        vals = eigsh(
-            H.to_scipy(dtype=np.float64),
-            k=1,
-            which="LA",
-            tol=args.tol,
-            v0=v0,
-            return_eigenvectors=False,
-        )
-        return float(vals[0]), H.matvecs
+    def eigsh_top(make, tol):
+        A, counter = make()
+        v0 = np.random.default_rng(0).standard_normal(A.shape[0])
+        vals = eigsh(A, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        return float(vals[0]), counter()
 
-    (value, mv), t = timed(scipy_top)
-    record("scipy eigsh over HessianOperator", value, t, mv, f"tol={args.tol:g}")
+    def samkit_scipy():
+        H = HessianOperator(model, ce, (x, y))
+        return H.to_scipy(dtype=np.float64), lambda: H.matvecs
+
+    for tol in args.tols:
+        (value, mv), t = timed(lambda tol=tol: eigsh_top(samkit_scipy, tol))
+        record("scipy eigsh over samkit HessianOperator", f"tol={tol:g}", value, t, mv)
+
+    try:
+        from curvlinops import HessianLinearOperator
+        from scipy.sparse.linalg import LinearOperator as ScipyOp
+    except ImportError as err:
+        HessianLinearOperator = None
+        rows.append(("curvlinops + eigsh", "-", float("nan"), float("nan"), float("nan"), 0,
+                     f"does not import: {err}"))
+        print(f"curvlinops: does not import ({err})", flush=True)
+    if HessianLinearOperator is not None:
+
+        def curvlinops_scipy():
+            count = [0]
+            op = HessianLinearOperator(model, ce, list(model.parameters()), [(x, y)])
+            inner = op.to_scipy(dtype=np.float64)
+
+            def mv(v):
+                count[0] += 1
+                return inner.matvec(v.astype(np.float32)).astype(np.float64)
+
+            return ScipyOp(inner.shape, matvec=mv, rmatvec=mv, dtype=np.float64), lambda: count[0]
+
+        for tol in args.tols:
+            (value, mv), t = timed(lambda tol=tol: eigsh_top(curvlinops_scipy, tol))
+            record("curvlinops 3.0 + scipy eigsh", f"tol={tol:g}", value, t, mv,
+                   "products after its determinism check")
+
+    # hessian-eigenthings (Lanczos; its max_iter is the Krylov dimension)
+    try:
+        import hessian_eigenthings as he
+    except ImportError as err:
+        he = None
+        rows.append(("hessian-eigenthings", "-", float("nan"), float("nan"), float("nan"), 0,
+                     f"does not import: {err}"))
+        print(f"hessian-eigenthings: does not import ({err})", flush=True)
+    if he is not None:
+        for steps in (10, 20, 40):
+
+            def he_top(steps=steps):
+                op = he.HessianOperator(model, [(x, y)], he.supervised_loss(ce))
+                count = [0]
+                inner = op.matvec
+
+                def counted(v, inner=inner, count=count):
+                    count[0] += 1
+                    return inner(v)
+
+                op.matvec = counted
+                r = he.lanczos(op, k=1, max_iter=steps, tol=1e-12, which="LA", seed=0)
+                return float(r.eigenvalues[0]), count[0]
+
+            (value, mv), t = timed(he_top)
+            record("hessian-eigenthings 1.0.0a5 Lanczos", f"max_iter={steps}", value, t, mv)
 
     # 6. one product against one gradient (medians)
     params = list(model.parameters())
@@ -214,11 +277,23 @@ def main() -> None:
         f"{torch.__version__}, {torch.get_num_threads()} thread(s). Wall times include building "
         "each operator (samkit, eigsh) or PyHessian's constructor (its create_graph backward).",
         "",
-        "| method | lambda_max | rel. error | wall time (s) | HVPs | settings |",
-        "|---|---|---|---|---|---|",
+        "| method | settings | lambda_max | rel. error | wall time (s) | HVPs | note |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, value, rel, seconds, matvecs, note in rows:
-        lines.append(f"| {name} | {value:.8g} | {rel:.1e} | {seconds:.2f} | {matvecs} | {note} |")
+    for name, setting, value, rel, seconds, matvecs, note in rows:
+        lines.append(
+            f"| {name} | {setting} | {value:.8g} | {rel:.1e} | {seconds:.2f} | {matvecs} | "
+            f"{note} |"
+        )
+    lines += ["", "Cheapest setting of each method reaching a relative error (time, products):",
+              "", "| method | <= 1e-3 | <= 1e-6 |", "|---|---|---|"]
+    for name in dict.fromkeys(r[0] for r in rows):
+        cells = []
+        for target in (1e-3, 1e-6):
+            ok = [r for r in rows if r[0] == name and r[3] <= target]
+            best = min(ok, key=lambda r: r[4]) if ok else None
+            cells.append(f"{best[4]:.2f} s, {best[5]} HVPs ({best[1]})" if best else "not reached")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
         f"One gradient (forward + backward, {args.n} images): {grad_t * 1e3:.1f} ms (median of "

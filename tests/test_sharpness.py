@@ -78,7 +78,11 @@ def test_p2_ascent_attains_the_trust_region_maximum(adaptive):
     assert r.value <= expected * (1 + 1e-9)  # the projection keeps the ball
     assert r.base_loss == pytest.approx(float(0.5 * w0 @ A @ w0 + b @ w0))
     assert r.perturbed_loss == pytest.approx(r.base_loss + r.value)
-    assert r.steps == 60 and r.evaluations == 62
+    # the default: 8 starts (the SAM start and 7 random ones), each steps + 1 evaluations
+    assert r.steps == 60 and r.evaluations == 1 + 7 + 8 * 61
+    one = sharpness(model, identity_loss, DUMMY, rho=rho, adaptive=adaptive, eta=eta, steps=60,
+                    starts=1)
+    assert one.value == pytest.approx(expected, rel=1e-7) and one.evaluations == 62
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -189,7 +193,7 @@ def test_m_sharpness_averages_micro_batches():
     weights = np.array([5, 5, 2]) / 12
     assert r.value == pytest.approx(sum(w * q.value for w, q in zip(weights, parts, strict=True)))
     assert r.base_loss == pytest.approx(whole.base_loss)
-    assert r.evaluations == 3 * (3 + 2)
+    assert r.evaluations == 3 * (1 + 7 + 8 * (3 + 1))  # per micro-batch: base, 7 random, 8 ascents
     assert r.value > whole.value  # each micro-batch gets its own, better-fitted perturbation
 
 
@@ -278,3 +282,68 @@ def test_bad_inputs_raise_clear_errors():
         sharpness(model, CE, (x[:0], y[:0]), rho=0.1)
     with pytest.raises(ValueError, match="Invalid model"):
         sharpness(lambda t: t, CE, d, rho=0.1)
+
+
+# -- the multistart maximizer against a brute-force maximum (issue 11) ----------------------------
+
+
+def _nine_parameter_net(seed=0, trained=True):
+    """A 2-2-1 tanh net (9 parameters) on a small float64 regression, at its minimum (LBFGS)
+    or at its random initialization."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :1]) + 0.1 * torch.randn(30, 1, generator=g, dtype=torch.float64)
+    if trained:
+        opt = torch.optim.LBFGS(model.parameters(), max_iter=500)
+
+        def closure():
+            opt.zero_grad()
+            loss = _mse(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return model, x, y
+
+
+def _mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("trained", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("p", [2, math.inf])
+def test_default_maximizer_reaches_95_percent_of_a_brute_force_maximum(trained, adaptive, p):
+    model, x, y = _nine_parameter_net(trained=trained)
+    eta = 0.0 if adaptive else 0.01
+    for rho in (0.05, 0.5, 2.0):
+        # brute force: 24 ascents of 40 steps from random starts (another seed)
+        brute = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta,
+                          steps=40, starts=24, seed=123)
+        r = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta)
+        assert r.value >= 0.95 * brute.value, (rho, r.value, brute.value, r.start_values)
+        assert r.starts == 8 and len(r.start_values) == 8
+        assert r.value == pytest.approx(max(r.start_values), rel=1e-12)
+        assert r.spread == pytest.approx(max(r.start_values) - min(r.start_values))
+        assert r.evaluations == 1 + 7 + 8 * 11  # base, 7 random starts, 8 x (steps + 1)
+
+
+def test_a_single_start_misses_the_maximum_that_the_default_finds():
+    """The old behaviour (one start from the SAM perturbation) is a local maximum here."""
+    model, x, y = _nine_parameter_net(trained=True)
+    one = sharpness(model, _mse, (x, y), rho=0.5, p=math.inf, adaptive=True, eta=0.0,
+                    starts=1)
+    many = sharpness(model, _mse, (x, y), rho=0.5, p=math.inf, adaptive=True, eta=0.0)
+    assert one.value < 0.9 * many.value and many.spread > 0
+
+
+def test_budget_caps_the_evaluations():
+    model, x, y = _nine_parameter_net(trained=True)
+    r = sharpness(model, _mse, (x, y), rho=0.5, budget=30)
+    assert r.evaluations <= 30 and r.value > 0
+    with pytest.raises(ValueError, match="Invalid budget"):
+        sharpness(model, _mse, (x, y), rho=0.5, budget=1)
+    with pytest.raises(ValueError, match="Invalid starts"):
+        sharpness(model, _mse, (x, y), rho=0.5, starts=0)

@@ -31,20 +31,27 @@ from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_non_negative
 
 P_NORMS = (2, math.inf)
+DEFAULT_STARTS = 8  # the SAM / ASAM start and 7 random ones (see tests/test_sharpness.py)
 
 
 @dataclass(frozen=True)
 class SharpnessResult:
-    """The outcome of :func:`sharpness` (with ``m``: means over the micro-batches, weighted by
+    r"""The outcome of :func:`sharpness` (with ``m``: means over the micro-batches, weighted by
     their size).
 
     Attributes:
-        value: :math:`\\max L(w + \\epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
+        value: :math:`\max L(w + \epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
         base_loss: :math:`L(w)`.
         perturbed_loss: :math:`L(w + \\epsilon)` at the best ε found.
         steps: the projected-gradient steps taken after the first (SAM/ASAM) ascent step, per
             maximization.
         evaluations: the loss-and-gradient passes over the data, in all.
+        starts: the ascents run per maximization (the SAM / ASAM start and random ones).
+        start_values: the best :math:`L(w + \epsilon) - L(w)` reached from each start (means
+            over the micro-batches with ``m``).
+        spread: ``max(start_values) - min(start_values)``: how much the starts disagree (0
+            when they all reach the same maximum; a large spread says the landscape has
+            several local maxima and more starts may find a higher one).
     """
 
     value: float
@@ -52,6 +59,9 @@ class SharpnessResult:
     perturbed_loss: float
     steps: int
     evaluations: int
+    starts: int = 1
+    start_values: tuple[float, ...] = ()
+    spread: float = 0.0
 
 
 def _check_steps(steps) -> int:
@@ -101,6 +111,47 @@ class _Objective:
         return value, grads
 
 
+def _direction(grad: list[Tensor], scale, p: float, generator, params) -> list[Tensor]:
+    r"""The steepest-ascent direction in δ of unit p-norm step: :math:`T\nabla L/\|T\nabla L\|_2`
+    (p = 2) or :math:`\mathrm{sign}(T\nabla L)` (p = ∞); random at a stationary point."""
+    direction = list(grad) if scale is None else torch._foreach_mul(grad, scale)
+    if p == 2:
+        norm = kernels.global_sq_norm([direction]).sqrt()
+        if float(norm) == 0.0:
+            direction = [torch.randn(w.shape, generator=generator).to(w) for w in params]
+            norm = kernels.global_sq_norm([direction]).sqrt()
+        return torch._foreach_div(direction, norm)
+    direction = torch._foreach_sign(direction)
+    if all(not bool(d.any()) for d in direction):
+        direction = [
+            torch.randint(0, 2, w.shape, generator=generator).to(w).mul_(2).sub_(1) for w in params
+        ]
+    return direction
+
+
+def _project_(delta: list[Tensor], rho: float, p: float) -> list[Tensor]:
+    if p == 2:
+        norm = kernels.global_sq_norm([delta]).sqrt()
+        torch._foreach_mul_(delta, (rho / norm.clamp_min(rho)).to(delta[0].dtype))
+    else:
+        torch._foreach_clamp_min_(delta, -rho)
+        torch._foreach_clamp_max_(delta, rho)
+    return delta
+
+
+def _random_start(params, rho: float, p: float, generator) -> list[Tensor]:
+    """A random point of the ball's boundary: on the sphere of radius ρ (p = 2), a random
+    vertex of the box (p = ∞, where the maxima of a smooth loss mostly lie)."""
+    if p == 2:
+        delta = [torch.randn(w.shape, generator=generator).to(w) for w in params]
+        norm = kernels.global_sq_norm([delta]).sqrt()
+        return torch._foreach_mul(delta, (rho / norm).to(delta[0].dtype))
+    return [
+        torch.randint(0, 2, w.shape, generator=generator).to(w).mul_(2).sub_(1).mul_(rho)
+        for w in params
+    ]
+
+
 def _maximize(
     objective: _Objective,
     params: list[Tensor],
@@ -110,53 +161,70 @@ def _maximize(
     p: float,
     steps: int,
     generator: torch.Generator,
-) -> tuple[float, float]:
-    """Projected gradient ascent in δ; returns (L(w), best L(w + T δ))."""
-    with torch.no_grad():
-        torch._foreach_copy_(params, backup)  # start at w (a previous group may have moved it)
-    base, grad = objective()
-    if rho == 0:
-        return base, base
-    best_delta = [torch.zeros_like(w) for w in params]
-    best_loss, best_grad = base, grad
-    alpha = 2.0 * rho  # from δ = 0, the first step projects to exactly the SAM / ASAM ε
-    for _ in range(steps + 1):
-        # ascent direction in δ: T ∇L, normalized (p = 2) or its sign (p = ∞)
-        direction = list(best_grad) if scale is None else torch._foreach_mul(best_grad, scale)
-        if p == 2:
-            norm = kernels.global_sq_norm([direction]).sqrt()
-            if float(norm) == 0.0:  # a stationary point: start from a random direction
-                direction = [torch.randn(w.shape, generator=generator).to(w) for w in params]
-                norm = kernels.global_sq_norm([direction]).sqrt()
-            direction = torch._foreach_div(direction, norm)
-        else:
-            direction = torch._foreach_sign(direction)
-            if all(not bool(d.any()) for d in direction):
-                direction = [
-                    torch.randint(0, 2, w.shape, generator=generator).to(w).mul_(2).sub_(1)
-                    for w in params
-                ]
-        delta = torch._foreach_add(best_delta, direction, alpha=alpha)
-        # project onto ||δ||_p <= ρ
-        if p == 2:
-            norm = kernels.global_sq_norm([delta]).sqrt()
-            torch._foreach_mul_(delta, (rho / norm.clamp_min(rho)).to(delta[0].dtype))
-        else:
-            torch._foreach_clamp_min_(delta, -rho)
-            torch._foreach_clamp_max_(delta, rho)
-        # w + T δ
+    starts: int = 1,
+    budget: int | None = None,
+) -> tuple[float, float, list[float]]:
+    """Projected ascent in δ from ``starts`` points; returns (L(w), best L(w + T δ), the best
+    L(w + T δ) of each start)."""
+
+    def at(delta: list[Tensor]) -> tuple[float, list[Tensor]]:
         with torch.no_grad():
             torch._foreach_copy_(params, backup)
             if scale is None:
                 torch._foreach_add_(params, delta)
             else:
                 torch._foreach_addcmul_(params, scale, delta)
-        loss, grad = objective()
-        if loss > best_loss:
-            best_delta, best_loss, best_grad = delta, loss, grad
+        return objective()
+
+    with torch.no_grad():
+        torch._foreach_copy_(params, backup)  # start at w (a previous group may have moved it)
+    base, base_grad = objective()
+    if rho == 0:
+        return base, base, [base]
+    limit = math.inf if budget is None else budget
+    per_start: list[float] = []
+    best_all = base
+    for s in range(starts):
+        if objective.evaluations >= limit:
+            break
+        if s == 0:  # δ = 0: the first step is exactly the SAM / ASAM perturbation
+            x = [torch.zeros_like(w) for w in params]
+            fx, gx = base, base_grad
+            eta = 2.0 * rho
         else:
-            alpha /= 2.0
-    return base, best_loss
+            x = _random_start(params, rho, p, generator)
+            fx, gx = at(x)
+            eta = rho
+        best_x, best_f, best_g = x, fx, gx
+        x_prev = x
+        checkpoint = max(2, (steps + 1) // 4)
+        since, successes, best_at_check = 0, 0, best_f
+        for it in range(steps + 1):
+            if objective.evaluations >= limit:
+                break
+            z = _project_(torch._foreach_add(x, _direction(gx, scale, p, generator, params),
+                                             alpha=eta), rho, p)
+            if it > 0:  # Auto-PGD's momentum: x + 0.75 (z - x) + 0.25 (x - x_prev)
+                step = torch._foreach_sub(z, x)
+                torch._foreach_mul_(step, 0.75)
+                torch._foreach_add_(step, torch._foreach_sub(x, x_prev), alpha=0.25)
+                z = _project_(torch._foreach_add(x, step), rho, p)
+            fz, gz = at(z)
+            since += 1
+            if fz > fx:
+                successes += 1
+            x_prev, x, fx, gx = x, z, fz, gz
+            if fz > best_f:
+                best_x, best_f, best_g = z, fz, gz
+            if since >= checkpoint:  # too few successful steps, or no progress: halve, restart
+                if successes < 0.75 * since or best_f <= best_at_check:
+                    eta /= 2.0
+                    x = x_prev = best_x
+                    fx, gx = best_f, best_g
+                since, successes, best_at_check = 0, 0, best_f
+        per_start.append(best_f)
+        best_all = max(best_all, best_f)
+    return base, best_all, per_start
 
 
 def _micro_batches(batches: Batches, m: int) -> Iterator[list[tuple[Any, Any, int]]]:
@@ -184,24 +252,34 @@ def sharpness(
     m: int | None = None,
     params: Iterable[Tensor] | None = None,
     seed: int = 0,
+    starts: int | None = None,
+    budget: int | None = None,
 ) -> SharpnessResult:
     r"""Sharpness :math:`\max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w+\epsilon) - L(w)`.
 
-    The maximum is sought by projected gradient ascent on :math:`\delta = T_w^{-1}\epsilon`:
+    The maximum is sought by projected ascent on :math:`\delta = T_w^{-1}\epsilon` from
+    several starts (random starts and step-size restarts in the spirit of Auto-PGD, Croce &
+    Hein 2020, which the adaptive-sharpness study of Andriushchenko et al. 2023 uses):
 
-    1. start at :math:`\delta = 0`; the first step gives exactly the SAM / ASAM ascent,
+    1. start 0 is :math:`\delta = 0`; its first step gives exactly the SAM / ASAM ascent,
        :math:`\epsilon = \rho\,T_w^2 g/\|T_w g\|_2` for :math:`p = 2`,
-       :math:`\epsilon = \rho\,T_w\,\mathrm{sign}(g)` for :math:`p = \infty`;
-    2. each further step moves from the best point so far by
-       :math:`\alpha\,T_w\nabla L/\|T_w\nabla L\|_2` (:math:`p = 2`) or
-       :math:`\alpha\,\mathrm{sign}(\nabla L)` (:math:`p = \infty`) and projects back onto the
-       ball (rescaling, or clipping to :math:`[-\rho, \rho]`); :math:`\alpha` starts at
-       :math:`2\rho` and halves whenever a step does not raise the loss.
+       :math:`\epsilon = \rho\,T_w\,\mathrm{sign}(g)` for :math:`p = \infty`; the other
+       ``starts - 1`` start at random points of the boundary (the sphere of radius ρ, or a
+       random vertex of the box);
+    2. each start takes ``steps + 1`` steps :math:`z = P(x + \eta\,u)` with :math:`u` the
+       normalized :math:`T_w\nabla L` (:math:`p = 2`) or its sign (:math:`p = \infty`), and
+       the momentum :math:`x \leftarrow P(x + 0.75(z - x) + 0.25(x - x_{prev}))`; :math:`P`
+       projects onto the ball (rescaling, or clipping to :math:`[-\rho, \rho]`). The step
+       :math:`\eta` starts at :math:`2\rho` (start 0) or :math:`\rho`, and at checkpoints
+       (every quarter of the steps) it halves and the ascent restarts from the start's best
+       point when fewer than 75 % of the steps raised the loss or the best did not improve.
 
-    The best loss found is reported, so the value is a lower bound of the true maximum that
-    increases with ``steps`` (first order exact as ``rho -> 0``; exact for a convex quadratic
-    loss after enough steps). At a stationary point (:math:`g = 0`) the start is a random
-    direction.
+    The best loss over all starts is reported (a lower bound of the true maximum), with the
+    best of each start (``start_values``) and their ``spread``. On a 9-parameter tanh net the
+    default (8 starts, 10 steps) reaches >= 95 % of a 24-start, 40-step brute force for plain
+    and adaptive sharpness, p = 2 and ∞, ρ from 0.05 to 2 (``tests/test_sharpness.py``); a
+    single start reached 36-86 % at moderate and large ρ. At a stationary point
+    (:math:`g = 0`) start 0 moves in a random direction.
 
     The weights are restored bit for bit at the end (also on error); ``.grad`` is not touched.
     The model is used in the caller's mode: BatchNorm running statistics are never updated, and
@@ -225,17 +303,23 @@ def sharpness(
             (the last may be smaller), maximize each separately and average the results
             weighted by size. ``None``: one maximization over all of ``data``.
         params: the parameters to perturb (default: those with ``requires_grad``).
-        seed: seeds the dropout masks and the random start at a stationary point.
+        seed: seeds the dropout masks and the random starts.
+        starts: the number of ascents (default: 8, or 1 when ``steps == 0``, which keeps the
+            one-step SAM / ASAM estimate). Cost: about ``starts * (steps + 2)`` evaluations.
+        budget: the most loss-and-gradient evaluations per maximization (``None``: no cap);
+            the starts run in order until it is spent.
 
     Returns:
         A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,
-        ``steps`` and ``evaluations``.
+        ``steps``, ``evaluations``, ``starts``, ``start_values`` and ``spread``.
 
     References:
         P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
         Efficiently Improving Generalization. ICLR 2021. J. Kwon, J. Kim, H. Park, I. K. Choi.
         ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
-        Networks. ICML 2021. M. Andriushchenko, F. Croce, M. Müller, M. Hein, N. Flammarion.
+        Networks. ICML 2021. F. Croce, M. Hein. Reliable evaluation of adversarial robustness
+        with an ensemble of diverse parameter-free attacks (Auto-PGD). ICML 2020.
+        M. Andriushchenko, F. Croce, M. Müller, M. Hein, N. Flammarion.
         A Modern Look at the Relationship between Sharpness and Generalization. ICML 2023.
     """
     if not isinstance(model, nn.Module):
@@ -248,6 +332,13 @@ def sharpness(
         raise ValueError(f"Invalid adaptive: {adaptive!r} (allowed: True or False)")
     steps = _check_steps(steps)
     m = _check_m(m)
+    if starts is None:
+        starts = 1 if steps == 0 else DEFAULT_STARTS
+    if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
+        raise ValueError(f"Invalid starts: {starts!r} (allowed: None or an integer >= 1)")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget < 2):
+        raise ValueError(f"Invalid budget: {budget!r} (allowed: None or an integer >= 2)")
     rho, eta = float(rho), float(eta)
     _, ps = resolve_params(model, params)
     device = ps[0].device
@@ -259,6 +350,7 @@ def sharpness(
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
     groups: Iterable[Any] = [batches] if m is None else _micro_batches(batches, m)
     weighted = [0.0, 0.0]  # sums of n * L(w), n * L(w + ε)
+    per_start = [0.0] * starts  # sums of n * (best L(w + ε) - L(w)) per start
     total = 0
     evaluations = 0
     try:
@@ -267,12 +359,17 @@ def sharpness(
         for group in groups:
             n = sum(b[2] for b in group) if isinstance(group, list) else 1
             objective = _Objective(model, loss_fn, ps, group, int(seed))
-            base, best = _maximize(objective, ps, backup, scale, rho, p, steps, generator)
+            base, best, bests = _maximize(
+                objective, ps, backup, scale, rho, p, steps, generator, starts, budget
+            )
             evaluations += objective.evaluations
             if m is None:
                 n = 1
             weighted[0] += n * base
             weighted[1] += n * best
+            bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
+            for i, b in enumerate(bests[:starts]):
+                per_start[i] += n * (b - base)
             total += n
     finally:
         with torch.no_grad():
@@ -280,12 +377,16 @@ def sharpness(
         for w in frozen:
             w.requires_grad_(False)
     base_loss, perturbed_loss = weighted[0] / total, weighted[1] / total
+    values = tuple(max(v / total, 0.0) for v in per_start) if rho > 0 else (0.0,)
     return SharpnessResult(
         value=max(perturbed_loss - base_loss, 0.0),
         base_loss=base_loss,
         perturbed_loss=perturbed_loss,
         steps=steps if rho > 0 else 0,
         evaluations=evaluations,
+        starts=starts if rho > 0 else 1,
+        start_values=values,
+        spread=max(values) - min(values),
     )
 
 

@@ -95,7 +95,12 @@ def test_warm_start_converges_in_fewer_products():
     warm = top_eigenvalues(B, tol=1e-8, init=cold)
     again = top_eigenvalues(B, tol=1e-8)
     torch.testing.assert_close(warm.values, again.values, rtol=1e-7, atol=0)
-    assert warm.matvecs < again.matvecs
+    # both stop at the minimum Krylov dimension (20); the warm start is further converged
+    assert warm.matvecs <= again.matvecs and warm.error_bounds[0] < again.error_bounds[0]
+    # without the minimum dimension (min_dim=1) the warm start saves products
+    fast = top_eigenvalues(B, tol=1e-8, init=cold, min_dim=1)
+    slow = top_eigenvalues(B, tol=1e-8, min_dim=1)
+    assert fast.converged and slow.converged and fast.matvecs < slow.matvecs
     # the other forms of init: a flat vector, a list of parameter-shaped tensors, a matrix
     top_eigenvalues(B, tol=1e-8, init=cold.vectors[:, 0])
     op = MatrixOperator(B)
@@ -107,6 +112,9 @@ def test_warm_start_converges_in_fewer_products():
 def test_repeated_eigenvalues_and_low_rank_restart_after_breakdown():
     r = top_eigenvalues(torch.eye(30, dtype=torch.float64) * 2, k=3, tol=1e-8)
     torch.testing.assert_close(r.values, torch.full((3,), 2.0, dtype=torch.float64))
+    # blocks of k = 3 until the minimum Krylov dimension max(2k + 1, 20) is passed
+    assert r.converged and r.matvecs == 21
+    r = top_eigenvalues(torch.eye(30, dtype=torch.float64) * 2, k=3, tol=1e-8, min_dim=3)
     assert r.converged and r.matvecs == 3
     low = spectrum_matrix(torch.cat([torch.tensor([3.0, 1.0]), torch.zeros(38)]).double())
     r = top_eigenvalues(low, k=4, tol=1e-8)
@@ -125,7 +133,7 @@ def test_lagged_host_checks_give_the_same_pairs():
     gen = torch.Generator().manual_seed(0)
     late = eigen_module._lanczos_top(op, 3, 1e-8, "LA", 120, gen, None, lag=1)
     torch.testing.assert_close(now.values, late.values)
-    assert late.matvecs == now.matvecs + 1
+    assert late.matvecs == now.matvecs + 3  # one block of k = 3 later
     ident = MatrixOperator(torch.eye(20, dtype=torch.float64))
     gen = torch.Generator().manual_seed(0)
     r = eigen_module._lanczos_top(ident, 3, 1e-8, "LA", 20, gen, None, lag=1)
@@ -135,9 +143,11 @@ def test_lagged_host_checks_give_the_same_pairs():
 def test_not_converged_is_reported():
     ev = torch.cat([torch.tensor([1.0, 0.99]), torch.linspace(-1, 0.98, 198)])
     A = spectrum_matrix(ev.double())
-    r = top_eigenvalues(A, tol=1e-10, max_iter=5)
+    with pytest.warns(UserWarning, match="did not converge"):
+        r = top_eigenvalues(A, tol=1e-10, max_iter=5)
     assert not r.converged and r.matvecs == 5 and r.values.shape == (1,)
-    r = top_eigenvalues(A, tol=1e-10, method="power", max_iter=5)
+    with pytest.warns(UserWarning, match="did not converge"):
+        r = top_eigenvalues(A, tol=1e-10, method="power", max_iter=5)
     assert not r.converged and r.matvecs == 5
 
 

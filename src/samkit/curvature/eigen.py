@@ -27,6 +27,7 @@ vectors matter). Power iteration has no gap estimate and stops on the residual a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -143,22 +144,40 @@ class _Basis:
         del self.blocks[-(-size // self.block) :]  # drop the blocks left empty
 
     def orthogonalize_(self, w: Tensor) -> Tensor:
-        """Remove from ``w`` its components on the basis: classical Gram-Schmidt, twice ("twice
-        is enough", Giraud et al. 2005). Returns the ``(size,)`` coefficients removed."""
+        """Remove from ``w`` (a ``(d,)`` vector or a ``(d, p)`` block) its components on the
+        basis: classical Gram-Schmidt, twice ("twice is enough", Giraud et al. 2005). Returns
+        the coefficients removed, ``(size,)`` or ``(size, p)``."""
         views = self.views()
-        total = torch.zeros(self.size, dtype=w.dtype, device=w.device)
+        shape = (self.size,) if w.dim() == 1 else (self.size, w.shape[1])
+        total = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        if not views:
+            return total
         for _ in range(2):
             coeffs = [b @ w for b in views]
             for b, h in zip(views, coeffs, strict=True):
-                w.addmv_(b.T, h, alpha=-1)
+                if w.dim() == 1:
+                    w.addmv_(b.T, h, alpha=-1)
+                else:
+                    w.addmm_(b.T, h, alpha=-1)
             total += torch.cat(coeffs)
         return total
 
-    def combine(self, s: Tensor) -> Tensor:
-        """:math:`Q^\\top S` for ``S`` of shape ``(size, k)``: ``(d, k)``."""
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Basis vectors ``start .. stop-1`` as the columns of a ``(d, stop - start)`` tensor."""
+        return torch.stack(
+            [self.blocks[i // self.block][i % self.block] for i in range(start, stop)], dim=1
+        )
+
+    def combine(self, s: Tensor, count: int | None = None) -> Tensor:
+        """:math:`Q^\\top S` over the first ``count`` vectors (default all), for ``S`` of shape
+        ``(count, k)``: ``(d, k)``."""
+        count = self.size if count is None else count
         out = torch.zeros(self.dim, s.shape[1], dtype=self.dtype, device=self.device)
         start = 0
         for b in self.views():
+            if start >= count:
+                break
+            b = b[: count - start]
             out.addmm_(b.T, s[start : start + b.shape[0]])
             start += b.shape[0]
         return out
@@ -294,53 +313,203 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.argsort(key, kind="stable")[:k]
 
 
-def _lanczos_top(op, k, tol, which, max_iter, generator, init, lag=None) -> EigenResult:
-    v0 = _initial(op, init, generator)
-    if v0.dim() == 2:
-        v0 = v0.sum(dim=1)
-        if not bool(torch.linalg.vector_norm(v0) > 0):
-            v0 = _initial(op, None, generator)
-    state: dict = {}
+# -- block Lanczos with thick restarts (top_eigenvalues) ------------------------------------------
 
-    def check(c: int, a: np.ndarray, b: np.ndarray) -> bool:
-        if c < k:
-            return False
-        theta, s = np.linalg.eigh(_tridiagonal(a, b))
-        idx = _wanted(theta, k, which)
-        res_all = np.abs(b[c - 1] * s[c - 1, :])
-        res = res_all[idx]
-        bounds = res.copy()
-        for n, i in enumerate(idx):
-            others = np.delete(np.arange(c), i)
-            if len(others):
-                gap = np.min(np.abs(theta[i] - theta[others]) - res_all[others])
-                if gap > 0:
-                    bounds[n] = min(res[n], res[n] ** 2 / gap)
-        norm_t = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-        scale = np.maximum(np.abs(theta[idx]), torch.finfo(op.dtype).eps * norm_t)
-        state.update(theta=theta[idx], s=s[:, idx], res=res, bounds=bounds, c=c)
-        state["converged"] = bool(np.all(bounds <= tol * scale))
-        return state["converged"]
 
+def _orthonormal_block(
+    basis: _Basis, w: Tensor, norm_t: float, generator: torch.Generator
+) -> tuple[Tensor, np.ndarray]:
+    """Orthonormalize the columns of ``w`` ``(d, p)`` (already orthogonal to ``basis``) among
+    themselves: ``w = Q R``. A column that is (numerically) in the span of the basis and the
+    columns before it is an invariant direction: its diagonal entry of ``R`` is set to 0 and it
+    is replaced by a random unit vector orthogonal to everything, so the space keeps growing.
+    Returns ``Q`` ``(d, p)`` and ``R`` ``(p, p)`` (float64, host)."""
+    d, p = w.shape
+    eps = torch.finfo(w.dtype).eps
+    tiny = torch.finfo(w.dtype).tiny
+    r = np.zeros((p, p))
+    cols: list[Tensor] = []
+    for i in range(p):
+        col = w[:, i].clone()
+        for _ in range(2):
+            for j, q in enumerate(cols):
+                h = torch.dot(q, col)
+                col.sub_(q * h)
+                r[j, i] += float(h)
+        norm = float(torch.linalg.vector_norm(col))
+        if norm > 100 * eps * max(norm_t, tiny) * math.sqrt(d):
+            r[i, i] = norm
+            cols.append(col / norm)
+            continue
+        for _ in range(3):  # a random direction orthogonal to the basis and the block
+            col = torch.randn(d, generator=generator, device=w.device, dtype=w.dtype)
+            basis.orthogonalize_(col)
+            for _ in range(2):
+                for q in cols:
+                    col.sub_(q * torch.dot(q, col))
+            norm = float(torch.linalg.vector_norm(col))
+            if norm > 1e-3:
+                break
+        cols.append(col / max(norm, tiny))
+    return torch.stack(cols, dim=1), r
+
+
+def _block_lanczos_top(
+    op,
+    k: int,
+    tol: float,
+    which: str,
+    max_products: int,
+    generator: torch.Generator,
+    init,
+    block: int,
+    min_dim: int,
+    max_basis: int,
+    lag: int = 0,
+) -> EigenResult:
+    r"""Block Lanczos with full reorthogonalization and thick (Krylov-Schur) restarts.
+
+    The coefficients :math:`C = Q^\top A Q` of the processed columns (and the coupling ``E``
+    of the last new block) are kept on the host in float64; the Ritz pairs come from
+    ``eigh`` of the symmetrized :math:`C`, the residual of pair ``i`` is
+    :math:`\|E s_i\|`. When the basis would exceed ``max_basis`` vectors, the best Ritz
+    vectors are kept (:math:`A Y = Y \Theta + Q_{new} E S`) and the run goes on from the
+    pending block. ``lag=1`` checks one block late (the CUDA pattern: the next product is
+    queued before the host reads the coefficients); the answer is the same, one block later.
+    """
+    d = op.shape[0]
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps
     counter = _Counter(op)
-    basis, a, b, c = lanczos(counter, v0, max_iter, check, generator, restart=True, lag=lag)
-    if state.get("c") != c:  # the run ended before k Ritz values existed
-        check(c, a, b)
-    s = torch.as_tensor(state["s"], dtype=op.dtype, device=op.device)
-    basis.truncate(state["c"])
-    vectors = basis.combine(s)
+
+    start = _initial(op, init, generator)
+    cols = [start] if start.dim() == 1 else list(start.unbind(1))
+    p = max(block, len(cols))
+    p = min(p, d)
+    cols = cols[:p]
+    while len(cols) < p:
+        cols.append(torch.randn(d, generator=generator, device=device, dtype=dtype))
+    basis = _Basis(d, dtype, device)
+    first = torch.stack(cols, dim=1)
+    q0, _ = _orthonormal_block(basis, first, 1.0, generator)
+    for i in range(q0.shape[1]):
+        basis.append(q0[:, i])
+
+    size = max_basis + 2 * p
+    c_mat = np.zeros((size, size))
+    m = 0  # processed columns; the pending block is basis rows m .. n-1
+    n = p
+    reached = False  # min_dim products (Krylov directions) have been explored
+    norm_t = 0.0
+    state: dict = {}
+    snapshots: list[dict] = []
+
+    def evaluate(m_: int, n_: int, c_: np.ndarray) -> dict:
+        t = c_[:m_, :m_]
+        t = 0.5 * (t + t.T)
+        theta, s = np.linalg.eigh(t)
+        e = c_[m_:n_, :m_]
+        res_all = np.linalg.norm(e @ s, axis=0) if n_ > m_ else np.zeros(m_)
+        idx = _wanted(theta, min(k, m_), which)
+        nt = max(float(np.abs(theta).max()) if m_ else 0.0, np.finfo(np.float64).tiny)
+        floor = math.sqrt(m_) * eps * nt  # rounding in the products and Gram-Schmidt
+        bounds = res_all[idx] + floor
+        scale = np.abs(theta[idx])
+        # a relative test, and for an eigenvalue at the rounding level (|theta| <= floor) an
+        # absolute one: its residual must be at the rounding level too
+        passed = (bounds <= tol * scale) | ((scale <= floor) & (res_all[idx] <= floor))
+        ok = bool(len(idx) == k and np.all(passed))
+        return dict(theta=theta, s=s, idx=idx, res=res_all[idx], bounds=bounds, m=m_, ok=ok,
+                    norm=nt)
+
+    while True:
+        pend = basis.rows(m, n)  # (d, pb)
+        pb = pend.shape[1]
+        w = counter @ pend
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                "Invalid operator: a product returned non-finite values (check the weights "
+                "and the data for NaN / inf)"
+            )
+        coeffs = basis.orthogonalize_(w)  # (n, pb)
+        c_mat[:n, m : m + pb] = coeffs.double().cpu().numpy()
+        m += pb
+        norm_t = max(norm_t, float(np.abs(c_mat[:m, :m]).max()))
+        room = min(p, d - n)
+        if room > 0:
+            qn, r = _orthonormal_block(basis, w, norm_t, generator)
+            rows = min(room, qn.shape[1])
+            c_mat[n : n + rows, m - pb : m] = r[:rows]
+            for i in range(rows):
+                basis.append(qn[:, i])
+            n += rows
+        if counter.count >= min_dim or m >= d:  # restarts keep the explored space's best part
+            reached = True
+        current = evaluate(m, n, c_mat)
+        current["reached"] = reached
+        snapshots.append(current)
+        if lag:  # read the state one block late (the product of this block is already queued)
+            judged = snapshots[-2] if len(snapshots) > 1 else None
+        else:
+            judged = current
+        if judged is not None and judged["reached"] and judged["ok"]:
+            state = judged
+            break
+        if m >= d or n == m or counter.count + p > max_products:
+            # the space is exhausted (exact up to rounding) or the budget is spent
+            state = dict(current, ok=current["ok"] and reached)
+            break
+        snapshots = snapshots[-1:]
+        if n + p > max_basis and max_basis < d and m > k:  # thick restart: keep the best
+            theta, s = current["theta"], current["s"]  # Ritz vectors
+            order = _wanted(theta, len(theta), which)
+            keep = max(k, min(m - p, max_basis // 2, max_basis - 2 * p))
+            sel = order[:keep]
+            y = basis.combine(torch.as_tensor(s[:, sel], dtype=dtype, device=device), m)
+            pending = basis.rows(m, n).clone()
+            e = c_mat[m:n, :m] @ s[:, sel]
+            basis.truncate(0)
+            for i in range(keep):
+                basis.append(y[:, i])
+            for i in range(pending.shape[1]):
+                basis.append(pending[:, i])
+            c_new = np.zeros_like(c_mat)
+            c_new[:keep, :keep] = np.diag(theta[sel])
+            c_new[keep : keep + pending.shape[1], :keep] = e
+            c_mat = c_new
+            m, n = keep, keep + pending.shape[1]
+            snapshots = []
+
+    sel = state["idx"]
+    s = torch.as_tensor(state["s"][:, sel], dtype=dtype, device=device)
+    vectors = basis.combine(s, state["m"])
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=0).clamp_min(
-        torch.finfo(op.dtype).tiny
+        torch.finfo(dtype).tiny
     )
     return EigenResult(
-        values=torch.as_tensor(state["theta"], dtype=torch.float64),
+        values=torch.as_tensor(state["theta"][sel], dtype=torch.float64),
         vectors=vectors,
         residuals=torch.as_tensor(state["res"], dtype=torch.float64),
         error_bounds=torch.as_tensor(state["bounds"], dtype=torch.float64),
         matvecs=counter.count,
-        converged=state["converged"] and len(state["theta"]) == k,
+        converged=bool(state["ok"]) and len(sel) == k,
         method="lanczos",
     )
+
+
+def _lanczos_top(op, k, tol, which, max_iter, generator, init, lag=None) -> EigenResult:
+    """The Lanczos path of :func:`top_eigenvalues` with its defaults (block ``k``)."""
+    d = op.shape[0]
+    p = k
+    min_dim = min(d, max(2 * k + 1, 20))
+    return _block_lanczos_top(
+        op, k, tol, which, max_iter, generator, init, p, min_dim,
+        _default_basis(d, k, p, min_dim), lag=lag or 0,
+    )
+
+
+def _default_basis(d: int, k: int, p: int, min_dim: int) -> int:
+    return min(d, max(3 * min_dim, k + 3 * p, min_dim + 2 * p))
 
 
 class _Counter:
@@ -351,6 +520,11 @@ class _Counter:
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
 
     def __matmul__(self, v: Tensor) -> Tensor:
+        if v.dim() == 2:
+            self.count += v.shape[1]
+            if isinstance(self.op, LinearOperator):
+                return self.op @ v
+            return torch.stack([self.op @ v[:, j] for j in range(v.shape[1])], dim=1)
         self.count += 1
         return self.op @ v
 
@@ -426,35 +600,76 @@ def top_eigenvalues(
     max_iter: int | None = None,
     seed: int = 0,
     init: Tensor | Sequence[Tensor] | EigenResult | None = None,
+    block_size: int | None = None,
+    min_dim: int | None = None,
+    max_basis: int | None = None,
 ) -> EigenResult:
     r"""The ``k`` largest eigenvalues of a symmetric operator and their eigenvectors.
+
+    Lanczos (the default) is **block** Lanczos with full reorthogonalization and thick
+    (Krylov-Schur) restarts. It stops when, with at least ``min_dim`` Krylov vectors explored,
+    every wanted Ritz pair has
+
+    .. math::
+        r_i + \sqrt{m}\,\varepsilon\,\|T\| \le \mathrm{tol}\,|\theta_i|,
+        \qquad r_i = \|A y_i - \theta_i y_i\|
+
+    (ARPACK's residual test, plus an estimate of the rounding error of the products in the
+    operator's dtype; :math:`\varepsilon` its machine epsilon, :math:`m` the basis size).
+
+    What ``converged=True`` guarantees: each returned :math:`\theta_i` is within
+    ``error_bounds[i] <= tol * |theta_i|`` of an eigenvalue of ``A`` (a residual bound, no gap
+    estimate is used). That no larger eigenvalue was skipped is what a Krylov method can
+    know and no more: the space explored had at least ``min_dim`` dimensions (ARPACK's
+    ``max(2k + 1, 20)``) from a random start block, and the block has ``k`` columns, so an
+    eigenvalue repeated up to ``k`` times is found with all its copies (single-vector Lanczos
+    sees one copy per invariant subspace; block Lanczos was chosen over implicit restarts
+    because it needs no luck with rounding to find the copies, at no extra cost for ``k = 1``).
+    ``converged=False`` comes with a ``UserWarning``; the values are then the best Ritz values
+    found, without a guarantee.
 
     Args:
         H: a :class:`~samkit.curvature.HessianOperator` (or any :class:`LinearOperator`, or a
             dense symmetric ``(d, d)`` tensor).
         k: how many eigenpairs (1 <= k <= d).
-        tol: the relative accuracy of the eigenvalues (0 < tol < 1): every pair stops with an
-            error bound ``<= tol * |theta|`` (see the module docstring; Lanczos uses the gap to
-            the other Ritz values, power iteration the residual alone).
-        method: ``"lanczos"`` (full reorthogonalization, on the operator's device; the
-            default) or ``"power"`` (power iteration with deflation, one host sync per
-            product; for comparison).
+        tol: the relative accuracy of the eigenvalues (0 < tol < 1), see above. In float32
+            the rounding term keeps ``tol`` below about ``1e-6`` from being reached
+            (``converged=False``); use a float64 operator for more.
+        method: ``"lanczos"`` (on the operator's device; the default) or ``"power"`` (power
+            iteration with deflation, residual test, one host sync per product; for
+            comparison).
         which: ``"LA"`` largest algebraic (the sharpness :math:`\lambda_{max}`) or ``"LM"``
             largest magnitude.
-        max_iter: Lanczos: the largest Krylov dimension (default ``min(d, 300)``; memory
-            ``max_iter`` vectors at most); power: the products per eigenvalue (default 1000).
-        seed: seeds the random start vector (and restarts), on the operator's device.
-        init: a start vector: the previous top eigenvector (warm start), a ``(d, j)`` matrix
-            of them (Lanczos starts from their sum; power uses column ``i`` for pair ``i``), a
-            list of parameter-shaped tensors, or a previous :class:`EigenResult`. Lanczos
-            explores the Krylov space of ``init``, so an exact eigenvector gives that pair.
+        max_iter: Lanczos: the most products in all (default ``300 * block_size``); power: the
+            products per eigenvalue (default 1000).
+        seed: seeds the random start vectors (and restarts), on the operator's device.
+        init: start vector(s): the previous top eigenvector (warm start), a ``(d, j)`` matrix of
+            them, a list of parameter-shaped tensors, or a previous :class:`EigenResult`.
+            Lanczos puts them in its start block (filled up with random vectors to
+            ``block_size`` columns; the block grows to ``j`` columns if ``j`` is larger);
+            power iteration uses column ``i`` for pair ``i``.
+        block_size: Lanczos' block size (default ``k``). A warm start with
+            ``block_size > j`` keeps random directions in the block, so an eigenvalue that
+            has overtaken the warm-started one is seen (what :class:`~samkit.train.EdgeTracker`
+            does).
+        min_dim: the fewest Krylov vectors before any stop (default ``max(2k + 1, 20)``,
+            at most ``d``). Smaller values save products and weaken the guarantee above.
+        max_basis: the most basis vectors kept (memory ``max_basis * d``; default
+            ``max(3 * min_dim, k + 3 * block_size)``, at most ``d``); when full, the best
+            Ritz vectors are kept and the run goes on (thick restart).
 
     Returns:
         An :class:`EigenResult`: ``values`` (largest first), ``vectors``, ``residuals``,
         ``error_bounds``, ``matvecs``, ``converged``.
 
-    Single-vector Lanczos finds one copy of a repeated eigenvalue per invariant subspace it
-    meets; it restarts after a breakdown, which recovers multiplicities in most cases.
+    Raises:
+        ValueError: bad arguments, or a product that returns non-finite values.
+
+    References:
+        G. H. Golub, R. Underwood. The block Lanczos method for computing eigenvalues. 1977.
+        K. Wu, H. Simon. Thick-restart Lanczos method for large symmetric eigenvalue
+        problems. SIAM J. Matrix Anal. Appl. 22(2), 2000. R. B. Lehoucq, D. C. Sorensen,
+        C. Yang. ARPACK Users' Guide. SIAM 1998.
     """
     op = as_operator(H)
     d = op.shape[0]
@@ -466,8 +681,27 @@ def top_eigenvalues(
         raise ValueError(f"Invalid which: {which!r} (allowed: {', '.join(WHICH)})")
     if max_iter is not None:
         max_iter = _check_int("max_iter", max_iter, k if method == "lanczos" else 1)
+    p = k if block_size is None else _check_int("block_size", block_size, 1, d)
+    dims = min(d, max(2 * k + 1, 20)) if min_dim is None else _check_int("min_dim", min_dim, 1)
+    dims = min(dims, d)
+    if max_basis is None:
+        basis = _default_basis(d, k, p, dims)
+    else:
+        basis = min(d, _check_int("max_basis", max_basis, k + 2 * p))
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
     if method == "lanczos":
-        steps = min(d, 300) if max_iter is None else min(max_iter, d)
-        return _lanczos_top(op, k, tol, which, max(steps, k), generator, init)
-    return _power_top(op, k, tol, which, 1000 if max_iter is None else max_iter, generator, init)
+        products = 300 * p if max_iter is None else max_iter
+        result = _block_lanczos_top(op, k, tol, which, products, generator, init, p, dims, basis)
+    else:
+        result = _power_top(
+            op, k, tol, which, 1000 if max_iter is None else max_iter, generator, init
+        )
+    if not result.converged:
+        warnings.warn(
+            f"top_eigenvalues did not converge: {result.matvecs} products, error bounds "
+            f"{result.error_bounds.tolist()} against tol * |theta| = "
+            f"{(tol * result.values.abs()).tolist()} (raise max_iter, or loosen tol)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return result

@@ -207,8 +207,10 @@ class EdgeTracker(Callback):
         rho: the radius of the SAM gradient whose alignment is recorded when the optimizer is
             not SAM/USAM (e.g. for a gradient-descent baseline); default: the optimizer's ρ, and
             for other optimizers no SAM alignment.
-        tol: Lanczos' relative tolerance on λ₁.
-        max_iter: most Lanczos iterations per measurement.
+        tol: Lanczos' relative tolerance on λ₁ (and the other ``k - 1`` values).
+        max_iter: most Hessian-vector products per Lanczos run.
+        k: how many top eigenvalues to record (``lambda1`` and, for ``k > 1``,
+            ``eigenvalues``, largest first).
         probe_size: see ``probe``.
         seed: seeds Lanczos' first start vector and the probe draw.
         params: the parameters to differentiate (default: all with ``requires_grad``).
@@ -231,6 +233,7 @@ class EdgeTracker(Callback):
         rho: float | None = None,
         tol: float = 1e-3,
         max_iter: int = 100,
+        k: int = 1,
         probe_size: int = 4096,
         seed: int = 0,
         params: Sequence[Tensor] | None = None,
@@ -245,6 +248,8 @@ class EdgeTracker(Callback):
             raise ValueError(f"Invalid tol: {tol!r} (allowed: a number > 0)")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"Invalid max_iter: {max_iter!r} (allowed: an integer >= 1)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Invalid k: {k!r} (allowed: an integer >= 1)")
         if preconditioned not in ("auto", True, False):
             raise ValueError(f"Invalid preconditioned: {preconditioned!r} (allowed: auto, True, "
                              "False)")
@@ -257,6 +262,7 @@ class EdgeTracker(Callback):
         self.rho = rho
         self.tol = float(tol)
         self.max_iter = max_iter
+        self.k = k
         self.probe_size = probe_size
         self.seed = seed
         self.params = None if params is None else list(params)
@@ -317,9 +323,10 @@ class EdgeTracker(Callback):
         # one batch is passed as (x, y): the operator then caches its gradient graph
         data = self.probe[0] if len(self.probe) == 1 else self.probe
         H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
-        lam, vec, mv, converged = self._top(H, self._vector)
-        self._vector = vec
-        matvecs = mv
+        top = self._top(H, self._vector)
+        self._vector = top.vectors.detach().clone()
+        lam, vec, matvecs, converged = float(top.values[0]), self._vector[:, 0], top.matvecs, \
+            top.converged
 
         # 3. the edge for this optimizer; for Adam the preconditioned sharpness
         edge_norm = grad_norm
@@ -329,6 +336,9 @@ class EdgeTracker(Callback):
             edge_norm = float(batch_grad.norm())
             row["batch_grad_norm"] = edge_norm
         row["lambda1"] = lam
+        if self.k > 1:
+            row["eigenvalues"] = [float(v) for v in top.values]
+        row["error_bound"] = float(top.error_bounds.max())
         edge = edge_for(info, edge_norm)
         sharpness = lam
         use_pre = self.preconditioned is True or (
@@ -340,9 +350,11 @@ class EdgeTracker(Callback):
             base = getattr(optimizer, "base_optimizer", optimizer)
             if all(len(base.state.get(p, {})) for p in params):
                 P = adam_preconditioned(H, base)
-                plam, self._pvector, pmv, pconv = self._top(P, self._pvector)
-                matvecs += pmv
-                converged = converged and pconv
+                ptop = self._top(P, self._pvector)
+                self._pvector = ptop.vectors.detach().clone()
+                plam = float(ptop.values[0])
+                matvecs += ptop.matvecs
+                converged = converged and ptop.converged
                 sharpness = plam
             else:  # before Adam's first step there is no preconditioner yet
                 plam, sharpness = None, None
@@ -493,17 +505,29 @@ class EdgeTracker(Callback):
                         p.copy_(w)
         return float(loss_sum), grad.detach()
 
-    def _top(self, H: Any, init: Tensor | None) -> tuple[float, Tensor, int, bool]:
+    def _top(self, H: Any, init: Tensor | None) -> Any:
+        """The top ``k`` eigenpairs of ``H``: block Lanczos from the last top vectors **and**
+        one fresh random direction per measurement (a block of ``k + 1``), so an eigenvalue
+        that has overtaken the warm-started one is found; ``converged`` is Lanczos' honest
+        residual test (see :func:`~samkit.curvature.top_eigenvalues`)."""
+        import warnings
+
         from samkit.curvature import top_eigenvalues
 
-        if init is not None and (init.numel() != H.shape[0] or not torch.isfinite(init).all()):
+        d = H.shape[0]
+        if init is not None:
+            init = init.reshape(d, -1) if init.numel() % d == 0 else None
+        if init is not None and not bool(torch.isfinite(init).all()):
             init = None
-        top = top_eigenvalues(
-            H, k=1, tol=self.tol, method="lanczos", which="LA", max_iter=self.max_iter,
-            seed=self.seed, init=init,
-        )
-        vec = top.vectors[:, 0].detach().clone()
-        return float(top.values[0]), vec, int(top.matvecs), bool(top.converged)
+        if init is not None:
+            init = init[:, : self.k]
+        with warnings.catch_warnings():  # a non-converged row says so in its "converged"
+            warnings.simplefilter("ignore", UserWarning)
+            return top_eigenvalues(
+                H, k=min(self.k, d), tol=self.tol, method="lanczos", which="LA",
+                max_iter=max(self.max_iter, self.k), seed=self.seed + len(self.rows),
+                init=init, block_size=min(d, self.k + 1) if init is not None else None,
+            )
 
     def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
         seconds = time.perf_counter() - start
