@@ -53,12 +53,16 @@ from samkit import config as C
 from samkit.config import setting
 from samkit.experiments import base as experiment
 from samkit.experiments.eos_report import (  # noqa: F401 - the report's names, here too
+    EDGE_BAND,
     GD_BAND,
     SAM_BAND,
+    diagnose,
+    excess_with_rho,
     format_table,
     plot_overview,
     plot_run,
     summarize,
+    verdicts,
     write_report,
 )
 from samkit.train.checkpoint import atomic_write_text
@@ -484,6 +488,8 @@ def cmd_eos(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     result = run_eos(config, verbose=0 if args.quiet else 1, command=command)
     print()
     print(format_table(result))
+    print()
+    print("\n".join(verdicts(result)))
     print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "
           f"{result.run_dir / 'report.md'}")
     return 0
