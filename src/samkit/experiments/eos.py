@@ -244,6 +244,27 @@ class EOSResult:
     run_dir: Path
     wall_time: float
     notes: list[str] = field(default_factory=list)
+    description: str = ""  # data set, size, model, loss: the figures' titles
+
+
+def describe(config: EOSConfig, n: int) -> str:
+    """The setting in one line: data set and size, model, loss, batch (the figures' titles)."""
+    kw = default_model_kwargs(config)
+    if config.model_name == "mlp":
+        model = f"MLP {kw['depth']}×{kw['width']} {kw['activation']}"
+    elif config.model_name == "cnn":
+        model = f"CNN width {kw['width']} {kw.get('activation', '')}".strip()
+    else:
+        model = f"Transformer {kw.get('n_layer')}×{kw.get('n_embd')}"
+    data = "text" if config.is_text else config.dataset
+    loss = {"mse": "square loss ½Σ", "ce": "cross-entropy"}.get(config.loss, config.loss)
+    batch = "full batch" if config.batch_size == 0 else f"batch {config.batch_size}"
+    return f"{data} ({n:,} examples), {model}, {loss}, {batch}"
+
+
+def run_title(description: str, spec: RunSpec) -> str:
+    rho = "" if spec.rho is None else f", ρ = {spec.rho:g}"
+    return f"{spec.label} — {description}, η = {spec.lr:g}{rho}"
 
 
 # --------------------------------------------------------------------------- data and model
@@ -398,6 +419,7 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> 
     start = time.perf_counter()
     train = load_data(config, device)
     specs = run_specs(config)
+    description = describe(config, len(train.y))
     if verbose:
         what = "full batch" if config.batch_size == 0 else f"batch {config.batch_size}"
         data = config.text if config.is_text else f"{config.dataset} ({len(train.y)} examples)"
@@ -410,10 +432,9 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> 
     for i, spec in enumerate(specs):
         prefix = f"[{i + 1}/{len(specs)} {spec.label}] "
         run = train_run(config, spec, train, run_dir / spec.label, device, verbose, prefix)
-        plot_run(run, run_dir / spec.label / "eos.png",
-                 title=f"{spec.label}: {config.model_name}, {config.loss}")
+        plot_run(run, run_dir / spec.label / "eos.png", title=run_title(description, spec))
         runs.append(run)
-    result = EOSResult(config, runs, run_dir, time.perf_counter() - start, notes)
+    result = EOSResult(config, runs, run_dir, time.perf_counter() - start, notes, description)
     plot_overview(result, run_dir / "overview.png")
     write_report(result, command)
     return result

@@ -133,7 +133,7 @@ def excess_with_rho(summaries: Sequence[dict[str, Any]]) -> list[str]:
                 "that grows with ρ (median λ₁/edge after crossing "
                 + ", ".join(f"{r:.2f} at ρ = {s['rho']:g}"
                             for r, s in zip(ratios, sam, strict=True))
-                + "): a systematic excess over the closed-form edge, not noise")
+                + "): a systematic excess over the closed-form edge")
     return notes
 
 
@@ -232,46 +232,106 @@ def verdicts(result: EOSResult) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
+# Line widths and marker sizes of the figures (readable when a figure is shrunk to a column).
+LW_CURVE, LW_EDGE, LW_REF, MS = 1.6, 1.6, 1.3, 4
+
+
+def edge_label(run: RunResult) -> str:
+    """The name of the edge that applies to ``run``: 2/η, (2 + 2β)/η, the SAM- or USAM-edge."""
+    if run.spec.rho is not None:
+        return f"{run.spec.optimizer.upper()}-edge"
+    if run.spec.optimizer == "adam":
+        return "Adam edge (2 + 2β₁)/(η(1 − β₁))"
+    return "2/η" if not run.spec.momentum else "(2 + 2β)/η"
+
+
+def _sharpness_key(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    if any(r.get("lambda1_precond") is not None for r in rows):
+        return "lambda1_precond", "λ₁(P⁻¹H) (preconditioned)"
+    return "lambda1", "λ₁ (top Hessian eigenvalue)"
+
+
+def squeezes(reference: float, values: Sequence[float], factor: float = 1.6) -> bool:
+    """Whether a horizontal line at ``reference`` would squeeze ``values`` into a small part of
+    the axis: it lies more than ``factor`` times above their largest value."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(values) and reference > factor * max(values)
+
+
+def plot_edge_panel(ax, run: RunResult, show_gd: bool | None = None, legend: bool = True) -> None:
+    """λ₁ (markers at the measurements) and the edge that applies to the run; 2/η only where it
+    does not squeeze the axis (``show_gd=None``) or when asked."""
+    rows = [r for r in run.rows if r.get("lambda1") is not None]
+    key, name = _sharpness_key(rows)
+    steps = [r["step"] for r in rows]
+    lam = [r.get(key) for r in rows]
+    ax.plot(steps, lam, "o-", ms=MS, lw=LW_CURVE, color="C0", label=name)
+    gd = 2 / run.spec.lr
+    edge_values: list[float] = []
+    if run.spec.rho is not None:
+        edges = _edges_per_step(run)  # the edge of every step, from that step's ‖g‖
+        if edges:
+            ax.plot([e[0] for e in edges], [e[1] for e in edges], color="C3", lw=LW_EDGE,
+                    alpha=0.85, label=f"{edge_label(run)} (every step's ‖g‖)")
+            edge_values = [e[1] for e in edges]
+        ax.plot(steps, [r.get("edge") for r in rows], "s", ms=MS, color="C3", mfc="white",
+                label=f"{edge_label(run)} at the measurements")
+    else:
+        edge_values = [r.get("edge") for r in rows if r.get("edge") is not None]
+        if edge_values:
+            label = edge_label(run)
+            if label == "2/η":
+                label = f"2/η = {gd:g}"
+            ax.plot(steps, [r.get("edge") for r in rows], "--", color="C3", lw=LW_EDGE,
+                    label=label)
+    if show_gd is None:
+        show_gd = run.spec.rho is not None and not squeezes(gd, lam + edge_values)
+    is_gd_edge = edge_label(run) == "2/η"  # the edge drawn already is 2/η
+    if show_gd and not is_gd_edge:
+        ax.axhline(gd, ls=":", color="k", lw=LW_REF, label=f"2/η = {gd:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    if legend:
+        ax.legend(fontsize=8, loc="best")
+
+
 def plot_run(run: RunResult, path: Path, title: str = "") -> Path:
-    """Four panels: λ₁ with the 2/η line and the SAM-edge curve; loss; ‖g‖; alignments."""
+    """Four panels: λ₁ and its edge alone (2/η only where it leaves room for them, else named
+    in the panel's title); the training loss; ‖g‖; the alignments with v₁."""
     from matplotlib.figure import Figure
 
     rows = [r for r in run.rows if r.get("lambda1") is not None]
-    fig = Figure(figsize=(13, 3.2), constrained_layout=True)
-    axes = fig.subplots(1, 4)
+    fig = Figure(figsize=(14, 3.8), constrained_layout=True)
+    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.6, 1, 1, 1]})
     steps = [r["step"] for r in rows]
-    ax = axes[0]
-    ax.plot(steps, [r["lambda1"] for r in rows], "o-", ms=3, color="C0", label="λ₁")
-    ax.axhline(2 / run.spec.lr, ls="--", color="k", lw=1, label="2/η")
-    if run.spec.rho is not None:
-        # the SAM-edge at every step, from that step's gradient norm, and at the measurements
-        edges = _edges_per_step(run)
-        if edges:
-            ax.plot([e[0] for e in edges], [e[1] for e in edges], color="C3", lw=0.8,
-                    alpha=0.6, label=f"{run.spec.optimizer.upper()}-edge")
-        ax.plot(steps, [r.get("edge") for r in rows], "s", ms=2.5, color="C3")
-    elif rows and rows[0].get("edge_kind") not in ("gd", None):
-        ax.plot(steps, [r.get("edge") for r in rows], color="C3", lw=1, label="edge")
-    ax.set_xlabel("step")
-    ax.set_ylabel("top Hessian eigenvalue")
-    ax.legend(fontsize=8)
-    ax.set_title(title or run.spec.label, fontsize=9)
+    plot_edge_panel(axes[0], run)
+    gd = 2 / run.spec.lr
+    key, _ = _sharpness_key(rows)
+    shown = run.spec.rho is None or not squeezes(
+        gd, [r.get(key) for r in rows] + [r.get("edge") for r in rows if r.get("edge")])
+    axes[0].set_title("λ₁ and its edge" + ("" if shown else f" (2/η = {gd:g}, off the axis)"),
+                      fontsize=10)
     train = run.train
-    axes[1].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[1].plot([r["step"] for r in train], [r["loss"] for r in train], lw=LW_CURVE)
     axes[1].set_ylabel("training loss")
     axes[1].set_yscale("log")
-    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=0.8)
+    axes[1].set_title("loss", fontsize=10)
+    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=1.0)
     axes[2].set_ylabel("‖g‖ (step's batch)")
     axes[2].set_yscale("log")
-    axes[3].plot(steps, [r["align_grad"] for r in rows], "o-", ms=3, label="|⟨g, v₁⟩|/‖g‖")
+    axes[2].set_title("gradient norm", fontsize=10)
+    axes[3].plot(steps, [r["align_grad"] for r in rows], "o-", ms=MS, lw=LW_CURVE,
+                 label="|⟨g, v₁⟩|/‖g‖")
     if any(r.get("align_sam_grad") is not None for r in rows):
-        axes[3].plot(steps, [r.get("align_sam_grad") for r in rows], "s-", ms=3,
+        axes[3].plot(steps, [r.get("align_sam_grad") for r in rows], "s-", ms=MS, lw=LW_CURVE,
                      label="SAM gradient")
     axes[3].set_ylabel("alignment with v₁")
     axes[3].set_ylim(0, 1.02)
     axes[3].legend(fontsize=8)
+    axes[3].set_title("alignment", fontsize=10)
     for a in axes[1:]:
         a.set_xlabel("step")
+    fig.suptitle(title or run.spec.label, fontsize=11)
     _save(fig, path)
     return path
 
@@ -289,28 +349,37 @@ def _edges_per_step(run: RunResult) -> list[tuple[int, float]]:
 
 
 def plot_overview(result: EOSResult, path: Path) -> Path:
-    """λ₁/edge of every run against steps, and λ₁ against 2/η and the edges."""
+    """As Long & Bartlett draw it: one panel per run (per ρ), each with λ₁, its edge and the
+    2/η line, on a shared step axis; then λ₁/edge of every run in one panel."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 3.6), constrained_layout=True)
-    ax1, ax2 = fig.subplots(1, 2)
-    for i, run in enumerate(result.runs):
-        rows = [r for r in run.rows if r.get("lambda1") is not None]
-        color = f"C{i % 10}"
-        steps = [r["step"] for r in rows]
-        ax1.plot(steps, [r.get("ratio") for r in rows], "o-", ms=2.5, color=color,
-                 label=run.spec.label)
-        ax2.plot(steps, [r["lambda1"] for r in rows], "o-", ms=2.5, color=color,
-                 label=f"{run.spec.label} λ₁")
-        ax2.plot(steps, [r.get("edge") for r in rows], ":", color=color, lw=1)
-        ax2.axhline(2 / run.spec.lr, ls="--", color=color, lw=0.6)
-    ax1.axhline(1.0, color="k", lw=0.8)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("λ₁ / edge")
-    ax1.legend(fontsize=7)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("λ₁ (solid), edge (dotted), 2/η (dashed)")
-    ax2.legend(fontsize=7)
+    runs = result.runs
+    n = len(runs) + 1
+    cols = min(n, 4)
+    nrows = -(-n // cols)
+    fig = Figure(figsize=(3.9 * cols, 3.3 * nrows), constrained_layout=True)
+    axes = list(fig.subplots(nrows, cols, squeeze=False).ravel())
+    for ax, run in zip(axes, runs, strict=False):
+        plot_edge_panel(ax, run, show_gd=True, legend=True)
+        rho = "" if run.spec.rho is None else f", ρ = {run.spec.rho:g}"
+        ax.set_title(f"{run.spec.label}: η = {run.spec.lr:g}{rho}", fontsize=10)
+    ax = axes[len(runs)]
+    for i, run in enumerate(runs):
+        rows = [r for r in run.rows if r.get("ratio") is not None]
+        ax.plot([r["step"] for r in rows], [r["ratio"] for r in rows], "o-", ms=3,
+                lw=LW_CURVE, color=f"C{i % 10}", label=run.spec.label)
+    ax.axhspan(EDGE_BAND[0], EDGE_BAND[1], color="0.85", zorder=0,
+               label=f"at the edge [{EDGE_BAND[0]}, {EDGE_BAND[1]}]")
+    ax.axhline(1.0, color="k", lw=LW_REF)
+    ax.set_xlabel("step")
+    ax.set_ylabel("λ₁ / edge")
+    ax.set_title("λ₁ / edge", fontsize=10)
+    ax.legend(fontsize=7)
+    for extra in axes[n:]:
+        extra.set_visible(False)
+    description = getattr(result, "description", "")
+    if description:
+        fig.suptitle(description, fontsize=11)
     _save(fig, path)
     return path
 
