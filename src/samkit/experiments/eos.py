@@ -68,8 +68,30 @@ from samkit.experiments.eos_report import (  # noqa: F401 - the report's names, 
 from samkit.train.checkpoint import atomic_write_text
 from samkit.train.edge import EdgeTracker
 
-LOSSES = ("mse", "ce")
+LOSSES = ("mse", "mse-mean", "ce")
 ASCENTS = ("sam", "usam")
+OPTIMIZERS = ("sgd", "adam")
+INITS = ("default", "glorot-normal")
+PREPROCESS = ("standardize", "center")
+MEASURE_ON = ("probe", "batch")
+
+# Presets: named settings under the command line's own flags (a flag given wins).
+# long-bartlett: google-deepmind/sam_edge's image_classification.py (checked in its source):
+# loss optax.squared_error averaged over classes and examples (``mse-mean``), Glorot-normal
+# weights and zero biases (flax's Dense with kernel_init=glorot_normal), pixels scaled to
+# [0, 1] and centred by the per-pixel training mean (no division by a standard deviation), an
+# MLP with ReLU (their mlp_depth=4 counts 4 linear layers: 3 hidden), width 100 and ρ = 0.1
+# as in their run.sh, full batch. Their data set is MNIST (60,000); here Fashion-MNIST subset
+# to what 2 CPU cores train in minutes, and their η = 0.01 replaced by one at which this
+# smaller run reaches 2/η within its steps.
+PRESETS: dict[str, dict[str, Any]] = {
+    "long-bartlett": {
+        "dataset": "fashion-mnist", "subset": 1000, "loss": "mse-mean",
+        "init": "glorot-normal", "preprocess": "center",
+        "model": "mlp", "model_kwargs": {"depth": 3, "width": 100, "activation": "relu"},
+        "lrs": (0.1,), "rhos": (0.1,), "steps": 600, "every": 20, "batch_size": 0,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,9 @@ class EOSConfig:
         2000, "training examples (stratified); None: the whole training set")
     data_seed: int = setting(
         0, "seed of the subset")
+    preprocess: str = setting(
+        "standardize", "standardize (mean and std per feature) or center (pixels in [0, 1] "
+        "minus the per-pixel training mean: Long & Bartlett's)")
     text: str | None = setting(
         None, "a UTF-8 text file: the character-level Transformer instead")
     seq_len: int = setting(
@@ -95,9 +120,14 @@ class EOSConfig:
         "mlp", "mlp or cnn (images); transformer (forced when `text` is given)")
     model_kwargs: dict = setting(
         factory=dict, help="passed to create_model, over the defaults")
+    init: str = setting(
+        "default", "default (torch's) or glorot-normal (weights N(0, 2/(fan_in + fan_out)), "
+        "zero biases: Long & Bartlett's)")
     # ---- loss
     loss: str = setting(
-        "mse", "mse: ½ Σ_classes (f - onehot)², mean over examples; ce: cross-entropy")
+        "mse", "mse: ½ Σ_classes (f - onehot)², mean over examples; mse-mean: (f - onehot)² "
+        "averaged over classes and examples (optax.squared_error, Long & Bartlett's: 1/5 of "
+        "mse with 10 classes); ce: cross-entropy")
     # ---- optimization: every lr runs GD (if gd) and the SAM variant with every rho
     lrs: tuple[float, ...] = setting(
         (0.1,), "step sizes η", flag="--lr")
@@ -109,6 +139,11 @@ class EOSConfig:
         "sam", "sam (ε = ρ g/‖g‖) or usam (ε = ρ g)")
     momentum: float = setting(
         0.0, "heavy-ball momentum of the base SGD (0: plain GD, the papers')")
+    optimizer: str = setting(
+        "sgd", "sgd (GD and SAM runs) or adam (full-batch Adam runs: the preconditioned "
+        "sharpness λ₁(P⁻¹H) against (2 + 2β₁)/(η(1 − β₁)); rhos are not used)")
+    beta1: float = setting(
+        0.9, "Adam's β₁ (β₂ = 0.999, ε = 1e-8)")
     steps: int = setting(
         300, "optimizer steps per run")
     batch_size: int = setting(
@@ -120,6 +155,11 @@ class EOSConfig:
         10, "measure λ₁ every this many steps (and at step 0)")
     tol: float = setting(
         1e-3, "Lanczos relative tolerance")
+    k: int = setting(
+        1, "top eigenvalues per measurement (λ₁ ... λ_k)")
+    measure_on: str = setting(
+        "probe", "minibatch runs: probe (λ₁ on fixed examples) or batch (on the step's own "
+        "minibatch, as Long & Bartlett measure their language model)")
     probe_size: int = setting(
         512, "minibatch runs: λ₁ on this many fixed training examples")
     # ---- where and how
@@ -131,10 +171,21 @@ class EOSConfig:
         "runs", "parent folder")
     name: str | None = setting(
         None, "runs/<name>/ (None: eos-<dataset>-<model>-<loss>)")
+    preset: str | None = setting(
+        None, "the preset the values came from (long-bartlett), for the record")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"Invalid loss: {self.loss!r} (allowed: {', '.join(LOSSES)})")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("init", INITS),
+                             ("preprocess", PREPROCESS), ("measure_on", MEASURE_ON)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"Invalid {key}: {getattr(self, key)!r} (allowed: "
+                                 f"{', '.join(allowed)})")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Invalid preset: {self.preset!r} (allowed: {', '.join(PRESETS)})")
+        if not 0.0 <= self.beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {self.beta1!r} (allowed: in [0, 1))")
         if self.ascent not in ASCENTS:
             raise ValueError(f"Invalid ascent: {self.ascent!r} (allowed: {', '.join(ASCENTS)})")
         if not self.lrs or any(not (isinstance(v, (int, float)) and v > 0) for v in self.lrs):
@@ -144,7 +195,7 @@ class EOSConfig:
         if not self.gd and not self.rhos:
             raise ValueError("Nothing to run: gd=False and no rhos (allowed: gd or some rho)")
         for key, low in (("steps", 1), ("every", 1), ("batch_size", 0), ("probe_size", 1),
-                         ("seq_len", 1)):
+                         ("seq_len", 1), ("k", 1)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {key}: {value!r} (allowed: an integer >= {low})")
@@ -188,13 +239,20 @@ def default_model_kwargs(config: EOSConfig) -> dict[str, Any]:
 
 
 def make_loss(kind: str):
-    """``mse``: ½ Σ_classes (f − onehot(y))², mean over examples (and tokens); ``ce``: mean
-    cross-entropy. Both take integer labels (``N`` or ``N×T``) and logits (``N×C`` or
-    ``N×T×C``)."""
+    """``mse``: ½ Σ_classes (f − onehot(y))², mean over examples (and tokens); ``mse-mean``:
+    (f − onehot(y))² averaged over classes and examples (``optax.squared_error`` then
+    ``jnp.mean``, Long & Bartlett's); ``ce``: mean cross-entropy. All take integer labels
+    (``N`` or ``N×T``) and logits (``N×C`` or ``N×T×C``)."""
     if kind == "ce":
         def ce(out: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(out.flatten(0, -2), y.flatten())
         return ce
+
+    if kind == "mse-mean":
+        def mse_mean(out: Tensor, y: Tensor) -> Tensor:
+            target = F.one_hot(y, out.shape[-1]).to(out.dtype)
+            return (out - target).pow(2).mean()
+        return mse_mean
 
     def mse(out: Tensor, y: Tensor) -> Tensor:
         target = F.one_hot(y, out.shape[-1]).to(out.dtype)
@@ -210,10 +268,13 @@ class RunSpec:
     optimizer: str  # sgd, sam or usam
     lr: float
     rho: float | None
-    momentum: float = 0.0  # heavy-ball momentum of the base SGD
+    momentum: float = 0.0  # heavy-ball momentum of the base SGD (Adam: β₁)
 
 
 def run_specs(config: EOSConfig) -> list[RunSpec]:
+    if config.optimizer == "adam":
+        return [RunSpec(f"adam-lr{lr:g}", "adam", float(lr), None, config.beta1)
+                for lr in config.lrs]
     specs = []
     for lr in config.lrs:
         if config.gd:
@@ -278,8 +339,11 @@ def load_data(config: EOSConfig, device: torch.device):
     else:
         train, _ = load_dataset(
             config.dataset, data_dir=config.data_dir, subset=config.subset, stratified=True,
-            seed=config.data_seed, standardize=True, device=device,
+            seed=config.data_seed, standardize=config.preprocess == "standardize",
+            device=device,
         )
+        if config.preprocess == "center":  # pixels in [0, 1] minus the per-pixel mean
+            train.x.sub_(train.x.mean(0, keepdim=True))
     return train
 
 
@@ -290,7 +354,26 @@ def build_model(config: EOSConfig, train, device: torch.device):
     shape = (config.seq_len,) if config.is_text else tuple(train.x.shape[1:])
     model = create_model(config.model_name, shape, train.num_classes,
                          **default_model_kwargs(config))
+    if config.init == "glorot-normal":
+        glorot_normal_(model)
     return model.to(device)
+
+
+def glorot_normal_(model: torch.nn.Module) -> torch.nn.Module:
+    r"""Glorot-normal weights :math:`\mathcal N(0, 2/(\text{fan}_\text{in} +
+    \text{fan}_\text{out}))` for every linear and convolutional layer, zero biases (flax's
+    ``Dense(kernel_init=glorot_normal())``, Long & Bartlett's). Seeded by the caller.
+
+    References:
+        X. Glorot, Y. Bengio. Understanding the difficulty of training deep feedforward neural
+        networks. AISTATS 2010.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            torch.nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
 
 
 # --------------------------------------------------------------------------- one run
@@ -305,13 +388,17 @@ def train_run(
     from samkit.step import step_closure, take_step
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = make_loss("ce" if config.is_text and config.loss == "mse" else config.loss)
+    loss_fn = make_loss("ce" if config.is_text and config.loss != "ce" else config.loss)
     model = build_model(config, train, device)
     model.train()
-    kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
-    if spec.rho is not None:
-        kwargs["rho"] = spec.rho
-    opt = create_optimizer(spec.optimizer, model, **kwargs)
+    if spec.optimizer == "adam":  # full-batch Adam (Cohen et al. 2022): β₂ 0.999, ε 1e-8
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999),
+                               eps=1e-8)
+    else:
+        kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
+        if spec.rho is not None:
+            kwargs["rho"] = spec.rho
+        opt = create_optimizer(spec.optimizer, model, **kwargs)
 
     # 1. the probe set: the whole training subset (full batch) or fixed examples (minibatch)
     n = len(train.y)
@@ -327,7 +414,8 @@ def train_run(
     rho_for_gd = config.rhos[0] if config.rhos else None
     tracker = EdgeTracker(probe, loss_fn, every=config.every, path=run_dir / "edge.jsonl",
                           rho=spec.rho if spec.rho is not None else rho_for_gd, tol=config.tol,
-                          seed=config.seed)
+                          k=config.k, seed=config.seed)
+    on_batch = not full_batch and config.measure_on == "batch"
     order = torch.Generator().manual_seed(config.seed)
     perm, cursor = None, n
 
@@ -346,8 +434,12 @@ def train_run(
             cursor += batch_size
             x, y = train.x[idx], train.y[idx]
 
-        # 3. measure at w_t, before step t (so ‖g‖ is the one step t normalizes by)
-        row = tracker.maybe_record(t, model, opt, batch=None if full_batch else (x, y))
+        # 3. measure at w_t, before step t (so ‖g‖ is the one step t normalizes by): on the
+        #    probe set with the step's ‖g‖ for the SAM-edge, or all on the step's minibatch
+        if on_batch:
+            row = tracker.maybe_record(t, model, opt, probe=(x, y))
+        else:
+            row = tracker.maybe_record(t, model, opt, batch=None if full_batch else (x, y))
         if row is not None and verbose:
             now = time.perf_counter()
             if row.get("diverged"):
@@ -414,7 +506,7 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> 
     resolved["model_kwargs"] = default_model_kwargs(config)
     experiment.write_json(run_dir / "config.json", resolved, strict=False)
     notes = []
-    if config.is_text and config.loss == "mse":
+    if config.is_text and config.loss != "ce":
         notes.append("the Transformer is trained with cross-entropy (mse is for images)")
     start = time.perf_counter()
     train = load_data(config, device)
@@ -445,8 +537,9 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> 
 
 # The config keys that are flags of their own (the rest through --set); --lr and --rho take
 # several values (lrs, rhos).
-FLAG_KEYS = ("dataset", "data_dir", "subset", "text", "seq_len", "model", "loss", "lrs", "rhos",
-             "momentum", "steps", "batch_size", "every", "tol", "probe_size", "seed", "device",
+FLAG_KEYS = ("dataset", "data_dir", "subset", "data_seed", "preprocess", "text", "seq_len",
+             "model", "init", "loss", "lrs", "rhos", "momentum", "optimizer", "beta1", "steps",
+             "batch_size", "every", "tol", "k", "measure_on", "probe_size", "seed", "device",
              "threads", "out_dir", "name")
 
 
@@ -465,7 +558,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "  samkit eos --lr 0.1 0.05 --rho 0.02 0.05 0.1 --steps 500\n"
         "  samkit eos --loss ce --model cnn --dataset cifar10 --subset 1000 --lr 0.05\n"
         "  samkit eos --text input.txt --batch-size 32 --lr 0.5 --rho 0.05 --steps 400\n"
-        "  samkit eos --set lrs=[1e-1] tol=5e-4\n",
+        "  samkit eos --set lrs=[1e-1] tol=5e-4\n"
+        "  samkit eos --preset long-bartlett --k 2\n"
+        "  samkit eos --optimizer adam --lr 0.002\n"
+        "  samkit eos --text input.txt --measure-on batch --rho 0.05 --no-gd\n",
     )
     experiment.add_config_flags(p, "EOSConfig keys")
     helps = {"lrs": "step sizes η (each runs GD and SAM)", "rhos": "SAM radii ρ (none: GD only)",
@@ -478,6 +574,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--activation", default=None, help="tanh (default), relu, ...")
     p.add_argument("--no-gd", action="store_true", help="skip the GD runs")
     p.add_argument("--usam", action="store_true", help="unnormalized SAM (ε = ρ g) instead")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named settings under the flags given (long-bartlett: Long & Bartlett's "
+                   "loss, init, preprocessing and MLP on Fashion-MNIST)")
     p.add_argument("--quiet", "-q", action="store_true", help="only the final table")
     return p
 
@@ -499,6 +598,11 @@ def config_from_args(args: argparse.Namespace) -> EOSConfig:
         values["gd"] = False
     if args.usam:
         values["ascent"] = "usam"
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        if "model_kwargs" in values:  # --width etc. over the preset's model
+            values["model_kwargs"] = {**preset.pop("model_kwargs", {}), **values["model_kwargs"]}
+        values = {**preset, **values, "preset": args.preset}
     return C.load(EOSConfig, args.config, args.overrides, **values)
 
 

@@ -266,6 +266,10 @@ def plot_edge_panel(ax, run: RunResult, show_gd: bool | None = None, legend: boo
     steps = [r["step"] for r in rows]
     lam = [r.get(key) for r in rows]
     ax.plot(steps, lam, "o-", ms=MS, lw=LW_CURVE, color="C0", label=name)
+    k = max((len(r.get("eigenvalues") or ()) for r in rows), default=0)
+    for j in range(1, k):  # --k: λ₂ ... λ_k, thinner
+        ax.plot(steps, [(r.get("eigenvalues") or [None] * k)[j] for r in rows], ".-", ms=2,
+                lw=0.9, color="0.45", alpha=0.8, label="λ₂ … λ_k" if j == 1 else None)
     gd = 2 / run.spec.lr
     edge_values: list[float] = []
     if run.spec.rho is not None:
