@@ -81,7 +81,7 @@ def test_top_k_and_preset_smoke(tmp_path):
             "--width", "12", "--steps", "4", "--every", "2", "--k", "2", "--out-dir",
             str(tmp_path), "--name", "lb", "--threads", "1", "--quiet"]
     assert eos.main(argv) == 0
-    rows = [json.loads(line) for line in (tmp_path / "lb/sam-lr0.1-rho0.1/edge.jsonl").open()]
+    rows = [json.loads(line) for line in (tmp_path / "lb/sam-lr0.8-rho0.1/edge.jsonl").open()]
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert all(len(r["eigenvalues"]) == 2 and r["eigenvalues"][0] == r["lambda1"]
                >= r["eigenvalues"][1] for r in rows)

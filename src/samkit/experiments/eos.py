@@ -83,13 +83,14 @@ MEASURE_ON = ("probe", "batch")
 # MLP with ReLU (their mlp_depth=4 counts 4 linear layers: 3 hidden), width 100 and ρ = 0.1
 # as in their run.sh, full batch. Their data set is MNIST (60,000); here Fashion-MNIST subset
 # to what 2 CPU cores train in minutes, and their η = 0.01 replaced by one at which this
-# smaller run reaches 2/η within its steps.
+# smaller run reaches 2/η within its steps (η = 0.8: at 0.5 and 0.25 GD was at 0.70 and
+# 0.31 of 2/η after 600 steps, sharpening slowly).
 PRESETS: dict[str, dict[str, Any]] = {
     "long-bartlett": {
         "dataset": "fashion-mnist", "subset": 1000, "loss": "mse-mean",
         "init": "glorot-normal", "preprocess": "center",
         "model": "mlp", "model_kwargs": {"depth": 3, "width": 100, "activation": "relu"},
-        "lrs": (0.1,), "rhos": (0.1,), "steps": 600, "every": 20, "batch_size": 0,
+        "lrs": (0.8,), "rhos": (0.1,), "steps": 600, "every": 20, "batch_size": 0,
     },
 }
 
