@@ -58,8 +58,9 @@ def test_flat_list_and_matrix_forms_agree(backend):
     torch.testing.assert_close(flat, ref @ v, rtol=1e-9, atol=1e-11)
     vs = torch.randn(H.dim, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(H @ vs, ref @ vs, rtol=1e-9, atol=1e-11)
-    # a float32 vector is computed in the operator's dtype
-    assert (H @ v.float()).dtype == torch.float64
+    # a vector of another dtype is an error, not a silent cast (issue 11)
+    with pytest.raises(TypeError, match="Invalid vector: dtype torch.float32"):
+        H @ v.float()
 
 
 def test_float32_model_matches_float64_reference():
@@ -188,7 +189,9 @@ def test_auto_falls_back_to_forward_over_reverse(monkeypatch):
     with pytest.raises(NotImplementedError):
         HessianOperator(model, CE, (x, y), backend="autograd") @ v
     H = HessianOperator(model, CE, (x, y))
-    torch.testing.assert_close(H @ v, ref @ v)
+    with pytest.warns(UserWarning, match="using the func backend"):
+        out = H @ v
+    torch.testing.assert_close(out, ref @ v)
     assert H.backend_in_use == "func" and isinstance(H.backend_error, NotImplementedError)
     assert "backend='func'" in repr(H)
 
@@ -198,6 +201,43 @@ def test_auto_falls_back_to_forward_over_reverse(monkeypatch):
     monkeypatch.setattr(HessianOperator, "_hvp_func", no_forward_ad)
     with pytest.raises(NotImplementedError, match="some_backward"):  # the first error is kept
         HessianOperator(model, CE, (x, y)) @ v
+
+
+def test_out_of_memory_is_not_a_reason_to_switch_backends(monkeypatch):
+    model, x, y = _setup("mlp")
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+
+    def oom(self, *args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(HessianOperator, "_gradient_graph", oom)
+    H = HessianOperator(model, CE, (x, y))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        H @ v
+    assert H.backend_in_use == "autograd"
+
+
+def test_a_non_deterministic_operator_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True
+    )
+    with pytest.raises(ValueError, match="BatchNorm1d in training mode.*shuffles"):
+        HessianOperator(model.train(), CE, loader)
+    HessianOperator(model.eval(), CE, loader)  # eval mode: the batch order does not matter
+    dropout = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    HessianOperator(dropout, CE, (x, y))  # masks fixed per product: deterministic
+
+
+def test_non_finite_weights_are_refused():
+    model, x, y = _setup("mlp")
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        HessianOperator(model, CE, (x, y))
 
 
 def test_to_scipy_eigsh_matches_eigvalsh():
@@ -254,6 +294,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="no batches"):
         HessianOperator(model, CE, loader_empty)
     batches = [(x[:0], y[:0])]
-    H_empty = HessianOperator(model, CE, batches)
+    with pytest.raises(ValueError, match="0 examples"):  # found by the determinism check
+        HessianOperator(model, CE, batches)
+    H_empty = HessianOperator(model, CE, batches, check_deterministic=False)
     with pytest.raises(ValueError, match="0 examples"):
         H_empty @ torch.ones(H.dim, dtype=torch.float64)

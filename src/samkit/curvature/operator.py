@@ -10,6 +10,7 @@ over the batches :math:`(x_b, y_b)` of ``data`` (:math:`n_b` examples each, :mat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -79,27 +80,37 @@ class LinearOperator:
                 f"Invalid vector: {type(v).__name__} (allowed: a tensor of shape ({self.dim},) or "
                 f"({self.dim}, k), or a list of tensors shaped like the parameters)"
             )
+        if v.dim() in (1, 2) and v.shape[0] == self.dim and v.dtype != self.dtype:
+            raise TypeError(
+                f"Invalid vector: dtype {v.dtype} (allowed: the operator's dtype {self.dtype}; "
+                "cast it explicitly, samkit does not cast silently)"
+            )
         if v.dim() == 1 and v.shape[0] == self.dim:
-            return self._apply(v.to(self.device, self.dtype))
+            return self._apply(v.to(self.device))
         if v.dim() == 2 and v.shape[0] == self.dim:
-            v = v.to(self.device, self.dtype)
-            return torch.stack([self._apply(v[:, j]) for j in range(v.shape[1])], dim=1)
+            return self._matmat(v.to(self.device))
         raise ValueError(
             f"Invalid vector: shape {tuple(v.shape)} (allowed: ({self.dim},) or ({self.dim}, k))"
         )
 
     matvec = __matmul__
 
+    def _matmat(self, v: Tensor) -> Tensor:
+        """``A @ V`` for ``V`` of shape ``(d, k)``: one product per column (subclasses may
+        batch them); ``matvecs`` grows by ``k``."""
+        return torch.stack([self._apply(v[:, j]) for j in range(v.shape[1])], dim=1)
+
     def _apply(self, v: Tensor) -> Tensor:
         out = self._matvec(v)
         self.matvecs += 1
         return out
 
-    def to_scipy(self, dtype: Any = None):
+    def to_scipy(self, dtype: Any = "float64"):
         """A ``scipy.sparse.linalg.LinearOperator`` that calls this operator (for ``eigsh``).
 
-        ``dtype`` (a numpy dtype) is what scipy sees; the products are computed in the
-        operator's own dtype on its device, each one a host round trip.
+        ``dtype`` (a numpy dtype, default float64 so that ARPACK's own arithmetic is in
+        double) is what scipy sees; the products are computed in the operator's own dtype on
+        its device, each one a host round trip. ``None``: the operator's dtype.
         """
         import numpy as np
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
@@ -171,6 +182,12 @@ class HessianOperator(LinearOperator):
         backend: ``"auto"``, ``"autograd"`` or ``"func"``.
         cache: keep one batch's gradient graph between products (``"autograd"`` only).
         seed: the dropout seed in training mode.
+        check_deterministic: compute two products of one random vector at construction and
+            raise ``ValueError`` if they differ (BatchNorm / dropout in training mode, a
+            shuffling loader). ``None`` (default): checked when the data are not one batch or
+            a BatchNorm / dropout module is in training mode (an eval-mode model on one
+            tensor batch is deterministic by construction). The check's products are not
+            counted in ``matvecs``.
 
     Example::
 
@@ -188,6 +205,7 @@ class HessianOperator(LinearOperator):
         backend: str = "auto",
         cache: bool = True,
         seed: int = 0,
+        check_deterministic: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
@@ -209,6 +227,40 @@ class HessianOperator(LinearOperator):
         self.seed = int(seed)
         self._graph: list[tuple[int, Tensor]] | None = None
         self._graph_key: tuple | None = None
+        bad = [n for n, p in zip(self.names, self.params, strict=True)
+               if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(
+                f"Invalid model: parameters {bad} hold NaN or inf (allowed: finite weights)"
+            )
+        if check_deterministic is None:
+            check_deterministic = self.batches.single is None or any(
+                m.training for m in model.modules()
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
+            )
+        if check_deterministic:
+            self._check_deterministic()
+
+    def _check_deterministic(self) -> None:
+        """Two products of one random vector must agree (curvlinops' check): otherwise the
+        operator is not one fixed matrix and no eigenvalue of it means anything."""
+        g = torch.Generator(device=self.device).manual_seed(self.seed + 7919)
+        v = torch.randn(self.dim, generator=g, device=self.device, dtype=self.dtype)
+        a = self._matvec(v)
+        b = self._matvec(v)
+        self.clear_cache()
+        scale = float(torch.linalg.vector_norm(a)) + torch.finfo(self.dtype).tiny
+        diff = float(torch.linalg.vector_norm(a - b)) / scale
+        if not diff <= 1e3 * torch.finfo(self.dtype).eps:
+            modes = sorted({type(m).__name__ for m in self.model.modules() if m.training and
+                            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))})
+            raise ValueError(
+                f"Invalid operator: two products of the same vector differ by {diff:.2e} "
+                "(relative): the loss is not one fixed function of the weights. Likely causes: "
+                + (f"{', '.join(modes)} in training mode (call model.eval()); " if modes else "")
+                + "a DataLoader that shuffles or augments (use shuffle=False and fixed data), "
+                "or a non-deterministic model"
+            )
 
     # -- one batch ----------------------------------------------------------------------------
 
@@ -310,8 +362,8 @@ class HessianOperator(LinearOperator):
         try:
             return self._pass(v, "autograd")
         except (RuntimeError, NotImplementedError) as err:
-            if self.backend != "auto":
-                raise
+            if self.backend != "auto" or not _missing_double_backward(err):
+                raise  # an out-of-memory or any other error is not a reason to switch
             self._graph = None
             try:
                 out = self._pass(v, "func")
@@ -319,6 +371,12 @@ class HessianOperator(LinearOperator):
                 raise err from None  # both failed: the double-backward error is the relevant one
             self.backend_error = err
             self.backend_in_use = "func"
+            warnings.warn(
+                f"HessianOperator: double backward is not available ({err}); using the func "
+                "backend (forward-over-reverse) from now on",
+                UserWarning,
+                stacklevel=3,
+            )
             return out
 
     def clear_cache(self) -> None:
@@ -328,6 +386,19 @@ class HessianOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
+
+
+def _missing_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` says that an op has no (double-)backward formula."""
+    if isinstance(err, NotImplementedError):
+        return True
+    text = str(err).lower()
+    if "out of memory" in text:
+        return False
+    return any(s in text for s in (
+        "derivative for", "not implemented", "double backward", "does not require grad",
+        "twice differentiable", "not supported",
+    ))
 
 
 class MatrixOperator(LinearOperator):
