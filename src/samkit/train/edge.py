@@ -327,7 +327,8 @@ class EdgeTracker(Callback):
 
         # 2. λ₁ and v₁ by Lanczos, started from the last v₁
         # one batch is passed as (x, y): the operator then caches its gradient graph
-        data = probe[0] if len(probe) == 1 else probe
+        # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
+        data = probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
         H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
         top = self._top(H, self._vector)
         self._vector = top.vectors.detach().clone()
