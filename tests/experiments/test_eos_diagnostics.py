@@ -77,3 +77,20 @@ def test_excess_growing_with_rho_is_reported():
     assert excess_with_rho([_summary(0.03, 1.2), _summary(0.1, 1.1)]) == []
     assert excess_with_rho([_summary(0.03, 0.97), _summary(0.1, 1.09)]) == []
     assert excess_with_rho([_summary(0.1, 1.3)]) == []
+
+
+def test_summary_reads_the_effective_hessian_rows():
+    from samkit.experiments.eos import RunResult, RunSpec
+    from samkit.experiments.eos_report import summarize
+
+    spec = RunSpec("asam-lr0.1-rho0.5", "asam", 0.1, 0.5)
+    eff = [0.5, 0.95, 1.02, 0.99, 0.7]
+    rows = [{"step": 10 * i, "lambda1": 3.0, "grad_norm": 1.0, "edge": None, "ratio": None,
+             "lambda_eff": 20.0 * e, "base_edge": 20.0, "eff_ratio": e, "loss": 1.0 / (i + 1)}
+            for i, e in enumerate(eff)]
+    run = RunResult(spec, rows, [{"step": 0, "loss": 1.0, "grad_norm": 1.0}], False, 1.0, 0.5, 7)
+    s = summarize(run, steps=40)
+    assert s["max_ratio"] is None and "no measurement" in s["verdict"]  # no closed form
+    assert s["median_eff_ratio"] == pytest.approx(0.99) and s["base_edge"] == 20.0
+    assert s["eff_first_crossing_step"] == 10 and s["eff_last_step_at_edge"] == 30
+    assert s["eff_left_edge"] and s["eff_fraction_at_edge_after_crossing"] == pytest.approx(0.75)

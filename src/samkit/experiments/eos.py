@@ -69,7 +69,9 @@ from samkit.train.checkpoint import atomic_write_text
 from samkit.train.edge import EdgeTracker
 
 LOSSES = ("mse", "mse-mean", "ce")
-ASCENTS = ("sam", "usam")
+# sam and usam have closed-form edges; the others are judged by λ_max(H_eff) against the base
+# optimizer's edge, where the tracker records it (samkit.curvature.effective_hessian)
+ASCENTS = ("sam", "usam", "asam", "gsam", "fishersam")
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("default", "glorot-normal")
 PREPROCESS = ("standardize", "center")
@@ -137,7 +139,8 @@ class EOSConfig:
     gd: bool = setting(
         True, "include the gradient-descent run of every η")
     ascent: str = setting(
-        "sam", "sam (ε = ρ g/‖g‖) or usam (ε = ρ g)")
+        "sam", "sam (ε = ρ g/‖g‖), usam (ε = ρ g), or asam, gsam, fishersam (their edge: "
+        "λ_max of the effective Hessian against the base optimizer's edge)")
     momentum: float = setting(
         0.0, "heavy-ball momentum of the base SGD (0: plain GD, the papers')")
     optimizer: str = setting(
@@ -539,7 +542,8 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> 
 # The config keys that are flags of their own (the rest through --set); --lr and --rho take
 # several values (lrs, rhos).
 FLAG_KEYS = ("dataset", "data_dir", "subset", "data_seed", "preprocess", "text", "seq_len",
-             "model", "init", "loss", "lrs", "rhos", "momentum", "optimizer", "beta1", "steps",
+             "model", "init", "loss", "lrs", "rhos", "ascent", "momentum", "optimizer", "beta1",
+             "steps",
              "batch_size", "every", "tol", "k", "measure_on", "probe_size", "seed", "device",
              "threads", "out_dir", "name")
 

@@ -177,6 +177,14 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
     ratio = out["median_ratio"]
     out["at_edge"] = ratio is not None and band[0] <= ratio <= band[1]
     out.update(diagnose(rows, EDGE_BAND))
+    # the effective Hessian's λ_max against the base optimizer's edge, where recorded
+    eff = [r for r in rows if r.get("eff_ratio") is not None]
+    if eff:
+        out["median_eff_ratio"] = _median([r["eff_ratio"] for r in eff if r["step"] >= steps / 2])
+        out["median_lambda_eff"] = _median([r["lambda_eff"] for r in eff
+                                            if r["step"] >= steps / 2])
+        out["base_edge"] = eff[-1].get("base_edge")
+        out.update({f"eff_{k}": v for k, v in diagnose(eff, EDGE_BAND, key="eff_ratio").items()})
     if run.diverged:
         out["verdict"] = "diverged; " + out["verdict"]
     return out
@@ -224,7 +232,14 @@ def _pct(value: float | None) -> str:
 
 def verdicts(result: EOSResult) -> list[str]:
     """One sentence per run (its ``verdict``), then the notes on a systematic excess."""
-    lines = [f"* **{r.summary['label']}**: {r.summary.get('verdict', '-')}." for r in result.runs]
+    lines = []
+    for r in result.runs:
+        s = r.summary
+        line = f"* **{s['label']}**: {s.get('verdict', '-')}."
+        if s.get("eff_verdict") is not None:
+            line += (f" Effective Hessian: λ_max(H_eff)/base edge median "
+                     f"{_fmt(s.get('median_eff_ratio'))} (2nd half); {s['eff_verdict']}.")
+        lines.append(line)
     lines += [f"* {n}." for n in excess_with_rho([r.summary for r in result.runs])]
     return lines
 
