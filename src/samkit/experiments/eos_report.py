@@ -32,11 +32,12 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BAND,
-             key: str = "ratio") -> dict[str, Any]:
+             key: str = "ratio", name: str = "λ₁/edge") -> dict[str, Any]:
     r"""Where a trace of λ₁/edge stands against the edge: reached, stayed, left, above.
 
     ``rows`` are tracker rows (``step``, ``ratio`` = λ₁/edge, optionally ``loss``), in step
-    order; rows without a finite ``ratio`` are skipped. With the band :math:`[a, b]`
+    order; rows without a finite ``ratio`` (``key``) are skipped; ``name`` is the ratio's name
+    in the verdict. With the band :math:`[a, b]`
     (default :data:`EDGE_BAND` = [0.9, 1.1]) a measurement is *at the edge* when
     :math:`a \le \lambda_1/\text{edge} \le b`. Returns
 
@@ -64,14 +65,14 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
         "last_step_at_edge": None, "left_edge": False, "excess": False,
     }
     if not pts:
-        out["verdict"] = "no measurement of λ₁/edge (no edge applies, or no finite λ₁)"
+        out["verdict"] = f"no measurement of {name} (no edge applies, or no finite λ₁)"
         return out
     top = max(pts, key=lambda r: r[key])
     out["max_ratio"], out["max_ratio_step"] = float(top[key]), int(top["step"])
     first = next((i for i, r in enumerate(pts) if r[key] >= a), None)
     final = pts[-1][key]
     if first is None:
-        out["verdict"] = (f"never reached the edge: λ₁/edge at most {top[key]:.2f} (step "
+        out["verdict"] = (f"never reached the edge: {name} at most {top[key]:.2f} (step "
                           f"{top['step']}), final {final:.2f}; band [{a:g}, {b:g}]")
         return out
     after = pts[first:]
@@ -97,7 +98,7 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
     words = [f"{start}, at it {100 * len(at) / n:.0f} % of the measurements since "
              f"(band [{a:g}, {b:g}])"]
     if out["excess"]:
-        words.append(f"above it {100 * above / n:.0f} % (median λ₁/edge {med:.2f}: a "
+        words.append(f"above it {100 * above / n:.0f} % (median {name} {med:.2f}: a "
                      "systematic excess)")
     elif above / n >= 0.25:
         words.append(f"above it {100 * above / n:.0f} %")
@@ -108,9 +109,9 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
         how = (f" (loss {loss_at:.3g} → {loss_end:.3g})" if loss_at is not None
                and loss_end is not None else "")
         fell = " as the loss fell" if how and loss_end < loss_at else ""
-        words.append(f"left it after step {left}{fell}{how}; final λ₁/edge {final:.2f}")
+        words.append(f"left it after step {left}{fell}{how}; final {name} {final:.2f}")
     elif not at:
-        words.append(f"never within the band; final λ₁/edge {final:.2f}")
+        words.append(f"never within the band; final {name} {final:.2f}")
     out["verdict"] = ", ".join(words)
     return out
 
@@ -184,7 +185,8 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
         out["median_lambda_eff"] = _median([r["lambda_eff"] for r in eff
                                             if r["step"] >= steps / 2])
         out["base_edge"] = eff[-1].get("base_edge")
-        out.update({f"eff_{k}": v for k, v in diagnose(eff, EDGE_BAND, key="eff_ratio").items()})
+        out.update({f"eff_{k}": v for k, v in diagnose(
+            eff, EDGE_BAND, key="eff_ratio", name="λ_max(H_eff)/base edge").items()})
     if run.diverged:
         out["verdict"] = "diverged; " + out["verdict"]
     return out
