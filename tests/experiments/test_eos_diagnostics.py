@@ -94,3 +94,11 @@ def test_summary_reads_the_effective_hessian_rows():
     assert s["median_eff_ratio"] == pytest.approx(0.99) and s["base_edge"] == 20.0
     assert s["eff_first_crossing_step"] == 10 and s["eff_last_step_at_edge"] == 30
     assert s["eff_left_edge"] and s["eff_fraction_at_edge_after_crossing"] == pytest.approx(0.75)
+
+
+def test_two_over_eta_is_left_out_where_it_squeezes_the_axis():
+    from samkit.experiments.eos_report import squeezes
+
+    assert squeezes(40.0, [9.7, 8.0, None, float("nan")])  # SAM at η = 0.05: λ₁ ≈ 10
+    assert not squeezes(20.0, [15.0, 21.0])  # GD at its edge
+    assert not squeezes(20.0, [])
