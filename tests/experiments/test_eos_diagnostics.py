@@ -77,6 +77,9 @@ def test_excess_growing_with_rho_is_reported():
     assert excess_with_rho([_summary(0.03, 1.2), _summary(0.1, 1.1)]) == []
     assert excess_with_rho([_summary(0.03, 0.97), _summary(0.1, 1.09)]) == []
     assert excess_with_rho([_summary(0.1, 1.3)]) == []
+    diverged = {**_summary(0.3, 5.4), "diverged": True}  # not a measurement of the edge
+    assert excess_with_rho([_summary(0.03, 1.1), _summary(0.1, 1.2), diverged])[0].endswith(
+        "1.10 at ρ = 0.03, 1.20 at ρ = 0.1): a systematic excess over the closed-form edge")
 
 
 def test_summary_reads_the_effective_hessian_rows():

@@ -118,10 +118,11 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
 
 def excess_with_rho(summaries: Sequence[dict[str, Any]]) -> list[str]:
     """Sentences on a systematic excess: for every η with SAM runs at two or more ρ whose
-    median λ₁/edge after crossing lies above 1 and grows with ρ."""
+    median λ₁/edge after crossing lies above 1 and grows with ρ (runs that diverged left out)."""
     notes = []
     for lr in sorted({s["lr"] for s in summaries}):
         sam = sorted((s for s in summaries if s["lr"] == lr and s["rho"] is not None
+                      and not s.get("diverged")
                       and s.get("median_ratio_after_crossing") is not None),
                      key=lambda s: s["rho"])
         if len(sam) < 2:
@@ -187,8 +188,11 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
         out["base_edge"] = eff[-1].get("base_edge")
         out.update({f"eff_{k}": v for k, v in diagnose(
             eff, EDGE_BAND, key="eff_ratio", name="λ_max(H_eff)/base edge").items()})
-    if run.diverged:
-        out["verdict"] = "diverged; " + out["verdict"]
+    if run.diverged:  # not an edge: the run blew up (its ratios are not a measurement of one)
+        out["excess"] = False
+        last = run.train[-1]["step"] if run.train else None
+        out["verdict"] = (f"diverged (non-finite loss at step {last}); the largest λ₁/edge "
+                          f"measured was {_fmt(out['max_ratio'], '.3g')}")
     return out
 
 
