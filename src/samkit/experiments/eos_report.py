@@ -144,14 +144,15 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
 
     ``median_ratio``: median of λ₁/edge over the measurements of the second half of training
     (steps >= steps/2); ``median_lambda1``, ``median_edge`` likewise; ``first_at_edge``: the
-    first measured step with λ₁ >= edge; ``edge_early``: the median edge over the first quarter
+    first measured step with λ₁/edge >= 1 (Adam: λ₁(P⁻¹H)/edge); ``edge_early``: the median edge over the first quarter
     (after step 0); ``lambda1_over_gd_edge``: median λ₁·η/2 over the second half.
     """
     rows = [r for r in run.rows if not r.get("diverged") and r.get("lambda1") is not None]
     late = [r for r in rows if r["step"] >= steps / 2]
     early = [r for r in rows if 0 < r["step"] <= steps / 4]
-    first = next((r["step"] for r in rows if r.get("edge") is not None
-                  and r["lambda1"] >= r["edge"]), None)
+    # λ₁/edge ≥ 1 (for Adam the preconditioned sharpness's ratio)
+    first = next((r["step"] for r in rows if r.get("ratio") is not None
+                  and r["ratio"] >= 1.0), None)
     lr = run.spec.lr
     out = {
         "label": run.spec.label,
