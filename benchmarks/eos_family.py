@@ -12,7 +12,8 @@ so. Each run is one ``samkit eos`` call (figures and report in ``<out>/family-<n
     python benchmarks/eos_family.py --steps 60 --every 10     # a quick look
 
 The ρ of each: SAM, GSAM and FisherSAM 0.05 (the eos default), ASAM 0.5 with its η_T = 0.01
-(the ASAM paper's tenfold radius for its rescaled ball).
+(the ASAM paper's tenfold radius for its rescaled ball); GSAM with a constant ρ_t = ρ
+(rho_max = rho_min) and its default α = 0.1.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
             f"| {s['seconds']:.0f} s ({s['tracker_seconds']:.0f} s) |")
         verdict = eff.get("eff_verdict") or "no effective-Hessian rows (eff_ratio) recorded"
         verdicts.append(f"* **{s['label']}**: {verdict}.")
+        print(lines[-1], "\n", verdicts[-1], flush=True)  # as it goes
     print("\n".join(lines))
     print()
     print("\n".join(verdicts))

@@ -400,7 +400,9 @@ def train_run(
                                eps=1e-8)
     else:
         kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
-        if spec.rho is not None:
+        if spec.rho is not None and spec.optimizer == "gsam":  # a constant ρ_t = ρ
+            kwargs.update(rho_max=spec.rho, rho_min=spec.rho)
+        elif spec.rho is not None:
             kwargs["rho"] = spec.rho
         opt = create_optimizer(spec.optimizer, model, **kwargs)
 

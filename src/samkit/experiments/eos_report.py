@@ -144,8 +144,9 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
 
     ``median_ratio``: median of λ₁/edge over the measurements of the second half of training
     (steps >= steps/2); ``median_lambda1``, ``median_edge`` likewise; ``first_at_edge``: the
-    first measured step with λ₁/edge >= 1 (Adam: λ₁(P⁻¹H)/edge); ``edge_early``: the median edge over the first quarter
-    (after step 0); ``lambda1_over_gd_edge``: median λ₁·η/2 over the second half.
+    first measured step with λ₁/edge >= 1 (Adam: λ₁(P⁻¹H)/edge); ``edge_early``: the median
+    edge over the first quarter (after step 0); ``lambda1_over_gd_edge``: median λ₁·η/2 over
+    the second half.
     """
     rows = [r for r in run.rows if not r.get("diverged") and r.get("lambda1") is not None]
     late = [r for r in rows if r["step"] >= steps / 2]
