@@ -125,5 +125,4 @@ def test_real_fashion_mnist_compare(tmp_path):
     rows = {row["optimizer"]: row for row in result.rows()}
     for row in rows.values():
         assert row["final_acc"][0] > 0.75  # an MLP on 3,000 examples, 3 epochs: about 80%
-    assert rows["sam"]["time_ratio"] > 1.2  # two passes per step
     assert (tmp_path / "fm" / "report.md").exists()
