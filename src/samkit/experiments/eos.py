@@ -20,6 +20,18 @@ several η and several ρ in one call (every η runs GD and SAM with every ρ), 
 momentum, and a character-level Transformer on any text file trained with minibatch SGD and SAM
 (λ₁ on a fixed probe set of windows, the SAM-edge with the gradient norm of each minibatch).
 
+Also: ``--preset long-bartlett`` (Long & Bartlett's loss normalisation, Glorot-normal init,
+centring-only preprocessing and ReLU MLP), ``--k`` top eigenvalues, ``--data-seed``,
+``--measure-on batch`` (minibatch runs: λ₁ on the step's own minibatch, as their language model),
+``--optimizer adam`` (the preconditioned sharpness against (2 + 2β₁)/(η(1 − β₁))) and
+``--ascent asam|gsam|fishersam`` (judged by λ_max of the effective Hessian where the tracker
+records it).
+
+Every summary diagnoses each run against the band [0.9, 1.1] of λ₁/edge (``max_ratio``,
+``first_crossing_step``, ``fraction_at_edge_after_crossing``, ``last_step_at_edge``, ``excess``
+and a verdict in words; :func:`samkit.experiments.eos_report.diagnose`), and the report says
+when λ₁ sits above the SAM-edge by a margin growing with ρ.
+
 Writes ``runs/<name>/``: ``config.json`` (the resolved config), one folder per run with
 ``edge.jsonl`` (the tracker's rows), ``train.jsonl`` (loss and ‖g‖ of every step) and
 ``eos.png`` (λ₁ against steps with the 2/η line and the SAM-edge curve, the training loss, ‖g‖,
