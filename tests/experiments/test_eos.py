@@ -24,7 +24,7 @@ from samkit.stability import sam_edge
         ({"steps": 0}, "Invalid steps"),
         ({"every": 0}, "Invalid every"),
         ({"momentum": 1.0}, "Invalid momentum"),
-        ({"ascent": "asam"}, "Invalid ascent"),
+        ({"ascent": "esam"}, "Invalid ascent"),  # asam, gsam, fishersam are allowed now
         ({"subset": 0}, "Invalid subset"),
     ],
 )
