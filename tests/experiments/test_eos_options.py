@@ -122,3 +122,18 @@ def test_adam_runs_against_the_preconditioned_edge(tmp_path):
         assert r["edge"] == pytest.approx(adam_edge(0.01, 0.8))
         assert r["ratio"] == pytest.approx(r["lambda1_precond"] / r["edge"])
     assert (tmp_path / "adam/adam-lr0.01/eos.png").exists()
+
+
+def test_asam_is_judged_by_the_effective_hessian(tmp_path):
+    argv = ["--dataset", "synthetic", "--subset", "64", "--width", "8", "--steps", "4",
+            "--every", "2", "--ascent", "asam", "--rho", "0.5", "--no-gd", "--out-dir",
+            str(tmp_path), "--name", "asam", "--threads", "1", "--quiet"]
+    assert eos.main(argv) == 0
+    summary = json.loads((tmp_path / "asam/summary.json").read_text())["runs"][0]
+    rows = [json.loads(line) for line in (tmp_path / "asam/asam-lr0.1-rho0.5/edge.jsonl").open()]
+    assert all(r["edge"] is None and r["base_edge"] == pytest.approx(20.0) for r in rows)
+    assert all(r["eff_ratio"] == pytest.approx(r["lambda_eff"] / 20.0) for r in rows)
+    # no closed form: the verdict on λ₁/edge says so; the effective Hessian's is there
+    assert "no measurement" in summary["verdict"] and summary["eff_verdict"]
+    late = [r["eff_ratio"] for r in rows if r["step"] >= 2]  # the second half: steps 2, 4
+    assert summary["median_eff_ratio"] == pytest.approx(sum(late) / len(late))
