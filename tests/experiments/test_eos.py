@@ -24,7 +24,7 @@ from samkit.stability import sam_edge
         ({"steps": 0}, "Invalid steps"),
         ({"every": 0}, "Invalid every"),
         ({"momentum": 1.0}, "Invalid momentum"),
-        ({"ascent": "asam"}, "Invalid ascent"),
+        ({"ascent": "esam"}, "Invalid ascent"),  # asam, gsam, fishersam are allowed now
         ({"subset": 0}, "Invalid subset"),
     ],
 )
@@ -72,7 +72,11 @@ def test_summary_second_half_median_and_first_step_at_edge():
     assert s["first_at_edge"] == next(r["step"] for r in rows if r["lambda1"] >= r["edge"])
     assert s["edge_early"] == pytest.approx(rows[1]["edge"])  # steps in (0, 10]
     assert s["gd_edge"] == pytest.approx(20.0) and s["lambda1_init"] == 5
-    assert s["at_edge"] == (0.8 <= s["median_ratio"] <= 1.3)
+    assert s["at_edge"] == (0.9 <= s["median_ratio"] <= 1.1)
+    # the diagnostics on the same trace (band [0.9, 1.1]): ratios 0.40, 0.78, 1.20, 1.08, 1.08
+    assert s["first_crossing_step"] == 20 and s["last_step_at_edge"] == 40
+    assert s["max_ratio"] == pytest.approx(max(r["ratio"] for r in rows))
+    assert s["fraction_at_edge_after_crossing"] == pytest.approx(2 / 3) and not s["left_edge"]
 
 
 def _check_run_dir(run_dir, labels, steps, every):

@@ -88,3 +88,93 @@ def test_sam_trainer_gradient_accumulation_and_bad_arguments(tmp_path):
                          sam=lambda base: samkit.LookSAM(base))
     with pytest.raises(ValueError, match="rewrites the descent step"):
         looksam.create_optimizer()
+
+
+# --------------------------------------------------------------------------- EdgeTrackerCallback
+
+
+class _Seen(transformers.TrainerCallback):
+    """What the reporting integrations see: every on_log's logs."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def _top_by_scipy(model, batch):
+    """λ₁ of the Hessian of model(**batch).loss by scipy's eigsh on autograd Hessian-vector
+    products (independent of samkit's operator and Lanczos)."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def hvp(v):
+        v = torch.as_tensor(np.asarray(v).reshape(-1), dtype=flat.dtype)
+        out = torch.autograd.grad(flat @ v, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if o is None else o).reshape(-1)
+                          for p, o in zip(params, out, strict=True)]).double().numpy()
+
+    n = flat.numel()
+    op = LinearOperator((n, n), matvec=hvp, dtype=np.float64)
+    return float(eigsh(op, k=1, which="LA", tol=1e-6, v0=np.ones(n))[0][0])
+
+
+def _eager_model():
+    # Hessian-vector products differentiate twice: eager attention (PyTorch's fused CPU
+    # attention has no double backward)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_edge_tracker_callback_under_sam_trainer(tmp_path, monkeypatch):
+    from samkit.integrations.huggingface import EdgeTrackerCallback
+    from samkit.train.edge import edge_for
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _dataset()
+    probe = data[:4]
+    seen = _Seen()
+    edge = EdgeTrackerCallback(probe, every=2, tol=1e-5, max_iter=200)
+    model = _eager_model()
+    batch = {k: torch.stack([d[k] for d in probe]) for k in probe[0]}
+    top0 = _top_by_scipy(_eager_model(), batch)
+    trainer = SAMTrainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=data,
+                         sam="sam", sam_kwargs={"rho": 0.05}, callbacks=[seen, edge])
+    assert edge.trainer is trainer  # attached by SAMTrainer
+    trainer.train()
+    rows = edge.tracker.rows
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["lambda1"] == pytest.approx(top0, rel=1e-3)
+    for r in rows:
+        assert r["edge_kind"] == "sam+gd"
+        assert r["edge"] == pytest.approx(edge_for(trainer.sam_optimizer, r["grad_norm"]))
+        assert r["ratio"] == pytest.approx(r["lambda1"] / r["edge"])
+    logged = [log for log in seen.logs if "edge/lambda1" in log]
+    assert [log["edge/lambda1"] for log in logged] == pytest.approx([r["lambda1"] for r in rows])
+    assert [log["edge/ratio"] for log in logged] == pytest.approx([r["ratio"] for r in rows])
+    assert sum("edge/edge" in h for h in trainer.state.log_history) == 3
+
+
+def test_edge_tracker_callback_plain_trainer_and_bad_probe(tmp_path):
+    from samkit.integrations.huggingface import EdgeTrackerCallback
+
+    edge = EdgeTrackerCallback(_dataset()[:4], every=3)
+    trainer = transformers.Trainer(model=_eager_model(), args=_args(tmp_path, max_steps=3),
+                                   train_dataset=_dataset(), callbacks=[edge])
+    trainer.train()  # not attached: the rows go to log_history
+    history = [h for h in trainer.state.log_history if "edge/lambda1" in h]
+    assert [h["step"] for h in history] == [0, 3]
+    assert all(r["edge_kind"] == "gd" and r["edge"] == pytest.approx(2 / 0.1)
+               for r in edge.tracker.rows)
+    with pytest.raises(ValueError, match="Invalid probe"):
+        EdgeTrackerCallback([1, 2, 3])

@@ -82,3 +82,104 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
+
+
+# --------------------------------------------------------------------------- EdgeTrackerCallback
+
+
+class _Recorder(L.pytorch.loggers.Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+
+def _dense_top(net, x, y):
+    from torch.autograd.functional import hessian
+    from torch.func import functional_call
+
+    for m in net.modules():  # batch statistics without updating running ones (no in-place ops)
+        if isinstance(m, nn.BatchNorm1d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    names = [n for n, _ in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    shapes = [p.shape for p in net.parameters()]
+
+    def loss(w):
+        params, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = w[i: i + s.numel()].view(s)
+            i += s.numel()
+        return nn.functional.cross_entropy(functional_call(net, params, (x,)), y)
+
+    # double backward (torch.func.hessian's forward-over-reverse through a training-mode
+    # BatchNorm differs from it by 3e-5 relative on this net)
+    return torch.linalg.eigvalsh(hessian(loss, flat))[-1].item()
+
+
+@pytest.mark.parametrize("on_batch", [False, True])
+def test_edge_tracker_callback_logs_lambda1_edge_ratio(on_batch, tmp_path):
+    from samkit.integrations.lightning import EdgeTrackerCallback
+    from samkit.train.edge import edge_for
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    module = Tiny("sam")
+    probe = None if on_batch else (x, y)
+    callback = EdgeTrackerCallback(probe, nn.functional.cross_entropy, every=2,
+                                   model=lambda m: m.net, tol=1e-8, max_iter=200,
+                                   path=tmp_path / "edge.jsonl")
+    logger = _Recorder()
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    reference = _net()  # in training mode, as the module: BatchNorm with batch statistics
+    top0 = _dense_top(reference, *(x[:8], y[:8]) if on_batch else (x, y))
+    trainer.fit(module, loader)
+    rows = callback.tracker.rows
+    steps = [0, 2] if on_batch else [0, 2, 4]  # a fixed probe is measured at the end too
+    assert [r["step"] for r in rows] == steps
+    assert rows[0]["lambda1"] == pytest.approx(top0, rel=1e-6)
+    opt = trainer.optimizers[0]
+    for r in rows:
+        # the SAM-edge's ‖g‖: the step's batch (the final row has no step: the probe's)
+        norm = r.get("batch_grad_norm", r["grad_norm"])
+        assert on_batch == ("batch_grad_norm" not in r) or r["step"] == 4
+        assert r["edge"] == pytest.approx(edge_for(opt, norm))
+        assert r["ratio"] == pytest.approx(r["lambda1"] / r["edge"])
+    logged = [(s, m) for s, m in logger.logged if "edge/lambda1" in m]
+    assert [s for s, _ in logged] == steps
+    for (_, m), r in zip(logged, rows, strict=True):
+        assert m["edge/lambda1"] == pytest.approx(r["lambda1"])
+        assert m["edge/edge"] == pytest.approx(r["edge"])
+        assert m["edge/ratio"] == pytest.approx(r["ratio"])
+    assert (tmp_path / "edge.jsonl").read_text().count("\n") == len(steps)
+    assert callback.state_dict()["matvecs"] == callback.tracker.matvecs > 0
+
+
+def test_edge_tracker_callback_bad_arguments():
+    from samkit.integrations.lightning import EdgeTrackerCallback
+
+    with pytest.raises(ValueError, match="Invalid loss_fn"):
+        EdgeTrackerCallback((torch.zeros(2, 4), torch.zeros(2)))
+    with pytest.raises(ValueError, match="Invalid every"):
+        EdgeTrackerCallback(None, nn.functional.mse_loss, every=0)
+    with pytest.raises(ValueError, match="Invalid model"):
+        EdgeTrackerCallback(None, nn.functional.mse_loss, model=3)

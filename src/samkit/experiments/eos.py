@@ -20,6 +20,18 @@ several η and several ρ in one call (every η runs GD and SAM with every ρ), 
 momentum, and a character-level Transformer on any text file trained with minibatch SGD and SAM
 (λ₁ on a fixed probe set of windows, the SAM-edge with the gradient norm of each minibatch).
 
+Also: ``--preset long-bartlett`` (Long & Bartlett's loss normalisation, Glorot-normal init,
+centring-only preprocessing and ReLU MLP), ``--k`` top eigenvalues, ``--data-seed``,
+``--measure-on batch`` (minibatch runs: λ₁ on the step's own minibatch, as their language model),
+``--optimizer adam`` (the preconditioned sharpness against (2 + 2β₁)/(η(1 − β₁))) and
+``--ascent asam|gsam|fishersam`` (judged by λ_max of the effective Hessian where the tracker
+records it).
+
+Every summary diagnoses each run against the band [0.9, 1.1] of λ₁/edge (``max_ratio``,
+``first_crossing_step``, ``fraction_at_edge_after_crossing``, ``last_step_at_edge``, ``excess``
+and a verdict in words; :func:`samkit.experiments.eos_report.diagnose`), and the report says
+when λ₁ sits above the SAM-edge by a margin growing with ρ.
+
 Writes ``runs/<name>/``: ``config.json`` (the resolved config), one folder per run with
 ``edge.jsonl`` (the tracker's rows), ``train.jsonl`` (loss and ‖g‖ of every step) and
 ``eos.png`` (λ₁ against steps with the 2/η line and the SAM-edge curve, the training loss, ‖g‖,
@@ -52,19 +64,48 @@ from samkit import config as C
 from samkit.config import setting
 from samkit.experiments import base as experiment
 from samkit.experiments.eos_report import (  # noqa: F401 - the report's names, here too
+    EDGE_BAND,
     GD_BAND,
     SAM_BAND,
+    diagnose,
+    excess_with_rho,
     format_table,
     plot_overview,
     plot_run,
     summarize,
+    verdicts,
     write_report,
 )
 from samkit.train.checkpoint import atomic_write_text
 from samkit.train.edge import EdgeTracker
 
-LOSSES = ("mse", "ce")
-ASCENTS = ("sam", "usam")
+LOSSES = ("mse", "mse-mean", "ce")
+# sam and usam have closed-form edges; the others are judged by λ_max(H_eff) against the base
+# optimizer's edge, where the tracker records it (samkit.curvature.effective_hessian)
+ASCENTS = ("sam", "usam", "asam", "gsam", "fishersam")
+OPTIMIZERS = ("sgd", "adam")
+INITS = ("default", "glorot-normal")
+PREPROCESS = ("standardize", "center")
+MEASURE_ON = ("probe", "batch")
+
+# Presets: named settings under the command line's own flags (a flag given wins).
+# long-bartlett: google-deepmind/sam_edge's image_classification.py (checked in its source):
+# loss optax.squared_error averaged over classes and examples (``mse-mean``), Glorot-normal
+# weights and zero biases (flax's Dense with kernel_init=glorot_normal), pixels scaled to
+# [0, 1] and centred by the per-pixel training mean (no division by a standard deviation), an
+# MLP with ReLU (their mlp_depth=4 counts 4 linear layers: 3 hidden), width 100 and ρ = 0.1
+# as in their run.sh, full batch. Their data set is MNIST (60,000); here Fashion-MNIST subset
+# to what 2 CPU cores train in minutes, and their η = 0.01 replaced by one at which this
+# smaller run reaches 2/η within its steps (η = 0.8: at 0.5 and 0.25 GD was at 0.70 and
+# 0.31 of 2/η after 600 steps, sharpening slowly).
+PRESETS: dict[str, dict[str, Any]] = {
+    "long-bartlett": {
+        "dataset": "fashion-mnist", "subset": 1000, "loss": "mse-mean",
+        "init": "glorot-normal", "preprocess": "center",
+        "model": "mlp", "model_kwargs": {"depth": 3, "width": 100, "activation": "relu"},
+        "lrs": (0.8,), "rhos": (0.1,), "steps": 600, "every": 20, "batch_size": 0,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +122,9 @@ class EOSConfig:
         2000, "training examples (stratified); None: the whole training set")
     data_seed: int = setting(
         0, "seed of the subset")
+    preprocess: str = setting(
+        "standardize", "standardize (mean and std per feature) or center (pixels in [0, 1] "
+        "minus the per-pixel training mean: Long & Bartlett's)")
     text: str | None = setting(
         None, "a UTF-8 text file: the character-level Transformer instead")
     seq_len: int = setting(
@@ -90,9 +134,14 @@ class EOSConfig:
         "mlp", "mlp or cnn (images); transformer (forced when `text` is given)")
     model_kwargs: dict = setting(
         factory=dict, help="passed to create_model, over the defaults")
+    init: str = setting(
+        "default", "default (torch's) or glorot-normal (weights N(0, 2/(fan_in + fan_out)), "
+        "zero biases: Long & Bartlett's)")
     # ---- loss
     loss: str = setting(
-        "mse", "mse: ½ Σ_classes (f - onehot)², mean over examples; ce: cross-entropy")
+        "mse", "mse: ½ Σ_classes (f - onehot)², mean over examples; mse-mean: (f - onehot)² "
+        "averaged over classes and examples (optax.squared_error, Long & Bartlett's: 1/5 of "
+        "mse with 10 classes); ce: cross-entropy")
     # ---- optimization: every lr runs GD (if gd) and the SAM variant with every rho
     lrs: tuple[float, ...] = setting(
         (0.1,), "step sizes η", flag="--lr")
@@ -101,9 +150,15 @@ class EOSConfig:
     gd: bool = setting(
         True, "include the gradient-descent run of every η")
     ascent: str = setting(
-        "sam", "sam (ε = ρ g/‖g‖) or usam (ε = ρ g)")
+        "sam", "sam (ε = ρ g/‖g‖), usam (ε = ρ g), or asam, gsam, fishersam (their edge: "
+        "λ_max of the effective Hessian against the base optimizer's edge)")
     momentum: float = setting(
         0.0, "heavy-ball momentum of the base SGD (0: plain GD, the papers')")
+    optimizer: str = setting(
+        "sgd", "sgd (GD and SAM runs) or adam (full-batch Adam runs: the preconditioned "
+        "sharpness λ₁(P⁻¹H) against (2 + 2β₁)/(η(1 − β₁)); rhos are not used)")
+    beta1: float = setting(
+        0.9, "Adam's β₁ (β₂ = 0.999, ε = 1e-8)")
     steps: int = setting(
         300, "optimizer steps per run")
     batch_size: int = setting(
@@ -115,6 +170,11 @@ class EOSConfig:
         10, "measure λ₁ every this many steps (and at step 0)")
     tol: float = setting(
         1e-3, "Lanczos relative tolerance")
+    k: int = setting(
+        1, "top eigenvalues per measurement (λ₁ ... λ_k)")
+    measure_on: str = setting(
+        "probe", "minibatch runs: probe (λ₁ on fixed examples) or batch (on the step's own "
+        "minibatch, as Long & Bartlett measure their language model)")
     probe_size: int = setting(
         512, "minibatch runs: λ₁ on this many fixed training examples")
     # ---- where and how
@@ -126,10 +186,21 @@ class EOSConfig:
         "runs", "parent folder")
     name: str | None = setting(
         None, "runs/<name>/ (None: eos-<dataset>-<model>-<loss>)")
+    preset: str | None = setting(
+        None, "the preset the values came from (long-bartlett), for the record")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"Invalid loss: {self.loss!r} (allowed: {', '.join(LOSSES)})")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("init", INITS),
+                             ("preprocess", PREPROCESS), ("measure_on", MEASURE_ON)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"Invalid {key}: {getattr(self, key)!r} (allowed: "
+                                 f"{', '.join(allowed)})")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Invalid preset: {self.preset!r} (allowed: {', '.join(PRESETS)})")
+        if not 0.0 <= self.beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {self.beta1!r} (allowed: in [0, 1))")
         if self.ascent not in ASCENTS:
             raise ValueError(f"Invalid ascent: {self.ascent!r} (allowed: {', '.join(ASCENTS)})")
         if not self.lrs or any(not (isinstance(v, (int, float)) and v > 0) for v in self.lrs):
@@ -139,7 +210,7 @@ class EOSConfig:
         if not self.gd and not self.rhos:
             raise ValueError("Nothing to run: gd=False and no rhos (allowed: gd or some rho)")
         for key, low in (("steps", 1), ("every", 1), ("batch_size", 0), ("probe_size", 1),
-                         ("seq_len", 1)):
+                         ("seq_len", 1), ("k", 1)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Invalid {key}: {value!r} (allowed: an integer >= {low})")
@@ -183,13 +254,20 @@ def default_model_kwargs(config: EOSConfig) -> dict[str, Any]:
 
 
 def make_loss(kind: str):
-    """``mse``: ½ Σ_classes (f − onehot(y))², mean over examples (and tokens); ``ce``: mean
-    cross-entropy. Both take integer labels (``N`` or ``N×T``) and logits (``N×C`` or
-    ``N×T×C``)."""
+    """``mse``: ½ Σ_classes (f − onehot(y))², mean over examples (and tokens); ``mse-mean``:
+    (f − onehot(y))² averaged over classes and examples (``optax.squared_error`` then
+    ``jnp.mean``, Long & Bartlett's); ``ce``: mean cross-entropy. All take integer labels
+    (``N`` or ``N×T``) and logits (``N×C`` or ``N×T×C``)."""
     if kind == "ce":
         def ce(out: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(out.flatten(0, -2), y.flatten())
         return ce
+
+    if kind == "mse-mean":
+        def mse_mean(out: Tensor, y: Tensor) -> Tensor:
+            target = F.one_hot(y, out.shape[-1]).to(out.dtype)
+            return (out - target).pow(2).mean()
+        return mse_mean
 
     def mse(out: Tensor, y: Tensor) -> Tensor:
         target = F.one_hot(y, out.shape[-1]).to(out.dtype)
@@ -205,10 +283,13 @@ class RunSpec:
     optimizer: str  # sgd, sam or usam
     lr: float
     rho: float | None
-    momentum: float = 0.0  # heavy-ball momentum of the base SGD
+    momentum: float = 0.0  # heavy-ball momentum of the base SGD (Adam: β₁)
 
 
 def run_specs(config: EOSConfig) -> list[RunSpec]:
+    if config.optimizer == "adam":
+        return [RunSpec(f"adam-lr{lr:g}", "adam", float(lr), None, config.beta1)
+                for lr in config.lrs]
     specs = []
     for lr in config.lrs:
         if config.gd:
@@ -239,6 +320,27 @@ class EOSResult:
     run_dir: Path
     wall_time: float
     notes: list[str] = field(default_factory=list)
+    description: str = ""  # data set, size, model, loss: the figures' titles
+
+
+def describe(config: EOSConfig, n: int) -> str:
+    """The setting in one line: data set and size, model, loss, batch (the figures' titles)."""
+    kw = default_model_kwargs(config)
+    if config.model_name == "mlp":
+        model = f"MLP {kw['depth']}×{kw['width']} {kw['activation']}"
+    elif config.model_name == "cnn":
+        model = f"CNN width {kw['width']} {kw.get('activation', '')}".strip()
+    else:
+        model = f"Transformer {kw.get('n_layer')}×{kw.get('n_embd')}"
+    data = "text" if config.is_text else config.dataset
+    loss = {"mse": "square loss ½Σ", "ce": "cross-entropy"}.get(config.loss, config.loss)
+    batch = "full batch" if config.batch_size == 0 else f"batch {config.batch_size}"
+    return f"{data} ({n:,} examples), {model}, {loss}, {batch}"
+
+
+def run_title(description: str, spec: RunSpec) -> str:
+    rho = "" if spec.rho is None else f", ρ = {spec.rho:g}"
+    return f"{spec.label} — {description}, η = {spec.lr:g}{rho}"
 
 
 # --------------------------------------------------------------------------- data and model
@@ -252,8 +354,11 @@ def load_data(config: EOSConfig, device: torch.device):
     else:
         train, _ = load_dataset(
             config.dataset, data_dir=config.data_dir, subset=config.subset, stratified=True,
-            seed=config.data_seed, standardize=True, device=device,
+            seed=config.data_seed, standardize=config.preprocess == "standardize",
+            device=device,
         )
+        if config.preprocess == "center":  # pixels in [0, 1] minus the per-pixel mean
+            train.x.sub_(train.x.mean(0, keepdim=True))
     return train
 
 
@@ -264,7 +369,26 @@ def build_model(config: EOSConfig, train, device: torch.device):
     shape = (config.seq_len,) if config.is_text else tuple(train.x.shape[1:])
     model = create_model(config.model_name, shape, train.num_classes,
                          **default_model_kwargs(config))
+    if config.init == "glorot-normal":
+        glorot_normal_(model)
     return model.to(device)
+
+
+def glorot_normal_(model: torch.nn.Module) -> torch.nn.Module:
+    r"""Glorot-normal weights :math:`\mathcal N(0, 2/(\text{fan}_\text{in} +
+    \text{fan}_\text{out}))` for every linear and convolutional layer, zero biases (flax's
+    ``Dense(kernel_init=glorot_normal())``, Long & Bartlett's). Seeded by the caller.
+
+    References:
+        X. Glorot, Y. Bengio. Understanding the difficulty of training deep feedforward neural
+        networks. AISTATS 2010.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            torch.nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
 
 
 # --------------------------------------------------------------------------- one run
@@ -279,13 +403,19 @@ def train_run(
     from samkit.step import step_closure, take_step
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = make_loss("ce" if config.is_text and config.loss == "mse" else config.loss)
+    loss_fn = make_loss("ce" if config.is_text and config.loss != "ce" else config.loss)
     model = build_model(config, train, device)
     model.train()
-    kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
-    if spec.rho is not None:
-        kwargs["rho"] = spec.rho
-    opt = create_optimizer(spec.optimizer, model, **kwargs)
+    if spec.optimizer == "adam":  # full-batch Adam (Cohen et al. 2022): β₂ 0.999, ε 1e-8
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999),
+                               eps=1e-8)
+    else:
+        kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
+        if spec.rho is not None and spec.optimizer == "gsam":  # a constant ρ_t = ρ
+            kwargs.update(rho_max=spec.rho, rho_min=spec.rho)
+        elif spec.rho is not None:
+            kwargs["rho"] = spec.rho
+        opt = create_optimizer(spec.optimizer, model, **kwargs)
 
     # 1. the probe set: the whole training subset (full batch) or fixed examples (minibatch)
     n = len(train.y)
@@ -301,7 +431,8 @@ def train_run(
     rho_for_gd = config.rhos[0] if config.rhos else None
     tracker = EdgeTracker(probe, loss_fn, every=config.every, path=run_dir / "edge.jsonl",
                           rho=spec.rho if spec.rho is not None else rho_for_gd, tol=config.tol,
-                          seed=config.seed)
+                          k=config.k, seed=config.seed)
+    on_batch = not full_batch and config.measure_on == "batch"
     order = torch.Generator().manual_seed(config.seed)
     perm, cursor = None, n
 
@@ -320,8 +451,12 @@ def train_run(
             cursor += batch_size
             x, y = train.x[idx], train.y[idx]
 
-        # 3. measure at w_t, before step t (so ‖g‖ is the one step t normalizes by)
-        row = tracker.maybe_record(t, model, opt, batch=None if full_batch else (x, y))
+        # 3. measure at w_t, before step t (so ‖g‖ is the one step t normalizes by): on the
+        #    probe set with the step's ‖g‖ for the SAM-edge, or all on the step's minibatch
+        if on_batch:
+            row = tracker.maybe_record(t, model, opt, probe=(x, y))
+        else:
+            row = tracker.maybe_record(t, model, opt, batch=None if full_batch else (x, y))
         if row is not None and verbose:
             now = time.perf_counter()
             if row.get("diverged"):
@@ -398,7 +533,7 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None,
 def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock) -> EOSResult:
     run_dir = lock.run_dir
     notes = []
-    if config.is_text and config.loss == "mse":
+    if config.is_text and config.loss != "ce":
         notes.append("the Transformer is trained with cross-entropy (mse is for images)")
     start = time.perf_counter()
     train = load_data(config, device)
@@ -408,6 +543,7 @@ def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock)
     experiment.write_json(run_dir / "config.json", resolved)
     experiment.save_experiment_config(config, run_dir / "config.yaml", resolved)
     specs = run_specs(config)
+    description = describe(config, len(train.y))
     if verbose:
         what = "full batch" if config.batch_size == 0 else f"batch {config.batch_size}"
         data = config.text if config.is_text else f"{config.dataset} ({len(train.y)} examples)"
@@ -420,10 +556,9 @@ def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock)
     for i, spec in enumerate(specs):
         prefix = f"[{i + 1}/{len(specs)} {spec.label}] "
         run = train_run(config, spec, train, run_dir / spec.label, device, verbose, prefix)
-        plot_run(run, run_dir / spec.label / "eos.png",
-                 title=f"{spec.label}: {config.model_name}, {config.loss}")
+        plot_run(run, run_dir / spec.label / "eos.png", title=run_title(description, spec))
         runs.append(run)
-    result = EOSResult(config, runs, run_dir, time.perf_counter() - start, notes)
+    result = EOSResult(config, runs, run_dir, time.perf_counter() - start, notes, description)
     plot_overview(result, run_dir / "overview.png")
     write_report(result, command)
     return result
@@ -434,8 +569,10 @@ def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock)
 
 # The config keys that are flags of their own (the rest through --set); --lr and --rho take
 # several values (lrs, rhos).
-FLAG_KEYS = ("dataset", "data_dir", "subset", "text", "seq_len", "model", "loss", "lrs", "rhos",
-             "momentum", "steps", "batch_size", "every", "tol", "probe_size", "seed", "device",
+FLAG_KEYS = ("dataset", "data_dir", "subset", "data_seed", "preprocess", "text", "seq_len",
+             "model", "init", "loss", "lrs", "rhos", "ascent", "momentum", "optimizer", "beta1",
+             "steps",
+             "batch_size", "every", "tol", "k", "measure_on", "probe_size", "seed", "device",
              "threads", "out_dir", "name")
 
 
@@ -454,7 +591,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "  samkit eos --lr 0.1 0.05 --rho 0.02 0.05 0.1 --steps 500\n"
         "  samkit eos --loss ce --model cnn --dataset cifar10 --subset 1000 --lr 0.05\n"
         "  samkit eos --text input.txt --batch-size 32 --lr 0.5 --rho 0.05 --steps 400\n"
-        "  samkit eos --set lrs=[1e-1] tol=5e-4\n",
+        "  samkit eos --set lrs=[1e-1] tol=5e-4\n"
+        "  samkit eos --preset long-bartlett --k 2\n"
+        "  samkit eos --optimizer adam --lr 0.002\n"
+        "  samkit eos --text input.txt --measure-on batch --rho 0.05 --no-gd\n",
     )
     experiment.add_config_flags(p, "EOSConfig keys")
     helps = {"lrs": "step sizes η (each runs GD and SAM)", "rhos": "SAM radii ρ (none: GD only)",
@@ -467,6 +607,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--activation", default=None, help="tanh (default), relu, ...")
     p.add_argument("--no-gd", action="store_true", help="skip the GD runs")
     p.add_argument("--usam", action="store_true", help="unnormalized SAM (ε = ρ g) instead")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named settings under the flags given (long-bartlett: Long & Bartlett's "
+                   "loss, init, preprocessing and MLP on Fashion-MNIST)")
     p.add_argument("--quiet", "-q", action="store_true", help="only the final table")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run of the same name")
@@ -490,6 +633,11 @@ def config_from_args(args: argparse.Namespace) -> EOSConfig:
         values["gd"] = False
     if args.usam:
         values["ascent"] = "usam"
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        if "model_kwargs" in values:  # --width etc. over the preset's model
+            values["model_kwargs"] = {**preset.pop("model_kwargs", {}), **values["model_kwargs"]}
+        values = {**preset, **values, "preset": args.preset}
     return C.load(EOSConfig, args.config, args.overrides, **values)
 
 
@@ -501,6 +649,8 @@ def cmd_eos(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                      overwrite=getattr(args, "overwrite", False))
     print()
     print(format_table(result))
+    print()
+    print("\n".join(verdicts(result)))
     print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "
           f"{result.run_dir / 'report.md'}")
     return 0

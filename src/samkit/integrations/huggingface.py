@@ -32,14 +32,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
 from samkit.optim.sam import SAM
 
-__all__ = ["SAMTrainer"]
+__all__ = ["EdgeTrackerCallback", "SAMTrainer"]
 
 OPTIMIZERS: dict[str, type[SharpnessAwareOptimizer]] = {"sam": SAM, "asam": ASAM}
 
@@ -74,6 +74,9 @@ class SAMTrainer(Trainer):
         self.sam_kwargs = dict(sam_kwargs or {})
         self.sam_optimizer: SharpnessAwareOptimizer | None = None
         super().__init__(*args, **kwargs)
+        for callback in self.callback_handler.callbacks:  # the edge of the SAM step, logged
+            if isinstance(callback, EdgeTrackerCallback):
+                callback.attach(self)
 
     def create_optimizer(self, model=None):
         base = super().create_optimizer(model) if model is not None else super().create_optimizer()
@@ -122,3 +125,133 @@ class SAMTrainer(Trainer):
                     else:
                         p.grad.add_(acc)
         return loss
+
+
+# --------------------------------------------------------------------------- the edge tracker
+
+
+class _LossOf(torch.nn.Module):
+    """``model(**batch).loss`` as a module of one argument (the tracker's ``model(x)``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(**batch).loss
+
+
+def _own_loss(out: torch.Tensor, y: Any) -> torch.Tensor:
+    return out
+
+
+def _as_batch(probe: Any) -> dict[str, torch.Tensor]:
+    if isinstance(probe, (list, tuple)) and probe and all(isinstance(e, dict) for e in probe):
+        probe = {k: torch.stack([torch.as_tensor(e[k]) for e in probe]) for k in probe[0]}
+    if not isinstance(probe, dict) or not probe or not all(
+            isinstance(v, torch.Tensor) for v in probe.values()):
+        raise ValueError(
+            f"Invalid probe: {type(probe).__name__} (allowed: a batch dict of tensors the model "
+            "takes, e.g. {'input_ids': ..., 'labels': ...}, or a list of such examples)")
+    return probe
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    while not isinstance(optimizer, SharpnessAwareOptimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class EdgeTrackerCallback(TrainerCallback):
+    r"""A ``transformers`` callback that tracks λ₁ of the Hessian of the model's own loss
+    (``model(**batch).loss``) on a fixed probe batch against the optimizer's edge of stability
+    (:class:`samkit.train.edge.EdgeTracker`), and logs ``λ₁``, the edge and their ratio.
+
+    Every ``every`` optimizer steps (``state.global_step``), before the step, and at the end of
+    training: λ₁ on ``probe``, the edge of the optimizer (:func:`~samkit.train.edge.edge_for`;
+    under :class:`SAMTrainer` the SAM one, with the probe's ‖g‖, since a callback does not see
+    the step's batch) and :math:`\lambda_1/\text{edge}`, logged as ``{prefix}lambda1``,
+    ``{prefix}edge``, ``{prefix}ratio``, ``{prefix}grad_norm``.
+
+    Logging: a callback cannot call the Trainer's logger by itself. Under :class:`SAMTrainer`
+    it is attached automatically; with a plain ``Trainer`` call ``callback.attach(trainer)``.
+    An attached callback logs through ``trainer.log`` (``state.log_history`` and every
+    reporting integration: TensorBoard, W&B, ...); an unattached one appends its rows to
+    ``state.log_history`` and adds them to the ``logs`` of the next ``on_log`` for the
+    callbacks after it.
+
+    Hessian-vector products differentiate the loss twice: build attention models with
+    ``attn_implementation="eager"`` (PyTorch's fused scaled-dot-product kernels have no double
+    backward).
+
+    Args:
+        probe: the batch to measure on: a dict of tensors the model takes (with ``labels``),
+            or a list of such examples (stacked).
+        every: measure at step 0 and every ``every`` optimizer steps.
+        prefix: the prefix of the logged names.
+        **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
+            ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
+            ``max_iter``, ``verbose``).
+
+    Example::
+
+        from samkit.integrations.huggingface import EdgeTrackerCallback, SAMTrainer
+
+        edge = EdgeTrackerCallback(probe=train_dataset[:64], every=20)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=train_dataset, sam="sam",
+                             sam_kwargs={"rho": 0.05}, callbacks=[edge])
+        trainer.train()      # edge/lambda1, edge/edge, edge/ratio in the logs
+        print(edge.tracker.cost_summary())
+    """
+
+    def __init__(self, probe: Any, every: int = 10, *, prefix: str = "edge/",
+                 **tracker_kwargs: Any) -> None:
+        from samkit.train.edge import EdgeTracker
+
+        batch = _as_batch(probe)
+        y = batch.get("labels", next(iter(batch.values())))
+        self.tracker = EdgeTracker([(batch, y)], _own_loss, every, **tracker_kwargs)
+        self.prefix = prefix
+        self.trainer: Any = None
+        self._module: _LossOf | None = None
+        self._pending: dict[str, float] = {}
+
+    def attach(self, trainer: Any) -> EdgeTrackerCallback:
+        """Log through ``trainer.log``; adds the callback to ``trainer`` if it is not there."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def _optimizer(self, optimizer: Any) -> Any:
+        sam = getattr(self.trainer, "sam_optimizer", None)
+        return sam if sam is not None else _unwrap(optimizer)
+
+    def _measure(self, state: Any, model: Any, optimizer: Any) -> None:
+        step = int(state.global_step)
+        rows = self.tracker.rows
+        if model is None or optimizer is None or not self.tracker.due(step) or (
+                rows and rows[-1].get("step") == step):
+            return
+        if self._module is None or self._module.model is not model:
+            self._module = _LossOf(model)
+        row = self.tracker.record(step, self._module, self._optimizer(optimizer))
+        metrics = {f"{self.prefix}{key}": float(row[key]) for key in
+                   ("lambda1", "edge", "ratio", "grad_norm") if row.get(key) is not None}
+        if self.trainer is not None:
+            self.trainer.log(dict(metrics))
+        else:
+            state.log_history.append({**metrics, "step": step})
+            self._pending.update(metrics)
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._measure(state, model, optimizer)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._measure(state, model, optimizer)  # the final weights
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            self._pending = {}

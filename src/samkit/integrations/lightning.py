@@ -50,7 +50,7 @@ from torch import nn
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
 
-__all__ = ["is_perturbed", "running_stats", "sharpness_aware_optimizers"]
+__all__ = ["EdgeTrackerCallback", "is_perturbed", "running_stats", "sharpness_aware_optimizers"]
 
 
 def sharpness_aware_optimizers(module: Any) -> list[SharpnessAwareOptimizer]:
@@ -75,3 +75,136 @@ def running_stats(module: nn.Module):
     """A context for the forward pass: BatchNorm running statistics are left alone during
     the pass at ``w + ε`` (:func:`samkit.disable_running_stats`), updated as usual at ``w``."""
     return disable_running_stats(module) if is_perturbed(module) else nullcontext()
+
+
+# --------------------------------------------------------------------------- the edge tracker
+
+
+def _unwrap(opt: Any) -> Any:
+    """A ``LightningOptimizer``'s torch optimizer (a torch optimizer as it is)."""
+    from torch.optim import Optimizer
+
+    return opt if isinstance(opt, Optimizer) else getattr(opt, "optimizer", opt)
+
+
+def _lightning_callback_base() -> type:
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # pragma: no cover - the standalone package
+        try:
+            from pytorch_lightning.callbacks import Callback
+        except ImportError:
+            return object
+    return Callback
+
+
+class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
+    r"""A Lightning callback that tracks λ₁ of the Hessian against the optimizer's edge of
+    stability (:class:`samkit.train.edge.EdgeTracker`) and logs ``λ₁``, the edge and their
+    ratio to the trainer's loggers.
+
+    Every ``every`` optimizer steps (``trainer.global_step``), before the step, at the current
+    weights: λ₁ on ``probe`` (or on the step's own batch when ``probe`` is ``None``, as Long &
+    Bartlett measure their language model), the edge that applies to the optimizer
+    (:func:`~samkit.train.edge.edge_for`: 2/η, the SAM-edge with the step's ‖g‖, Adam's, ...)
+    and :math:`\lambda_1/\text{edge}`. Logged under ``{prefix}lambda1``, ``{prefix}edge``,
+    ``{prefix}ratio`` and ``{prefix}grad_norm`` (steps where no edge applies log λ₁ only).
+    The rows stay in :attr:`tracker` (``.rows``, ``.cost_summary()``) and, with ``path``, in
+    a JSON-lines file. The tracker's state (warm-start vector, cost) is saved in checkpoints.
+
+    Args:
+        probe: ``(x, y)`` (or a list of batches) to measure on; ``None``: the step's batch.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss over a batch.
+        every: measure at step 0 and every ``every`` optimizer steps.
+        model: a function of the LightningModule returning the network to measure (default:
+            the module itself, whose ``forward`` is then used); e.g. ``lambda m: m.net``.
+        batch_to_xy: turns a training batch into ``(x, y)`` (default: the batch is ``(x, y)``).
+        prefix: the prefix of the logged names.
+        **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
+            ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
+            ``max_iter``, ``preconditioned``, ``verbose``).
+
+    Example::
+
+        from samkit.integrations.lightning import EdgeTrackerCallback
+
+        edge = EdgeTrackerCallback(probe=(x_probe, y_probe), loss_fn=F.mse_loss, every=10,
+                                   model=lambda m: m.net)
+        L.Trainer(callbacks=[edge], logger=CSVLogger("logs")).fit(module, loader)
+        print(edge.tracker.cost_summary())
+    """
+
+    def __init__(
+        self,
+        probe: Any = None,
+        loss_fn: Any = None,
+        every: int = 10,
+        *,
+        model: Any = None,
+        batch_to_xy: Any = None,
+        prefix: str = "edge/",
+        **tracker_kwargs: Any,
+    ) -> None:
+        from samkit.train.edge import EdgeTracker
+
+        if loss_fn is None or not callable(loss_fn):
+            raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y) "
+                             "returning the mean loss)")
+        for name, fn in (("model", model), ("batch_to_xy", batch_to_xy)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"Invalid {name}: {fn!r} (allowed: None or a callable)")
+        super().__init__()
+        self.tracker = EdgeTracker(probe, loss_fn, every, **tracker_kwargs)
+        self.on_batch = probe is None
+        self.model_fn = model
+        self.batch_to_xy = batch_to_xy
+        self.prefix = prefix
+
+    # the measurement
+    def _measure(self, trainer: Any, pl_module: Any, batch: Any) -> dict[str, Any] | None:
+        step = int(trainer.global_step)
+        rows = self.tracker.rows
+        if not self.tracker.due(step) or (rows and rows[-1].get("step") == step):
+            return None
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if not optimizers:
+            return None
+        optimizer = _unwrap(optimizers[0])
+        net = pl_module if self.model_fn is None else self.model_fn(pl_module)
+        xy = None
+        if batch is not None:
+            xy = self.batch_to_xy(batch) if self.batch_to_xy is not None else tuple(batch)
+        if self.on_batch:
+            if xy is None:
+                return None
+            row = self.tracker.record(step, net, optimizer, probe=xy)
+        else:
+            row = self.tracker.record(step, net, optimizer, batch=xy)
+        self._log(trainer, row)
+        return row
+
+    def _log(self, trainer: Any, row: dict[str, Any]) -> None:
+        metrics = {f"{self.prefix}{key}": float(row[key]) for key in
+                   ("lambda1", "edge", "ratio", "grad_norm") if row.get(key) is not None}
+        for logger in getattr(trainer, "loggers", []) or []:
+            logger.log_metrics(metrics, step=int(row["step"]))
+        callback_metrics = getattr(trainer, "callback_metrics", None)
+        if isinstance(callback_metrics, dict):
+            import torch
+
+            callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    # Lightning's hooks
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        self._measure(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.on_batch:  # the final weights (no batch to measure on otherwise)
+            self._measure(trainer, pl_module, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict)

@@ -207,13 +207,15 @@ class EdgeTracker(Callback):
         return step % self.every == 0
 
     def maybe_record(
-        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None
+        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
+        probe: Any = None,
     ) -> dict[str, Any] | None:
         """:meth:`record` if ``step`` is a measurement step, else ``None``."""
-        return self.record(step, model, optimizer, batch) if self.due(step) else None
+        return self.record(step, model, optimizer, batch, probe) if self.due(step) else None
 
     def record(
-        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None
+        self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
+        probe: Any = None,
     ) -> dict[str, Any]:
         """Measure at the model's current weights and append a row (see the module docstring).
 
@@ -225,8 +227,12 @@ class EdgeTracker(Callback):
             batch: in minibatch runs, the step's ``(x, y)``: the SAM-edge then uses the gradient
                 norm on this batch (the ‖g‖ the SAM step normalizes by), recorded as
                 ``batch_grad_norm``; λ₁ is still that of the probe set.
+            probe: measure on this ``(x, y)`` (or list of batches) instead of the tracker's
+                probe set, for this row only: e.g. the step's own minibatch, as Long & Bartlett
+                measure their language model (the SAM-edge then uses its ‖g‖ too).
         """
-        if self.probe is None or self.loss_fn is None:
+        probe = self.probe if probe is None else _batches(probe)
+        if probe is None or self.loss_fn is None:
             raise ValueError(
                 "EdgeTracker has no probe set or loss_fn: pass EdgeTracker(probe=(x, y), "
                 "loss_fn=...) outside a trainer"
@@ -238,7 +244,7 @@ class EdgeTracker(Callback):
         info = optimizer_kind(optimizer)
 
         # 1. loss and gradient on the probe set
-        loss, grad = self._loss_grad(model, params, self.probe)
+        loss, grad = self._loss_grad(model, params, probe)
         grad_norm = float(grad.norm())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             row = {"step": int(step), "loss": loss, "grad_norm": grad_norm, "diverged": True}
@@ -246,7 +252,8 @@ class EdgeTracker(Callback):
 
         # 2. λ₁ and v₁ by Lanczos, started from the last v₁
         # one batch is passed as (x, y): the operator then caches its gradient graph
-        data = self.probe[0] if len(self.probe) == 1 else self.probe
+        # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
+        data = probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
         H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
         top = self._top(H, self._vector)
         self._vector = top.vectors.detach().clone()
@@ -316,7 +323,7 @@ class EdgeTracker(Callback):
                 eps = grad * rho
             else:
                 eps = grad * (rho / grad_norm) if grad_norm > 0 else torch.zeros_like(grad)
-            _, sam_grad = self._loss_grad(model, params, self.probe, shift=eps)
+            _, sam_grad = self._loss_grad(model, params, probe, shift=eps)
             row["align_sam_grad"] = _alignment(sam_grad, vec)
         row["converged"] = bool(converged)
         return self._append(row, start, matvecs)
