@@ -619,7 +619,8 @@ class HessianOperator(CurvatureOperator):
         try:
             return run(v, "autograd")
         except (RuntimeError, NotImplementedError) as err:
-            if self.backend != "auto" or not _missing_double_backward(err):
+            if (self.backend != "auto" or not _missing_double_backward(err)
+                    or _batching_error(err)):
                 raise  # an out-of-memory or any other error is not a reason to switch
             self._graph = None
             try:
@@ -643,13 +644,9 @@ class HessianOperator(CurvatureOperator):
         if self.batched and v.shape[1] > 1:
             try:
                 out = self._with_fallback(self._pass_many, v)
-            except RuntimeError as err:
-                if "out of memory" in str(err).lower() or _missing_double_backward(err):
-                    raise
-                self._batched_failed(err)
-            except NotImplementedError as err:
-                if _missing_double_backward(err) and self.backend != "auto":
-                    raise
+            except (RuntimeError, NotImplementedError) as err:
+                if not _batching_error(err):
+                    raise  # out of memory, a missing double backward under "autograd", ...
                 self._batched_failed(err)
             else:
                 self.matvecs += v.shape[1]
@@ -665,12 +662,18 @@ class HessianOperator(CurvatureOperator):
         return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
 
 
+def _batching_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from vmap / a batched backward (an op without a batching rule)."""
+    text = str(err).lower()
+    return any(s in text for s in ("batching rule", "vmap", "is_grads_batched", "batched grad"))
+
+
 def _missing_double_backward(err: BaseException) -> bool:
     """Whether ``err`` says that an op has no (double-)backward formula."""
     if isinstance(err, NotImplementedError):
         return True
     text = str(err).lower()
-    if "out of memory" in text:
+    if "out of memory" in text or _batching_error(err):
         return False
     return any(s in text for s in (
         "derivative for", "not implemented", "double backward", "does not require grad",
