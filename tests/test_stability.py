@@ -117,3 +117,36 @@ def test_sam_step_on_a_quadratic_crosses_minus_one_at_the_sam_edge():
             lambda p: samkit.SAM(torch.optim.SGD(p, lr=lr), rho=rho), lam, 1, x0=x0
         )
         assert (after > x0) == grows
+
+
+# ------------------------------------------------------------ edge_for from the declarations
+
+
+def test_edge_for_reads_the_ascent_declaration_not_the_type():
+    """A new ascent that declares a closed-form edge gets it from edge_for with no change to
+    stability.py; GSAM over SAM's ascent does not (its descent rewrites the step)."""
+    import dataclasses
+
+    from samkit.optim import registry
+    from samkit.optim.ascents import USAM_ASCENT
+    from samkit.stability import edge_for, optimizer_kind
+
+    twice = dataclasses.replace(
+        USAM_ASCENT, name="usam2x", edge=lambda lr, rho, g: usam_edge(lr, 2 * rho)
+    )
+    registry.register_ascent(twice)
+    try:
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = samkit.create_optimizer("usam2x", [w], lr=0.1, rho=0.2)
+        assert type(opt).__name__ == "SharpnessAware"
+        assert edge_for(opt) == pytest.approx(usam_edge(0.1, 0.4))
+        assert optimizer_kind(opt)["ascent"] == "usam2x"
+    finally:
+        registry.unregister("usam2x")
+    w = torch.nn.Parameter(torch.ones(3))
+    sam = samkit.create_optimizer("sam", [w], lr=0.1, rho=0.2)
+    assert edge_for(sam, 2.0) == pytest.approx(sam_edge(0.1, 0.2, 2.0))
+    gsam = samkit.create_optimizer("gsam", [w], lr=0.1)
+    assert edge_for(gsam, 2.0) is None and "rewrites" in optimizer_kind(gsam)["note"]
+    asam = samkit.create_optimizer("asam", [w], lr=0.1)
+    assert edge_for(asam, 2.0) is None and "effective Hessian" in optimizer_kind(asam)["note"]

@@ -17,6 +17,7 @@ from samkit.optim import (
     ASAM,
     ESAM,
     GSAM,
+    MSAM,
     SAM,
     USAM,
     AESchedule,
@@ -25,6 +26,7 @@ from samkit.optim import (
     FriendlySAM,
     LookSAM,
     RandomSchedule,
+    SharpnessAware,
     SharpnessAwareOptimizer,
     accumulation_closure,
     ae_sam,
@@ -55,7 +57,9 @@ __all__ = [
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
+    "MSAM",
     "RandomSchedule",
+    "SharpnessAware",
     "SharpnessAwareOptimizer",
     "SharpnessResult",
     "accumulation_closure",
@@ -73,3 +77,11 @@ __all__ = [
     "stability",
     "with_schedule",
 ]
+
+
+def load_run(path, map_location="cpu"):
+    """``config, metrics, model = samkit.load_run("runs/<name>")``: a run's resolved config, its
+    metrics records and its model with the trained weights (:func:`samkit.train.load_run`)."""
+    from samkit.train.trainer import load_run as _load_run
+
+    return _load_run(path, map_location)

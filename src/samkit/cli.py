@@ -41,7 +41,8 @@ Examples (real commands; the numbers in the README were measured with them)::
     samkit list        # optimizers, models, data sets and config keys
 
 Order of precedence: the config file, then the flags (--dataset, --lr, ...), then --set.
-Exit status: 0 done, 2 bad input, 130 interrupted (a resumable checkpoint was saved).
+Exit status: 0 done (finite numbers), 2 bad input, 3 a run diverged (the last good checkpoint is
+kept), 130 / 143 stopped by Ctrl-C / SIGTERM (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -73,11 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:" + __doc__.split("Examples", 1)[1].split("::", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for entry in COMMANDS:
         module, _, function = entry.partition(":")
         getattr(importlib.import_module(module), function or "add_parser")(sub)
     return parser
+
+
+def version_line() -> str:
+    """``samkit X (torch Y, Python Z)``."""
+    import platform
+
+    import samkit
+
+    try:
+        import torch
+
+        extra = f"torch {torch.__version__}, "
+    except ImportError:  # pragma: no cover - torch is a dependency
+        extra = ""
+    return f"samkit {getattr(samkit, '__version__', 'unknown')} ({extra}Python " \
+        f"{platform.python_version()})"
 
 
 # ----------------------------------------------------------------------------- small tools

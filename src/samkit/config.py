@@ -393,7 +393,10 @@ def load(cls: Any, path: str | Path | None = None, overrides: list[str] | tuple[
     source = "config"
     if path is not None:
         source = str(path)
-        for key, value in read_yaml(path).items():
+        loaded = read_yaml(path)
+        if cls is TrainConfig and _is_resolved(path):
+            loaded = {**legacy_values(upgrade_keys(loaded, cls, source)), **loaded}
+        for key, value in loaded.items():
             _merge(data, key, check_value(key, value, source, cls) if not is_config(
                 hints_of(cls).get(key)) else value, cls, source)
     for key, value in values.items():
@@ -401,6 +404,12 @@ def load(cls: Any, path: str | Path | None = None, overrides: list[str] | tuple[
             hints_of(cls).get(key)) else value, cls, "arguments")
     data = apply_overrides(data, list(overrides or ()), cls)
     return from_dict(data, source, cls)
+
+
+def _is_resolved(path: str | Path) -> bool:
+    """True for a ``config.yaml`` a run saved (its first line is the resolved-config header)."""
+    with open(path) as handle:
+        return RESOLVED_HEADER in handle.readline()
 
 
 def _merge(data: dict[str, Any], key: str, value: Any, cls: Any, source: str) -> None:
@@ -530,6 +539,10 @@ class TrainConfig:
     lr: float = setting(0.1, "peak learning rate (the schedule multiplies it)")
     momentum: float = setting(0.9, "heavy-ball momentum; used only when the base optimizer is SGD")
     weight_decay: float = setting(5e-4, "L2 weight decay (decoupled for adamw)")
+    decay_bias_and_norm: bool = setting(
+        False, "weight decay on biases and norm parameters too (false: only on weights, the "
+        "default since samkit 0.2; a run or checkpoint saved without this key is read as true, "
+        "its behaviour then)")
     rho: float | None = setting(
         None, "SAM/ASAM radius (None: the optimizer's default, SAM 0.05, ASAM 0.5)")
     eta: float | None = setting(
@@ -602,6 +615,13 @@ class TrainConfig:
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0)")
+        if not self.momentum < 1:
+            raise ValueError(f"Invalid momentum: {self.momentum} (allowed: 0 <= momentum < 1)")
+        if self.steps is None and self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"Invalid warmup_epochs: {self.warmup_epochs} is more than epochs={self.epochs} "
+                "(allowed: 0 <= warmup_epochs <= epochs)"
+            )
         for key in ("rho", "eta"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -633,6 +653,18 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like the YAML keys)."""
         return from_dict({**to_dict(self), **changes}, cls=TrainConfig)
+
+
+# What a config that lacks a key meant when it was written (the behaviour of the samkit that
+# wrote it): resolved configs (config.yaml of a run) and checkpoints of older versions are read
+# with these values, new configs get the field's default.
+LEGACY_VALUES: dict[str, Any] = {"decay_bias_and_norm": True}
+RESOLVED_HEADER = "samkit resolved config"
+
+
+def legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """The keys a saved (resolved) config lacks, with the values they had when it was written."""
+    return {k: v for k, v in LEGACY_VALUES.items() if k not in saved}
 
 
 # Older names of keys, still read from YAML files, --set, checkpoints and keyword arguments:
@@ -715,5 +747,5 @@ def load_config(
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically, each key with its help as a comment."""
-    save_yaml(config, path, "samkit resolved config: samkit train --config <this file>",
+    save_yaml(config, path, f"{RESOLVED_HEADER}: samkit train --config <this file>",
               resolved_dict(config))

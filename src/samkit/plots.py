@@ -22,16 +22,33 @@ METRIC_LABELS = {
 }
 
 
+def plain_log_axis(axis) -> None:
+    """Label a log-scaled ``axis`` with plain numbers (``0.9``, ``2``, ``1000``), not
+    ``9×10⁻¹``; matplotlib still decides which ticks get a label (no crowding)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class Plain(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def curve(runs: Sequence[Sequence[Mapping[str, Any]]], metric: str) -> tuple[np.ndarray, ...]:
     """Epochs, mean and standard deviation of ``metric`` over runs (epoch records only).
 
-    Epochs missing in some runs (a run still going) are averaged over the runs that have them.
+    Epochs missing in some runs (a run still going) are averaged over the runs that have them;
+    a null or non-finite value (a diverged run) is left out.
     """
     by_epoch: dict[int, list[float]] = {}
     for records in runs:
         for r in records:
-            if r.get("event", "epoch") == "epoch" and metric in r:
-                by_epoch.setdefault(int(r["epoch"]), []).append(float(r[metric]))
+            value = r.get(metric)
+            if r.get("event", "epoch") != "epoch" or not isinstance(value, (int, float)):
+                continue  # strict JSON: a missing or non-finite value is null
+            if np.isfinite(value):
+                by_epoch.setdefault(int(r["epoch"]), []).append(float(value))
     epochs = np.array(sorted(by_epoch), dtype=float)
     values = [np.array(by_epoch[int(e)]) for e in epochs]
     mean = np.array([v.mean() for v in values])
@@ -81,6 +98,7 @@ def plot_learning_curves(
         ax.set_ylabel(ylabel + (" (%)" if scale == 100.0 else ""))
         if metric.endswith("loss"):
             ax.set_yscale("log")
+            plain_log_axis(ax.yaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     if title:

@@ -95,6 +95,12 @@ def test_standard_place_home_cache(isolated):
 
 
 def test_missing_files_say_where_and_how(isolated):
+    # a --data-dir that does not exist is an error of its own, naming it (issue 14)
+    from samkit.data.paths import DataDirError
+
+    with pytest.raises(DataDirError, match="--data-dir '.*nowhere' does not exist"):
+        load_dataset("fashion-mnist", data_dir=isolated / "nowhere")
+    (isolated / "nowhere").mkdir()  # an existing folder without the files: where samkit looked
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("fashion-mnist", data_dir=isolated / "nowhere")
     msg = str(info.value)

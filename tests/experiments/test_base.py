@@ -85,5 +85,6 @@ def test_run_dir_names_are_checked(tmp_path):
     with pytest.raises(ValueError, match="Invalid name: 'a/b'"):
         base.run_dir_of(tmp_path, "a/b")
     (tmp_path / "a" / "old").mkdir(parents=True)
-    base.prepare_run_dir(tmp_path / "a", overwrite=True)
+    with base.prepare_run_dir(tmp_path / "a", overwrite=True):
+        assert [p.name for p in (tmp_path / "a").iterdir()] == [".lock"]
     assert list((tmp_path / "a").iterdir()) == []

@@ -364,3 +364,41 @@ def test_trainer_resume_keeps_rows_and_warm_start(tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4, 6]
     assert second.matvecs > first.matvecs  # the cost carries over from the checkpoint
     assert rows[-1]["edge"] == pytest.approx(gd_edge(0.05))
+
+
+# ------------------------------------------------------------------ the effective Hessian
+
+
+def _asam_dense_heff(model, x, y, rho, eta):
+    g, H, _, _ = dense(model, x, y)
+    (w,) = list(model.parameters())
+    t = w.detach().abs().reshape(-1) + eta
+    D = rho * t * t / float((t * g).norm())
+    return H + H @ torch.diag(D) @ H
+
+
+def test_effective_hessian_rows_for_asam_sam_and_sgd():
+    model, x, y = linear_problem()
+    g, H, lam, _ = dense(model, x, y)
+    tracker = EdgeTracker((x, y), mse, every=1, tol=1e-9, max_iter=200)
+    lr = 0.01
+    asam = samkit.ASAM(sgd(model, lr=lr, momentum=0.9), rho=0.5, eta=0.01)
+    row = tracker.record(0, model, asam)
+    lam_eff = float(torch.linalg.eigvalsh(_asam_dense_heff(model, x, y, 0.5, 0.01))[-1])
+    assert row["edge"] is None  # no closed form for ASAM ...
+    assert row["lambda_eff"] == pytest.approx(lam_eff, rel=1e-7)  # ... but an effective one
+    assert row["base_edge"] == pytest.approx(momentum_edge(lr, 0.9))
+    assert row["eff_ratio"] == pytest.approx(lam_eff / momentum_edge(lr, 0.9), rel=1e-7)
+    sam_row = EdgeTracker((x, y), mse, every=1, tol=1e-9).record(
+        0, model, samkit.SAM(sgd(model, lr=lr), rho=0.1)
+    )
+    a = 0.1 / g.norm().item()
+    assert sam_row["lambda_eff"] == pytest.approx(lam + a * lam**2, rel=1e-7)
+    assert sam_row["base_edge"] == pytest.approx(gd_edge(lr))
+    # at the edge both ratios cross 1 together: lambda_eff < 2/lr iff lambda1 < SAM-edge
+    assert (sam_row["eff_ratio"] < 1) == (sam_row["ratio"] < 1)
+    plain = EdgeTracker((x, y), mse, every=1).record(0, model, sgd(model, lr=lr))
+    assert plain["lambda_eff"] is None and plain["eff_ratio"] is None
+    assert plain["base_edge"] == pytest.approx(gd_edge(lr))
+    off = EdgeTracker((x, y), mse, every=1, effective=False).record(0, model, asam)
+    assert off["lambda_eff"] is None and off["matvecs"] < row["matvecs"]

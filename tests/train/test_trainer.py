@@ -130,7 +130,7 @@ def test_run_directory_rules(tmp_path):
         Trainer(c, resume=True, verbose=0).fit()
     Trainer(c, verbose=0).fit()
     assert {p.name for p in c.run_dir.iterdir()} == {"config.yaml", "metrics.jsonl",
-                                                      "checkpoint.pt"}
+                                                      "checkpoint.pt", "run.json"}
     with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
         Trainer(c, verbose=0).fit()
     with pytest.raises(ValueError, match="config differs in lr: 0.05 -> 0.1"):

@@ -7,10 +7,12 @@ Hessian.
 >>> H = HessianOperator(model.eval(), nn.CrossEntropyLoss(), (x, y))
 >>> top = top_eigenvalues(H, k=1, tol=1e-4)      # top.values, top.vectors, top.matvecs
 >>> tr = hessian_trace(H, samples=100)           # tr.mean, tr.stderr
+>>> Heff = effective_hessian(H, sam_optimizer)  # H + (rho/c) H M H of one SAM-family step
 """
 
 from samkit.curvature.adam import PreconditionedOperator, adam_preconditioned
 from samkit.curvature.density import SpectralDensity, plot_spectral_density, spectral_density
+from samkit.curvature.effective import EffectiveHessian, effective_hessian
 from samkit.curvature.eigen import EigenResult, top_eigenvalues
 from samkit.curvature.ggn import GGNOperator
 from samkit.curvature.operator import (
@@ -24,6 +26,7 @@ from samkit.curvature.trace import TraceResult, hessian_trace
 
 __all__ = [
     "CurvatureOperator",
+    "EffectiveHessian",
     "EigenResult",
     "GGNOperator",
     "HessianOperator",
@@ -33,6 +36,7 @@ __all__ = [
     "SpectralDensity",
     "TraceResult",
     "adam_preconditioned",
+    "effective_hessian",
     "hessian_trace",
     "loss_and_gradient",
     "plot_spectral_density",

@@ -15,6 +15,7 @@ from samkit.data.idx import CorruptFileError, read_idx
 from samkit.data.mnist1d import make_mnist1d
 from samkit.data.paths import (
     FILE_SPECS,
+    DataDirError,
     DataNotFoundError,
     default_download_dir,
     find_file,
@@ -265,7 +266,7 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> _Raw:
         return _load_raw_cached(name, None, ())
     try:
         folder = resolve_data_dir(name, data_dir)
-    except DataNotFoundError:
+    except (DataNotFoundError, DataDirError):  # with download, a missing folder is made
         if not download:
             raise
         folder = default_download_dir(name, data_dir)
@@ -371,7 +372,7 @@ def download_dataset(name: str, data_dir: str | Path | None = None) -> Path:
         )
     try:
         return resolve_data_dir(name, data_dir)
-    except DataNotFoundError:
+    except (DataNotFoundError, DataDirError):  # a folder that does not exist yet is made
         folder = default_download_dir(name, data_dir)
         fetch_resources(FILE_SPECS[name].resources, folder)
         return resolve_data_dir(name, folder)

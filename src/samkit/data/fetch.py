@@ -14,6 +14,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,22 @@ def download(
     tmp = Path(tmp_name)
     try:
         hashes = {a: hashlib.new(a) for a, e in (("md5", md5), ("sha256", sha256)) if e}
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        out = os.fdopen(fd, "wb")
+        try:
+            resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - our URLs
+        except urllib.error.HTTPError as err:  # the server answered: keep its error type
+            out.close()
+            err.msg = (f"{err.msg} for {url}; fetch that file elsewhere and put it at {dest} "
+                       "(checksums are verified), then run again")
+            raise
+        except (OSError, ValueError) as err:
+            out.close()
+            reason = getattr(err, "reason", None) or err
+            raise DownloadError(
+                f"Cannot download {url}: {reason}. Without a network, fetch that file "
+                f"elsewhere and put it at {dest} (checksums are verified), then run again"
+            ) from err
+        with out, resp:
             total = int(resp.headers.get("Content-Length") or 0)
             done, next_report = 0, 0.1
             for chunk in iter(lambda: resp.read(_CHUNK), b""):
@@ -128,6 +144,18 @@ def download(
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+class DownloadError(urllib.error.URLError):
+    """A URL could not be fetched; the message names it and where to put the file by hand
+    (a :class:`urllib.error.URLError`, so an :class:`OSError`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _safe_extract(archive: Path, into: Path) -> None:

@@ -26,6 +26,21 @@ class DataNotFoundError(FileNotFoundError):
     """A data set's files are in none of the places samkit looks."""
 
 
+class DataDirError(FileNotFoundError):
+    """``--data-dir`` or ``$SAMKIT_DATA`` names a folder that does not exist (never a reason to
+    look elsewhere: the user asked for that folder)."""
+
+
+def check_data_roots(data_dir: str | Path | None = None) -> None:
+    """Raise :class:`DataDirError` when ``data_dir`` or ``$SAMKIT_DATA`` is given and is not an
+    existing folder."""
+    for what, root in (("--data-dir", data_dir), (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None)):
+        if root is not None and not Path(root).expanduser().is_dir():
+            raise DataDirError(
+                f"{what} {str(root)!r} does not exist or is not a folder (point it at the folder "
+                "that holds the data files, or leave it unset to use the standard places)")
+
+
 @dataclass(frozen=True)
 class FileSpec:
     """The files of an on-disk data set.
@@ -157,6 +172,7 @@ def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
     appended; then the standard places: ``/usr/share/datasets/<name>`` (where Debian's
     ``dataset-*`` packages install), ``~/.cache/samkit/<name>``, ``./data/<name>`` and ``./data``.
     """
+    check_data_roots(data_dir)
     dirs: list[Path] = []
     for root in (data_dir, os.environ.get(ENV_VAR) or None):
         if root is not None:

@@ -3,7 +3,9 @@
 * subcommands: :func:`subcommand` adds one to the ``samkit`` command and records its handler
   (``args.handler(args, argv)``), so ``samkit.cli`` only lists the modules; :func:`run_main`
   is the ``python -m samkit.experiments.<name>`` entry point with the CLI's error style;
-* the run directory: :func:`run_dir_of`, :func:`prepare_run_dir`;
+* the run directory: :func:`run_dir_of`, :func:`prepare_run_dir` (the lock, ``--overwrite``
+  once the data have loaded), :func:`save_experiment_config` (``config.yaml``), the run-dir rules
+  of :mod:`samkit.train.rundir` (lock, strict JSON, versions);
 * caching and resume: :func:`finished_state` tells a finished training run from one to resume;
 * data: :func:`load_data` (one process-wide cache), :func:`with_fallback` (scikit-learn's
   digits when the Fashion-MNIST files are missing, with the note that says so);
@@ -14,8 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +24,7 @@ from typing import Any
 
 from samkit.config import TrainConfig, check_name, total_steps
 from samkit.train.checkpoint import atomic_write, atomic_write_text
+from samkit.train.rundir import RunLock, finite, strict_dumps, versions  # noqa: F401 - shared
 
 # ------------------------------------------------------------------------- subcommands
 
@@ -91,14 +92,32 @@ def run_dir_of(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / name
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> Path:
-    """Create ``run_dir``; with ``overwrite``, delete what it held first."""
-    import shutil
+def prepare_run_dir(run_dir: Path, overwrite: bool = False, exists_ok: bool = False,
+                    replace_now: bool = True) -> RunLock:
+    """Create ``run_dir`` and take its lock (:class:`~samkit.train.rundir.RunLock`; release it
+    when the experiment ends, or use it as a context manager).
 
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    A directory that already holds a run (any file) is refused unless ``overwrite`` (its files
+    are deleted: at once with ``replace_now``, else when the experiment calls
+    ``lock.replace_old()``, once its data and model have loaded) or ``exists_ok`` (the
+    experiment continues it, e.g. from a cache)."""
+    lock = RunLock(run_dir, overwrite=overwrite)
+    if lock.old and not (overwrite or exists_ok):
+        lock.release()
+        raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
+                              "or choose another --name")
+    if overwrite and replace_now:
+        lock.replace_old()
+    return lock
+
+
+def save_experiment_config(config: Any, path: str | Path, values: dict[str, Any] | None = None
+                           ) -> Path:
+    """``config.yaml`` of an experiment: its resolved config, each key with its help."""
+    from samkit.config import save_yaml
+
+    save_yaml(config, path, f"samkit {type(config).__name__} (resolved)", values)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------- caching and resume
@@ -194,24 +213,10 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def finite(value: Any) -> Any:
-    """``value`` with NaN and inf replaced by None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def write_json(path: str | Path, value: Any, strict: bool = True) -> Path:
-    """``value`` as indented JSON, atomically; ``strict``: NaN and inf written as null."""
-    if strict:
-        text = json.dumps(finite(value), indent=2, allow_nan=False)
-    else:
-        text = json.dumps(value, indent=2)
-    return atomic_write_text(Path(path), text + "\n")
+    """``value`` as indented strict JSON (NaN and inf written as null), atomically. ``strict``
+    is kept for older callers: samkit writes strict JSON only."""
+    return atomic_write_text(Path(path), strict_dumps(value, indent=2) + "\n")
 
 
 def write_markdown(path: str | Path, lines: Sequence[str]) -> Path:

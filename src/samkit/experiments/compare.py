@@ -9,7 +9,6 @@ settings: ``sam:rho=0.1``, ``asam:rho=1.0,eta=0.01``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -62,18 +61,35 @@ class RunSummary:
         return [r for r in self.records if r.get("event") == "epoch"]
 
     @property
+    def diverged(self) -> dict[str, Any] | None:
+        """The ``diverged`` record when the run diverged (its numbers are then left out)."""
+        return next((r for r in self.records if r.get("event") == "diverged"), None)
+
+    @property
     def final_acc(self) -> float:
+        if self.diverged:
+            return math.nan
         tested = [r for r in self.epochs() if "test_acc" in r]
         return tested[-1]["test_acc"] if tested else math.nan
 
     @property
     def best_acc(self) -> float:
+        if self.diverged:
+            return math.nan
         return max((r["test_acc"] for r in self.epochs() if "test_acc" in r), default=math.nan)
 
     @property
     def train_loss(self) -> float:
         epochs = self.epochs()
-        return epochs[-1]["train_loss"] if epochs else math.nan
+        if self.diverged or not epochs or epochs[-1]["train_loss"] is None:
+            return math.nan
+        return epochs[-1]["train_loss"]
+
+    @property
+    def train_time(self) -> float:
+        """Training seconds of the run, over every call that trained it (resumes included)."""
+        epochs = self.epochs()
+        return float(epochs[-1].get("train_time") or 0.0) if epochs else 0.0
 
     @property
     def time_per_epoch(self) -> float:
@@ -110,6 +126,7 @@ class CompareResult:
             rows.append({
                 "optimizer": label,
                 "seeds": len(runs),
+                "diverged": sum(1 for r in runs if r.diverged),
                 "final_acc": _mean_std([r.final_acc for r in runs]),
                 "best_acc": _mean_std([r.best_acc for r in runs]),
                 "train_loss": _mean_std([r.train_loss for r in runs]),
@@ -126,10 +143,11 @@ def _mean(values: list[float]) -> float:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation (NaN for one value: a spread needs two)."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def parse_optimizer_spec(spec: str) -> tuple[str, list[str]]:
@@ -156,8 +174,13 @@ def run_configs(
     for spec in optimizers:
         name, overrides = parse_optimizer_spec(spec)
         if name.lower() not in list_optimizers():
+            import difflib
+
             allowed = ", ".join(list_optimizers())
-            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})")
+            close = difflib.get_close_matches(name.lower(), list_optimizers(), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"Invalid optimizer: {name!r} in --optimizers (allowed: {allowed})"
+                             + hint)
         for seed in seeds:
             check_value("seed", seed, "--seeds")
             values = to_dict(base)
@@ -193,11 +216,20 @@ def run_compare(
     run_dir = Path(base.out_dir) / name
     runs = run_configs(base, list(optimizers), list(seeds), run_dir)
     result = CompareResult(name, run_dir, base, list(optimizers), list(seeds), notes=notes or [])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from samkit.config import save_config
+    from samkit.train.trainer import TrainingDiverged, resolve_device
 
-    from samkit.train.trainer import resolve_device
+    lock = experiment.RunLock(run_dir)  # one comparison of this name at a time
+    try:
+        data = experiment.load_data(base, resolve_device(base.device))
+        save_config(base, run_dir / "config.yaml")
+        return _train_all(result, runs, data, resume, overwrite, verbose, command,
+                          TrainingDiverged)
+    finally:
+        lock.release()
 
-    data = experiment.load_data(base, resolve_device(base.device))
+
+def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged_error):
     start = time.perf_counter()
     for i, (label, seed, cfg) in enumerate(runs):
         if verbose:
@@ -208,7 +240,11 @@ def run_compare(
                 cfg, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
                 overwrite=overwrite, data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
             )
-            trainer.fit()
+            try:
+                trainer.fit()
+            except diverged_error as err:  # reported as diverged, the others go on
+                if verbose:
+                    print(f"  {label} s{seed}: diverged: {err}", flush=True)
         records = read_metrics(cfg.run_dir / "metrics.jsonl")
         result.runs.append(RunSummary(label, seed, cfg.run_dir, records))
     result.wall_time = time.perf_counter() - start
@@ -241,15 +277,35 @@ def format_table(result: CompareResult) -> str:
     )
     lines = [header, "|---|---|---|---|---|---|"]
     for row in rows:
-        fa, fs = row["final_acc"]
-        ba, bs = row["best_acc"]
-        la, ls = row["train_loss"]
+        name = row["optimizer"]
+        if row.get("diverged"):
+            name += f" ({row['diverged']}/{row['seeds']} seeds diverged)"
+        if row.get("diverged", 0) == row["seeds"]:
+            lines.append(f"| {name} | diverged | diverged | diverged | - | - |")
+            continue
         lines.append(
-            f"| {row['optimizer']} | {100 * fa:.2f} ± {100 * fs:.2f} | {100 * ba:.2f} ± "
-            f"{100 * bs:.2f} | {la:.4f} ± {ls:.4f} | {row['time_per_epoch']:.2f} | "
-            f"{row['time_ratio']:.2f}x |"
+            f"| {name} | {_pm(row['final_acc'], 100, 2)} | {_pm(row['best_acc'], 100, 2)} | "
+            f"{_pm(row['train_loss'], 1, 4)} | {_num(row['time_per_epoch'], 2)} | "
+            f"{_num(row['time_ratio'], 2)}x |"
         )
     return "\n".join(lines)
+
+
+def _num(value: float, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pm(mean_std: tuple[float, float], scale: float, digits: int) -> str:
+    """``mean ± std``; the mean alone (``(1 seed)``) when there is no spread to show."""
+    mean, std = mean_std
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    def fmt(v: float) -> str:  # a huge (nearly diverged) loss as 6.2e+22, not 23 digits
+        return f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+
+    if std is None or not math.isfinite(std):
+        return f"{fmt(scale * mean)} (1 seed)"
+    return f"{fmt(scale * mean)} ± {fmt(scale * std)}"
 
 
 def write_report(result: CompareResult, command: str | None = None) -> Path:
@@ -291,6 +347,10 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         "",
     ]
     for run in result.runs:
+        if run.diverged:
+            lines.append(f"- `{run.run_dir.name}`: **diverged** at step {run.diverged['step']} "
+                         f"({run.diverged.get('message', '')})")
+            continue
         lines.append(
             f"- `{run.run_dir.name}`: final {100 * run.final_acc:.2f}%, best "
             f"{100 * run.best_acc:.2f}%, {run.time_per_epoch:.2f} s/epoch"
@@ -308,12 +368,13 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
         "runs": [
             {"optimizer": r.label, "seed": r.seed, "dir": str(r.run_dir), "final_acc": r.final_acc,
              "best_acc": r.best_acc, "train_loss": r.train_loss,
-             "time_per_epoch": r.time_per_epoch}
+             "time_per_epoch": r.time_per_epoch,
+             "diverged_at": r.diverged["step"] if r.diverged else None}
             for r in result.runs
         ],
         "notes": result.notes,
     }
-    atomic_write_text(result.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    experiment.write_json(result.run_dir / "summary.json", summary)
     return path
 
 
@@ -378,8 +439,14 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 130
     print()
     print(format_table(result))
-    print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "
-          f"{result.run_dir / 'report.md'}")
+    trained = sum(r.train_time for r in result.runs)
+    print(f"\n{len(result.runs)} runs, {trained:.0f} s of training in all "
+          f"({result.wall_time:.0f} s this call); report: {result.run_dir / 'report.md'}")
     for note in notes:
         print(f"note: {note}")
+    diverged = [f"{r.label} seed {r.seed}" for r in result.runs if r.diverged]
+    if diverged:
+        print(f"samkit: error: {len(diverged)} of {len(result.runs)} runs diverged: "
+              f"{', '.join(diverged)} (exit status 3)", file=sys.stderr)
+        return 3
     return 0

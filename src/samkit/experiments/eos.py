@@ -37,7 +37,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -360,7 +359,8 @@ def train_run(
             break
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    atomic_write_text(run_dir / "train.jsonl", "".join(json.dumps(r) + "\n" for r in train_rows))
+    atomic_write_text(run_dir / "train.jsonl",
+                      "".join(experiment.strict_dumps(r) + "\n" for r in train_rows))
     result = RunResult(spec, list(tracker.rows), train_rows, diverged, seconds,
                        tracker.seconds, tracker.matvecs)
     result.summary = summarize(result, config.steps)
@@ -377,22 +377,36 @@ class _Diverged(Exception):  # noqa: N818 - not an error: a run that diverged en
 # --------------------------------------------------------------------------- the experiment
 
 
-def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None) -> EOSResult:
-    """Run every (η, optimizer, ρ) of ``config``; write the runs, figures, table and summary."""
+def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None,
+            overwrite: bool = False) -> EOSResult:
+    """Run every (η, optimizer, ρ) of ``config``; write the runs, figures, table and summary.
+
+    A directory that holds a run is refused unless ``overwrite``; the old run is replaced once
+    the data have loaded."""
     from samkit.train.trainer import resolve_device
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    run_dir = experiment.prepare_run_dir(config.run_dir)
-    resolved = C.to_dict(config)
-    resolved["model_kwargs"] = default_model_kwargs(config)
-    experiment.write_json(run_dir / "config.json", resolved, strict=False)
+    lock = experiment.prepare_run_dir(config.run_dir, overwrite, replace_now=False)
+    try:
+        return _run_eos(config, verbose, command, device, lock)
+    finally:
+        lock.release()
+
+
+def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock) -> EOSResult:
+    run_dir = lock.run_dir
     notes = []
     if config.is_text and config.loss == "mse":
         notes.append("the Transformer is trained with cross-entropy (mse is for images)")
     start = time.perf_counter()
     train = load_data(config, device)
+    lock.replace_old()  # --overwrite: the old run goes once the data have loaded
+    resolved = C.to_dict(config)
+    resolved["model_kwargs"] = default_model_kwargs(config)
+    experiment.write_json(run_dir / "config.json", resolved)
+    experiment.save_experiment_config(config, run_dir / "config.yaml", resolved)
     specs = run_specs(config)
     if verbose:
         what = "full batch" if config.batch_size == 0 else f"batch {config.batch_size}"
@@ -454,6 +468,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-gd", action="store_true", help="skip the GD runs")
     p.add_argument("--usam", action="store_true", help="unnormalized SAM (ε = ρ g) instead")
     p.add_argument("--quiet", "-q", action="store_true", help="only the final table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run of the same name")
     return p
 
 
@@ -481,7 +497,8 @@ def cmd_eos(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``samkit eos``; print the table; exit status 0 (2 for bad input, via the CLI)."""
     config = config_from_args(args)
     command = experiment.command_line(argv) if argv else None
-    result = run_eos(config, verbose=0 if args.quiet else 1, command=command)
+    result = run_eos(config, verbose=0 if args.quiet else 1, command=command,
+                     overwrite=getattr(args, "overwrite", False))
     print()
     print(format_table(result))
     print(f"\n{len(result.runs)} runs in {result.wall_time:.0f} s; report: "

@@ -1,12 +1,14 @@
 """``samkit train``: one run of a :class:`~samkit.config.TrainConfig` (config + run + report).
 
-Writes ``runs/<name>/{config.yaml,metrics.jsonl,checkpoint.pt}``; Ctrl-C leaves a resumable
-checkpoint (exit status 130).
+Writes ``runs/<name>/{config.yaml,metrics.jsonl,checkpoint.pt,run.json}``. Exit status: 0 the
+run finished with finite numbers, 2 bad input, 3 the run diverged (the last good checkpoint is
+kept), 130 / 143 Ctrl-C / SIGTERM (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -42,8 +44,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``samkit train``: 0 done, 2 bad input, 130 interrupted (checkpoint saved)."""
+    """Run ``samkit train``: 0 done, 2 bad input, 3 diverged, 130/143 interrupted by SIGINT /
+    SIGTERM (checkpoint saved)."""
     from samkit.train import Trainer
+    from samkit.train.trainer import TrainingDiverged
 
     config = C.load_config(args.config, args.overrides, **C.flag_values(args))
     trainer = Trainer(
@@ -54,19 +58,44 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         record = trainer.fit()
     except KeyboardInterrupt:
         interrupted(trainer.checkpoint_path, argv)
-        return 130
+        return 128 + (trainer.signal or signal.SIGINT)
+    except TrainingDiverged as err:
+        print(f"samkit: error: {err}", file=sys.stderr)
+        return 3
     wall = time.perf_counter() - start
     if trainer.rank != 0:  # DDP: rank 0 reports
         return 0
     if trainer.stopped:
         print(f"stopped at step {trainer.step}; checkpoint: {trainer.checkpoint_path}")
         return 0
-    acc = record.get("test_acc")
-    summary = f"done: {config.run_dir}  {record.get('step', 0)} steps, {wall:.1f} s"
-    if acc is not None:
-        summary += f", test acc {100 * acc:.2f}%"
-    print(summary)
+    print(final_table(trainer, record, wall))
     return 0
+
+
+def final_table(trainer, record: dict, wall: float) -> str:
+    """The table ``samkit train`` ends with: accuracy, loss, time and where the run is."""
+    from samkit.train.logs import read_metrics
+
+    epochs = [r for r in read_metrics(trainer.run_dir) if r.get("event") == "epoch"]
+    accs = [r["test_acc"] for r in epochs if r.get("test_acc") is not None]
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    def num(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [
+        ("final test acc", pct(record.get("test_acc"))),
+        ("best test acc", pct(max(accs) if accs else None)),
+        ("final test loss", num(record.get("test_loss"))),
+        ("final train loss", num(record.get("train_loss"))),
+        ("steps", str(record.get("step", trainer.step))),
+        ("train time", f"{record.get('train_time', trainer.train_time):.1f} s"),
+        ("wall time", f"{wall:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return f"done: {trainer.run_dir}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def interrupted(checkpoint: Path, argv: Sequence[str]) -> None:

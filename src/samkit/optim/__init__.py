@@ -10,7 +10,17 @@ from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.groups import param_groups
 from samkit.optim.gsam import GSAM
 from samkit.optim.looksam import LookSAM
-from samkit.optim.registry import create_optimizer, list_optimizers, register_optimizer
+from samkit.optim.msam import MSAM
+from samkit.optim.presets import SharpnessAware
+from samkit.optim.registry import (
+    create_optimizer,
+    list_ascents,
+    list_descents,
+    list_optimizers,
+    list_schedules,
+    register_ascent,
+    register_optimizer,
+)
 from samkit.optim.sam import SAM
 from samkit.optim.schedules import (
     AESchedule,
@@ -31,16 +41,22 @@ __all__ = [
     "ExampleLosses",
     "FisherSAM",
     "FriendlySAM",
+    "MSAM",
     "LookSAM",
     "RandomSchedule",
+    "SharpnessAware",
     "SharpnessAwareOptimizer",
     "accumulation_closure",
     "ae_sam",
     "create_optimizer",
     "disable_running_stats",
+    "list_ascents",
+    "list_descents",
     "list_optimizers",
+    "list_schedules",
     "m_sharpness_step",
     "param_groups",
+    "register_ascent",
     "register_optimizer",
     "rst_sam",
     "with_schedule",

@@ -2,16 +2,14 @@ r"""ASAM: adaptive sharpness-aware minimization (Kwon et al., ICML 2021)."""
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch.optim import Optimizer
 
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import ASAM_ASCENT, P_NORMS
+from samkit.optim.base import SharpnessAwareOptimizer
 
-P_NORMS = (2, math.inf)
+__all__ = ["ASAM", "P_NORMS"]
 
 
 class ASAM(SharpnessAwareOptimizer):
@@ -58,6 +56,8 @@ class ASAM(SharpnessAwareOptimizer):
         Scale-Invariant Learning of Deep Neural Networks. ICML 2021.
     """
 
+    ascent = ASAM_ASCENT  # the direction and its declarations (samkit.optim.ascents)
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -73,8 +73,7 @@ class ASAM(SharpnessAwareOptimizer):
         check_non_negative("eta", eta)
         check_choice("p", p, P_NORMS)
         check_choice("normalization", normalization, kernels.NORMALIZATIONS)
-        self.p = p
-        self.normalization = normalization
+        self.ascent_options = {"p": p, "normalization": normalization}
         super().__init__(
             base_optimizer,
             dict(rho=rho, eta=eta, normalize=True),
@@ -82,36 +81,25 @@ class ASAM(SharpnessAwareOptimizer):
             skip_non_finite=skip_non_finite,
         )
 
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        # T_w per bucket (None where the group is not normalized), using the backup as scratch.
-        scales = []
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            check_non_negative("eta", b.group["eta"])
-            if b.group["normalize"]:
-                scales.append(
-                    kernels.normalizer(b.params, b.group["eta"], self.normalization, b.backups)
-                )
-            else:
-                scales.append(None)
+    @property
+    def p(self) -> float:
+        """The norm of the ball, 2 or ``math.inf``."""
+        return self.ascent_options["p"]
 
-        if self.p == 2:
-            # g <- T g, then ||T g|| over everything, then g <- rho T (T g) / ||T g||.
-            for b, t in zip(buckets, scales, strict=True):
-                if t is not None:
-                    torch._foreach_mul_(b.grads, t)
-            norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
-            for b, t in zip(buckets, scales, strict=True):
-                if t is not None:
-                    torch._foreach_mul_(b.grads, t)
-                ratio = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-                torch._foreach_mul_(b.grads, kernels.scale_for(ratio, b.grads[0]))
-        else:
-            for b, t in zip(buckets, scales, strict=True):
-                torch._foreach_sign_(b.grads)
-                if t is not None:
-                    torch._foreach_mul_(b.grads, t)
-                torch._foreach_mul_(b.grads, float(b.group["rho"]))
+    @property
+    def normalization(self) -> str:
+        """``"elementwise"`` or ``"filterwise"``."""
+        return self.ascent_options["normalization"]
+
+    def __setstate__(self, state) -> None:
+        # an ASAM pickled before the ascent records kept p and normalization as attributes
+        if "ascent_options" not in state and "p" in state:
+            state = dict(state)
+            state["ascent_options"] = {
+                "p": state.pop("p"),
+                "normalization": state.pop("normalization", "elementwise"),
+            }
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", p={self.p}, normalization={self.normalization!r})"

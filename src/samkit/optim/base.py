@@ -1,13 +1,22 @@
 r"""The two-pass protocol shared by every sharpness-aware optimizer.
 
+Names: ``lr`` (written :math:`\gamma` in the optimizers' math) is always the base optimizer's
+learning rate; ``eta`` is always a hyperparameter of an ascent (ASAM's offset of :math:`T_w`,
+Fisher SAM's Fisher scale), never a learning rate. A *step schedule*
+(:mod:`samkit.optim.schedules`) decides which steps take two passes; a learning-rate schedule is
+a ``torch.optim.lr_scheduler`` attached to the optimizer as usual.
+
 A sharpness-aware step at weights :math:`w` with gradient :math:`g = \nabla L(w)` is
 
 .. math::
     \epsilon = \mathrm{ascent}(w, g; \rho), \qquad
     w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
 
-Subclasses only say how ε is found (:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the
-weight backup, the AMP handling, the state dict and the closure live here once.
+Presets only say how ε is found: an ascent record (:mod:`samkit.optim.ascents`, run by
+:meth:`SharpnessAwareOptimizer._ascent_`); the loop, the weight backup, the AMP handling, the
+state dict and the closure live here once. Descent rules are in :mod:`samkit.optim.descents`,
+step schedules in :mod:`samkit.optim.schedules`, :class:`~samkit.optim.presets.SharpnessAware`
+runs any registered ascent, and :mod:`samkit.optim.registry` names all four kinds.
 
 Variants that need more than an ascent direction compose these hooks (each has a default that
 does nothing special, so SAM, ASAM and USAM never see them):
@@ -250,13 +259,22 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the ascent direction
 
+    # The ascent rule (a samkit.optim.ascents.Ascent record: its direction and what it declares:
+    # edge, effective-Hessian form) and its construction-time options. Presets set the class
+    # attribute; a composed optimizer (GSAM or LookSAM over another ascent) an instance one.
+    ascent: Any = None
+    ascent_options: dict[str, Any] = {}
+
     def _ascent_(self, buckets: list[Bucket]) -> None:
         """Overwrite each bucket's gradients in place with the perturbation ε.
 
         ``bucket.backups`` may be used as scratch space (it is refilled with ``w`` afterwards);
-        the parameters must not be changed. Subclasses implement the algorithm here.
+        the parameters must not be changed. The default runs :attr:`ascent`'s direction; a
+        subclass without an ascent record implements the algorithm here.
         """
-        raise NotImplementedError
+        if self.ascent is None:
+            raise NotImplementedError(f"{type(self).__name__} declares no ascent")
+        self.ascent.direction(self, buckets, self.ascent_options)
 
     # ------------------------------------------------------------------ composition hooks
 
@@ -492,7 +510,10 @@ class SharpnessAwareOptimizer(Optimizer):
             return False
         if use_scaler and not scaled:
             self._clear_first_pass_unscale(scaler)
-        if scaled and (self._keeps_first_grads or self._ascent_needs_unscaled_grads):
+        needs_unscaled = self._ascent_needs_unscaled_grads or bool(
+            getattr(self.ascent, "needs_unscaled_grads", False)
+        )
+        if scaled and (self._keeps_first_grads or needs_unscaled):
             # the descent rule mixes g with the (unscaled) g_p: keep g in the same units;
             # the reciprocal in float64 as GradScaler.unscale_ does, no host sync
             inv_scale = scaler._scale.double().reciprocal().float()

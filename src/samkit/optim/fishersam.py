@@ -2,12 +2,11 @@ r"""Fisher SAM: the ascent inside a Fisher-information ellipsoid (Kim et al., IC
 
 from __future__ import annotations
 
-import torch
 from torch.optim import Optimizer
 
-from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import FISHER_ASCENT
+from samkit.optim.base import SharpnessAwareOptimizer
 
 
 class FisherSAM(SharpnessAwareOptimizer):
@@ -44,7 +43,7 @@ class FisherSAM(SharpnessAwareOptimizer):
         Sharpness Aware Minimisation. ICML 2022.
     """
 
-    _ascent_needs_unscaled_grads = True
+    ascent = FISHER_ASCENT  # the direction and its declarations; needs unscaled gradients
 
     def __init__(
         self,
@@ -63,20 +62,3 @@ class FisherSAM(SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
-
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        # backups <- F = 1 + eta g^2;  grads <- u = F^-1 g;  backups <- sqrt(F) u = F^-1/2 g
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            check_non_negative("eta", b.group["eta"])
-            torch._foreach_copy_(b.backups, b.grads)
-            torch._foreach_mul_(b.backups, b.grads)
-            torch._foreach_mul_(b.backups, float(b.group["eta"]))
-            torch._foreach_add_(b.backups, 1.0)
-            torch._foreach_div_(b.grads, b.backups)
-            torch._foreach_sqrt_(b.backups)
-            torch._foreach_mul_(b.backups, b.grads)
-        norm = kernels.global_sq_norm(b.backups for b in buckets).sqrt()  # sqrt(g^T F^-1 g)
-        for b in buckets:
-            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

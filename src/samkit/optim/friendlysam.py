@@ -2,12 +2,11 @@ r"""FriendlySAM: the ascent along the gradient minus its running mean (Li et al.
 
 from __future__ import annotations
 
-import torch
 from torch.optim import Optimizer
 
-from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import FRIENDLY_ASCENT
+from samkit.optim.base import SharpnessAwareOptimizer
 
 
 class FriendlySAM(SharpnessAwareOptimizer):
@@ -48,7 +47,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         CVPR 2024.
     """
 
-    _ascent_needs_unscaled_grads = True
+    ascent = FRIENDLY_ASCENT  # the direction and its declarations; needs unscaled gradients
 
     def __init__(
         self,
@@ -71,33 +70,3 @@ class FriendlySAM(SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
-
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        finite = self._first_pass_finite
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            fresh = [i for i, p in enumerate(b.params) if "fsam_mean" not in self.state[p]]
-            for i in fresh:  # allocated once: m_0 = g_0, d_0 = g_0
-                self.state[b.params[i]]["fsam_mean"] = b.grads[i].clone()
-            fresh_set = set(fresh)
-            seen = [i for i in range(len(b.params)) if i not in fresh_set]
-            if not seen:
-                continue
-            grads = [b.grads[i] for i in seen]
-            raw = [b.backups[i] for i in seen]  # scratch: the raw gradient
-            means = [self.state[b.params[i]]["fsam_mean"] for i in seen]
-            torch._foreach_copy_(raw, grads)
-            # d = g - sigma m_{t-1}
-            torch._foreach_add_(grads, means, alpha=-float(b.group["fsam_sigma"]))
-            # m <- m + (1 - lambda)(g - m), skipped (weight 0) after a non-finite first pass
-            torch._foreach_sub_(raw, means)
-            weight = 1.0 - float(b.group["fsam_lambda"])
-            if finite is None:
-                torch._foreach_mul_(raw, weight)
-            else:
-                torch._foreach_mul_(raw, (finite.to(raw[0].device, raw[0].dtype) * weight))
-            torch._foreach_add_(means, raw)
-        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
-        for b in buckets:
-            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

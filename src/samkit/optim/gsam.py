@@ -2,18 +2,20 @@ r"""GSAM: surrogate-gap guided sharpness-aware minimization (Zhuang et al., ICLR
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch.optim import Optimizer
 
-from samkit.optim import _ops, kernels
+from samkit.optim import descents
 from samkit.optim._validation import check_non_negative
+from samkit.optim.ascents import SAM_ASCENT, Ascent, get_ascent
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 
 
 def gsam_rho(lr: float, rho_max: float, rho_min: float, lr_max: float, lr_min: float) -> float:
     r""":math:`\rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
-    \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}`, the fraction clipped to [0, 1];
-    :math:`\rho_{max}` when :math:`\eta_{max} = \eta_{min}`."""
+    \frac{\gamma_t - \gamma_{min}}{\gamma_{max} - \gamma_{min}}`, the fraction clipped to [0, 1];
+    :math:`\rho_{max}` when :math:`\gamma_{max} = \gamma_{min}`."""
     if lr_max == lr_min:
         return float(rho_max)
     frac = (float(lr) - lr_min) / (lr_max - lr_min)
@@ -23,12 +25,12 @@ def gsam_rho(lr: float, rho_max: float, rho_min: float, lr_max: float, lr_min: f
 class GSAM(SharpnessAwareOptimizer):
     r"""GSAM: SAM's perturbed gradient plus an ascent on the surrogate gap, with ρ tied to the LR.
 
-    With :math:`g = \nabla L(w)` and the learning rate :math:`\eta_t` the base optimizer has at
+    With :math:`g = \nabla L(w)` and the learning rate :math:`\gamma_t` the base optimizer has at
     this step (an LR scheduler may change it),
 
     .. math::
         \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
-            \frac{\eta_t - \eta_{min}}{\eta_{max} - \eta_{min}}, \qquad
+            \frac{\gamma_t - \gamma_{min}}{\gamma_{max} - \gamma_{min}}, \qquad
         \epsilon = \rho_t \frac{g}{\|g\|_2}, \qquad g_p = \nabla L(w + \epsilon),
 
     .. math::
@@ -62,6 +64,11 @@ class GSAM(SharpnessAwareOptimizer):
         lr_max: the learning rate at which ρ = rho_max (default: each group's ``initial_lr``,
             else its current lr).
         lr_min: the learning rate at which ρ = rho_min.
+        ascent: the ascent that finds ε at radius :math:`\rho_t` (default ``"sam"``, the
+            paper's :math:`\rho_t g/\|g\|`; e.g. ``"asam"`` for
+            :math:`\epsilon = \rho_t T^2 g / \|T g\|`). GSAM's descent is the same over any
+            ascent.
+        ascent_options: the ascent's own hyperparameters (e.g. ``{"eta": 0.01}`` for ASAM).
 
         max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
             (clip the base step's direction; skip non-finite steps without a scaler).
@@ -82,6 +89,8 @@ class GSAM(SharpnessAwareOptimizer):
         lr_max: float | None = None,
         lr_min: float = 0.0,
         *,
+        ascent: str | Ascent = "sam",
+        ascent_options: dict[str, Any] | None = None,
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
@@ -103,6 +112,16 @@ class GSAM(SharpnessAwareOptimizer):
             rho=rho_max, rho_max=rho_max, rho_min=rho_min, gsam_alpha=alpha,
             lr_max=lr_max, lr_min=lr_min,
         )  # fmt: skip
+        self.ascent = get_ascent(ascent)
+        options = dict(ascent_options or {})
+        if "rho" in options:
+            raise ValueError(
+                f"Invalid ascent_options: rho={options['rho']!r} (GSAM's radius is rho_t, "
+                "between rho_min and rho_max: set those)"
+            )
+        extra, self.ascent_options = self.ascent.resolve(**options)
+        extra.pop("rho")
+        defaults.update(extra)
         super().__init__(
             base_optimizer,
             defaults,
@@ -114,22 +133,17 @@ class GSAM(SharpnessAwareOptimizer):
                 group["lr_max"] = float(group.get("initial_lr", group["lr"]))
 
     def _ascent_(self, buckets: list[Bucket]) -> None:
-        norm = _ops.sq_norm_of(buckets).sqrt()
         for b in buckets:
             grp = b.group
             if grp["lr_max"] is None:  # a group added after wrapping
                 grp["lr_max"] = float(grp.get("initial_lr", grp["lr"]))
             lr_max = float(grp["lr_max"])
-            rho = gsam_rho(grp["lr"], grp["rho_max"], grp["rho_min"], lr_max, grp["lr_min"])
-            grp["rho"] = rho
-            scale = kernels.safe_ratio(rho, norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
+            grp["rho"] = gsam_rho(grp["lr"], grp["rho_max"], grp["rho_min"], lr_max, grp["lr_min"])
+        self.ascent.direction(self, buckets, self.ascent_options)
 
     def _descent_(self, buckets: list[Bucket]) -> None:
-        # g_p - alpha (g - c g_p) = (1 + alpha c) g_p - alpha g,  c = <g, g_p> / ||g_p||^2
-        inner = _ops.global_dot((b.first_grads, b.grads) for b in buckets)
-        c = inner / _ops.sq_norm_of(buckets).clamp_min(torch.finfo(inner.dtype).tiny)
-        for b in buckets:
-            alpha = float(b.group["gsam_alpha"])
-            torch._foreach_mul_(b.grads, _ops.on(1.0 + alpha * c, b.grads[0]))
-            torch._foreach_add_(b.grads, b.first_grads, alpha=-alpha)
+        descents.gap_descent(self, buckets)
+
+    def __repr__(self) -> str:
+        extra = "" if self.ascent is SAM_ASCENT else f", ascent={self.ascent.name!r}"
+        return super().__repr__()[:-1] + extra + ")"

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from samkit.optim import _ops, kernels
+from samkit.optim import descents
 from samkit.optim._validation import check_non_negative
+from samkit.optim.ascents import SAM_ASCENT, Ascent, get_ascent
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 
 
@@ -53,6 +54,10 @@ class LookSAM(SharpnessAwareOptimizer):
         rho: the radius ρ of the full steps' ascent (>= 0).
         k: a full SAM step every ``k`` steps (>= 1; 1 is SAM).
         alpha: the weight α of :math:`g_v` in the in-between steps (>= 0).
+        ascent: the ascent of the full steps (default ``"sam"``, the paper's
+            :math:`\rho g / \|g\|`; e.g. ``"asam"``: :math:`g_s = \nabla L(w + \rho T^2 g /
+            \|T g\|)`). :math:`g_v` and the in-between steps are the same over any ascent.
+        ascent_options: the ascent's own hyperparameters (e.g. ``{"eta": 0.01}`` for ASAM).
 
         max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
             (clip the base step's direction; skip non-finite steps without a scaler).
@@ -71,6 +76,8 @@ class LookSAM(SharpnessAwareOptimizer):
         k: int = 5,
         alpha: float = 0.7,
         *,
+        ascent: str | Ascent = "sam",
+        ascent_options: dict[str, Any] | None = None,
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
@@ -80,9 +87,16 @@ class LookSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid k: {k!r} (allowed: an integer >= 1)")
         self.k = k
         self.steps = 0  # steps begun so far (full and in-between)
+        self.ascent = get_ascent(ascent)
+        options = dict(ascent_options or {})
+        if "rho" in options:
+            raise ValueError(
+                f"Invalid ascent_options: rho={options['rho']!r} (give LookSAM's rho instead)"
+            )
+        extra, self.ascent_options = self.ascent.resolve(rho=rho, **options)
         super().__init__(
             base_optimizer,
-            dict(rho=rho, looksam_alpha=alpha),
+            {**extra, "looksam_alpha": alpha},
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
@@ -96,49 +110,11 @@ class LookSAM(SharpnessAwareOptimizer):
         self.steps += 1
         return full
 
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        norm = _ops.sq_norm_of(buckets).sqrt()
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
-
     def _descent_(self, buckets: list[Bucket]) -> None:
-        # g_v = g_s - (<g, g_s> / ||g||^2) g, built in the (free) backup; g_s is left as is.
-        inner = _ops.global_dot((b.first_grads, b.grads) for b in buckets)
-        coef = inner / _ops.sq_norm_of(buckets, "first_grads").clamp_min(
-            torch.finfo(inner.dtype).tiny
-        )
-        for b in buckets:
-            torch._foreach_copy_(b.backups, b.grads)
-            torch._foreach_add_(
-                b.backups, torch._foreach_mul(b.first_grads, _ops.on(-coef, b.grads[0]))
-            )
-        # keep the old g_v where this step was not finite (AMP overflow): no host sync
-        finite = torch.isfinite(_ops.sq_norm_of(buckets, "backups"))
-        if self._first_pass_finite is not None:
-            finite = finite & self._first_pass_finite.to(finite.device)
-        for b in buckets:
-            for p in b.params:
-                if "looksam_gv" not in self.state[p]:
-                    self.state[p]["looksam_gv"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            gv = self._gv(b.params)
-            for t in b.backups:
-                t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            torch._foreach_sub_(b.backups, gv)
-            torch._foreach_mul_(b.backups, _ops.on(finite, b.backups[0]))
-            torch._foreach_add_(gv, b.backups)
+        descents.looksam_descent(self, buckets)
 
     def _one_pass_descent_(self, buckets: list[Bucket]) -> None:
-        # g <- g + alpha ||g|| / ||g_v|| g_v
-        g_norm = _ops.sq_norm_of(buckets).sqrt()
-        gv_norm = kernels.global_sq_norm(self._gv(b.params) for b in buckets).sqrt()
-        ratio = kernels.safe_ratio(g_norm, gv_norm.to(g_norm.device))
-        for b in buckets:
-            scale = _ops.on(ratio * float(b.group["looksam_alpha"]), b.grads[0])
-            torch._foreach_add_(b.grads, torch._foreach_mul(self._gv(b.params), scale))
+        descents.looksam_one_pass_descent(self, buckets)
 
     def _global_state_dict(self) -> dict[str, Any]:
         return {**super()._global_state_dict(), "looksam_steps": self.steps}
@@ -148,4 +124,5 @@ class LookSAM(SharpnessAwareOptimizer):
         self.steps = int(state.get("looksam_steps", 0))
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", k={self.k})"
+        extra = "" if self.ascent is SAM_ASCENT else f", ascent={self.ascent.name!r}"
+        return super().__repr__()[:-1] + f", k={self.k}{extra})"

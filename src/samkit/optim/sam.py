@@ -2,12 +2,11 @@ r"""SAM: sharpness-aware minimization (Foret et al., ICLR 2021)."""
 
 from __future__ import annotations
 
-import torch
 from torch.optim import Optimizer
 
-from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import SAM_ASCENT
+from samkit.optim.base import SharpnessAwareOptimizer
 
 
 class SAM(SharpnessAwareOptimizer):
@@ -45,6 +44,8 @@ class SAM(SharpnessAwareOptimizer):
         Efficiently Improving Generalization. ICLR 2021.
     """
 
+    ascent = SAM_ASCENT  # the direction and its declarations (samkit.optim.ascents)
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -60,10 +61,3 @@ class SAM(SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
-
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            scale = kernels.safe_ratio(b.group["rho"], norm.to(b.grads[0].device))
-            torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))

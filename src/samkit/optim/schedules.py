@@ -24,20 +24,11 @@ import torch
 
 from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
-from samkit.optim.asam import ASAM
+from samkit.optim.ascents import ASCENTS
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer, accepts_base_class
-from samkit.optim.fishersam import FisherSAM
-from samkit.optim.friendlysam import FriendlySAM
-from samkit.optim.sam import SAM
-from samkit.optim.usam import USAM
+from samkit.optim.presets import ascent_optimizer
 
-ASCENTS: dict[str, type[SharpnessAwareOptimizer]] = {
-    "sam": SAM,
-    "asam": ASAM,
-    "usam": USAM,
-    "fishersam": FisherSAM,
-    "friendlysam": FriendlySAM,
-}
+SCHEDULES: dict[str, type] = {}  # filled below: "ae" and "random" (alias "rst")
 
 
 def _linear(start: float, end: float | None, step: int, total: int | None) -> float:
@@ -199,7 +190,9 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware optimizer)"
         )
-    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_:
+    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_ or getattr(
+        optimizer, "_one_pass_only", False
+    ):
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} schedules its own steps; a schedule "
             "would be ignored"
@@ -215,13 +208,27 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
     return optimizer
 
 
-def _ascent(name: str, base_optimizer, rho: float | None, **options) -> SharpnessAwareOptimizer:
-    cls = ASCENTS.get(str(name).lower())
+SCHEDULES.update({"ae": AESchedule, "random": RandomSchedule, "rst": RandomSchedule})
+
+
+def make_schedule(name: str, **options: Any):
+    """The step schedule ``name`` (``"ae"``, ``"random"`` or its alias ``"rst"``) built with
+    ``options`` (its constructor's arguments)."""
+    cls = SCHEDULES.get(str(name).lower())
     if cls is None:
-        raise ValueError(f"Invalid ascent: {name!r} (allowed: {', '.join(ASCENTS)})")
-    return (
-        cls(base_optimizer, **options) if rho is None else cls(base_optimizer, rho=rho, **options)
-    )
+        raise ValueError(f"Invalid schedule: {name!r} (allowed: {', '.join(SCHEDULES)})")
+    return cls(**options)
+
+
+def _ascent(
+    name: str, base_optimizer, rho: float | None, ascent_options=None, **options
+) -> SharpnessAwareOptimizer:
+    if str(name).lower() not in ASCENTS:
+        raise ValueError(f"Invalid ascent: {name!r} (allowed: {', '.join(sorted(ASCENTS))})")
+    kw = dict(ascent_options or {})
+    if rho is not None:
+        kw["rho"] = rho
+    return ascent_optimizer(name, base_optimizer, **kw, **options)
 
 
 @accepts_base_class
@@ -234,16 +241,19 @@ def ae_sam(
     total_steps: int | None = None,
     ascent: str = "sam",
     *,
+    ascent_options: dict[str, Any] | None = None,
     max_grad_norm: float | None = None,
     skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
-    """AE-SAM: the ``ascent`` optimizer (SAM by default, its default ρ unless given) with an
+    """AE-SAM: the ``ascent`` optimizer (SAM by default, its default ρ unless given; any
+    registered ascent, with ``ascent_options`` such as ``{"eta": 0.01}``) with an
     :class:`AESchedule`."""
     return with_schedule(
         _ascent(
             ascent,
             base_optimizer,
             rho,
+            ascent_options,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         ),
@@ -261,6 +271,7 @@ def rst_sam(
     seed: int = 0,
     ascent: str = "sam",
     *,
+    ascent_options: dict[str, Any] | None = None,
     max_grad_norm: float | None = None,
     skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
@@ -270,6 +281,7 @@ def rst_sam(
             ascent,
             base_optimizer,
             rho,
+            ascent_options,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         ),

@@ -2,11 +2,11 @@ r"""USAM: unnormalized SAM (Andriushchenko & Flammarion, ICML 2022)."""
 
 from __future__ import annotations
 
-import torch
 from torch.optim import Optimizer
 
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.ascents import USAM_ASCENT
+from samkit.optim.base import SharpnessAwareOptimizer
 
 
 class USAM(SharpnessAwareOptimizer):
@@ -16,8 +16,9 @@ class USAM(SharpnessAwareOptimizer):
         \epsilon = \rho \, g, \qquad
         w \leftarrow \mathrm{base\_step}\big(w, \nabla L(w + \epsilon)\big)
 
-    With plain gradient descent at step size η on a quadratic this is stable while the top Hessian
-    eigenvalue stays below :math:`(\sqrt{1 + 8\rho/\eta} - 1)/(2\rho)`
+    With plain gradient descent at learning rate :math:`\gamma` (``lr``) on a quadratic this is
+    stable while the top Hessian eigenvalue stays below
+    :math:`(\sqrt{1 + 8\rho/\gamma} - 1)/(2\rho)`
     (:func:`samkit.stability.usam_edge`). Unlike SAM, ε depends on the loss scale, so under AMP
     the gradients are unscaled first (one host sync per step).
 
@@ -34,7 +35,7 @@ class USAM(SharpnessAwareOptimizer):
         arXiv:2309.12488, 2023.
     """
 
-    _ascent_needs_unscaled_grads = True
+    ascent = USAM_ASCENT  # the direction and its declarations; needs unscaled gradients
 
     def __init__(
         self,
@@ -51,8 +52,3 @@ class USAM(SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )
-
-    def _ascent_(self, buckets: list[Bucket]) -> None:
-        for b in buckets:
-            check_non_negative("rho", b.group["rho"])
-            torch._foreach_mul_(b.grads, float(b.group["rho"]))

@@ -1,8 +1,14 @@
-"""Atomic files: checkpoints and text are written to a temporary file, then renamed."""
+"""Atomic files: checkpoints and text are written to a temporary file, then renamed.
+
+Files get the permissions of a plain ``open`` (0666 less the user's umask), not the 0600 of a
+temporary file. Checkpoints hold tensors and plain Python values only, so they load with
+``torch.load(path, weights_only=True)``; the RNG states are stored that way too.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -18,6 +24,7 @@ def atomic_write(path: str | Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -27,6 +34,12 @@ def atomic_write(path: str | Path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -39,18 +52,46 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The state saved by :func:`save_checkpoint`, loaded with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file is not a readable checkpoint (truncated, corrupt, not ours).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path} (nothing to resume)")
-    # Our checkpoints hold numpy / python RNG states next to tensors: not weights_only.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            # samkit < 0.2 stored numpy's RNG state as an array: allow exactly those types
+            with torch.serialization.safe_globals(_NUMPY_RNG_TYPES):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read is the same fix
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} is not readable: {first} (rerun with --overwrite "
+                         "to start again)") from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {path} is not readable: not a samkit checkpoint (rerun "
+                         "with --overwrite to start again)")
+    return state
+
+
+_NUMPY_RNG_TYPES = [
+    (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+    np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+]
 
 
 def rng_states() -> dict[str, Any]:
-    """Every global RNG a training step may draw from (dropout uses torch's)."""
+    """Every global RNG a training step may draw from (dropout uses torch's), as tensors and
+    plain values (so a checkpoint loads with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - saved
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 - the global RNG, saved
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -60,7 +101,11 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])  # noqa: NPY002
-    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))  # noqa: NPY002
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -10,6 +10,11 @@ tracker measures at the current weights :math:`w`
   the momentum and Nesterov edges, the SAM-edge with the current :math:`\|g\|`, the USAM edge,
   or, for Adam, the *preconditioned* sharpness :math:`\lambda_1(P^{-1}H)` against ``adam_edge``;
 * the ratio :math:`\lambda_1/\text{edge}` (about 1 at the edge of stability);
+* for a sharpness-aware optimizer whose ascent declares an effective-Hessian form (SAM, USAM,
+  ASAM with p = 2, Fisher SAM, GSAM/LookSAM over them), ``lambda_eff`` =
+  :math:`\lambda_{max}(H_\mathrm{eff})` (:func:`samkit.curvature.effective_hessian`, with the
+  probe set's :math:`g`; for Adam :math:`\lambda_{max}(P^{-1}H_\mathrm{eff})`), ``base_edge``
+  (:func:`samkit.stability.base_edge_for`) and ``eff_ratio`` = their ratio; None otherwise;
 * the alignments :math:`|\langle g, v_1\rangle|/\|g\|` and
   :math:`|\langle g_{\mathrm{SAM}}, v_1\rangle|/\|g_{\mathrm{SAM}}\|` with
   :math:`g_{\mathrm{SAM}} = \nabla L(w + \epsilon)` (:math:`\epsilon = \rho g/\|g\|` for SAM,
@@ -52,6 +57,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit import stability
+from samkit.stability import base_edge_for, edge_for, optimizer_kind
 from samkit.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -63,96 +69,6 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 # --------------------------------------------------------------------------- which edge applies
-
-
-def optimizer_kind(optimizer: Optimizer) -> dict[str, Any]:
-    """What the edge depends on: the descent rule, the ascent rule and their hyperparameters.
-
-    Returns a dict with ``base`` (``"gd"``, ``"momentum"``, ``"nesterov"``, ``"adam"`` or
-    ``"unknown"``), ``ascent`` (``None``, ``"sam"``, ``"usam"`` or ``"unknown"``), ``lr``,
-    ``beta`` (momentum or Adam's β₁), ``rho`` and ``note`` (why no edge applies, or ``""``).
-    The first param group's hyperparameters are used; all groups must share ``lr``.
-    """
-    from samkit.optim import SAM, USAM, SharpnessAwareOptimizer
-
-    info: dict[str, Any] = {"base": "unknown", "ascent": None, "lr": None, "beta": 0.0,
-                            "rho": None, "note": ""}
-    base = optimizer
-    if isinstance(optimizer, SharpnessAwareOptimizer):
-        base = optimizer.base_optimizer
-        # exact types: a subclass may change the descent rule (GSAM, LookSAM, ...)
-        if type(optimizer) is SAM:
-            info["ascent"] = "sam"
-        elif type(optimizer) is USAM:
-            info["ascent"] = "usam"
-        else:
-            info["ascent"] = "unknown"
-            info["note"] = f"no closed-form edge for {type(optimizer).__name__}"
-        info["rho"] = float(optimizer.param_groups[0]["rho"])
-    groups = optimizer.param_groups
-    lrs = {float(g["lr"]) for g in groups}
-    info["lr"] = float(groups[0]["lr"])
-    if len(lrs) > 1:
-        info["note"] = info["note"] or f"param groups have different learning rates {sorted(lrs)}"
-    elif not info["lr"] > 0:
-        info["note"] = info["note"] or f"lr is {info['lr']} (a schedule's end): no edge"
-    group = groups[0]
-    if isinstance(base, torch.optim.SGD):
-        beta = float(group.get("momentum", 0.0))
-        if beta == 0.0:
-            info["base"] = "gd"
-        else:
-            info["base"] = "nesterov" if group.get("nesterov", False) else "momentum"
-            info["beta"] = beta
-            if float(group.get("dampening", 0.0)) != 0.0:
-                info["note"] = info["note"] or "SGD with dampening != 0 has no edge here"
-    elif isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
-        info["base"] = "adam"
-        info["beta"] = float(group["betas"][0])
-        if info["ascent"] is not None:
-            info["note"] = info["note"] or "no closed-form edge for SAM with an Adam base"
-    else:
-        info["note"] = info["note"] or f"no edge for {type(base).__name__}"
-    return info
-
-
-def edge_for(optimizer: Optimizer | dict[str, Any], grad_norm: float | None = None) -> float | None:
-    r"""The stability threshold of λ₁ for ``optimizer`` at gradient norm ``grad_norm``.
-
-    * SGD: :func:`~samkit.stability.gd_edge`, or :func:`~samkit.stability.momentum_edge`
-      (heavy ball or Nesterov);
-    * Adam / AdamW: :func:`~samkit.stability.adam_edge` (compare it with the *preconditioned*
-      sharpness :math:`\lambda_1(P^{-1}H)`);
-    * SAM over SGD: :func:`~samkit.stability.sam_edge` with ``grad_norm`` (Long & Bartlett);
-      USAM over SGD: :func:`~samkit.stability.usam_edge`.
-
-    SAM over heavy-ball or Nesterov SGD (an extension of the same quadratic argument, not in the
-    paper): along :math:`v_1` SAM's gradient is :math:`\lambda(1 + \rho\lambda/\|g\|)` times the
-    plain one, so SAM is stable while :math:`\lambda(1 + \rho\lambda/\|g\|)` stays below the
-    base optimizer's edge :math:`E`. That is ``sam_edge(2/E, rho, grad_norm)`` (with :math:`E =
-    2/\eta` it is the paper's SAM-edge); likewise ``usam_edge(2/E, rho)``.
-
-    Returns ``None`` where no edge applies (ASAM and other variants, SAM over Adam, per-group
-    learning rates, other optimizers); :func:`optimizer_kind` says why.
-    """
-    info = optimizer if isinstance(optimizer, dict) else optimizer_kind(optimizer)
-    if info["note"] or info["base"] == "unknown":
-        return None
-    lr, beta = info["lr"], info["beta"]
-    if info["base"] == "adam":
-        return float(stability.adam_edge(lr, beta))
-    if info["base"] == "gd":
-        base_edge = float(stability.gd_edge(lr))
-    else:
-        base_edge = float(stability.momentum_edge(lr, beta, nesterov=info["base"] == "nesterov"))
-    if info["ascent"] is None:
-        return base_edge
-    effective_lr = 2.0 / base_edge  # == lr for plain gradient descent
-    if info["ascent"] == "usam":
-        return float(stability.usam_edge(effective_lr, info["rho"]))
-    if grad_norm is None:
-        raise ValueError("Invalid grad_norm: None (the SAM-edge needs the gradient norm)")
-    return float(stability.sam_edge(effective_lr, info["rho"], grad_norm))
 
 
 def _edge_name(info: dict[str, Any]) -> str:
@@ -217,6 +133,10 @@ class EdgeTracker(Callback):
         preconditioned: also measure :math:`\lambda_1(P^{-1}H)` for Adam (``"auto"``: when the
             optimizer is Adam / AdamW; ``False``: never).
         verbose: print one line per measurement.
+        effective: also measure :math:`\lambda_{max}(H_\mathrm{eff})`, the effective Hessian of
+            the sharpness-aware step (:func:`samkit.curvature.effective_hessian`), against the
+            base optimizer's edge (``"auto"``: for every optimizer whose ascent declares a form;
+            ``False``: never). Each of its products costs two Hessian-vector products.
 
     Attributes:
         rows: the recorded rows (dicts), in order.
@@ -239,6 +159,7 @@ class EdgeTracker(Callback):
         params: Sequence[Tensor] | None = None,
         preconditioned: bool | str = "auto",
         verbose: bool = False,
+        effective: bool | str = "auto",
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every: {every!r} (allowed: an integer >= 1)")
@@ -253,6 +174,8 @@ class EdgeTracker(Callback):
         if preconditioned not in ("auto", True, False):
             raise ValueError(f"Invalid preconditioned: {preconditioned!r} (allowed: auto, True, "
                              "False)")
+        if effective not in ("auto", True, False):
+            raise ValueError(f"Invalid effective: {effective!r} (allowed: auto, True, False)")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
         self.probe = None if probe is None else _batches(probe)
@@ -268,11 +191,13 @@ class EdgeTracker(Callback):
         self.params = None if params is None else list(params)
         self.preconditioned = preconditioned
         self.verbose = verbose
+        self.effective = effective
         self.rows: list[dict[str, Any]] = []
         self.seconds = 0.0
         self.matvecs = 0
         self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
         self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
+        self._evector: Tensor | None = None  # the same for the effective Hessian
         self._file_started = False
 
     # ------------------------------------------------------------------ plain-loop interface
@@ -341,6 +266,7 @@ class EdgeTracker(Callback):
         row["error_bound"] = float(top.error_bounds.max())
         edge = edge_for(info, edge_norm)
         sharpness = lam
+        P, plam = None, None  # Adam's preconditioner, once it exists
         use_pre = self.preconditioned is True or (
             self.preconditioned == "auto" and info["base"] == "adam"
         )
@@ -359,6 +285,21 @@ class EdgeTracker(Callback):
             else:  # before Adam's first step there is no preconditioner yet
                 plam, sharpness = None, None
             row["lambda1_precond"] = plam
+
+        # 3b. the effective Hessian of the sharpness-aware step against the base edge
+        if info["base"] == "adam" and P is None:  # Adam's edge is for P^-1 H_eff only
+            lam_eff, eff_matvecs, eff_converged = None, 0, True
+        else:
+            precond = P if info["base"] == "adam" else None
+            lam_eff, eff_matvecs, eff_converged = self._effective(H, optimizer, grad, precond)
+        matvecs += eff_matvecs
+        converged = converged and eff_converged
+        base_edge = base_edge_for(info)
+        row["lambda_eff"] = lam_eff
+        row["base_edge"] = base_edge
+        row["eff_ratio"] = (
+            None if lam_eff is None or not base_edge else lam_eff / base_edge
+        )
         row["edge"] = edge
         row["edge_kind"] = _edge_name(info)
         row["ratio"] = None if edge is None or edge == 0 or sharpness is None else sharpness / edge
@@ -442,11 +383,12 @@ class EdgeTracker(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"vector": self._vector, "pvector": self._pvector, "seconds": self.seconds,
-                "matvecs": self.matvecs}
+                "matvecs": self.matvecs, "evector": self._evector}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._vector = state.get("vector")
         self._pvector = state.get("pvector")
+        self._evector = state.get("evector")
         self.seconds = float(state.get("seconds", 0.0))
         self.matvecs = int(state.get("matvecs", 0))
 
@@ -480,6 +422,35 @@ class EdgeTracker(Callback):
         loss, grads = loss_and_gradient(model, self.loss_fn, params,
                                         Batches(batches, params[0].device), self.seed, shift)
         return loss, _flat(grads).detach()
+
+    def _effective(self, H: Any, optimizer: Optimizer, grad: Tensor, P: Any):
+        r"""λ_max of the effective Hessian (of :math:`D H_\mathrm{eff} D` with Adam's
+        preconditioner), its products and whether it converged; ``(None, 0, True)`` when the
+        optimizer declares no form or ``effective`` is off."""
+        from samkit.curvature import PreconditionedOperator, effective_hessian
+        from samkit.optim.ascents import effective_note
+        from samkit.optim.base import SharpnessAwareOptimizer
+
+        if self.effective is False or not isinstance(optimizer, SharpnessAwareOptimizer):
+            return None, 0, True
+        if effective_note(optimizer):
+            if self.effective is True:
+                raise ValueError(
+                    f"Invalid optimizer for effective=True: {effective_note(optimizer)}"
+                )
+            return None, 0, True
+        try:
+            Heff = effective_hessian(H, optimizer, grad=grad)
+        except ValueError:
+            if self.effective is True:
+                raise
+            return None, 0, True  # e.g. a probe over other parameters than the optimizer's
+        if P is not None:
+            Heff = PreconditionedOperator(Heff, P.scale)
+        before = H.matvecs
+        top = self._top(Heff, self._evector)
+        self._evector = top.vectors.detach().clone()
+        return float(top.values[0]), H.matvecs - before, bool(top.converged)
 
     def _top(self, H: Any, init: Tensor | None) -> Any:
         """The top ``k`` eigenpairs of ``H``: block Lanczos from the last top vectors **and**
@@ -550,6 +521,10 @@ def format_row(row: dict[str, Any]) -> str:
     if row.get("edge") is not None:
         parts.append(f"edge {row['edge']:.3f} ({row['edge_kind']})")
         parts.append(f"ratio {row['ratio']:.3f}")
+    if row.get("lambda_eff") is not None:
+        parts.append(f"lambda_eff {row['lambda_eff']:.3f}")
+        if row.get("eff_ratio") is not None:
+            parts.append(f"/ base edge {row['base_edge']:.3f} = {row['eff_ratio']:.3f}")
     parts.append(f"align {row['align_grad']:.2f}")
     if row.get("align_sam_grad") is not None:
         parts.append(f"sam-align {row['align_sam_grad']:.2f}")

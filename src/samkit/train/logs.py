@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from samkit.train.checkpoint import atomic_write_text
+from samkit.train.rundir import strict_dumps
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -36,26 +37,67 @@ class MetricsWriter:
             kept = []
             if self.path.exists():
                 kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(strict_dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
             self._tb = make_summary_writer(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and record.get("event", "epoch") == "epoch":
             step = record.get("step", 0)
             for key, value in record.items():
-                if key not in ("step", "event") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record.get('event', 'epoch')}/{key}", value, step)
+                tag = tensorboard_tag(key)
+                if tag is not None and isinstance(value, (int, float)) and not isinstance(
+                    value, bool
+                ):
+                    self._tb.add_scalar(tag, value, step)
             self._tb.flush()
+
+    @property
+    def tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def write_step(self, step: int, loss: float, lr: float, grad_norm: float | None) -> None:
+        """TensorBoard's per-step curves: ``step/loss``, ``step/lr``, ``step/grad_norm``."""
+        if self._tb is None:
+            return
+        self._tb.add_scalar("step/loss", loss, step)
+        self._tb.add_scalar("step/lr", lr, step)
+        if grad_norm is not None:
+            self._tb.add_scalar("step/grad_norm", grad_norm, step)
+
+    def write_hparams(self, hparams: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """The run's settings and final numbers in TensorBoard's HPARAMS tab."""
+        if self._tb is None:
+            return
+        plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                 for k, v in hparams.items()}
+        final = {f"final/{k}": v for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self._tb.add_hparams(plain, final, run_name=".")
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+# TensorBoard tags of the epoch record's keys (None: not drawn; ``epoch`` is the x axis).
+_TAGS = {
+    "train_loss": "train/loss", "train_acc": "train/accuracy", "test_loss": "test/loss",
+    "test_acc": "test/accuracy", "lr": "train/lr", "epoch_time": "time/epoch_seconds",
+    "images_per_s": "time/images_per_second", "train_time": "time/train_seconds",
+    "epoch": None, "epochs": None, "step": None, "event": None,
+}
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """The TensorBoard tag of an epoch record's ``key`` (a callback's own key: ``epoch/<key>``)."""
+    return _TAGS.get(key, f"epoch/{key}")
 
 
 def check_tensorboard() -> None:
@@ -82,13 +124,24 @@ def make_summary_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
+def loss_text(value: float | None) -> str:
+    """A loss for people: ``0.3125``; a huge one as ``6.15e+22``, not 23 digits; ``nan``."""
+    if value is None:
+        return "null"
+    if not math.isfinite(value) or abs(value) >= 1e5:
+        return f"{value:.4g}"
+    return f"{value:.4f}"
+
+
 def format_record(record: dict[str, Any]) -> str:
     """One human line for an epoch record."""
     parts = [f"epoch {record['epoch']}/{record['epochs']}", f"step {record['step']}"]
     parts.append(f"lr {record['lr']:.4g}")
-    parts.append(f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%")
+    parts.append(f"train loss {loss_text(record['train_loss'])} acc "
+                 f"{100 * record['train_acc']:.2f}%")
     if "test_acc" in record:
-        parts.append(f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%")
+        parts.append(f"test loss {loss_text(record['test_loss'])} acc "
+                     f"{100 * record['test_acc']:.2f}%")
     seconds = record["epoch_time"]
     parts.append(f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s")
     parts.append(f"{record['images_per_s']:.0f} img/s")

@@ -14,7 +14,6 @@ very same steps as an uninterrupted one (bit for bit on CPU).
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from samkit.config import (
     TrainConfig,
+    legacy_values,
     resolved_dict,
     save_config,
     steps_per_epoch,
@@ -40,18 +40,32 @@ from samkit.step import StepEngine
 from samkit.train.callbacks import Callback, TrainState
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from samkit.train.logs import MetricsWriter, Progress, check_tensorboard, read_metrics
+from samkit.train.rundir import RunLock, strict_dumps, versions
 from samkit.train.schedule import LRSchedule
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between a checkpoint's config and the config that resumes it.
 RESUMABLE_CHANGES = (
     "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint",
-    "checkpoint_every", "data_dir", "device", "threads",
+    "checkpoint_every", "data_dir", "device", "threads", "out_dir",
 )
+# The files a training run writes in its directory (what --overwrite replaces).
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "tensorboard", "config.yaml", "run.json")
 
 
 class TrainingStopped(Exception):  # noqa: N818 - not an error: a requested stop
     """Raised inside the loop to end it early; the trainer catches it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss (or the weights) became NaN or infinite: the run stopped at once.
+
+    ``record`` is the ``diverged`` record written to metrics.jsonl (step, epoch, loss, lr,
+    message); the checkpoint on disk is the last good one (or none)."""
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +78,13 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"Invalid device: {name!r} (allowed: {allowed})") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Invalid device: {name!r}: CUDA is not available here (use cpu or auto)")
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError(f"Invalid device: {name!r}: MPS (Apple GPU) is not available here "
+                         "(use cpu or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Invalid device: {name!r} (allowed: auto, cpu, cuda, cuda:N, mps)")
     return device
 
 
@@ -103,7 +124,15 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
     from samkit.optim import registry
 
     name = config.optimizer.lower()
-    entry = registry.optimizer_info(name)
+    try:
+        entry = registry.optimizer_info(name)
+    except ValueError as err:
+        import difflib
+
+        close = difflib.get_close_matches(name, registry.list_optimizers(), n=3)
+        if not close:
+            raise
+        raise ValueError(f"{err}; did you mean {' or '.join(close)}?") from None
     base_cls = registry.base_optimizer_class(config.base or entry.base)
     base_keys = set(inspect.signature(base_cls).parameters)
     own_keys = entry.wrapper_keys()
@@ -183,14 +212,25 @@ class Trainer:
         self.train_time = 0.0
         self.last_record: dict[str, Any] | None = None
         self.stopped = False  # True when the run ended before its budget (request_stop)
+        self.diverged: dict[str, Any] | None = None  # the `diverged` record, when it diverged
+        self.signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run
+        self.data_path: str | None = None  # the folder the data were read from (None: built in)
         self._stop_requested = False
         self._interrupted = False
+        self._lock: RunLock | None = None
+        self._bad_step: Tensor | None = None  # the first step with a non-finite loss, or -1
         self.state = TrainState(self)  # what callbacks see
 
     # ------------------------------------------------------------------ set-up
 
     def _check_run_dir(self) -> None:
         exists = self.checkpoint_path.exists() or (self.run_dir / "metrics.jsonl").exists()
+        if self.rank == 0 and self._lock is None:
+            # refuses a second live run of this name; takes over a dead process's lock
+            self._lock = RunLock(self.run_dir, overwrite=self.overwrite and not self.resume)
+            if self._lock.took_over is not None:
+                self.progress.line(f"note: took over the lock of a process that is gone "
+                                   f"({self._lock.took_over.get('pid')})")
         if self.resume:
             if not self.checkpoint_path.exists():
                 raise FileNotFoundError(
@@ -202,13 +242,8 @@ class Trainer:
                 f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite "
                 "to start it again, or choose another --name"
             )
-        elif exists and self.rank == 0:
-            for name in (CHECKPOINT, "metrics.jsonl", "tensorboard"):
-                path = self.run_dir / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+        # with --overwrite the old run's files are replaced only once data and model have
+        # loaded (setup, step 5): a run that fails to start leaves the old one whole
 
     def setup(self) -> None:
         """Build data, model, optimizer, schedule and log files (``fit`` calls it)."""
@@ -217,8 +252,22 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self._setup_distributed()
         self._check_run_dir()
+        saved_state = None
+        if self.resume:  # read it first: a corrupt checkpoint fails before anything loads
+            saved_state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+            # a checkpoint of an older samkit: the keys it lacks keep their behaviour then
+            adopt = {k: v for k, v in legacy_values(upgrade_keys(saved_state["config"])).items()
+                     if getattr(cfg, k) != v}
+            if adopt:
+                cfg = self.config = cfg.replace(**adopt)
+                self.notes.append("the checkpoint was written by an older samkit; kept its "
+                                  + ", ".join(f"{k}={v}" for k, v in adopt.items()))
         if cfg.tensorboard:
             check_tensorboard()  # fail now, not after the first epoch
+        if cfg.data_dir is not None and given_data_is_none(self._given):
+            from samkit.data.paths import check_data_roots
+
+            check_data_roots(cfg.data_dir)
         torch.manual_seed(cfg.seed)
 
         given_model, given_data = self._given
@@ -233,10 +282,19 @@ class Trainer:
                 label_noise=cfg.label_noise, seed=cfg.data_seed, standardize=True,
                 device=self.device,
             )
+            self.data_path = data_folder(cfg.dataset, cfg.data_dir)
         n = len(self.train_data.y)
         self.batch_size, self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
         self.total_steps = total_steps(cfg, n)
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
+        if cfg.grad_accum > self.batch_size:
+            raise ValueError(
+                f"Invalid grad_accum: {cfg.grad_accum} micro-batches for a batch of "
+                f"{self.batch_size} examples (allowed: 1 <= grad_accum <= the batch size)")
+        if cfg.warmup_epochs * self.steps_per_epoch > self.total_steps:
+            raise ValueError(
+                f"Invalid warmup_epochs: {cfg.warmup_epochs} epochs of warm-up is more than the "
+                f"run's {self.total_steps} steps (allowed: at most the budget)")
         if self.world_size > 1:
             self._check_batches_shard(n)
 
@@ -256,7 +314,8 @@ class Trainer:
         #    (the forward passes go through the wrapped model; self.model stays the plain
         #    module), micro-batches, mixed precision, the per-example losses a variant asks for
         kwargs, self.notes = optimizer_kwargs(cfg)
-        self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base, **kwargs)
+        self.optimizer = create_optimizer(cfg.optimizer, self.model, base=cfg.base,
+                                          decay_bias_and_norm=cfg.decay_bias_and_norm, **kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._make_schedule())
         cuda = self.device.type == "cuda"
         self.engine = StepEngine(
@@ -279,15 +338,20 @@ class Trainer:
         #    DDP every rank loads the checkpoint; only rank 0 writes files)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            self._load(load_checkpoint(self.checkpoint_path, map_location=self.device))
+            if self._lock is not None:  # --overwrite: the old run goes only now
+                self._lock.replace_old(only=RUN_FILES)
+        if saved_state is not None:
+            self._load(saved_state)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
+            self._write_run_info("running")
             self._writer = MetricsWriter(
                 self.run_dir, cfg.tensorboard, resume_step=self.step if self.resume else None
             )
         for note in self.notes:
             self.progress.line(f"note: {note}")
+        if self.data_path is not None:
+            self.progress.line(f"data: {cfg.dataset} from {self.data_path}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -304,6 +368,9 @@ class Trainer:
             return self._fit()
         finally:
             torch.set_num_threads(threads)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             if self._owns_process_group:
                 import torch.distributed as dist
 
@@ -312,22 +379,43 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         self.setup()
-        restore = self._install_sigint()
+        restore = self._install_signals()
+        status = "failed"
         try:
             self._call("on_train_start")
             self._loop()
+            status = "finished"
+            if self._writer is not None:
+                self._writer.write_hparams(resolved_dict(self.config), self.last_record or {})
         except TrainingStopped:
             self.stopped = True
+            status = "interrupted" if self._interrupted else "stopped"
+        except TrainingDiverged:
+            status = "diverged"
+            raise
         finally:
             restore()
             self.progress.close()
             if self._writer is not None:
                 self._writer.close()
+            if self.rank == 0:
+                self._write_run_info(status)
         if self._interrupted:
             raise KeyboardInterrupt(f"training interrupted; checkpoint: {self.checkpoint_path}")
         if not self.stopped:
             self._call("on_train_end", self.last_record or {})
         return self.last_record or {}
+
+    def _write_run_info(self, status: str) -> None:
+        """``run.json``: what made the run (versions), where its data came from, its status."""
+        from samkit.train.checkpoint import atomic_write_text
+
+        if not hasattr(self, "_versions"):
+            self._versions = versions()
+        info = {"status": status, "name": self.config.run_name, "step": self.step,
+                "data_path": self.data_path, "versions": self._versions,
+                "diverged": self.diverged}
+        atomic_write_text(self.run_dir / "run.json", strict_dumps(info, indent=2) + "\n")
 
     def _loop(self) -> None:
         cfg = self.config
@@ -387,7 +475,12 @@ class Trainer:
                     x, y, global_examples=global_examples if self.world_size > 1 else None,
                     observe=lambda out, t, hits=hits: hits.append((out.argmax(-1) == t).sum()),
                 )
-                # 6d. bookkeeping: LR schedule, gradients cleared for the next step
+                # 6d. bookkeeping: LR schedule, gradients cleared for the next step (with
+                #     TensorBoard, the per-step loss, lr and ‖g‖ of the step's gradient first)
+                if self._writer is not None and self._writer.tensorboard:
+                    self._writer.write_step(self.step + 1, float(batch_loss),
+                                            self.optimizer.param_groups[0]["lr"],
+                                            _grad_norm(self.model))
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -402,6 +495,7 @@ class Trainer:
                 log_now = self.step % cfg.log_every == 0
                 if log_now and self.world_size > 1:  # the mean over the ranks; agree on stops
                     batch_loss, self._stop_requested = self._reduce_step(batch_loss)
+                self._check_finite(batch_loss, log_now or not cuda, epoch)
                 loss_value = float(batch_loss) if log_now else None
                 lr = self.optimizer.param_groups[0]["lr"]
                 if log_now:
@@ -410,7 +504,8 @@ class Trainer:
                 self.progress.step(self.step, loss_value, lr)
                 if self._stop_requested and (log_now or self.world_size == 1):
                     # A clean stop between two steps (under DDP: at a log step, all ranks
-                    # together): save where we are and leave.
+                    # together): save where we are and leave (never a diverged state).
+                    self._check_finite(batch_loss, True, epoch)
                     self._epoch_sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
                     self._save(epoch, index + 1)
                     raise TrainingStopped
@@ -418,6 +513,7 @@ class Trainer:
             # 7. end of epoch: evaluate, log, checkpoint
             if self.world_size > 1:
                 _, self._stop_requested = self._reduce_step(loss_sum.new_zeros(()))
+            self._check_finite(loss_sum, True, epoch, weights=True)
             sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
             record = self._epoch_record(epoch, sums)
             self._call("on_epoch_end", epoch, record)
@@ -429,6 +525,50 @@ class Trainer:
                 self._save(epoch + 1, 0)
             if self._stop_requested:
                 raise TrainingStopped
+
+    def _check_finite(self, loss: Tensor, now: bool, epoch: int, weights: bool = False) -> None:
+        """Stop the run (:class:`TrainingDiverged`) once the loss or the weights are not finite.
+
+        The first bad step is recorded on the device every step (no host sync); it is read at
+        ``now`` (every step on CPU, on logging steps and epoch ends on a GPU)."""
+        if self.world_size > 1 and not now:
+            return  # DDP: only the mean loss of a logging step and the (shared) weights, so
+            # that every rank stops at the same step
+        if self.world_size > 1 and weights:
+            loss = loss.new_zeros(())  # this rank's epoch loss is not the others'
+        bad = ~torch.isfinite(loss.detach())
+        step = torch.tensor(self.step, device=loss.device)
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._bad_step = torch.where(bad & (self._bad_step < 0), step, self._bad_step)
+        if not now:
+            return
+        if weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()])
+            self._bad_step = torch.where(~finite.all() & (self._bad_step < 0), step,
+                                         self._bad_step)
+        first = int(self._bad_step)
+        if first >= 0:
+            self._diverge(first, epoch, None if weights else float(loss))
+
+    def _diverge(self, step: int, epoch: int, loss: float | None) -> None:
+        cfg = self.config
+        what = f"the training loss is {loss}" if loss is not None else (
+            "the loss or the weights are not finite")
+        causes = [f"lr={cfg.lr:g} too large"]
+        rho = getattr(self.optimizer, "defaults", {}).get("rho", cfg.rho)
+        if rho is not None and "rho" in getattr(self.optimizer, "defaults", {}):
+            causes.append(f"rho={rho:g} too large")
+        kept = (f"The last good checkpoint is kept: {self.checkpoint_path}"
+                if self.checkpoint_path.exists() else "No checkpoint was saved before it")
+        message = (f"training diverged at step {step} (epoch {epoch + 1}): {what}. Likely "
+                   f"cause: {' or '.join(causes)}; try a smaller --lr"
+                   + (" or --rho" if len(causes) > 1 else "") + f". {kept}")
+        record = {"event": "diverged", "step": step, "epoch": epoch + 1, "loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "message": message}
+        self.diverged = record
+        self.log(record)
+        raise TrainingDiverged(message, record)
 
     def _call(self, hook: str, *args: Any) -> None:
         """Call ``hook`` of every callback with the run's TrainState."""
@@ -498,21 +638,36 @@ class Trainer:
         """Stop after the current step, with a resumable checkpoint; ``fit`` then returns."""
         self._stop_requested = True
 
-    def _install_sigint(self):
+    def _install_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before preemption): finish the
+        step, save a resumable checkpoint, stop; a second signal aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        previous = {s: signal.getsignal(s) for s in signals}
 
         def handler(signum, frame):
-            if self._interrupted:  # the second Ctrl-C: abort now
-                signal.signal(signal.SIGINT, previous)
+            if self._interrupted:  # the second signal: abort now
+                for s, h in previous.items():
+                    signal.signal(s, h)
                 raise KeyboardInterrupt
             self._interrupted = True
             self._stop_requested = True
-            self.progress.line("Ctrl-C: stopping after this step (press again to abort)")
+            self.signal = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.progress.line(f"{name}: stopping after this step with a checkpoint (again to "
+                               "abort)")
 
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+        for s in signals:
+            signal.signal(s, handler)
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+    _install_sigint = _install_signals  # the older name
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -548,6 +703,8 @@ class Trainer:
             "callbacks": [
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
+            "versions": getattr(self, "_versions", None),
+            "data_shape": [list(self.train_data.x.shape[1:]), int(self.train_data.num_classes)],
         }
         save_checkpoint(state, self.checkpoint_path)
 
@@ -649,6 +806,29 @@ class Trainer:
             self.progress.line(f"note: budget changed, now {self.total_steps} steps")
 
 
+def _grad_norm(model: nn.Module) -> float | None:
+    """‖g‖₂ over every parameter's ``.grad`` (None when none has one)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+
+
+def given_data_is_none(given: tuple[Any, Any]) -> bool:
+    return given[1] is None
+
+
+def data_folder(dataset: str, data_dir: str | None) -> str | None:
+    """The folder ``dataset`` was read from (None for a built-in or generated data set)."""
+    from samkit.data import resolve_data_dir
+
+    try:
+        return str(resolve_data_dir(dataset, data_dir).resolve())
+    except (ValueError, OSError):
+        return None
+
+
 def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, drop_last: bool):
     from samkit.data import iterate_batches
 
@@ -661,11 +841,46 @@ def train(config: TrainConfig, callbacks: Iterable[Callback] = (), **kwargs: Any
     return Trainer(config, callbacks, **kwargs).fit()
 
 
-def load_run(run_dir) -> tuple[TrainConfig, list[dict[str, Any]]]:
-    """The config and the metrics records of a finished (or running) run."""
-    from pathlib import Path
+class Run(tuple):
+    """What :func:`load_run` returns: ``config, metrics, model = samkit.load_run(path)``."""
 
+    __slots__ = ()
+
+    def __new__(cls, config: TrainConfig, metrics: list[dict[str, Any]], model: nn.Module | None):
+        return super().__new__(cls, (config, metrics, model))
+
+    config = property(lambda self: self[0])
+    metrics = property(lambda self: self[1])
+    model = property(lambda self: self[2])
+
+
+def load_run(run_dir, map_location: Any = "cpu") -> Run:
+    """The config, the metrics records and the model with its trained weights (those of the
+    run's last checkpoint; None when it has none) of a finished (or running) run.
+
+    >>> config, metrics, model = samkit.load_run("runs/digits-mlp-sam-s0")
+    """
+    from samkit.models import create_model
     from samkit.train.config import load_config
 
     run_dir = Path(run_dir)
-    return load_config(run_dir / "config.yaml"), read_metrics(run_dir / "metrics.jsonl")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"No run at {run_dir}: it has no config.yaml")
+    config = load_config(run_dir / "config.yaml")
+    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() \
+        else []
+    model = None
+    if (run_dir / CHECKPOINT).is_file():
+        state = load_checkpoint(run_dir / CHECKPOINT, map_location=map_location)
+        weights = state["model"]
+        shapes = state.get("data_shape")
+        if shapes is None:  # older checkpoints: the shapes come from the data set
+            from samkit.data import load_dataset
+
+            train_split, _ = load_dataset(config.dataset, data_dir=config.data_dir,
+                                          subset=config.subset, seed=config.data_seed)
+            shapes = [list(train_split.x.shape[1:]), int(train_split.num_classes)]
+        model = create_model(config.model, tuple(shapes[0]), shapes[1], **config.model_kwargs)
+        model.load_state_dict(weights)
+        model.eval()
+    return Run(config, metrics, model)

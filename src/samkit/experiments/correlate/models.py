@@ -87,7 +87,7 @@ def train_model(
     trained = False
     if state is None:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(spec_path, json.dumps(record, indent=1, sort_keys=True))
+        atomic_write_text(spec_path, base.strict_dumps(record, indent=1, sort_keys=True))
         resume = (spec.run_dir / "checkpoint.pt").is_file()
         trainer = Trainer(
             spec.train, callbacks=[_stop_callback(config.stop_loss), *callbacks], resume=resume,

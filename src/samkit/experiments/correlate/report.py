@@ -114,10 +114,11 @@ def plot_scatter(result: CorrelateResult, path: Path) -> Path:
                            color=colors[bi % 10], marker=markers[li % len(markers)],
                            alpha=0.8, label=label)
         if positive:
-            from matplotlib.ticker import NullFormatter
+            from samkit.plots import plain_log_axis
 
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
+            plain_log_axis(ax.xaxis)
+        ax.set_xlabel(m.label + (" (log scale)" if positive else ""), fontsize="small")
         c = cors.get(m.key)
         title = m.label if c is None else f"{m.label}\nτ = {_f(c.tau, '+.2f')}"
         ax.set_title(title, fontsize="small")

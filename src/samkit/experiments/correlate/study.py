@@ -33,8 +33,19 @@ def run_correlate(
     name = name or default_name(config, quick)
     run_dir = base.run_dir_of(config.train.out_dir, name)
     specs = grid(config, run_dir)
-    base.prepare_run_dir(run_dir, overwrite)
-    base.write_json(run_dir / "config.json", config_to_dict(config), strict=False)
+    lock = base.prepare_run_dir(run_dir, overwrite, exists_ok=True, replace_now=False)
+    try:
+        if overwrite:
+            base.load_data(config.train, "cpu", cache=True)  # the old run goes once data load
+            lock.replace_old()
+        return _run(config, name, jobs, verbose, command, notes, run_dir, specs)
+    finally:
+        lock.release()
+
+
+def _run(config, name, jobs, verbose, command, notes, run_dir, specs) -> CorrelateResult:
+    base.write_json(run_dir / "config.json", config_to_dict(config))
+    base.save_experiment_config(config, run_dir / "config.yaml", config_to_dict(config))
     result = CorrelateResult(name, run_dir, config, notes=list(notes))
     done = sum(1 for s in specs if (s.run_dir / "measures.json").is_file())
     if verbose:

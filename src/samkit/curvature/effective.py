@@ -1,0 +1,183 @@
+r"""The effective Hessian of a sharpness-aware step.
+
+A sharpness-aware step descends with :math:`\nabla L(w + \epsilon)` where the ascent is
+:math:`\epsilon = \rho M g / c` (:math:`g = \nabla L(w)`). Linearising one step around a point
+with the normalisers :math:`M` and :math:`c` held fixed (Long & Bartlett's assumption),
+:math:`\nabla L(w + \epsilon) \approx g + H \epsilon = (I + \frac{\rho}{c} H M) g`, and a
+perturbation :math:`\delta` of :math:`w` moves the step direction by
+
+.. math::
+    H_\mathrm{eff}\,\delta = \Big(H + H \,\frac{\rho M}{c}\, H\Big)\delta .
+
+The step is stable while :math:`\lambda_{max}(H_\mathrm{eff})` stays below the *base*
+optimizer's edge (:func:`samkit.stability.base_edge_for`: :math:`2/\eta` for gradient descent,
+:math:`(2 + 2\beta)/\eta` for heavy ball, Adam's form). The forms declared by the ascents
+(:mod:`samkit.optim.ascents`):
+
+* SAM: :math:`M = I`, :math:`c = \|g\|_2`: :math:`H + (\rho/\|g\|) H^2`, same eigenvectors as
+  :math:`H`, eigenvalues :math:`\lambda + (\rho/\|g\|)\lambda^2`; its condition
+  :math:`\eta(\lambda + \rho\lambda^2/\|g\|) < 2` is exactly the SAM-edge
+  (:func:`samkit.stability.sam_edge`);
+* USAM: :math:`M = I`, :math:`c = 1`;
+* ASAM (p = 2): :math:`M = T_w^2`, :math:`c = \|T_w g\|_2` (element-wise or filter-wise
+  :math:`T_w`, :math:`T = I` on groups with ``normalize=False``);
+* Fisher SAM: :math:`M = F^{-1}`, :math:`c = \sqrt{g^\top F^{-1} g}`,
+  :math:`F = I + \eta\,\mathrm{diag}(g\odot g)` held fixed.
+
+References:
+    P. M. Long, P. L. Bartlett. Sharpness-Aware Minimization and the Edge of Stability.
+    arXiv:2309.12488, 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samkit.curvature._data import fixed_rng, untouched
+from samkit.curvature.operator import HessianOperator, LinearOperator
+
+
+class EffectiveHessian(LinearOperator):
+    r""":math:`H + H D H` for a Hessian operator :math:`H` and a diagonal :math:`D` (flat
+    ``(d,)``, :math:`D = \rho M / c`). Each product costs two products of :math:`H`
+    (``H.matvecs`` counts them; :attr:`hessian_products` too).
+
+    Attributes:
+        base: the Hessian operator.
+        scale: the diagonal :math:`D`, flat, in the parameters' order.
+        note: what the form is (for reports).
+    """
+
+    def __init__(self, base: LinearOperator, scale: Tensor, note: str = "") -> None:
+        super().__init__(base.shapes, base.dtype, base.device)
+        if scale.shape != (base.dim,):
+            raise ValueError(f"Invalid scale: shape {tuple(scale.shape)}, not ({base.dim},)")
+        self.base = base
+        self.scale = scale.to(base.device, base.dtype)
+        self.note = note
+
+    @property
+    def hessian_products(self) -> int:
+        """Products of :math:`H` taken by this operator (two per product)."""
+        return 2 * self.matvecs
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        u = self.base @ v
+        return u + self.base @ (self.scale * u)
+
+    def _matmat(self, v: Tensor) -> Tensor:
+        """``H_eff @ V`` for ``V`` of shape ``(d, k)`` through ``H``'s own ``(d, k)`` products
+        (batched where ``H`` batches them); ``matvecs`` grows by ``k``."""
+        u = self.base @ v
+        self.matvecs += v.shape[1]
+        return u + self.base @ (self.scale[:, None] * u)
+
+
+def _gradient(H: HessianOperator) -> list[Tensor]:
+    """:math:`\\nabla L(w)` on ``H``'s own data (size-weighted mean over its batches, the same
+    random state per batch as ``H``'s products), at the current weights."""
+    grads = [torch.zeros_like(p) for p in H.params]
+    total = 0
+    training = H.model.training
+    for b, (x, y, n) in enumerate(H.batches):
+        seed = H.seed if H.batches.single is not None else H.seed + b
+        with untouched(H.model), fixed_rng(H.device, seed, training), H._differentiable():
+            loss = H.loss_fn(H.model(x), y)
+            gs = torch.autograd.grad(loss, H.params, allow_unused=True)
+        for acc, g in zip(grads, gs, strict=True):
+            if g is not None:
+                acc.add_(g.detach(), alpha=float(n))
+        total += n
+    return [g / total for g in grads]
+
+
+def effective_hessian(
+    H: HessianOperator, optimizer: Any, grad: Tensor | Sequence[Tensor] | None = None
+) -> EffectiveHessian:
+    r"""The effective Hessian :math:`H + (\rho/c) H M H` of ``optimizer``'s sharpness-aware step.
+
+    Args:
+        H: the Hessian of the loss (a :class:`~samkit.curvature.HessianOperator`) over exactly
+            the parameters ``optimizer`` steps (``requires_grad`` ones).
+        optimizer: a sharpness-aware optimizer whose ascent declares an effective-Hessian form
+            (``optimizer.ascent.effective``: SAM, USAM, ASAM with p = 2, Fisher SAM, and any
+            registered ascent that declares one). Per-group ρ, ``eta`` and ``normalize`` are
+            read from its param groups now; GSAM's current :math:`\rho_t` is ``group["rho"]``.
+        grad: :math:`g = \nabla L(w)` (flat or parameter-shaped), if already computed on
+            ``H``'s data; default: computed from ``H``'s data at the current weights.
+
+    Returns:
+        An :class:`EffectiveHessian` (``@``, ``.shape``, ``to_scipy()``, ``matmat`` through
+        ``@`` on a ``(d, k)`` matrix, counted products), usable with
+        :func:`~samkit.curvature.top_eigenvalues`.
+
+    Note:
+        Only the ascent is linearised. For an optimizer whose descent rewrites the step (GSAM's
+        gap term :math:`-\alpha g_\perp`, LookSAM's reuse of :math:`g_v`) the operator is that
+        of its ascent alone, i.e. of the plain step with the same ε; the note of the returned
+        operator says so.
+
+    Raises:
+        ValueError: for an optimizer without a form (the reason is in the message: ASAM with
+            p = ∞, FriendlySAM, ESAM, ...), or an ``H`` over other parameters.
+    """
+    from samkit.optim.ascents import effective_note
+    from samkit.optim.base import SharpnessAwareOptimizer
+
+    if not isinstance(H, HessianOperator):
+        raise ValueError(
+            f"Invalid H: {type(H).__name__} (allowed: a HessianOperator, whose data and "
+            "parameters give g)"
+        )
+    if not isinstance(optimizer, SharpnessAwareOptimizer):
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware "
+            "optimizer; for a plain one the effective Hessian is H itself)"
+        )
+    why = effective_note(optimizer)
+    if why:
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} has no effective form: {why}"
+        )
+    position = {id(p): i for i, p in enumerate(H.params)}
+    groups_params, seen = [], set()
+    for group in optimizer.param_groups:
+        ps = [p for p in group["params"] if p.requires_grad]
+        for p in ps:
+            if id(p) not in position:
+                raise ValueError(
+                    "Invalid H: the optimizer steps a parameter of shape "
+                    f"{tuple(p.shape)} that H does not differentiate (allowed: H over exactly "
+                    "the optimizer's parameters, so that c spans the same g)"
+                )
+            seen.add(id(p))
+        groups_params.append(ps)
+    if len(seen) != len(H.params):
+        raise ValueError("Invalid H: it differentiates parameters the optimizer does not step")
+    if grad is None:
+        flat_grads = _gradient(H)
+    elif isinstance(grad, Tensor):
+        flat_grads = H.unflatten(grad.detach().to(H.device, H.dtype).reshape(-1))
+    else:
+        flat_grads = [g.detach().to(H.device, H.dtype) for g in grad]
+        H.flatten(flat_grads)  # checks the shapes
+    grads = [[flat_grads[position[id(p)]] for p in ps] for ps in groups_params]
+    with torch.no_grad():
+        diag = optimizer.ascent.effective(optimizer, groups_params, grads)
+    ordered: list[Tensor | None] = [None] * len(H.params)
+    flat_params = [p for ps in groups_params for p in ps]
+    for p, d in zip(flat_params, diag, strict=True):
+        ordered[position[id(p)]] = d.reshape(-1)
+    scale = torch.cat([d.to(H.device, H.dtype) for d in ordered])
+    from samkit.stability import _descent_rewrites
+
+    note = f"{optimizer.ascent.name}: H + (rho/c) H M H"
+    rewrites = _descent_rewrites(optimizer)
+    if rewrites:
+        name = type(optimizer).__name__
+        note += f" (the ascent only: {name}'s {', '.join(rewrites)} not included)"
+    return EffectiveHessian(H, scale, note=note)

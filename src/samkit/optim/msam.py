@@ -1,0 +1,216 @@
+r"""MSAM: momentum-SAM, sharpness-aware minimization at SGD's cost (Becker et al. 2024)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from samkit.optim import kernels
+from samkit.optim._validation import check_non_negative
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer, _not_compiled
+
+# where the base optimizers keep the direction they step along (SGD: -lr v; Adam: m)
+_BUFFER_KEYS = ("momentum_buffer", "exp_avg")
+
+
+class MSAM(SharpnessAwareOptimizer):
+    r"""Momentum-SAM: perturb along the negative momentum, one forward-backward pass per step.
+
+    With the base optimizer's momentum buffer :math:`v_t` (SGD's ``momentum_buffer``, whose step
+    is :math:`-\gamma v` at the learning rate :math:`\gamma` = ``lr``; Adam's first moment
+    ``exp_avg``), each step is
+
+    .. math::
+        \tilde w_t = w_t - \rho \frac{v_t}{\|v_t\|_2}, \qquad
+        g_t = \nabla L(\tilde w_t), \qquad
+        w_{t+1} = \mathrm{base\_step}(w_t, g_t)
+
+    (for SGD: :math:`v_{t+1} = \mu v_t + g_t`, :math:`w_{t+1} = w_t - \gamma v_{t+1}`). The
+    momentum points down the loss, so :math:`-v_t` is an ascent direction found for free: the
+    step costs **one** forward-backward pass, at :math:`\tilde w_t`. ``step(closure)`` moves to
+    :math:`\tilde w_t`, runs the closure once and restores :math:`w_t` bit for bit before the
+    base step, so between steps the model holds the unperturbed weights: evaluation,
+    checkpoints and LR schedulers need nothing special. A zero (or absent) buffer gives
+    :math:`\epsilon = 0`, so the first step is a base step; ``rho=0`` is the base optimizer bit
+    for bit.
+
+    Differences from the official code (MarlonBecker/MSAM, ``optimizer/msam.py``), which keeps
+    the model at :math:`\tilde w` between steps and needs ``move_back_from_momentumAscent()``
+    before evaluation:
+
+    * the trajectory of :math:`w` is the same, but the returned loss is the loss at
+      :math:`\tilde w_t` (the one pass there is), as the official code logs it;
+    * torch's SGD adds weight decay at :math:`w_t`, the official code at :math:`\tilde w_t`;
+    * the norm :math:`\|v_t\|` spans every param group (the official code allows one group) and
+      ``rho`` may differ per group; zero buffers give ε = 0 exactly (official: ``1e-12``);
+    * over a base without a buffer (SGD with ``momentum=0``) :math:`v_t` is the last step's
+      gradient (the official code's buffer with μ = 0), kept by MSAM (``state["msam_last_grad"]``).
+
+    Defaults: ``rho=0.3`` as the official constructor; its README trains CIFAR-100 and ImageNet
+    with ``rho=3`` (a step :math:`\rho v/\|v\|` much larger than SAM's ρ), SGD momentum 0.9.
+
+    Notes:
+        * Under AMP the gradient is unscaled, clipped to ``max_grad_norm`` and stepped through
+          ``scaler.step`` as for every samkit optimizer; a non-finite pass skips the step and
+          leaves :math:`w` and the buffers untouched.
+        * BatchNorm: the one pass is the pass of the step, so its running statistics are
+          updated (``is_perturbed`` is False while it runs; closures must not leave them alone).
+        * Not for per-micro-batch or per-replica perturbation (``step_rewrites`` says so).
+
+    Args:
+        base_optimizer: the optimizer that takes the descent step (SGD with momentum, Adam,
+            AdamW, ...).
+        rho: the radius ρ of the step along the momentum (>= 0).
+
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`.
+
+    References:
+        M. Becker, F. Altrock, B. Risse. Momentum-SAM: Sharpness Aware Minimization without
+        Computational Overhead. arXiv:2401.12033, 2024.
+    """
+
+    _one_pass_only = True  # every step is one pass: a step schedule would be ignored
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.3,
+        *,
+        max_grad_norm: float | None = None,
+        skip_non_finite: bool = False,
+    ) -> None:
+        check_non_negative("rho", rho)
+        super().__init__(
+            base_optimizer, dict(rho=rho), max_grad_norm=max_grad_norm,
+            skip_non_finite=skip_non_finite,
+        )  # fmt: skip
+        self.passes = 0  # forward-backward passes run by step()
+
+    @property
+    def is_perturbed(self) -> bool:
+        """Always False: MSAM's one pass per step is the step's pass (BatchNorm statistics and
+        metrics are taken there), even though it runs at :math:`\\tilde w`."""
+        return False
+
+    def step_rewrites(self) -> str | None:
+        return "perturbs along the momentum before its one pass (MSAM)"
+
+    def _direction(self, p: Tensor) -> Tensor | None:
+        state = self.base_optimizer.state.get(p, {})
+        for key in _BUFFER_KEYS:
+            if isinstance(state.get(key), Tensor):
+                return state[key]
+        return self.state[p].get("msam_last_grad")
+
+    @_not_compiled
+    @torch.no_grad()
+    def perturb(self) -> None:
+        r"""Move to :math:`\tilde w = w - \rho v / \|v\|` (the weights are saved for
+        :meth:`restore`). The explicit form of a step is ``opt.perturb()``, forward and backward,
+        ``opt.descend()``."""
+        if self._perturbed is not None:
+            raise RuntimeError("perturb() was called twice without descend() in between")
+        self._fill_defaults()
+        buckets = []
+        for group in self.param_groups:
+            check_non_negative("rho", group["rho"])
+            ps, vs, backups = [], [], []
+            for p in group["params"]:
+                v = self._direction(p) if p.requires_grad else None
+                if v is None:
+                    continue
+                state = self.state[p]
+                if "w_backup" not in state:
+                    state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                ps.append(p)
+                vs.append(v)
+                backups.append(state["w_backup"])
+            for lists in kernels.group_by_device_and_dtype(ps, vs, backups) if ps else []:
+                buckets.append(Bucket(group, *lists))
+        norm = kernels.global_sq_norm(b.grads for b in buckets)
+        for b in buckets:
+            coef = -kernels.safe_ratio(b.group["rho"], norm.sqrt().to(b.grads[0].device))
+            eps = torch._foreach_mul(b.grads, kernels.scale_for(coef, b.grads[0]))
+            kernels.perturb_(b.params, eps, b.backups)
+        self._perturbed = buckets
+
+    @_not_compiled
+    @torch.no_grad()
+    def descend(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore ``w`` and take the base step with the gradient of the pass at
+        :math:`\\tilde w` (unscaled, clipped, through ``scaler.step`` when a scaler is given)."""
+        self.restore()
+        buckets = self._buckets()
+        use_scaler = scaler is not None and scaler.is_enabled()
+        self._first_pass_finite = None
+        if use_scaler:
+            self._unscale_(scaler)
+        self._clip_(buckets)
+        if not use_scaler and self.skip_non_finite and buckets and not self._all_finite(buckets):
+            self.skipped_steps += 1
+            return
+        self._keep_last_grads(buckets)
+        self._base_step(scaler, buckets)
+
+    def _keep_last_grads(self, buckets: list[Bucket]) -> None:
+        """For a base without a momentum buffer: keep the gradient as :math:`v` (a non-finite
+        one leaves the old :math:`v`; no host sync)."""
+        for b in buckets:
+            for p, g in zip(b.params, b.grads, strict=True):
+                state = self.base_optimizer.state.get(p, {})
+                if any(isinstance(state.get(k), Tensor) for k in _BUFFER_KEYS):
+                    continue
+                mine = self.state[p]
+                if "msam_last_grad" not in mine:
+                    mine["msam_last_grad"] = torch.zeros_like(p)
+                finite = torch.isfinite(g).all()
+                mine["msam_last_grad"].copy_(torch.where(finite, g, mine["msam_last_grad"]))
+
+    def first_step(self, zero_grad: bool = True, scaler=None) -> bool:
+        raise RuntimeError(
+            "MSAM takes one pass per step: call opt.step(closure), or opt.perturb(), the "
+            "forward and backward pass, then opt.descend()"
+        )
+
+    def second_step(self, zero_grad: bool = False, scaler=None) -> None:
+        self.first_step()
+
+    @_not_compiled
+    def step(self, closure=None, scaler: torch.amp.GradScaler | None = None):
+        """One MSAM step: ``closure`` (zero_grad, forward, backward, return the loss) runs once,
+        at :math:`\\tilde w`; returns its loss."""
+        if closure is None:
+            raise ValueError(
+                "MSAM.step() needs a closure that zeroes the gradients, runs forward and "
+                "backward and returns the loss (it is called once); or call perturb(), the "
+                "pass, then descend()"
+            )
+        self.perturb()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        if loss is None:
+            self.restore()
+            raise ValueError(
+                "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
+            )
+        self.passes += 1
+        self.descend(scaler)
+        return loss
+
+    def _global_state_dict(self) -> dict[str, Any]:
+        return {**super()._global_state_dict(), "msam_passes": self.passes}
+
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        super()._load_global_state_dict(state)
+        self.passes = int(state.get("msam_passes", 0))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("passes", 0)
