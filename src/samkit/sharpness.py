@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
+from samkit.curvature._data import Batches, LossFn, resolve_params
+from samkit.curvature.operator import loss_and_gradient
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_non_negative
 
@@ -79,7 +80,9 @@ def _check_m(m) -> int | None:
 
 
 class _Objective:
-    """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches."""
+    """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches: the
+    operator base's :func:`~samkit.curvature.operator.loss_and_gradient`, counted, and a
+    non-finite loss refused."""
 
     def __init__(self, model, loss_fn, params, batches, seed):
         self.model, self.loss_fn, self.params = model, loss_fn, params
@@ -87,25 +90,10 @@ class _Objective:
         self.evaluations = 0
 
     def __call__(self) -> tuple[float, list[Tensor]]:
-        total = 0
-        loss_sum: Tensor | None = None
-        grads = [torch.zeros_like(p) for p in self.params]
-        training = self.model.training
-        device = self.params[0].device
-        for b, (x, y, n) in enumerate(self.batches):
-            with untouched(self.model), fixed_rng(device, self.seed + b, training):
-                with torch.enable_grad():
-                    loss = self.loss_fn(self.model(x), y)
-                    gs = torch.autograd.grad(loss, self.params, allow_unused=True)
-            used = [(acc, g) for acc, g in zip(grads, gs, strict=True) if g is not None]
-            if used:
-                torch._foreach_add_([a for a, _ in used], [g for _, g in used], alpha=float(n))
-            part = loss.detach().to(torch.float64) * n
-            loss_sum = part if loss_sum is None else loss_sum + part
-            total += n
-        torch._foreach_div_(grads, float(total))
+        value, grads = loss_and_gradient(
+            self.model, self.loss_fn, self.params, self.batches, self.seed
+        )
         self.evaluations += 1
-        value = float(loss_sum) / total
         if not math.isfinite(value):
             raise ValueError(f"Invalid loss: {value} at the weights being evaluated (not finite)")
         return value, grads

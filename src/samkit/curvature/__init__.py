@@ -1,6 +1,7 @@
-"""Curvature of a loss from Hessian-vector products: the Hessian as a linear operator, its top
-eigenvalues (Lanczos, power iteration), its trace (Hutchinson), its spectral density (stochastic
-Lanczos quadrature) and the Adam-preconditioned Hessian.
+"""Curvature of a loss from Hessian-vector products: the Hessian and the Gauss-Newton matrix as
+linear operators on one base, their top eigenvalues (Lanczos, power iteration), trace
+(Hutchinson), spectral density (stochastic Lanczos quadrature) and the Adam-preconditioned
+Hessian.
 
 >>> from samkit.curvature import HessianOperator, top_eigenvalues, hessian_trace
 >>> H = HessianOperator(model.eval(), nn.CrossEntropyLoss(), (x, y))
@@ -13,12 +14,21 @@ from samkit.curvature.adam import PreconditionedOperator, adam_preconditioned
 from samkit.curvature.density import SpectralDensity, plot_spectral_density, spectral_density
 from samkit.curvature.effective import EffectiveHessian, effective_hessian
 from samkit.curvature.eigen import EigenResult, top_eigenvalues
-from samkit.curvature.operator import HessianOperator, LinearOperator, MatrixOperator
+from samkit.curvature.ggn import GGNOperator
+from samkit.curvature.operator import (
+    CurvatureOperator,
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+    loss_and_gradient,
+)
 from samkit.curvature.trace import TraceResult, hessian_trace
 
 __all__ = [
+    "CurvatureOperator",
     "EffectiveHessian",
     "EigenResult",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -28,6 +38,7 @@ __all__ = [
     "adam_preconditioned",
     "effective_hessian",
     "hessian_trace",
+    "loss_and_gradient",
     "plot_spectral_density",
     "spectral_density",
     "top_eigenvalues",

@@ -420,39 +420,15 @@ class EdgeTracker(Callback):
         self, model: nn.Module, params: list[Tensor], batches: list[tuple[Any, Any]],
         shift: Tensor | None = None,
     ) -> tuple[float, Tensor]:
-        """Mean loss and flat gradient over ``batches`` at ``w + shift``; the weights are put
-        back exactly and ``.grad`` is not touched."""
-        from samkit.curvature._data import fixed_rng, to_device, untouched
+        """Mean loss and flat gradient over ``batches`` at ``w + shift``: the operator base's
+        :func:`~samkit.curvature.operator.loss_and_gradient` (the weights are put back
+        exactly and ``.grad`` is not touched)."""
+        from samkit.curvature._data import Batches
+        from samkit.curvature.operator import loss_and_gradient
 
-        device = params[0].device
-        backup = [p.detach().clone() for p in params] if shift is not None else None
-        total = sum(_size(x, y) for x, y in batches)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
-        try:
-            if shift is not None:
-                with torch.no_grad():
-                    offset = 0
-                    for p in params:
-                        p.add_(shift[offset : offset + p.numel()].view_as(p))
-                        offset += p.numel()
-            for b, (x, y) in enumerate(batches):
-                x, y = to_device(x, device), to_device(y, device)
-                weight = _size(x, y) / total
-                with untouched(model), fixed_rng(device, self.seed + b, model.training), \
-                        torch.enable_grad():
-                    loss = self.loss_fn(model(x), y)
-                    gs = torch.autograd.grad(loss, params, allow_unused=True)
-                loss_sum += loss.detach().double() * weight
-                flat = _flat([torch.zeros_like(p) if g is None else g for p, g in
-                              zip(params, gs, strict=True)])
-                grad.add_(flat, alpha=weight)
-        finally:
-            if backup is not None:
-                with torch.no_grad():
-                    for p, w in zip(params, backup, strict=True):
-                        p.copy_(w)
-        return float(loss_sum), grad.detach()
+        loss, grads = loss_and_gradient(model, self.loss_fn, params,
+                                        Batches(batches, params[0].device), self.seed, shift)
+        return loss, _flat(grads).detach()
 
     def _effective(self, H: Any, optimizer: Optimizer, grad: Tensor, P: Any):
         r"""λ_max of the effective Hessian (of :math:`D H_\mathrm{eff} D` with Adam's
