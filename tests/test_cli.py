@@ -127,4 +127,5 @@ def test_console_script_help():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "samkit.cli"]
     out = subprocess.run([*cmd, "compare", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "100"}, check=True).stdout
-    assert "samkit compare --label-noise 0.4" in out
+    assert "  samkit compare --label-noise 0\n" in out  # the clean-label example
+    assert "--equal-budget" in out
