@@ -26,7 +26,7 @@ data:
 	else echo "samkit: Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist, or set SAMKIT_DATA); the demo will use scikit-learn's digits"; fi
 
 demo: $(STAMP) data
-	$(VENV)/bin/samkit compare --overwrite
+	$(VENV)/bin/samkit compare --overwrite --jobs 2
 
 test: $(STAMP) data
 	$(PY) -m pytest -q

@@ -468,7 +468,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tupl
     for name in names:
         f = fields[name]
         text = (helps or {}).get(name) or f.metadata.get("help", "")
-        options = [o for o in _options(hints[name]) if o is not type(None)]
+        all_options = _options(hints[name])
+        options = [o for o in all_options if o is not type(None)]
+        optional = len(options) < len(all_options) and typ_is_not_str(options)
         typ = options[0] if options else str
         kwargs: dict[str, Any] = {"dest": f"{prefix}{name}", "default": None, "help": text}
         if typ is bool:
@@ -477,11 +479,34 @@ def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tupl
             item = (typing.get_args(typ) or (float,))[0]
             kwargs.update(type=_cli_type(item), nargs="*", metavar=name.upper().rstrip("S"))
         else:
-            kwargs.update(type=_cli_type(typ), metavar=name.upper())
+            kwargs.update(type=_cli_type(typ, optional), metavar=name.upper())
         parser.add_argument(*flag_names(f), **kwargs)
 
 
-def _cli_type(typ: Any):
+def typ_is_not_str(options: list[Any]) -> bool:
+    """A ``none`` flag value means None only for non-text fields (a path may be "none")."""
+    return bool(options) and options[0] is not str
+
+
+class _NoneGiven:
+    """The value of an optional field's flag given as ``none`` (None itself means "not
+    given")."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
+def _cli_type(typ: Any, optional: bool = False):
+    if optional:  # --budget none: the field's None, told apart from a flag not given
+        inner = _cli_type(typ)
+
+        def maybe(text: str) -> Any:
+            return NONE_GIVEN if text.strip().lower() == "none" else inner(text)
+        maybe.__name__ = getattr(inner, "__name__", "value")
+        return maybe
     if typ is float:
         def number(text: str) -> float:
             value = _number(text)
@@ -496,7 +521,7 @@ def _cli_type(typ: Any):
 def flag_values(args: argparse.Namespace, prefix: str = "cfg_") -> dict[str, Any]:
     """The config values given as flags (those :func:`add_flags` generated with ``prefix``);
     a switch that was not given is left out."""
-    return {k[len(prefix):]: tuple(v) if isinstance(v, list) else v
+    return {k[len(prefix):]: tuple(v) if isinstance(v, list) else None if v is NONE_GIVEN else v
             for k, v in vars(args).items()
             if k.startswith(prefix) and v is not None and v is not False}
 

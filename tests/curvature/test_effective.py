@@ -174,3 +174,79 @@ def test_optimizers_without_a_form_say_why():
     H_part = HessianOperator(model, LOSS, (x, y), params=first)
     with pytest.raises(ValueError, match="does not differentiate"):
         effective_hessian(H_part, samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+# --------------------------------------------------------------------------- on λ₁'s Krylov space
+
+
+def test_keep_basis_returns_an_orthonormal_q_and_exactly_a_q():
+    model, (x, y) = tiny_mlp(), mlp_data()
+    H = HessianOperator(model, LOSS, (x, y))
+    dense = dense_hessian(model, LOSS, x, y)
+    for max_basis in (None, 12):  # 12: the run restarts, the relation must survive it
+        top = top_eigenvalues(H, k=1, tol=1e-10, keep_basis=True, max_basis=max_basis,
+                              block_size=2)
+        q, g = top.basis, top.image
+        assert q.shape == g.shape and q.shape[0] == dense.shape[0] and q.shape[1] >= 2
+        eye = torch.eye(q.shape[1], dtype=q.dtype)
+        assert torch.allclose(q.T @ q, eye, atol=1e-10)
+        assert torch.allclose(g, dense @ q, atol=1e-9)
+    assert top_eigenvalues(H, k=1, tol=1e-6).basis is None  # only on request
+
+
+@pytest.mark.parametrize("ascent", ["sam", "usam"])
+def test_sam_effective_top_from_lambda1s_krylov_space_costs_one_product(ascent):
+    """For SAM/USAM, H_eff = H + cH² is a polynomial in H: Rayleigh-Ritz on the space of H's
+    own Lanczos run gives λ_max(H_eff) (dense float64 reference) for one product of H."""
+    from samkit.curvature.effective import effective_top_on_krylov, is_polynomial_in_h
+
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = samkit.create_optimizer(ascent, model, lr=0.05, rho=0.1)
+    H = HessianOperator(model, LOSS, (x, y))
+    Heff = effective_hessian(H, opt)
+    assert is_polynomial_in_h(Heff)
+    dense_eff = Heff @ torch.eye(Heff.shape[0], dtype=torch.float64)
+    exact = float(torch.linalg.eigvalsh(0.5 * (dense_eff + dense_eff.T))[-1])
+    top = top_eigenvalues(H, k=1, tol=1e-8, keep_basis=True, block_size=2)
+    before = H.matvecs
+    pair = effective_top_on_krylov(Heff, top, tol=1e-6)
+    assert H.matvecs - before == 1 and pair.matvecs == 1
+    assert pair.converged and pair.method == "rayleigh-ritz"
+    assert float(pair.values[0]) == pytest.approx(exact, rel=1e-6)
+    # the bound is honest: the value is within it of an eigenvalue of H_eff
+    eigs = torch.linalg.eigvalsh(0.5 * (dense_eff + dense_eff.T))
+    assert float((eigs - pair.values[0]).abs().min()) <= float(pair.error_bounds[0]) + 1e-12
+    u = pair.vectors[:, 0]
+    assert float((dense_eff @ u - pair.values[0] * u).norm()) == pytest.approx(
+        float(pair.residuals[0]), rel=1e-6, abs=1e-12)
+
+
+def test_asam_pair_on_hs_krylov_space_is_not_taken_as_the_top_without_lanczos():
+    """For ASAM (D not a multiple of I) the pair's residual is still exact, and the form is
+    flagged as not a polynomial in H: the tracker only uses it as a warm start."""
+    from samkit.curvature.effective import effective_top_on_krylov, is_polynomial_in_h
+
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = samkit.ASAM(torch.optim.SGD(groups(model), lr=0.05), rho=0.5)
+    H = HessianOperator(model, LOSS, (x, y))
+    Heff = effective_hessian(H, opt)
+    assert not is_polynomial_in_h(Heff)
+    dense_eff = Heff @ torch.eye(Heff.shape[0], dtype=torch.float64)
+    dense_eff = 0.5 * (dense_eff + dense_eff.T)
+    top = top_eigenvalues(H, k=1, tol=1e-8, keep_basis=True, block_size=2, min_dim=6)
+    pair = effective_top_on_krylov(Heff, top, tol=1e-6)
+    u = pair.vectors[:, 0]
+    assert float((dense_eff @ u - pair.values[0] * u).norm()) == pytest.approx(
+        float(pair.residuals[0]), rel=1e-6, abs=1e-12)
+    # a Rayleigh quotient: never above the true top
+    assert float(pair.values[0]) <= float(torch.linalg.eigvalsh(dense_eff)[-1]) * (1 + 1e-12)
+
+
+def test_effective_top_on_krylov_needs_the_basis():
+    from samkit.curvature.effective import effective_top_on_krylov
+
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = samkit.create_optimizer("sam", model, lr=0.05, rho=0.1)
+    H = HessianOperator(model, LOSS, (x, y))
+    with pytest.raises(ValueError, match="keep_basis=True"):
+        effective_top_on_krylov(effective_hessian(H, opt), top_eigenvalues(H, tol=1e-6), 1e-6)

@@ -126,3 +126,38 @@ def test_real_fashion_mnist_compare(tmp_path):
     for row in rows.values():
         assert row["final_acc"][0] > 0.75  # an MLP on 3,000 examples, 3 epochs: about 80%
     assert (tmp_path / "fm" / "report.md").exists()
+
+
+def test_jobs_train_the_same_runs_in_two_processes(tmp_path):
+    """--jobs 2 trains the runs in two spawned processes: the same numbers as one at a time
+    (each run is seeded and single-threaded), in the same order."""
+    from samkit.experiments.budget import CompareOptions
+
+    base = DEFAULT.replace(dataset="digits", subset=None, epochs=2, batch_size=64,
+                           out_dir=str(tmp_path), label_noise=0.0)
+    results = {}
+    for jobs in (1, 2):
+        result = run_compare(base, ["sgd", "sam"], [0, 1], name=f"j{jobs}", verbose=0,
+                             options=CompareOptions(jobs=jobs))
+        results[jobs] = [(r.label, r.seed, r.records[-1]["test_acc"], r.records[-1]["train_loss"])
+                         for r in result.runs]
+    assert results[1] == results[2]
+    assert [(label, seed) for label, seed, *_ in results[2]] == [
+        ("sgd", 0), ("sgd", 1), ("sam", 0), ("sam", 1)]
+
+
+def _fail_on_two(task):
+    if task == 2:
+        raise ValueError("task 2 failed")
+    return task * 10
+
+
+def test_map_jobs_keeps_the_order_and_raises_the_first_error():
+    from samkit.experiments.base import map_jobs
+
+    assert map_jobs(_fail_on_two, [0, 1, 3], jobs=1) == [0, 10, 30]
+    assert map_jobs(_fail_on_two, [0, 1, 3, 4], jobs=2) == [0, 10, 30, 40]
+    with pytest.raises(ValueError, match="task 2 failed"):
+        map_jobs(_fail_on_two, [0, 2, 3], jobs=2)
+    with pytest.raises(ValueError, match="Invalid jobs"):
+        map_jobs(_fail_on_two, [0], jobs=0)

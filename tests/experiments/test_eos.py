@@ -97,7 +97,8 @@ def _check_run_dir(run_dir, labels, steps, every):
 
 def test_cli_smoke_full_batch(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--subset", "96", "--width", "16", "--steps", "6",
-            "--every", "3", "--lr", "0.05", "--rho", "0.05", "--out-dir", str(tmp_path),
+            "--every", "3", "--budget", "none",
+            "--lr", "0.05", "--rho", "0.05", "--out-dir", str(tmp_path),
             "--name", "smoke", "--threads", "1"]
     from samkit.cli import main
 
@@ -113,7 +114,8 @@ def test_cli_smoke_transformer_minibatch_sam(tmp_path, capsys):
     text = tmp_path / "input.txt"
     text.write_text("to be or not to be, that is the question. " * 40)
     argv = ["--text", str(text), "--seq-len", "8", "--batch-size", "8", "--probe-size", "16",
-            "--width", "16", "--depth", "1", "--steps", "2", "--every", "1", "--lr", "0.1",
+            "--width", "16", "--depth", "1", "--steps", "2", "--every", "1", "--budget", "none",
+            "--lr", "0.1",
             "--rho", "0.05", "--no-gd", "--out-dir", str(tmp_path), "--name", "text", "--quiet",
             "--threads", "1"]
     assert eos.main(argv) == 0

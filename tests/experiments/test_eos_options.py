@@ -78,7 +78,8 @@ def test_preset_under_the_flags():
 
 def test_top_k_and_preset_smoke(tmp_path):
     argv = ["--preset", "long-bartlett", "--dataset", "synthetic", "--subset", "64",
-            "--width", "12", "--steps", "4", "--every", "2", "--k", "2", "--out-dir",
+            "--width", "12", "--steps", "4", "--every", "2", "--budget", "none",
+            "--k", "2", "--out-dir",
             str(tmp_path), "--name", "lb", "--threads", "1", "--quiet"]
     assert eos.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "lb/sam-lr0.8-rho0.1/edge.jsonl").open()]
@@ -93,7 +94,8 @@ def test_transformer_measured_on_the_current_minibatch(tmp_path):
     text = tmp_path / "input.txt"
     text.write_text("to be or not to be, that is the question. " * 40)
     argv = ["--text", str(text), "--seq-len", "8", "--batch-size", "8", "--width", "16",
-            "--depth", "1", "--steps", "3", "--every", "1", "--lr", "0.1", "--rho", "0.05",
+            "--depth", "1", "--steps", "3", "--every", "1", "--budget", "none",
+            "--lr", "0.1", "--rho", "0.05",
             "--no-gd", "--measure-on", "batch", "--out-dir", str(tmp_path), "--name", "mb",
             "--quiet", "--threads", "1"]
     assert eos.main(argv) == 0
@@ -111,7 +113,8 @@ def test_transformer_measured_on_the_current_minibatch(tmp_path):
 
 def test_adam_runs_against_the_preconditioned_edge(tmp_path):
     argv = ["--dataset", "synthetic", "--subset", "64", "--width", "12", "--steps", "4",
-            "--every", "2", "--optimizer", "adam", "--lr", "0.01", "--beta1", "0.8",
+            "--every", "2", "--budget", "none",
+            "--optimizer", "adam", "--lr", "0.01", "--beta1", "0.8",
             "--out-dir", str(tmp_path), "--name", "adam", "--threads", "1", "--quiet"]
     assert eos.main(argv) == 0
     summary = json.loads((tmp_path / "adam/summary.json").read_text())
@@ -126,7 +129,8 @@ def test_adam_runs_against_the_preconditioned_edge(tmp_path):
 
 def test_asam_is_judged_by_the_effective_hessian(tmp_path):
     argv = ["--dataset", "synthetic", "--subset", "64", "--width", "8", "--steps", "4",
-            "--every", "2", "--ascent", "asam", "--rho", "0.5", "--no-gd", "--out-dir",
+            "--every", "2", "--budget", "none",
+            "--ascent", "asam", "--rho", "0.5", "--no-gd", "--out-dir",
             str(tmp_path), "--name", "asam", "--threads", "1", "--quiet"]
     assert eos.main(argv) == 0
     summary = json.loads((tmp_path / "asam/summary.json").read_text())["runs"][0]

@@ -144,7 +144,7 @@ def test_edge_tracker_callback_under_sam_trainer(tmp_path, monkeypatch):
     data = _dataset()
     probe = data[:4]
     seen = _Seen()
-    edge = EdgeTrackerCallback(probe, every=2, tol=1e-5, max_iter=200)
+    edge = EdgeTrackerCallback(probe, every=2, budget=None, tol=1e-5, max_iter=200)
     model = _eager_model()
     batch = {k: torch.stack([d[k] for d in probe]) for k in probe[0]}
     top0 = _top_by_scipy(_eager_model(), batch)
@@ -168,7 +168,7 @@ def test_edge_tracker_callback_under_sam_trainer(tmp_path, monkeypatch):
 def test_edge_tracker_callback_plain_trainer_and_bad_probe(tmp_path):
     from samkit.integrations.huggingface import EdgeTrackerCallback
 
-    edge = EdgeTrackerCallback(_dataset()[:4], every=3)
+    edge = EdgeTrackerCallback(_dataset()[:4], every=3, budget=None)
     trainer = transformers.Trainer(model=_eager_model(), args=_args(tmp_path, max_steps=3),
                                    train_dataset=_dataset(), callbacks=[edge])
     trainer.train()  # not attached: the rows go to log_history

@@ -141,7 +141,7 @@ def test_edge_tracker_callback_logs_lambda1_edge_ratio(on_batch, tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     module = Tiny("sam")
     probe = None if on_batch else (x, y)
-    callback = EdgeTrackerCallback(probe, nn.functional.cross_entropy, every=2,
+    callback = EdgeTrackerCallback(probe, nn.functional.cross_entropy, every=2, budget=None,
                                    model=lambda m: m.net, tol=1e-8, max_iter=200,
                                    path=tmp_path / "edge.jsonl")
     logger = _Recorder()

@@ -52,7 +52,7 @@ def test_exact_lambda_gradient_and_alignments():
     model, x, y = linear_problem()
     g, H, lam, v = dense(model, x, y)
     rho = 0.1
-    tracker = EdgeTracker((x, y), mse, every=1, rho=rho, tol=1e-8)
+    tracker = EdgeTracker((x, y), mse, every=1, budget=None, rho=rho, tol=1e-8)
     row = tracker.record(0, model, sgd(model, lr=0.01))
     assert row["lambda1"] == pytest.approx(lam, rel=1e-7)
     assert row["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-10)
@@ -78,7 +78,7 @@ def test_sam_gradient_aligns_more_than_the_gradient():
 
 def test_warm_start_rows_are_exact_and_counted():
     model, x, y = linear_problem(d=20)
-    tracker = EdgeTracker((x, y), mse, every=1, tol=1e-6)
+    tracker = EdgeTracker((x, y), mse, every=1, budget=None, tol=1e-6)
     opt = sgd(model, lr=0.001)
     first = tracker.record(0, model, opt)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_a_crossing_of_the_top_eigenvalues_is_seen():
     x = z * scales @ basis.T  # H = (2/n) B diag(scales²) Bᵀ exactly
     y = torch.randn(n, 1, generator=gen, dtype=torch.float64)
     model = nn.Linear(d, 1, bias=False).double()
-    tracker = EdgeTracker((x, y), mse, every=1, tol=1e-8)
+    tracker = EdgeTracker((x, y), mse, every=1, budget=None, tol=1e-8)
     opt = sgd(model, lr=0.001)
     tracker.record(0, model, opt)
     # swap the two top directions: the old v₁ is now exactly the eigenvector of λ₂
@@ -148,7 +148,7 @@ def test_tracked_sam_run_matches_a_cold_dense_reference_at_every_row(k):
     model, x, y = _tiny_mlp_problem()
     ce = nn.CrossEntropyLoss()
     tol = 1e-8
-    tracker = EdgeTracker((x, y), ce, every=1, tol=tol, k=k)
+    tracker = EdgeTracker((x, y), ce, every=1, budget=None, tol=tol, k=k)
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.5), rho=0.1)
     for step in range(25):
         if tracker.due(step):
@@ -276,7 +276,7 @@ def test_maybe_record_every_k_and_jsonl(tmp_path):
     model, x, y = linear_problem()
     path = tmp_path / "edge.jsonl"
     path.write_text("stale\n")
-    tracker = EdgeTracker((x, y), mse, every=3, path=path)
+    tracker = EdgeTracker((x, y), mse, every=3, budget=None, path=path)
     opt = samkit.SAM(sgd(model, lr=0.01), rho=0.05)
     for t in range(7):
         tracker.maybe_record(t, model, opt)
@@ -339,7 +339,7 @@ def test_trainer_callback(tmp_path):
         schedule="constant",
         out_dir=str(tmp_path), name="edge", checkpoint=False,
     )
-    tracker = EdgeTracker(every=2)
+    tracker = EdgeTracker(every=2, budget=None)
     Trainer(cfg, callbacks=[tracker], verbose=0).fit()
     rows = read_edge_rows(tmp_path / "edge")
     assert [r["step"] for r in rows] == [0, 2, 4]
@@ -355,9 +355,9 @@ def test_trainer_resume_keeps_rows_and_warm_start(tmp_path):
         optimizer="sgd", lr=0.05, momentum=0.0, batch_size=0, schedule="constant",
         out_dir=str(tmp_path), name="edge", checkpoint=True,
     )
-    first = EdgeTracker(every=2)
+    first = EdgeTracker(every=2, budget=None)
     Trainer(TrainConfig(steps=4, **common), callbacks=[first], verbose=0).fit()
-    second = EdgeTracker(every=2)
+    second = EdgeTracker(every=2, budget=None)
     trainer = Trainer(TrainConfig(steps=6, **common), callbacks=[second], resume=True, verbose=0)
     trainer.fit()
     rows = read_edge_rows(tmp_path / "edge" / "edge.jsonl")
@@ -380,7 +380,7 @@ def _asam_dense_heff(model, x, y, rho, eta):
 def test_effective_hessian_rows_for_asam_sam_and_sgd():
     model, x, y = linear_problem()
     g, H, lam, _ = dense(model, x, y)
-    tracker = EdgeTracker((x, y), mse, every=1, tol=1e-9, max_iter=200)
+    tracker = EdgeTracker((x, y), mse, every=1, budget=None, tol=1e-9, max_iter=200)
     lr = 0.01
     asam = samkit.ASAM(sgd(model, lr=lr, momentum=0.9), rho=0.5, eta=0.01)
     row = tracker.record(0, model, asam)
@@ -402,3 +402,95 @@ def test_effective_hessian_rows_for_asam_sam_and_sgd():
     assert plain["base_edge"] == pytest.approx(gd_edge(lr))
     off = EdgeTracker((x, y), mse, every=1, effective=False).record(0, model, asam)
     assert off["lambda_eff"] is None and off["matvecs"] < row["matvecs"]
+
+
+# --------------------------------------------------------------------------- the time budget
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _budgeted_run(monkeypatch, budget, steps=200, step_cost=1.0, measure_cost=2.0, every=1):
+    """A plain loop on a fake clock: each step costs ``step_cost`` seconds, each measurement
+    ``measure_cost`` (the tracker's own accounting, ``_append``, reads the same clock)."""
+    import samkit.train.edge as edge_module
+
+    clock = _Clock()
+    monkeypatch.setattr(edge_module.time, "perf_counter", clock)
+
+    def record(self, step, model, optimizer, batch=None, probe=None):
+        start = clock()
+        clock.now += measure_cost
+        return self._append({"step": int(step)}, start, 10)
+
+    monkeypatch.setattr(EdgeTracker, "record", record)
+    tracker = EdgeTracker((torch.zeros(2, 1), torch.zeros(2, 1)), mse, every=every,
+                          budget=budget)
+    for t in range(steps):
+        tracker.maybe_record(t, None, None)
+        clock.now += step_cost
+    return tracker, clock
+
+
+def test_budget_keeps_the_tracker_within_its_share_of_the_run(monkeypatch):
+    tracker, clock = _budgeted_run(monkeypatch, budget=0.25)
+    cost = tracker.cost()
+    assert cost["share"] <= 0.25 + 1e-12
+    assert cost["share"] == pytest.approx(tracker.seconds / clock.now)
+    # about as many measurements as the budget allows: 2 s each against 1 s steps
+    allowed = 0.25 * clock.now / 2.0
+    assert allowed - 2 <= cost["rows"] <= allowed + 1
+    assert cost["skipped"] == 200 - cost["rows"]
+    assert tracker.rows[0]["step"] == 0  # step 0 is always measured
+    assert "left out to stay within 25 %" in tracker.cost_summary()
+
+
+def test_no_budget_measures_every_due_step(monkeypatch):
+    tracker, _ = _budgeted_run(monkeypatch, budget=None, steps=30, every=3)
+    assert [r["step"] for r in tracker.rows] == list(range(0, 30, 3))
+    assert tracker.skipped == 0 and "left out" not in tracker.cost_summary()
+
+
+def test_cheap_measurements_are_all_taken_within_the_budget(monkeypatch):
+    tracker, _ = _budgeted_run(monkeypatch, budget=0.25, steps=50, every=5, measure_cost=0.5)
+    assert [r["step"] for r in tracker.rows] == list(range(0, 50, 5))  # 0.5 s per 5 s
+    assert tracker.skipped == 0
+
+
+def test_budget_clock_survives_a_resume(monkeypatch):
+    tracker, clock = _budgeted_run(monkeypatch, budget=0.25, steps=100)
+    state = tracker.state_dict()
+    again = EdgeTracker((torch.zeros(2, 1), torch.zeros(2, 1)), mse, every=1, budget=0.25)
+    again.load_state_dict(state)
+    assert again.seconds == tracker.seconds and again.skipped == tracker.skipped
+    assert again.elapsed() == pytest.approx(tracker.elapsed())  # not restarted at zero
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, True, "0.2"])
+def test_invalid_budget(budget):
+    with pytest.raises(ValueError, match="Invalid budget"):
+        EdgeTracker(budget=budget)
+
+
+def test_sam_rows_take_lambda_eff_from_lambda1s_krylov_space():
+    """SAM's λ_max(H_eff) costs one product more than λ₁ alone (not a second Lanczos run), and
+    is exact against the closed form λ₁ + (ρ/‖g‖)λ₁²; ASAM still runs Lanczos on H_eff."""
+    model, x, y = linear_problem(n=64, d=6, k=3)
+    lr = 0.01
+    sam = samkit.SAM(sgd(model, lr=lr), rho=0.1)
+    with_eff = EdgeTracker((x, y), mse, tol=1e-9).record(0, model, sam)
+    without = EdgeTracker((x, y), mse, tol=1e-9, effective=False).record(0, model, sam)
+    g, _, lam, _ = dense(model, x, y)
+    a = 0.1 / g.norm().item()
+    assert with_eff["lambda_eff"] == pytest.approx(lam + a * lam**2, rel=1e-8)
+    assert with_eff["converged"]
+    assert with_eff["matvecs"] == without["matvecs"] + 1
+    asam = samkit.ASAM(sgd(model, lr=lr), rho=0.5, eta=0.01)
+    asam_row = EdgeTracker((x, y), mse, tol=1e-9).record(0, model, asam)
+    asam_plain = EdgeTracker((x, y), mse, tol=1e-9, effective=False).record(0, model, asam)
+    assert asam_row["matvecs"] > asam_plain["matvecs"] + 1

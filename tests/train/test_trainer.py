@@ -354,7 +354,8 @@ def test_edge_tracker_in_the_trainer_measures_where_a_plain_loop_does(tmp_path):
 
     config = cfg(tmp_path, optimizer="sam", steps=4, augment=False, subset=300,
                  model_kwargs={"width": 8, "dropout": 0.0})
-    Trainer(config, callbacks=[Save(), EdgeTracker(every=2, probe_size=64)], verbose=0).fit()
+    tracker = EdgeTracker(every=2, budget=None, probe_size=64)
+    Trainer(config, callbacks=[Save(), tracker], verbose=0).fit()
     rows = read_edge_rows(config.run_dir)
     assert [r["step"] for r in rows] == [0, 2, 4]
     for row in rows[:2]:

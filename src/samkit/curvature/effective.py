@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,3 +182,68 @@ def effective_hessian(
         name = type(optimizer).__name__
         note += f" (the ascent only: {name}'s {', '.join(rewrites)} not included)"
     return EffectiveHessian(H, scale, note=note)
+
+
+def is_polynomial_in_h(Heff: EffectiveHessian) -> bool:
+    """Whether :math:`D` is a multiple of the identity (SAM, USAM): :math:`H_\\mathrm{eff} =
+    H + cH^2` is then a polynomial in :math:`H`, with :math:`H`'s eigenvectors."""
+    scale = Heff.scale
+    return bool(scale.numel() == 0 or torch.equal(scale, scale[:1].expand_as(scale)))
+
+
+def effective_top_on_krylov(Heff: EffectiveHessian, krylov: Any, tol: float) -> Any:
+    r"""The top eigenpair of :math:`H_\mathrm{eff} = H + HDH` by Rayleigh-Ritz on the Krylov
+    space of a Lanczos run on :math:`H` (``top_eigenvalues(H, ..., keep_basis=True)``), for
+    one product of :math:`H`.
+
+    With the run's basis :math:`Q` and :math:`G = HQ` (from the recurrence),
+
+    .. math::
+        Q^\top H_\mathrm{eff} Q = Q^\top G + G^\top D G,
+
+    so the projection costs no products; for its top Ritz pair :math:`(\theta, u = Qs)`,
+    :math:`H_\mathrm{eff}u = Gs + H(D\,Gs)` costs one, and gives the exact residual
+    :math:`r = \|H_\mathrm{eff}u - \theta u\|`. ``converged`` is the same test as
+    :func:`~samkit.curvature.top_eigenvalues`': :math:`r + \sqrt m\,\varepsilon\,\|B\| \le
+    \mathrm{tol}\,|\theta|`, so :math:`\theta` is then within that bound of an eigenvalue of
+    :math:`H_\mathrm{eff}`. That it is the *largest* one rests on the space: for SAM and
+    USAM (:func:`is_polynomial_in_h`) the Krylov space of :math:`H` is one of
+    :math:`H_\mathrm{eff}` too, explored from the same random direction, and
+    :math:`\lambda_{max}(H_\mathrm{eff}) = \max_i \lambda_i + c\lambda_i^2` is reached at an
+    end of :math:`H`'s spectrum, both of which the space resolves; for other :math:`D` the
+    space was not built for :math:`H_\mathrm{eff}`, so use the pair as a warm start.
+
+    Returns:
+        An :class:`~samkit.curvature.EigenResult` (``k = 1``, ``method="rayleigh-ritz"``,
+        ``matvecs = 1``).
+    """
+    from samkit.curvature.eigen import EigenResult
+
+    if krylov.basis is None or krylov.image is None:
+        raise ValueError("Invalid krylov: run top_eigenvalues(..., keep_basis=True) on H first")
+    q, g = krylov.basis, krylov.image
+    if q.shape[0] != Heff.dim:
+        raise ValueError(f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.dim}")
+    qd, gd = q.double(), g.double()
+    projected = qd.T @ gd + gd.T @ (Heff.scale.double()[:, None] * gd)
+    projected = 0.5 * (projected + projected.T)
+    theta, s = torch.linalg.eigh(projected)
+    value, coeffs = float(theta[-1]), s[:, -1:].to(q.dtype)
+    u = q @ coeffs
+    hu = g @ coeffs
+    before = Heff.base.matvecs
+    heff_u = hu + Heff.base @ (Heff.scale[:, None] * hu)
+    products = Heff.base.matvecs - before
+    residual = float(torch.linalg.vector_norm(heff_u - value * u))
+    eps = torch.finfo(q.dtype).eps
+    bound = residual + math.sqrt(q.shape[1]) * eps * float(theta.abs().max())
+    norm = float(torch.linalg.vector_norm(u))
+    return EigenResult(
+        values=torch.tensor([value], dtype=torch.float64),
+        vectors=u / max(norm, torch.finfo(q.dtype).tiny),
+        residuals=torch.tensor([residual], dtype=torch.float64),
+        error_bounds=torch.tensor([bound], dtype=torch.float64),
+        matvecs=products,
+        converged=bound <= tol * abs(value),
+        method="rayleigh-ritz",
+    )

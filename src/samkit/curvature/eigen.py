@@ -55,7 +55,12 @@ class EigenResult:
             stopping test used (the residuals for power iteration).
         matvecs: the products used.
         converged: whether every pair met the tolerance within ``max_iter``.
-        method: ``"lanczos"`` or ``"power"``.
+        method: ``"lanczos"``, ``"power"`` or ``"rayleigh-ritz"``
+            (:func:`samkit.curvature.effective.effective_top_on_krylov`).
+        basis, image: with ``keep_basis=True`` (Lanczos): the orthonormal Krylov basis
+            :math:`Q` (``(d, m)``) of the final space and :math:`AQ` (``(d, m)``, from the
+            recurrence, no extra products), so that another operator built from ``A`` can be
+            projected on the same space; ``None`` otherwise.
     """
 
     values: Tensor
@@ -65,6 +70,8 @@ class EigenResult:
     matvecs: int
     converged: bool
     method: str
+    basis: Tensor | None = None
+    image: Tensor | None = None
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -366,6 +373,7 @@ def _block_lanczos_top(
     min_dim: int,
     max_basis: int,
     lag: int = 0,
+    keep_basis: bool = False,
 ) -> EigenResult:
     r"""Block Lanczos with full reorthogonalization and thick (Krylov-Schur) restarts.
 
@@ -486,6 +494,10 @@ def _block_lanczos_top(
     vectors = vectors / torch.linalg.vector_norm(vectors, dim=0).clamp_min(
         torch.finfo(dtype).tiny
     )
+    basis_q = image = None
+    if keep_basis:  # A Q_m = Q_n C[:n, :m] (the recurrence, restarts included)
+        basis_q = basis.rows(0, m)
+        image = basis.combine(torch.as_tensor(c_mat[:n, :m], dtype=dtype, device=device), n)
     return EigenResult(
         values=torch.as_tensor(state["theta"][sel], dtype=torch.float64),
         vectors=vectors,
@@ -494,6 +506,8 @@ def _block_lanczos_top(
         matvecs=counter.count,
         converged=bool(state["ok"]) and len(sel) == k,
         method="lanczos",
+        basis=basis_q,
+        image=image,
     )
 
 
@@ -603,6 +617,7 @@ def top_eigenvalues(
     block_size: int | None = None,
     min_dim: int | None = None,
     max_basis: int | None = None,
+    keep_basis: bool = False,
 ) -> EigenResult:
     r"""The ``k`` largest eigenvalues of a symmetric operator and their eigenvectors.
 
@@ -657,6 +672,9 @@ def top_eigenvalues(
         max_basis: the most basis vectors kept (memory ``max_basis * d``; default
             ``max(3 * min_dim, k + 3 * block_size)``, at most ``d``); when full, the best
             Ritz vectors are kept and the run goes on (thick restart).
+        keep_basis: Lanczos: also return the final Krylov basis :math:`Q` and :math:`AQ`
+            (``result.basis``, ``result.image``; memory ``2 m d``), e.g. to project an
+            operator built from ``A`` on the same space without new products.
 
     Returns:
         An :class:`EigenResult`: ``values`` (largest first), ``vectors``, ``residuals``,
@@ -691,7 +709,8 @@ def top_eigenvalues(
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
     if method == "lanczos":
         products = 300 * p if max_iter is None else max_iter
-        result = _block_lanczos_top(op, k, tol, which, products, generator, init, p, dims, basis)
+        result = _block_lanczos_top(op, k, tol, which, products, generator, init, p, dims, basis,
+                                    keep_basis=keep_basis)
     else:
         result = _power_top(
             op, k, tol, which, 1000 if max_iter is None else max_iter, generator, init

@@ -222,3 +222,51 @@ def write_json(path: str | Path, value: Any, strict: bool = True) -> Path:
 def write_markdown(path: str | Path, lines: Sequence[str]) -> Path:
     """The report: ``lines`` joined, atomically."""
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------- parallel jobs
+
+_WORKER_SHARED: Any = None  # what a job process was given once (e.g. the data)
+
+
+def _init_worker(shared: Any) -> None:
+    global _WORKER_SHARED
+    _WORKER_SHARED = shared
+
+
+def worker_shared() -> Any:
+    """In a job of :func:`map_jobs`: the ``shared`` value it was started with."""
+    return _WORKER_SHARED
+
+
+def map_jobs(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int = 1,
+             shared: Any = None) -> list[Any]:
+    """``[fn(task) for task in tasks]``, with ``jobs`` tasks at once in separate processes.
+
+    ``fn`` must be a module-level function; ``shared`` (e.g. the data set) is sent once to each
+    process and read there with :func:`worker_shared`. ``jobs == 1`` runs here, in order. The
+    results come back in the order of ``tasks``; the first error stops the pool (the tasks
+    not started are cancelled) and is raised here. Processes are spawned, not forked, so a
+    job never inherits threads or a CUDA context.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"Invalid jobs: {jobs!r} (allowed: an integer >= 1)")
+    if jobs == 1 or len(tasks) <= 1:
+        previous = _WORKER_SHARED
+        _init_worker(shared)
+        try:
+            return [fn(task) for task in tasks]
+        finally:
+            _init_worker(previous)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
+                             initializer=_init_worker, initargs=(shared,)) as pool:
+        futures = [pool.submit(fn, task) for task in tasks]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -233,6 +233,38 @@ def _optimizer_keys(name: str, overrides: list[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One training run of a comparison, as a job (picklable)."""
+
+    cfg: TrainConfig
+    label: str
+    seed: int
+    resume: bool
+    overwrite: bool
+    verbose: int
+    counter: str = ""  # "[i/total] " for the progress line
+    what: str = ""  # e.g. ": 3347 steps"
+
+
+def _train_tasks(tasks: list[_Task], data, val, jobs: int,
+                 diverged_error: type = ()) -> list[RunSummary]:
+    """Train ``tasks`` (``jobs`` at once, each in its own process when ``jobs > 1``), in
+    order; each run counts its passes and seconds and, with ``val``, its validation
+    accuracy."""
+    return experiment.map_jobs(_train_task, tasks, jobs, shared=(data, val, diverged_error))
+
+
+def _train_task(task: _Task) -> RunSummary:
+    data, val, diverged_error = experiment.worker_shared()
+    if task.verbose:
+        print(f"{task.counter}{task.label} seed {task.seed}{task.what} -> {task.cfg.run_dir}",
+              flush=True)
+    callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
+    return _train(task.cfg, data, task.label, task.seed, task.resume, task.overwrite,
+                  task.verbose, callbacks, diverged_error)
+
+
 def _train(cfg: TrainConfig, data, label: str, seed: int, resume: bool, overwrite: bool,
            verbose: int, callbacks: list, diverged_error: type = ()) -> RunSummary:
     already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
@@ -313,13 +345,10 @@ def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged
     start = time.perf_counter()
     trained: dict[str, list[RunSummary]] = {}
     total = len(runs) + (len(seeds) if baseline is not None else 0)
-    for i, (label, seed, cfg) in enumerate(runs):
-        if verbose:
-            print(f"[{i + 1}/{total}] {label} seed {seed} -> {cfg.run_dir}", flush=True)
-        callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
-        summary = _train(cfg, data, label, seed, resume, overwrite, verbose, callbacks,
-                         diverged_error)
-        trained.setdefault(label, []).append(summary)
+    tasks = [_Task(cfg, label, seed, resume, overwrite, verbose, f"[{i + 1}/{total}] ")
+             for i, (label, seed, cfg) in enumerate(runs)]
+    for summary in _train_tasks(tasks, data, val, options.jobs, diverged_error):
+        trained.setdefault(summary.label, []).append(summary)
 
     # one row per method: a grid's chosen candidate (best mean validation accuracy)
     for spec in [*optimizers, *([baseline] if baseline not in optimizers else [])]:
@@ -345,8 +374,9 @@ def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged
 
 def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str, data, seeds,
                          run_dir: Path, resume: bool, overwrite: bool, verbose: int, val,
-                         total: int, diverged_error: type = ()) -> None:
-    """Train ``baseline`` for the budget (time or passes) of the most expensive method."""
+                         total: int, diverged_error: type = (), jobs: int | None = None) -> None:
+    """Train ``baseline`` for the budget (time or passes) of the most expensive method
+    (``jobs`` runs at once; default: the comparison's option)."""
     budget = result.options.budget
     costs = {label: B.cost([r.records for r in result.by_label(label)], budget)
              for label in result.labels}
@@ -359,6 +389,7 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
     label = f"{baseline} (equal {budget}: {expensive})"
     name, overrides = parse_optimizer_spec(baseline)
     overrides = _optimizer_keys(name, overrides)
+    tasks = []
     for j, seed in enumerate(seeds):
         values = to_dict(base)
         values.update(optimizer=name, seed=seed, out_dir=str(run_dir), steps=steps,
@@ -368,12 +399,10 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
         saved = cfg.run_dir / "config.yaml"
         if resume and saved.exists():  # keep the budget it was started with
             cfg = cfg.replace(steps=C.load_config(saved).steps)
-        if verbose:
-            print(f"[{total - len(seeds) + j + 1}/{total}] {label} seed {seed}: {cfg.steps} "
-                  f"steps -> {cfg.run_dir}", flush=True)
-        callbacks = [B.PassMeter()] + ([B.ValidationAccuracy(val)] if val is not None else [])
-        result.runs.append(_train(cfg, data, label, seed, resume, overwrite, verbose, callbacks,
-                                  diverged_error))
+        tasks.append(_Task(cfg, label, seed, resume, overwrite, verbose,
+                           f"[{total - len(seeds) + j + 1}/{total}] ", f": {cfg.steps} steps"))
+    result.runs.extend(_train_tasks(tasks, data, val, jobs or result.options.jobs,
+                                    diverged_error))
     result.labels.append(label)
     result.equal_budget_label = label
     unit = "training seconds (measured, steps only)" if budget == "time" else "passes"
@@ -587,7 +616,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-OPTION_KEYS = ("equal_budget", "budget", "val_fraction")
+OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs")
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:

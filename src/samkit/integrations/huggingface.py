@@ -192,7 +192,8 @@ class EdgeTrackerCallback(TrainerCallback):
         prefix: the prefix of the logged names.
         **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
             ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
-            ``max_iter``, ``verbose``).
+            ``max_iter``, ``verbose``, ``budget``: at most this share of the run's time, 0.25
+            by default).
 
     Example::
 
@@ -230,9 +231,7 @@ class EdgeTrackerCallback(TrainerCallback):
 
     def _measure(self, state: Any, model: Any, optimizer: Any) -> None:
         step = int(state.global_step)
-        rows = self.tracker.rows
-        if model is None or optimizer is None or not self.tracker.due(step) or (
-                rows and rows[-1].get("step") == step):
+        if model is None or optimizer is None or not self.tracker.should_measure(step):
             return
         if self._module is None or self._module.model is not model:
             self._module = _LossOf(model)

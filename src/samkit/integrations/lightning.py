@@ -122,7 +122,8 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         prefix: the prefix of the logged names.
         **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
             ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
-            ``max_iter``, ``preconditioned``, ``verbose``).
+            ``max_iter``, ``preconditioned``, ``verbose``, ``budget``: at most this share of
+            the run's time, 0.25 by default).
 
     Example::
 
@@ -163,8 +164,7 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
     # the measurement
     def _measure(self, trainer: Any, pl_module: Any, batch: Any) -> dict[str, Any] | None:
         step = int(trainer.global_step)
-        rows = self.tracker.rows
-        if not self.tracker.due(step) or (rows and rows[-1].get("step") == step):
+        if not self.tracker.should_measure(step):
             return None
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         if not optimizers:

@@ -111,20 +111,29 @@ __all__ = ["MESA", "SAF", "TrajectoryLossOptimizer", "trajectory_kl"]
 
 
 def trajectory_kl(output: Tensor, reference: Tensor, temperature: float,
-                  mask: Tensor | None = None) -> Tensor:
-    r""":math:`\frac{\tau^2}{n} \sum_i m_i \mathrm{KL}(\mathrm{softmax}(\hat z_i/\tau) \|
+                  mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    r""":math:`\frac{s\,\tau^2}{n} \sum_i m_i \mathrm{KL}(\mathrm{softmax}(\hat z_i/\tau) \|
     \mathrm{softmax}(z_i/\tau))` over the last dimension, the mean over the others (``n`` is
-    their size); ``reference`` is detached, ``mask`` (bool, the leading shape) drops terms.
+    their size); ``reference`` is detached, ``mask`` (bool, the leading shape) drops terms,
+    ``s`` = ``scale`` (SAF's and MESA's λ, folded into the one final product).
 
-    Computed in float32 at least (under autocast the logits may be bfloat16).
+    Computed in float32 at least (under autocast the logits may be bfloat16), with as few
+    operations as the formula allows: this runs at every step of a one-pass method, on a
+    ``(batch, classes)`` tensor, where each extra kernel is a visible share of the step.
     """
     dtype = torch.promote_types(output.dtype, torch.float32)
-    log_p = F.log_softmax(output.to(dtype) / temperature, dim=-1)
-    log_q = F.log_softmax(reference.detach().to(dtype) / temperature, dim=-1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    if mask is not None:
-        kl = kl * mask.to(kl.dtype)
-    return kl.mean() * temperature**2
+    z = output.to(dtype)
+    if temperature != 1:
+        z = z / temperature
+    with torch.no_grad():  # the reference's side: Σ q log q is a constant of the step
+        log_q = F.log_softmax(reference.detach().to(dtype) / temperature, dim=-1)
+        q = log_q.exp()
+        if mask is not None:
+            q.mul_(mask.to(dtype).unsqueeze(-1))
+        neg_entropy = (q * log_q).sum()
+    # Σ_i m_i KL(q_i || p_i) = Σ q log q − Σ q log p; its gradient is that of −Σ q log p
+    kl = neg_entropy - (q * F.log_softmax(z, dim=-1)).sum()
+    return kl * (scale * temperature**2 * q.shape[-1] / q.numel())
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -469,7 +478,7 @@ class SAF(TrajectoryLossOptimizer):
         if self.active(epoch):  # read the record of epoch - lag before overwriting it
             reference = self.logits[rows, slot].to(output.device)
             have = self.recorded[rows, slot].to(output.device)
-            term = self.lam * trajectory_kl(output, reference, self.temperature, have)
+            term = trajectory_kl(output, reference, self.temperature, have, self.lam)
         self.logits[rows, slot] = output.detach().to(self.logits.device, self.logits.dtype)
         self.recorded[rows, slot] = True
         return self._counted(term)
@@ -594,7 +603,7 @@ class MESA(TrajectoryLossOptimizer):
                     f"Invalid output for MESA: shape {tuple(output.shape)}, the EMA model gives "
                     f"{tuple(reference.shape)} (pass the outputs of model(x))"
                 )
-            term = self.lam * trajectory_kl(output, reference, self.temperature)
+            term = trajectory_kl(output, reference, self.temperature, scale=self.lam)
         return self._counted(term)
 
     @torch.no_grad()

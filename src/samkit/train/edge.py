@@ -94,11 +94,6 @@ def _batches(data: Any) -> list[tuple[Any, Any]]:
     )
 
 
-def _size(x: Any, y: Any) -> int:
-    t = y if isinstance(y, Tensor) and y.dim() > 0 else x
-    return int(t.shape[0])
-
-
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -136,7 +131,19 @@ class EdgeTracker(Callback):
         effective: also measure :math:`\lambda_{max}(H_\mathrm{eff})`, the effective Hessian of
             the sharpness-aware step (:func:`samkit.curvature.effective_hessian`), against the
             base optimizer's edge (``"auto"``: for every optimizer whose ascent declares a form;
-            ``False``: never). Each of its products costs two Hessian-vector products.
+            ``False``: never). For SAM and USAM (:math:`H_\mathrm{eff} = H + cH^2`) it comes
+            from λ₁'s own Krylov space for one more product
+            (:func:`~samkit.curvature.effective.effective_top_on_krylov`); for the other forms
+            (or when that pair misses ``tol``) from Lanczos on :math:`H_\mathrm{eff}`, warm
+            started from it, each of whose products costs two Hessian-vector products.
+        budget: the largest share of the run's time the tracker may take (default 0.25): a
+            measurement due by ``every`` is skipped when it would bring the tracker's seconds
+            above ``budget`` × the seconds since the tracker's first step (its cost estimated
+            by the last measurement's), so the spacing widens by itself where a measurement
+            costs many steps (small full-batch models, a large probe set in a minibatch run).
+            Step 0 is always measured. ``None``: every due step, whatever it costs (exact,
+            reproducible spacing). Which steps get measured then depends on timing; the values
+            measured do not.
 
     Attributes:
         rows: the recorded rows (dicts), in order.
@@ -160,6 +167,7 @@ class EdgeTracker(Callback):
         preconditioned: bool | str = "auto",
         verbose: bool = False,
         effective: bool | str = "auto",
+        budget: float | None = 0.25,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every: {every!r} (allowed: an integer >= 1)")
@@ -176,6 +184,9 @@ class EdgeTracker(Callback):
                              "False)")
         if effective not in ("auto", True, False):
             raise ValueError(f"Invalid effective: {effective!r} (allowed: auto, True, False)")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(
+                budget, (int, float)) or not 0 < budget <= 1):
+            raise ValueError(f"Invalid budget: {budget!r} (allowed: None or a number in (0, 1])")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
         self.probe = None if probe is None else _batches(probe)
@@ -192,9 +203,13 @@ class EdgeTracker(Callback):
         self.preconditioned = preconditioned
         self.verbose = verbose
         self.effective = effective
+        self.budget = None if budget is None else float(budget)
         self.rows: list[dict[str, Any]] = []
         self.seconds = 0.0
         self.matvecs = 0
+        self.skipped = 0  # due measurements left out to stay within the budget
+        self._clock: float | None = None  # when the tracker saw its first step
+        self._elapsed_before = 0.0  # run seconds before a resume
         self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
         self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
         self._evector: Tensor | None = None  # the same for the effective Hessian
@@ -206,12 +221,37 @@ class EdgeTracker(Callback):
         """Whether ``step`` is a measurement step (0, every, 2·every, ...)."""
         return step % self.every == 0
 
+    def elapsed(self) -> float:
+        """Seconds of the run since the tracker saw its first step (across resumes)."""
+        if self._clock is None:
+            return self._elapsed_before
+        return self._elapsed_before + time.perf_counter() - self._clock
+
+    def should_measure(self, step: int) -> bool:
+        """Whether to measure at ``step``: it is due, not measured yet, and (with a
+        ``budget``) the measurement keeps the tracker within its share of the run's time.
+        Call it at every step (it starts the run's clock); a due step left out is counted
+        in :attr:`skipped`."""
+        if self._clock is None:
+            self._clock = time.perf_counter()
+        if not self.due(step) or self._has_row(step):
+            return False
+        if self.budget is None or not self.rows:
+            return True
+        estimate = float(self.rows[-1].get("seconds", 0.0))
+        if self.seconds + estimate <= self.budget * (self.elapsed() + estimate):
+            return True
+        self.skipped += 1
+        return False
+
     def maybe_record(
         self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
         probe: Any = None,
     ) -> dict[str, Any] | None:
-        """:meth:`record` if ``step`` is a measurement step, else ``None``."""
-        return self.record(step, model, optimizer, batch, probe) if self.due(step) else None
+        """:meth:`record` if :meth:`should_measure` at ``step``, else ``None``."""
+        if not self.should_measure(step):
+            return None
+        return self.record(step, model, optimizer, batch, probe)
 
     def record(
         self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
@@ -255,7 +295,12 @@ class EdgeTracker(Callback):
         # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
         data = probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
         H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
-        top = self._top(H, self._vector)
+        # SAM's and USAM's λ_max(H_eff) come from this run's space: the residual of
+        # f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one, so λ₁ is
+        # taken to tol/2 for H_eff's pair to meet tol
+        polynomial = self.effective is not False and info["ascent"] in ("sam", "usam")
+        top = self._top(H, self._vector, keep_basis=self.effective is not False,
+                        tol=self.tol / 2 if polynomial else self.tol)
         self._vector = top.vectors.detach().clone()
         lam, vec, matvecs, converged = float(top.values[0]), self._vector[:, 0], top.matvecs, \
             top.converged
@@ -298,7 +343,8 @@ class EdgeTracker(Callback):
             lam_eff, eff_matvecs, eff_converged = None, 0, True
         else:
             precond = P if info["base"] == "adam" else None
-            lam_eff, eff_matvecs, eff_converged = self._effective(H, optimizer, grad, precond)
+            lam_eff, eff_matvecs, eff_converged = self._effective(H, optimizer, grad, precond,
+                                                                  top)
         matvecs += eff_matvecs
         converged = converged and eff_converged
         base_edge = base_edge_for(info)
@@ -331,24 +377,33 @@ class EdgeTracker(Callback):
     # ------------------------------------------------------------------ cost
 
     def cost(self) -> dict[str, float]:
-        """``{"rows", "seconds", "matvecs", "seconds_per_row", "matvecs_per_row"}``."""
+        """``{"rows", "seconds", "matvecs", "seconds_per_row", "matvecs_per_row", "skipped",
+        "share"}`` (``share``: the tracker's seconds over the run's so far)."""
         n = len(self.rows)
+        elapsed = self.elapsed()
         return {
             "rows": n,
             "seconds": self.seconds,
             "matvecs": self.matvecs,
             "seconds_per_row": self.seconds / n if n else 0.0,
             "matvecs_per_row": self.matvecs / n if n else 0.0,
+            "skipped": self.skipped,
+            "share": self.seconds / elapsed if elapsed > 0 else 0.0,
         }
 
     def cost_summary(self) -> str:
-        """One line: how many measurements, their time and Hessian-vector products."""
+        """One line: how many measurements, their time and Hessian-vector products, the share
+        of the run, and the due steps left out to stay within the budget."""
         c = self.cost()
-        return (
+        line = (
             f"edge tracker: {c['rows']} measurements, {c['seconds']:.1f} s "
             f"({c['seconds_per_row']:.2f} s each), {c['matvecs']} Hessian-vector products "
-            f"({c['matvecs_per_row']:.1f} each)"
+            f"({c['matvecs_per_row']:.1f} each), {100 * c['share']:.0f} % of the run"
         )
+        if self.budget is not None:
+            line += (f"; {c['skipped']} due steps left out to stay within "
+                     f"{100 * self.budget:g} %")
+        return line
 
     # ------------------------------------------------------------------ trainer callback
 
@@ -359,6 +414,7 @@ class EdgeTracker(Callback):
             self.probe = self._default_probe(state.train_data)
         if self.path is None:
             self.path = Path(state.run_dir) / "edge.jsonl"
+        self._clock = time.perf_counter()
         if state.resumed and self.path.exists():
             # keep what was measured up to the checkpoint, drop what came after it
             kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= state.step]
@@ -368,12 +424,12 @@ class EdgeTracker(Callback):
 
     def on_step_start(self, state: TrainState, step: int) -> None:
         # at w_step, before step `step`, with the batch that step uses: as in a plain loop
-        if self.due(step) and not self._has_row(step):
+        if self.should_measure(step):
             self.record(step, state.model, state.optimizer, _step_batch(state))
 
     def on_epoch_end(self, state: TrainState, epoch: int, metrics: dict[str, Any]) -> None:
         # full batch: the next step's measurement (batch=None) can be taken now, for the record
-        if _step_batch(state) is None and self.due(state.step) and not self._has_row(state.step):
+        if _step_batch(state) is None and self.should_measure(state.step):
             self.record(state.step, state.model, state.optimizer)
         if self.rows and "lambda1" in self.rows[-1]:
             metrics["lambda1"] = self.rows[-1]["lambda1"]
@@ -381,7 +437,7 @@ class EdgeTracker(Callback):
                 metrics["edge_ratio"] = self.rows[-1]["ratio"]
 
     def on_train_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        if self.due(state.step) and not self._has_row(state.step):  # the final weights
+        if self.should_measure(state.step):  # the final weights
             self.record(state.step, state.model, state.optimizer)
         state.print(self.cost_summary())
 
@@ -390,7 +446,8 @@ class EdgeTracker(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"vector": self._vector, "pvector": self._pvector, "seconds": self.seconds,
-                "matvecs": self.matvecs, "evector": self._evector}
+                "matvecs": self.matvecs, "evector": self._evector, "elapsed": self.elapsed(),
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._vector = state.get("vector")
@@ -398,6 +455,9 @@ class EdgeTracker(Callback):
         self._evector = state.get("evector")
         self.seconds = float(state.get("seconds", 0.0))
         self.matvecs = int(state.get("matvecs", 0))
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+        self.skipped = int(state.get("skipped", 0))
+        self._clock = None
 
     # ------------------------------------------------------------------ internals
 
@@ -430,11 +490,13 @@ class EdgeTracker(Callback):
                                         Batches(batches, params[0].device), self.seed, shift)
         return loss, _flat(grads).detach()
 
-    def _effective(self, H: Any, optimizer: Optimizer, grad: Tensor, P: Any):
+    def _effective(self, H: Any, optimizer: Optimizer, grad: Tensor, P: Any, krylov: Any):
         r"""λ_max of the effective Hessian (of :math:`D H_\mathrm{eff} D` with Adam's
         preconditioner), its products and whether it converged; ``(None, 0, True)`` when the
-        optimizer declares no form or ``effective`` is off."""
+        optimizer declares no form or ``effective`` is off. ``krylov``: λ₁'s Lanczos run on
+        ``H`` (with its basis), whose space gives SAM's and USAM's pair for one product."""
         from samkit.curvature import PreconditionedOperator, effective_hessian
+        from samkit.curvature.effective import effective_top_on_krylov, is_polynomial_in_h
         from samkit.optim.ascents import effective_note
         from samkit.optim.base import SharpnessAwareOptimizer
 
@@ -452,14 +514,22 @@ class EdgeTracker(Callback):
             if self.effective is True:
                 raise
             return None, 0, True  # e.g. a probe over other parameters than the optimizer's
+        before = H.matvecs
+        start = self._evector
+        if P is None and krylov is not None and krylov.basis is not None:
+            pair = effective_top_on_krylov(Heff, krylov, self.tol)
+            if pair.converged and is_polynomial_in_h(Heff):
+                self._evector = pair.vectors.detach().clone()
+                return float(pair.values[0]), H.matvecs - before, True
+            start = pair.vectors  # the best start there is for Lanczos on H_eff
         if P is not None:
             Heff = PreconditionedOperator(Heff, P.scale)
-        before = H.matvecs
-        top = self._top(Heff, self._evector)
+        top = self._top(Heff, start)
         self._evector = top.vectors.detach().clone()
         return float(top.values[0]), H.matvecs - before, bool(top.converged)
 
-    def _top(self, H: Any, init: Tensor | None) -> Any:
+    def _top(self, H: Any, init: Tensor | None, keep_basis: bool = False,
+             tol: float | None = None) -> Any:
         """The top ``k`` eigenpairs of ``H``: block Lanczos from the last top vectors **and**
         one fresh random direction per measurement (a block of ``k + 1``), so an eigenvalue
         that has overtaken the warm-started one is found; ``converged`` is Lanczos' honest
@@ -478,9 +548,11 @@ class EdgeTracker(Callback):
         with warnings.catch_warnings():  # a non-converged row says so in its "converged"
             warnings.simplefilter("ignore", UserWarning)
             return top_eigenvalues(
-                H, k=min(self.k, d), tol=self.tol, method="lanczos", which="LA",
+                H, k=min(self.k, d), tol=self.tol if tol is None else tol, method="lanczos",
+                which="LA",
                 max_iter=max(self.max_iter, self.k), seed=self.seed + len(self.rows),
                 init=init, block_size=min(d, self.k + 1) if init is not None else None,
+                keep_basis=keep_basis,
             )
 
     def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
