@@ -1,6 +1,6 @@
 """λ_max(H_eff)/edge for SGD, SAM, ASAM, GSAM and FisherSAM on the default ``samkit eos``
-setting (2,000 Fashion-MNIST images, MLP 2×128 tanh, square loss, full batch, η = 0.1, 300
-steps, λ every 10 steps).
+setting (2,000 Fashion-MNIST images, MLP 2×128 tanh, square loss, full batch, η = 0.1, 1,500
+steps, λ at most every 10 steps within the tracker's 25 % time budget).
 
 For every sharpness-aware run the tracker records λ_max of the effective Hessian of the step,
 :math:`H + (\\rho/c) H M H` (``samkit.curvature.effective_hessian``), against the *base*
@@ -36,8 +36,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--steps", type=int, default=EOSConfig().steps)
+    p.add_argument("--every", type=int, default=EOSConfig().every)
+    p.add_argument("--budget", type=lambda t: None if t.lower() == "none" else float(t),
+                   default=EOSConfig().budget, help="the tracker's share of each run (none: "
+                   "every --every steps)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", default=None, help="a subset of: sgd sam asam gsam "
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     lines = ["| run | ρ | median λ₁ | median λ_max(H_eff) | base edge | median λ_eff/edge "
              "(2nd half) | max | reached (step) | at edge since | last at edge | median "
-             "λ₁/closed-form edge | time (tracker) |", "|" + "---|" * 12]
+             "λ₁/closed-form edge | measurements | Hv each | time (tracker) |",
+             "|" + "---|" * 14]
     verdicts = []
     start = time.perf_counter()
     for name, rho in RUNS:
@@ -54,8 +58,12 @@ def main(argv=None) -> int:
         config = EOSConfig(
             gd=name == "sgd", rhos=() if rho is None else (rho,),
             ascent="sam" if name == "sgd" else name, steps=args.steps, every=args.every,
+            budget=args.budget,
             device=args.device, threads=args.threads, out_dir=args.out, name=f"family-{name}")
-        s = run_eos(config, verbose=0).runs[0].summary
+        run = run_eos(config, verbose=0).runs[0]
+        s = run.summary
+        rows = [r for r in run.rows if "lambda1" in r]
+        hv = sum(r["matvecs"] for r in rows) / max(len(rows), 1)
         if name == "sgd":  # H_eff = H: the ratio is λ₁/(2/η)
             eff = {k: s.get(k[4:] if k.startswith("eff_") else k) for k in
                    ("eff_max_ratio", "eff_first_crossing_step",
@@ -73,7 +81,7 @@ def main(argv=None) -> int:
             f"| {_fmt(eff.get('eff_first_crossing_step'), 'd')} "
             f"| {'-' if frac is None else f'{100 * frac:.0f} %'} "
             f"| {_fmt(eff.get('eff_last_step_at_edge'), 'd')} | {_fmt(s['median_ratio'])} "
-            f"| {s['seconds']:.0f} s ({s['tracker_seconds']:.0f} s) |")
+            f"| {len(rows)} | {hv:.1f} | {s['seconds']:.0f} s ({s['tracker_seconds']:.0f} s) |")
         verdict = eff.get("eff_verdict") or "no effective-Hessian rows (eff_ratio) recorded"
         verdicts.append(f"* **{s['label']}**: {verdict}.")
         print(lines[-1], "\n", verdicts[-1], flush=True)  # as it goes

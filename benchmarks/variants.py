@@ -44,7 +44,7 @@ from samkit.experiments.compare import (
 from samkit.optim import list_optimizers
 
 OPTIMIZERS = [
-    "sgd", "sam", "asam", "aesam", "rst", "looksam", "msam",
+    "sgd", "sam", "asam", "aesam", "rst", "looksam", "msam:rho=1",
     "saf:lam=6", "mesa:lam=6,ema_decay=0.987",
 ]
 GOAL_TIME = 1.15  # x SGD's training time

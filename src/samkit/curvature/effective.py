@@ -224,8 +224,9 @@ def effective_top_on_krylov(Heff: EffectiveHessian, krylov: Any, tol: float) -> 
     q, g = krylov.basis, krylov.image
     if q.shape[0] != Heff.dim:
         raise ValueError(f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.dim}")
-    qd, gd = q.double(), g.double()
-    projected = qd.T @ gd + gd.T @ (Heff.scale.double()[:, None] * gd)
+    # the (m, m) projection in the operator's dtype (its rounding is inside the bound below;
+    # the residual that certifies the pair is computed from a product)
+    projected = (q.T @ g + g.T @ (Heff.scale[:, None] * g)).double()
     projected = 0.5 * (projected + projected.T)
     theta, s = torch.linalg.eigh(projected)
     value, coeffs = float(theta[-1]), s[:, -1:].to(q.dtype)

@@ -240,33 +240,44 @@ def worker_shared() -> Any:
 
 
 def map_jobs(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int = 1,
-             shared: Any = None) -> list[Any]:
+             shared: Any = None, on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """``[fn(task) for task in tasks]``, with ``jobs`` tasks at once in separate processes.
 
     ``fn`` must be a module-level function; ``shared`` (e.g. the data set) is sent once to each
-    process and read there with :func:`worker_shared`. ``jobs == 1`` runs here, in order. The
-    results come back in the order of ``tasks``; the first error stops the pool (the tasks
-    not started are cancelled) and is raised here. Processes are spawned, not forked, so a
-    job never inherits threads or a CUDA context.
+    process and read there with :func:`worker_shared`. ``jobs == 1`` runs here, in order.
+    ``on_done(i, result)`` is called here as each task ends (in the order they end, e.g. for
+    progress lines). The results come back in the order of ``tasks``; the first error stops
+    the pool (the tasks not started are cancelled) and is raised here. Processes are spawned,
+    not forked, so a job never inherits threads or a CUDA context.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs!r} (allowed: an integer >= 1)")
+    results: list[Any] = [None] * len(tasks)
     if jobs == 1 or len(tasks) <= 1:
         previous = _WORKER_SHARED
         _init_worker(shared)
         try:
-            return [fn(task) for task in tasks]
+            for i, task in enumerate(tasks):
+                results[i] = fn(task)
+                if on_done is not None:
+                    on_done(i, results[i])
+            return results
         finally:
             _init_worker(previous)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
                              initializer=_init_worker, initargs=(shared,)) as pool:
-        futures = [pool.submit(fn, task) for task in tasks]
+        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
         try:
-            return [future.result() for future in futures]
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if on_done is not None:
+                    on_done(i, results[i])
+            return results
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

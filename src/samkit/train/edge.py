@@ -136,14 +136,17 @@ class EdgeTracker(Callback):
             (:func:`~samkit.curvature.effective.effective_top_on_krylov`); for the other forms
             (or when that pair misses ``tol``) from Lanczos on :math:`H_\mathrm{eff}`, warm
             started from it, each of whose products costs two Hessian-vector products.
-        budget: the largest share of the run's time the tracker may take (default 0.25): a
-            measurement due by ``every`` is skipped when it would bring the tracker's seconds
-            above ``budget`` × the seconds since the tracker's first step (its cost estimated
-            by the last measurement's), so the spacing widens by itself where a measurement
-            costs many steps (small full-batch models, a large probe set in a minibatch run).
-            Step 0 is always measured. ``None``: every due step, whatever it costs (exact,
-            reproducible spacing). Which steps get measured then depends on timing; the values
-            measured do not.
+        budget: the largest share :math:`b` of the run's time the tracker may take (default
+            0.25). A due step is measured when (1) the run has spent :math:`c\,(1 - b)/b`
+            seconds outside the tracker since its last measurement, which took :math:`c`
+            (measurements evenly paced, no bursts), and (2) the tracker's seconds plus the
+            next measurement's (estimated by the largest of the last three) stay within
+            :math:`b` times the run's seconds, so its share is at most :math:`b` at any point,
+            the end of the run included (up to an error in that estimate). The spacing (a
+            multiple of ``every``) widens by itself where a measurement costs many steps
+            (small full-batch models, a large probe set in a minibatch run). Step 0 is always
+            measured. ``None``: every due step, whatever it costs. With a budget, which steps
+            get measured depends on timing; the values measured at a step do not.
 
     Attributes:
         rows: the recorded rows (dicts), in order.
@@ -210,6 +213,7 @@ class EdgeTracker(Callback):
         self.skipped = 0  # due measurements left out to stay within the budget
         self._clock: float | None = None  # when the tracker saw its first step
         self._elapsed_before = 0.0  # run seconds before a resume
+        self._last_end: float | None = None  # when the last measurement ended
         self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
         self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
         self._evector: Tensor | None = None  # the same for the effective Hessian
@@ -228,18 +232,22 @@ class EdgeTracker(Callback):
         return self._elapsed_before + time.perf_counter() - self._clock
 
     def should_measure(self, step: int) -> bool:
-        """Whether to measure at ``step``: it is due, not measured yet, and (with a
-        ``budget``) the measurement keeps the tracker within its share of the run's time.
-        Call it at every step (it starts the run's clock); a due step left out is counted
-        in :attr:`skipped`."""
+        """Whether to measure at ``step``: it is due, not measured yet, and within the
+        ``budget`` (its two conditions are in the class docstring). Call it at every step (it
+        starts the run's clock); a due step left out is counted in :attr:`skipped`."""
+        now = time.perf_counter()
         if self._clock is None:
-            self._clock = time.perf_counter()
+            self._clock = now
         if not self.due(step) or self._has_row(step):
             return False
-        if self.budget is None or not self.rows:
+        if self.budget is None or not self.rows or self._last_end is None:
             return True
-        estimate = float(self.rows[-1].get("seconds", 0.0))
-        if self.seconds + estimate <= self.budget * (self.elapsed() + estimate):
+        b = self.budget
+        last = float(self.rows[-1].get("seconds", 0.0))
+        estimate = max(float(r.get("seconds", 0.0)) for r in self.rows[-3:])
+        paced = now - self._last_end >= last * (1.0 - b) / b
+        within = self.seconds + estimate <= b * (self.elapsed() + estimate)
+        if paced and within:
             return True
         self.skipped += 1
         return False
@@ -298,8 +306,12 @@ class EdgeTracker(Callback):
         # SAM's and USAM's λ_max(H_eff) come from this run's space: the residual of
         # f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one, so λ₁ is
         # taken to tol/2 for H_eff's pair to meet tol
-        polynomial = self.effective is not False and info["ascent"] in ("sam", "usam")
-        top = self._top(H, self._vector, keep_basis=self.effective is not False,
+        from samkit.optim.base import SharpnessAwareOptimizer
+
+        effective = self.effective is not False and isinstance(optimizer,
+                                                                SharpnessAwareOptimizer)
+        polynomial = effective and info["ascent"] in ("sam", "usam")
+        top = self._top(H, self._vector, keep_basis=effective,
                         tol=self.tol / 2 if polynomial else self.tol)
         self._vector = top.vectors.detach().clone()
         lam, vec, matvecs, converged = float(top.values[0]), self._vector[:, 0], top.matvecs, \
@@ -457,7 +469,7 @@ class EdgeTracker(Callback):
         self.matvecs = int(state.get("matvecs", 0))
         self._elapsed_before = float(state.get("elapsed", 0.0))
         self.skipped = int(state.get("skipped", 0))
-        self._clock = None
+        self._clock = self._last_end = None  # after a resume: measure at the first due step
 
     # ------------------------------------------------------------------ internals
 
@@ -556,7 +568,8 @@ class EdgeTracker(Callback):
             )
 
     def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
-        seconds = time.perf_counter() - start
+        self._last_end = time.perf_counter()
+        seconds = self._last_end - start
         self.seconds += seconds
         self.matvecs += matvecs
         row["matvecs"] = int(matvecs)

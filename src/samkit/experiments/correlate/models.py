@@ -180,9 +180,16 @@ def process_model(
     return rows
 
 
-def _worker(spec: ModelSpec, config: CorrelateConfig, threads: int | None):
-    """The job of one process of ``--jobs N``."""
+def model_job(task: tuple[ModelSpec, CorrelateConfig, int | None]) -> list[dict[str, Any]]:
+    """One model of the study as a job (:func:`samkit.experiments.base.map_jobs`): its rows,
+    with torch's CPU threads set to ``threads`` meanwhile (when given)."""
     import torch
 
-    torch.set_num_threads(threads or 1)
-    return process_model(spec, config)
+    spec, config, threads = task
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return process_model(spec, config)
+    finally:
+        torch.set_num_threads(previous)

@@ -10,7 +10,7 @@ from typing import Any
 from samkit.experiments import base
 from samkit.experiments.correlate.config import DEFAULT, CorrelateConfig, config_to_dict
 from samkit.experiments.correlate.grid import grid
-from samkit.experiments.correlate.models import _worker, process_model
+from samkit.experiments.correlate.models import model_job
 from samkit.experiments.correlate.report import write_report
 from samkit.experiments.correlate.stats import CorrelateResult, correlate, default_name
 from samkit.measures import measures
@@ -66,36 +66,18 @@ def _run(config, name, jobs, verbose, command, notes, run_dir, specs) -> Correla
               f"{100 * r['test_err']:.2f}%, gap {100 * gap:.2f}%, {r['_computed']} new "
               f"measures, {r['_wall']:.1f} s", flush=True)
 
-    if jobs == 1:
-        import torch
+    # one thread per process when several run at once (unless the config says otherwise)
+    threads = config.train.threads or (1 if jobs > 1 else None)
+    done_count = 0
 
-        threads = config.train.threads
-        for i, spec in enumerate(specs, start=1):
-            previous = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(threads)
-            try:
-                rows = process_model(spec, config)
-            finally:
-                torch.set_num_threads(previous)
-            by_key[spec.key] = rows
-            report_progress(i, rows)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    def collect(i: int, rows: list[dict[str, Any]]) -> None:
+        nonlocal done_count
+        done_count += 1
+        by_key[specs[i].key] = rows
+        report_progress(done_count, rows)
 
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_worker, spec, config, config.train.threads): spec
-                       for spec in specs}
-            try:
-                for i, future in enumerate(as_completed(futures), start=1):
-                    rows = future.result()
-                    by_key[futures[future].key] = rows
-                    report_progress(i, rows)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+    base.map_jobs(model_job, [(spec, config, threads) for spec in specs], jobs,
+                  on_done=collect)
     result.wall_time = time.perf_counter() - start
     for spec in specs:
         for row in by_key[spec.key]:
