@@ -108,6 +108,22 @@ def test_cli_smoke_full_batch(tmp_path, capsys):
     summary = _check_run_dir(tmp_path / "smoke", ["gd-lr0.05", "sam-lr0.05-rho0.05"], 6, 3)
     sam = summary["runs"][1]
     assert sam["optimizer"] == "sam" and sam["median_edge"] < 2 / 0.05
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    assert "λ₁ measurements per run, every 3 steps (no budget): gd-lr0.05 3 (" in report
+
+
+def test_budgeted_run_says_how_often_it_measured(tmp_path):
+    """With the default budget the report says that the measured steps depend on timing, and
+    every run still has its step-0 row."""
+    argv = ["--dataset", "synthetic", "--subset", "96", "--width", "16", "--steps", "6",
+            "--every", "1", "--lr", "0.05", "--rho", "0.05", "--out-dir", str(tmp_path),
+            "--name", "budget", "--threads", "1", "--quiet"]
+    assert eos.main(argv) == 0
+    report = (tmp_path / "budget" / "report.md").read_text()
+    assert "within 25 % of each run's time (which steps depends on timing" in report
+    for label in ("gd-lr0.05", "sam-lr0.05-rho0.05"):
+        rows = [json.loads(line) for line in (tmp_path / "budget" / label / "edge.jsonl").open()]
+        assert rows[0]["step"] == 0 and all(math.isfinite(r["lambda1"]) for r in rows)
 
 
 def test_cli_smoke_transformer_minibatch_sam(tmp_path, capsys):

@@ -520,3 +520,10 @@ def test_sam_rows_take_lambda_eff_from_lambda1s_krylov_space():
     asam_row = EdgeTracker((x, y), mse, tol=1e-9).record(0, model, asam)
     asam_plain = EdgeTracker((x, y), mse, tol=1e-9, effective=False).record(0, model, asam)
     assert asam_row["matvecs"] > asam_plain["matvecs"] + 1
+
+
+def test_a_step_asked_twice_is_left_out_once(monkeypatch):
+    tracker, _ = _budgeted_run(monkeypatch, budget=0.25, steps=3)
+    before = tracker.skipped
+    assert not tracker.should_measure(3) and not tracker.should_measure(3)
+    assert tracker.skipped == before + 1

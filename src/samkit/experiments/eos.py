@@ -407,7 +407,8 @@ def train_run(
     config: EOSConfig, spec: RunSpec, train, run_dir: Path, device: torch.device,
     verbose: int = 1, prefix: str = "",
 ) -> RunResult:
-    """Train one run from the shared initialization, tracking λ₁ every ``config.every`` steps."""
+    """Train one run from the shared initialization, tracking λ₁ every ``config.every`` steps
+    (within ``config.budget``)."""
     from samkit.optim import create_optimizer
     from samkit.step import step_closure, take_step
 
@@ -558,7 +559,9 @@ def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock)
         data = config.text if config.is_text else f"{config.dataset} ({len(train.y)} examples)"
         print(f"samkit eos: {data}, {config.model_name} {default_model_kwargs(config)}, "
               f"loss {config.loss}, {what}, {config.steps} steps, λ₁ every {config.every} "
-              f"steps; runs: {', '.join(s.label for s in specs)}", flush=True)
+              "steps" + (f" within {100 * config.budget:g} % of each run's time"
+                         if config.budget is not None else "")
+              + f"; runs: {', '.join(s.label for s in specs)}", flush=True)
         for note in notes:
             print(f"note: {note}", flush=True)
     runs = []

@@ -274,6 +274,21 @@ def _sharpness_key(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
     return "lambda1", "λ₁ (top Hessian eigenvalue)"
 
 
+def tracker_sentence(result: EOSResult) -> str:
+    """How often λ₁ was measured and what the tracker cost, per run (the budget makes the
+    measured steps depend on timing: say so)."""
+    config = result.config
+    parts = [f"{r.spec.label} {sum(1 for row in r.rows if 'lambda1' in row)} "
+             f"({r.tracker_seconds:.1f} of {r.seconds:.1f} s)" for r in result.runs]
+    if config.budget is None:
+        how = f"every {config.every} steps (no budget)"
+    else:
+        how = (f"at most every {config.every} steps, within {100 * config.budget:g} % of each "
+               "run's time (which steps depends on timing; `--budget none` measures every "
+               f"{config.every} steps)")
+    return f"λ₁ measurements per run, {how}: " + ", ".join(parts) + "."
+
+
 def squeezes(reference: float, values: Sequence[float], factor: float = 1.6) -> bool:
     """Whether a horizontal line at ``reference`` would squeeze ``values`` into a small part of
     the axis: it lies more than ``factor`` times above their largest value."""
@@ -431,6 +446,7 @@ def write_report(result: EOSResult, command: str | None = None) -> None:
              "to the median of the second half; \"at edge since\" is the share of the "
              "measurements from the step it was reached on). "
              f"{len(result.runs)} runs in {result.wall_time:.0f} s.", ""]
+    text += [tracker_sentence(result), ""]
     text += verdicts(result) + [""]
     text += [f"![{r.spec.label}]({r.spec.label}/eos.png)" for r in result.runs]
     text += ["", "![overview](overview.png)", ""]

@@ -169,7 +169,8 @@ class EdgeTrackerCallback(TrainerCallback):
     (:class:`samkit.train.edge.EdgeTracker`), and logs ``λ₁``, the edge and their ratio.
 
     Every ``every`` optimizer steps (``state.global_step``), before the step, and at the end of
-    training: λ₁ on ``probe``, the edge of the optimizer (:func:`~samkit.train.edge.edge_for`;
+    training, as far as the tracker's time budget allows (``budget``, 25 % of the run by
+    default): λ₁ on ``probe``, the edge of the optimizer (:func:`~samkit.train.edge.edge_for`;
     under :class:`SAMTrainer` the SAM one, with the probe's ‖g‖, since a callback does not see
     the step's batch) and :math:`\lambda_1/\text{edge}`, logged as ``{prefix}lambda1``,
     ``{prefix}edge``, ``{prefix}ratio``, ``{prefix}grad_norm``.

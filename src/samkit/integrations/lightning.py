@@ -104,7 +104,8 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
     ratio to the trainer's loggers.
 
     Every ``every`` optimizer steps (``trainer.global_step``), before the step, at the current
-    weights: λ₁ on ``probe`` (or on the step's own batch when ``probe`` is ``None``, as Long &
+    weights, as far as the tracker's time budget allows (``budget``, 25 % of the run by
+    default): λ₁ on ``probe`` (or on the step's own batch when ``probe`` is ``None``, as Long &
     Bartlett measure their language model), the edge that applies to the optimizer
     (:func:`~samkit.train.edge.edge_for`: 2/η, the SAM-edge with the step's ‖g‖, Adam's, ...)
     and :math:`\lambda_1/\text{edge}`. Logged under ``{prefix}lambda1``, ``{prefix}edge``,

@@ -1,11 +1,13 @@
 r"""The edge-of-stability tracker: λ₁ of the Hessian against the edge of the optimizer in use.
 
-Every ``every`` steps, on a fixed probe set (the whole training subset in full-batch runs), the
+Every ``every`` steps as far as its time budget allows (``budget``: at most 25 % of the run's
+time by default), on a fixed probe set (the whole training subset in full-batch runs), the
 tracker measures at the current weights :math:`w`
 
 * the loss :math:`L(w)` and the gradient :math:`g = \nabla L(w)`, its norm :math:`\|g\|`;
-* the top Hessian eigenpair :math:`(\lambda_1, v_1)` by Lanczos, warm started from the last
-  :math:`v_1` (so a measurement costs a few Hessian-vector products once training is under way);
+* the top Hessian eigenpair :math:`(\lambda_1, v_1)` by block Lanczos from the last :math:`v_1`
+  and a fresh random direction, with its honest stop (at least 20 Krylov directions, then the
+  residual test): about 20–30 Hessian-vector products per measurement;
 * the edge that applies to the optimizer (:func:`edge_for`): :math:`2/\eta` for gradient descent,
   the momentum and Nesterov edges, the SAM-edge with the current :math:`\|g\|`, the USAM edge,
   or, for Adam, the *preconditioned* sharpness :math:`\lambda_1(P^{-1}H)` against ``adam_edge``;
@@ -21,7 +23,8 @@ tracker measures at the current weights :math:`w`
   :math:`\rho g` for USAM).
 
 Each measurement is one JSON row (``edge.jsonl`` in a trainer run) and the tracker keeps its cost:
-seconds and Hessian-vector products, in total and per row.
+seconds and Hessian-vector products, in total and per row, its share of the run and the due
+steps it left out to stay within the budget.
 
 Two ways to use it::
 
@@ -214,6 +217,7 @@ class EdgeTracker(Callback):
         self._clock: float | None = None  # when the tracker saw its first step
         self._elapsed_before = 0.0  # run seconds before a resume
         self._last_end: float | None = None  # when the last measurement ended
+        self._skipped_step: int | None = None  # the last due step left out
         self._vector: Tensor | None = None  # the last v₁, the next Lanczos start
         self._pvector: Tensor | None = None  # the same for P⁻¹H (Adam)
         self._evector: Tensor | None = None  # the same for the effective Hessian
@@ -249,7 +253,9 @@ class EdgeTracker(Callback):
         within = self.seconds + estimate <= b * (self.elapsed() + estimate)
         if paced and within:
             return True
-        self.skipped += 1
+        if self._skipped_step != step:  # a step may be asked twice (epoch end, step start)
+            self.skipped += 1
+            self._skipped_step = step
         return False
 
     def maybe_record(
@@ -303,13 +309,13 @@ class EdgeTracker(Callback):
         # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
         data = probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
         H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
-        # SAM's and USAM's λ_max(H_eff) come from this run's space: the residual of
-        # f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one, so λ₁ is
-        # taken to tol/2 for H_eff's pair to meet tol
         from samkit.optim.base import SharpnessAwareOptimizer
 
         effective = self.effective is not False and isinstance(optimizer,
                                                                 SharpnessAwareOptimizer)
+        # SAM's and USAM's λ_max(H_eff) come from this run's space: the residual of
+        # f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one, so λ₁ is
+        # taken to tol/2 for H_eff's pair to meet tol
         polynomial = effective and info["ascent"] in ("sam", "usam")
         top = self._top(H, self._vector, keep_basis=effective,
                         tol=self.tol / 2 if polynomial else self.tol)
