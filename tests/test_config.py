@@ -117,6 +117,19 @@ def test_flags_are_generated_from_the_fields():
     assert "a rate" in parser.format_help()
 
 
+def test_none_on_the_command_line_sets_an_optional_number_to_none():
+    """`--subset none` is the field's None (told apart from a flag not given); a text field
+    keeps "none" as text (a path or a name may be called that)."""
+    parser = argparse.ArgumentParser()
+    C.add_flags(parser, TrainConfig, ["subset", "data_dir", "lr"])
+    args = parser.parse_args(["--subset", "none", "--data-dir", "none"])
+    assert C.flag_values(args) == {"subset": None, "data_dir": "none"}
+    assert C.flag_values(parser.parse_args(["--subset", "500"])) == {"subset": 500}
+    assert C.flag_values(parser.parse_args([])) == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr", "none"])  # lr is not optional: no None to give
+
+
 # ------------------------------------------------------------------ the older key names
 
 

@@ -470,7 +470,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tupl
         text = (helps or {}).get(name) or f.metadata.get("help", "")
         all_options = _options(hints[name])
         options = [o for o in all_options if o is not type(None)]
-        optional = len(options) < len(all_options) and typ_is_not_str(options)
+        optional = len(options) < len(all_options) and _none_flag_means_none(options)
         typ = options[0] if options else str
         kwargs: dict[str, Any] = {"dest": f"{prefix}{name}", "default": None, "help": text}
         if typ is bool:
@@ -483,7 +483,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: Any, names: list[str] | tupl
         parser.add_argument(*flag_names(f), **kwargs)
 
 
-def typ_is_not_str(options: list[Any]) -> bool:
+def _none_flag_means_none(options: list[Any]) -> bool:
     """A ``none`` flag value means None only for non-text fields (a path may be "none")."""
     return bool(options) and options[0] is not str
 
@@ -496,7 +496,7 @@ class _NoneGiven:
         return "none"
 
 
-NONE_GIVEN = _NoneGiven()
+_NONE_GIVEN = _NoneGiven()
 
 
 def _cli_type(typ: Any, optional: bool = False):
@@ -504,7 +504,7 @@ def _cli_type(typ: Any, optional: bool = False):
         inner = _cli_type(typ)
 
         def maybe(text: str) -> Any:
-            return NONE_GIVEN if text.strip().lower() == "none" else inner(text)
+            return _NONE_GIVEN if text.strip().lower() == "none" else inner(text)
         maybe.__name__ = getattr(inner, "__name__", "value")
         return maybe
     if typ is float:
@@ -521,7 +521,7 @@ def _cli_type(typ: Any, optional: bool = False):
 def flag_values(args: argparse.Namespace, prefix: str = "cfg_") -> dict[str, Any]:
     """The config values given as flags (those :func:`add_flags` generated with ``prefix``);
     a switch that was not given is left out."""
-    return {k[len(prefix):]: tuple(v) if isinstance(v, list) else None if v is NONE_GIVEN else v
+    return {k[len(prefix):]: tuple(v) if isinstance(v, list) else None if v is _NONE_GIVEN else v
             for k, v in vars(args).items()
             if k.startswith(prefix) and v is not None and v is not False}
 
