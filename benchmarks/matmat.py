@@ -11,9 +11,7 @@ cached gradient graph (one batch). Medians of ``--reps`` runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,19 +19,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curvature import load  # noqa: E402
+from curvature import load, median_time  # noqa: E402
 
 from samkit.curvature import HessianOperator, top_eigenvalues  # noqa: E402
-
-
-def median(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,9 +41,9 @@ def main() -> None:
     for k in (2, 4, 8):
         V = torch.randn(H.dim, k)
         H.batched = True
-        batched = median(lambda V=V: H @ V, args.reps)
+        batched = median_time(lambda V=V: H @ V, args.reps)
         H.batched = False
-        looped = median(lambda V=V: H @ V, args.reps)
+        looped = median_time(lambda V=V: H @ V, args.reps)
         print(f"k = {k}: batched {batched * 1e3:.1f} ms, column by column {looped * 1e3:.1f} ms "
               f"({looped / batched:.2f}x)")
     for k, block in ((1, 2), (3, None), (3, 4)):
@@ -66,7 +54,7 @@ def main() -> None:
             def run(k=k, block=block, out=out):
                 out["r"] = top_eigenvalues(H, k=k, tol=1e-6, block_size=block)
 
-            t = median(run, max(1, args.reps // 2))
+            t = median_time(run, max(1, args.reps // 2))
             r = out["r"]
             print(f"top_eigenvalues k={k} block_size={block} batched={flag}: {t:.3f} s, "
                   f"{r.matvecs} products, converged {r.converged}")

@@ -69,6 +69,17 @@ _TRANSIENT_STATE = ("w_backup", "grad_first")
 _TORCH_INTERNAL_PREFIXES = ("_optimizer_", "_zero_grad_profile", "_warned_")
 
 
+def picklable_state(optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``torch.optim.Optimizer.__getstate__``'s ``state`` plus the wrapper's own attributes,
+    without torch.optim's hooks and an LR scheduler's patched ``step``: what a wrapping
+    optimizer pickles, deep-copies and ``torch.save``-s."""
+    for key, value in optimizer.__dict__.items():
+        if key in state or key == "step" or key.startswith(_TORCH_INTERNAL_PREFIXES):
+            continue
+        state[key] = value
+    return state
+
+
 class Bucket:
     """The tensors of one param group on one device with one dtype, for the foreach kernels."""
 
@@ -700,12 +711,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Everything but torch.optim's hooks and an LR scheduler's patched ``step``: so that
         ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` keep the base optimizer (which
         shares the very same group dicts) and our own attributes."""
-        state = super().__getstate__()
-        for key, value in self.__dict__.items():
-            if key in state or key == "step" or key.startswith(_TORCH_INTERNAL_PREFIXES):
-                continue
-            state[key] = value
-        return state
+        return picklable_state(self, super().__getstate__())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

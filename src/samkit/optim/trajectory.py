@@ -101,11 +101,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit.optim._validation import check_non_negative, check_positive
-from samkit.optim.base import accepts_base_class
+from samkit.optim.base import accepts_base_class, picklable_state
 
 Closure = Callable[[], Any]
-
-_TORCH_INTERNAL_PREFIXES = ("_optimizer_", "_zero_grad_profile", "_warned_")
 
 __all__ = ["MESA", "SAF", "TrajectoryLossOptimizer", "trajectory_kl"]
 
@@ -343,12 +341,7 @@ class TrajectoryLossOptimizer(Optimizer):
         self._load_own_state(own)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for key, value in self.__dict__.items():
-            if key in state or key == "step" or key.startswith(_TORCH_INTERNAL_PREFIXES):
-                continue
-            state[key] = value
-        return state
+        return picklable_state(self, super().__getstate__())
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
