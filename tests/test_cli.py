@@ -103,7 +103,8 @@ def test_compare_falls_back_to_digits_without_fashion_mnist(tmp_path, capsys, mo
     assert rc == 0
     assert "falling back to scikit-learn's digits" in captured.err
     assert "dataset-fashion-mnist" in captured.err
-    report = (tmp_path / "compare-digits-mlp-noise40" / "report.md").read_text()
+    (run,) = tmp_path.glob("compare-digits-mlp-noise40-*")  # settings of its own: a digest
+    report = (run / "report.md").read_text()
     assert "falling back" in report and "**digits**" in report
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import re
 import types
@@ -336,10 +338,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls: Any,
-              text: str, prefix: str = "") -> None:
+              text: str, prefix: str = "", source: str | None = None) -> None:
     key = canonical(cls, path[0])
     fields = fields_of(cls)
-    source = f"--set {text}"
+    source = source or f"--set {text}"
     if key not in fields:
         raise _unknown_key(key, cls, source, prefix)
     hint = hints_of(cls)[key]
@@ -348,7 +350,7 @@ def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls
             inner = values.get(key)
             inner = to_dict(inner) if is_config(inner) else dict(
                 inner if inner is not None else to_dict(_default_of(fields[key])))
-            _set_path(inner, path[1:], value, raw, hint, text, f"{prefix}{key}.")
+            _set_path(inner, path[1:], value, raw, hint, text, f"{prefix}{key}.", source)
             values[key] = inner
             return
         if dict in [typing.get_origin(o) or o for o in _options(hint)]:
@@ -373,14 +375,16 @@ def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...],
-                    cls: Any = None) -> dict[str, Any]:
+                    cls: Any = None, source: str | None = None) -> dict[str, Any]:
     """``values`` (a mapping of ``cls``'s keys) updated by ``--set key=value`` strings (later
-    ones win); ``a.b=v`` sets entry ``b`` of the mapping or nested config ``a``."""
+    ones win); ``a.b=v`` sets entry ``b`` of the mapping or nested config ``a``. ``source``
+    names where the strings came from in an error (default: ``--set key=value``)."""
     cls = cls or TrainConfig
     values = dict(values)
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(values, key.split("."), value, text.split("=", 1)[1], cls, text)
+        _set_path(values, key.split("."), value, text.split("=", 1)[1], cls, text,
+                  source=source)
     return values
 
 
@@ -565,9 +569,8 @@ class TrainConfig:
     momentum: float = setting(0.9, "heavy-ball momentum; used only when the base optimizer is SGD")
     weight_decay: float = setting(5e-4, "L2 weight decay (decoupled for adamw)")
     decay_bias_and_norm: bool = setting(
-        False, "weight decay on biases and norm parameters too (false: only on weights, the "
-        "default since samkit 0.2; a run or checkpoint saved without this key is read as true, "
-        "its behaviour then)")
+        False, "weight decay on biases and norm parameters too (false: only on weights; a run "
+        "or checkpoint saved before this key existed is read as true, its behaviour then)")
     rho: float | None = setting(
         None, "SAM/ASAM radius (None: the optimizer's default, SAM 0.05, ASAM 0.5)")
     eta: float | None = setting(
@@ -586,8 +589,7 @@ class TrainConfig:
         "synced", "DDP: synced (eps of the global batch) or local (per replica)")
     drop_last: bool = setting(False, "skip the last, smaller batch of each epoch")
     lr_schedule: str = setting(
-        "cosine", "learning-rate schedule after warm-up: constant, cosine or step",
-        flag=("--lr-schedule", "--schedule"))
+        "cosine", "learning-rate schedule after warm-up: constant, cosine or step")
     warmup_epochs: float = setting(
         0.0, "linear warm-up from 0 to lr over this many epochs (fractions ok)")
     milestones: tuple = setting(
@@ -669,7 +671,14 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"
+        """``name``, or ``<dataset>-<model>-<optimizer>-s<seed>`` and a digest of the other
+        settings that differ from the defaults (:func:`settings_digest`; the keys a resume may
+        change do not count, so ``--resume --set epochs=30`` finds the run)."""
+        if self.name:
+            return self.name
+        stem = f"{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"
+        return stem + settings_digest(to_dict(self), to_dict(TrainConfig()), (
+            "dataset", "model", "optimizer", "seed", "name", *RESUMABLE_CHANGES))
 
     @property
     def run_dir(self) -> Path:
@@ -678,6 +687,25 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like the YAML keys)."""
         return from_dict({**to_dict(self), **changes}, cls=TrainConfig)
+
+
+# Keys that may differ between a checkpoint's config and the config that resumes it.
+RESUMABLE_CHANGES = (
+    "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint",
+    "checkpoint_every", "data_dir", "device", "threads", "out_dir",
+)
+
+
+def settings_digest(values: dict[str, Any], defaults: dict[str, Any],
+                    ignore: tuple[str, ...] = ()) -> str:
+    """``""`` when ``values`` equal ``defaults`` (but the keys in ``ignore``); else ``-`` and 6
+    hex digits of a hash of the keys that differ. A default run name ends with it, so runs of
+    other settings never share a folder, and the same command finds its own run again."""
+    changed = {k: v for k, v in values.items() if k not in ignore and defaults.get(k) != v}
+    if not changed:
+        return ""
+    text = json.dumps(changed, sort_keys=True, default=repr)
+    return "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 # What a config that lacks a key meant when it was written (the behaviour of the samkit that
@@ -744,8 +772,17 @@ def one_of(key: str, value: Any, allowed: tuple | list) -> None:
 
 
 def check_name(name: str | None) -> None:
-    if name is not None and (not name or "/" in name or name in ("..", ".")):
-        raise ValueError(f"Invalid name: {name!r} (allowed: a non-empty name without '/')")
+    """A run's name is one folder inside the out-dir, never a path out of it: no ``/`` or ``\\``,
+    no control characters, not starting with ``.`` (so not ``.`` or ``..``), at most 128
+    characters (None: the experiment's default name)."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name or len(name) > 128 or name.startswith(".") \
+            or any(c in "/\\" or not c.isprintable() for c in name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ValueError(
+            f"Invalid name: {shown} (allowed: 1 to 128 printable characters without '/' or "
+            "'\\', not starting with '.': a name is one folder inside --out-dir)")
 
 
 # ------------------------------------------------------------------------- TrainConfig helpers

@@ -77,7 +77,7 @@ def test_rank0_writes_the_run_and_a_different_world_size_cannot_resume(ddp_runs,
     steps = [r["step"] for r in read_metrics(out / "local-full") if r["event"] == "step"]
     assert steps == sorted(set(steps))  # one writer: no step twice
     code = main(["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "sam",
-                 "--subset", "400", "--batch-size", "50", "--schedule", "constant",
+                 "--subset", "400", "--batch-size", "50", "--lr-schedule", "constant",
                  "--epochs", "3", "--threads", "1", "--out-dir", str(out), "--name", "local-full",
                  "--perturbation", "local", "--set", "grad_accum=2", "log_every=4",
                  "model_kwargs.width=32", "--resume", "-q"])

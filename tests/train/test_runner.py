@@ -126,19 +126,22 @@ def test_every_json_file_samkit_writes_is_strict_json(tmp_path, capsys):
 # ------------------------------------------------------------------ (3) lock and --overwrite
 
 
-def test_a_live_run_of_the_same_name_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+def test_a_live_run_of_the_same_name_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_path):
     c = cfg(tmp_path, name="locked", epochs=1)
     c.run_dir.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom samkit.train.rundir import RunLock\n"
+         f"lock = RunLock({str(c.run_dir)!r})\nprint('held', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
     try:
-        (c.run_dir / ".lock").write_text(json.dumps(
-            {"pid": sleeper.pid, "host": os.uname().nodename, "started": 0}))
-        with pytest.raises(FileExistsError, match=f"in use by process {sleeper.pid}"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=f"in use by process {holder.pid}"):
             Trainer(c, verbose=0).fit()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # the owner is gone: the next run takes the lock over and trains
+        holder.kill()
+        holder.wait()
+    # the owner is gone (killed: its lock file is left behind): the next run trains
+    assert (c.run_dir / ".lock").exists()
     Trainer(c, verbose=0).fit()
     assert not (c.run_dir / ".lock").exists() and (c.run_dir / "checkpoint.pt").is_file()
     with RunLock(c.run_dir), pytest.raises(FileExistsError, match="in use by this process"):

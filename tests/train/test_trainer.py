@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from samkit.train import Callback, TrainConfig, Trainer, load_checkpoint, read_metrics
+from samkit.train.rundir import MARKER
 from samkit.train.trainer import optimizer_kwargs
 
 TIME_KEYS = {"epoch_time", "images_per_s", "train_time"}
@@ -125,12 +126,12 @@ def test_extending_the_budget_on_resume(tmp_path):
 
 
 def test_run_directory_rules(tmp_path):
-    c = cfg(tmp_path, epochs=1, optimizer="sgd")
+    c = cfg(tmp_path, epochs=1, optimizer="sgd", name="r")
     with pytest.raises(FileNotFoundError, match="Cannot resume: no checkpoint"):
         Trainer(c, resume=True, verbose=0).fit()
     Trainer(c, verbose=0).fit()
     assert {p.name for p in c.run_dir.iterdir()} == {"config.yaml", "metrics.jsonl",
-                                                      "checkpoint.pt", "run.json"}
+                                                      "checkpoint.pt", "run.json", MARKER}
     with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
         Trainer(c, verbose=0).fit()
     with pytest.raises(ValueError, match="config differs in lr: 0.05 -> 0.1"):
@@ -301,9 +302,10 @@ def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path):
             path = state.run_dir / "checkpoint.pt"
             seen[epoch] = load_checkpoint(path)["epoch"] if path.exists() else None
 
-    Trainer(cfg(tmp_path, epochs=5, checkpoint_every=2), callbacks=[Look()], verbose=0).fit()
+    c = cfg(tmp_path, epochs=5, checkpoint_every=2)
+    Trainer(c, callbacks=[Look()], verbose=0).fit()
     assert seen == {0: None, 1: None, 2: 2, 3: 2, 4: 4}
-    assert load_checkpoint(tmp_path / "digits-mlp-sam-s0" / "checkpoint.pt")["epoch"] == 5
+    assert load_checkpoint(c.run_dir / "checkpoint.pt")["epoch"] == 5
     with pytest.raises(ValueError, match="checkpoint_every"):
         cfg(tmp_path, checkpoint_every=0)
 

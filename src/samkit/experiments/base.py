@@ -3,9 +3,10 @@
 * subcommands: :func:`subcommand` adds one to the ``samkit`` command and records its handler
   (``args.handler(args, argv)``), so ``samkit.cli`` only lists the modules; :func:`run_main`
   is the ``python -m samkit.experiments.<name>`` entry point with the CLI's error style;
-* the run directory: :func:`run_dir_of`, :func:`prepare_run_dir` (the lock, ``--overwrite``
-  once the data have loaded), :func:`save_experiment_config` (``config.yaml``), the run-dir rules
-  of :mod:`samkit.train.rundir` (lock, strict JSON, versions);
+* the run directory: :func:`run_dir_of` (the name confined to the out-dir),
+  :class:`~samkit.train.rundir.RunDir` (the one rule for a folder that exists: lock, ownership,
+  ``--overwrite`` once the data have loaded), :func:`save_experiment_config` (``config.yaml``),
+  strict JSON and versions from :mod:`samkit.train.rundir`;
 * caching and resume: :func:`finished_state` tells a finished training run from one to resume;
 * data: :func:`load_data` (one process-wide cache), :func:`with_fallback` (scikit-learn's
   digits when the Fashion-MNIST files are missing, with the note that says so);
@@ -24,7 +25,7 @@ from typing import Any
 
 from samkit.config import TrainConfig, check_name, total_steps
 from samkit.train.checkpoint import atomic_write, atomic_write_text
-from samkit.train.rundir import RunLock, finite, strict_dumps, versions  # noqa: F401 - shared
+from samkit.train.rundir import RunDir, finite, strict_dumps, versions  # noqa: F401 - shared
 
 # ------------------------------------------------------------------------- subcommands
 
@@ -37,8 +38,18 @@ def subcommand(sub, name: str, handler: Handler, **kwargs: Any) -> argparse.Argu
     """Add ``samkit <name>`` to the subparsers ``sub``; ``handler(args, argv)`` runs it."""
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
     parser = sub.add_parser(name, **kwargs)
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, command_parser=parser)
     return parser
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown flag is reported by the subcommand's own
+    parser (its usage, not the top-level one)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (getattr(args, "command_parser", None) or parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def error(err: BaseException) -> int:
@@ -53,7 +64,7 @@ def run_main(add_parser: Callable[[Any], argparse.ArgumentParser], name: str,
     parser = argparse.ArgumentParser(prog="samkit")
     add_parser(parser.add_subparsers(dest="command"))
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args([name, *argv])
+    args = parse_command(parser, [name, *argv])
     try:
         return args.handler(args, [name, *argv])
     except INPUT_ERRORS as err:
@@ -87,28 +98,10 @@ def add_config_flags(parser: argparse.ArgumentParser, what: str = "config keys")
 
 
 def run_dir_of(out_dir: str | Path, name: str) -> Path:
-    """``<out_dir>/<name>``, the name checked."""
+    """``<out_dir>/<name>``, the name checked (:func:`~samkit.config.check_name`: one folder
+    inside ``out_dir``, never a path out of it)."""
     check_name(name)
     return Path(out_dir) / name
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool = False, exists_ok: bool = False,
-                    replace_now: bool = True) -> RunLock:
-    """Create ``run_dir`` and take its lock (:class:`~samkit.train.rundir.RunLock`; release it
-    when the experiment ends, or use it as a context manager).
-
-    A directory that already holds a run (any file) is refused unless ``overwrite`` (its files
-    are deleted: at once with ``replace_now``, else when the experiment calls
-    ``lock.replace_old()``, once its data and model have loaded) or ``exists_ok`` (the
-    experiment continues it, e.g. from a cache)."""
-    lock = RunLock(run_dir, overwrite=overwrite)
-    if lock.old and not (overwrite or exists_ok):
-        lock.release()
-        raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
-                              "or choose another --name")
-    if overwrite and replace_now:
-        lock.replace_old()
-    return lock
 
 
 def save_experiment_config(config: Any, path: str | Path, values: dict[str, Any] | None = None

@@ -44,13 +44,14 @@ class CompareOptions:
         "as its own row (e.g. sgd; none: no such row)")
     budget: str = setting(
         "time", "what the equal-budget row matches: time (training seconds, measured) or "
-        "passes (forward-backward passes, counted)")
+        "passes (forward-backward passes, counted)", flag="--equal-by")
     val_fraction: float = setting(
         0.1, "the share of the training set held out to choose among a grid's candidates "
         "(sam:rho=0.02,0.05,0.1); used only when some method has a grid")
     jobs: int = setting(
         1, "runs trained at once, each in its own process with the config's threads (2 on 2 "
-        "cores with threads 1 halves the wall time; the results are the same)")
+        "cores with threads 1 halves the wall time; the results are the same)",
+        flag=("--jobs", "-j"))
 
     def __post_init__(self) -> None:
         if isinstance(self.equal_budget, str) and self.equal_budget.lower() in ("none", ""):

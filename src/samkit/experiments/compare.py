@@ -213,7 +213,7 @@ def run_configs(
             values = to_dict(base)
             values.update(optimizer=name, seed=seed, name=f"{_slug(spec)}-s{seed}",
                           out_dir=str(run_dir))
-            values = apply_overrides(values, overrides)
+            values = apply_overrides(values, overrides, source=f"--optimizers {spec}")
             out.append((spec, seed, from_dict(values, f"--optimizers {spec}")))
     return out
 
@@ -270,9 +270,10 @@ def _train(cfg: TrainConfig, data, label: str, seed: int, resume: bool, overwrit
            verbose: int, callbacks: list, diverged_error: type = ()) -> RunSummary:
     already_done = resume and experiment.finished_state(cfg, len(data[0].y)) is not None
     if not already_done:
-        trainer = Trainer(
-            cfg, callbacks=callbacks, resume=resume and (cfg.run_dir / "checkpoint.pt").exists(),
-            overwrite=overwrite, data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
+        resumable = resume and (cfg.run_dir / "checkpoint.pt").exists()
+        trainer = Trainer(  # --resume: a run killed before its first checkpoint starts again
+            cfg, callbacks=callbacks, resume=resumable, overwrite=overwrite or resume,
+            data=data, verbose=verbose, prefix=f"  {label} s{seed}: ",
         )
         try:
             trainer.fit()
@@ -280,6 +281,10 @@ def _train(cfg: TrainConfig, data, label: str, seed: int, resume: bool, overwrit
             if verbose:
                 print(f"  {label} s{seed}: diverged: {err}", flush=True)
     return RunSummary(label, seed, cfg.run_dir, read_metrics(cfg.run_dir / "metrics.jsonl"))
+
+
+# What a comparison writes in its folder, besides its runs (each a folder of its own).
+COMPARE_FILES = ("config.yaml", "report.md", "summary.json", "curves.png", "time_to_accuracy.png")
 
 
 def run_compare(
@@ -307,8 +312,8 @@ def run_compare(
     if not seeds:
         raise ValueError("Invalid seeds: the list is empty (e.g. 0 1 2)")
     options = options or CompareOptions()
-    name = name or default_name(base)
-    run_dir = Path(base.out_dir) / name
+    name = name or default_name(base, optimizers, seeds, options)
+    run_dir = experiment.run_dir_of(base.out_dir, name)
     candidates = {spec: B.expand_spec(spec) for spec in optimizers}
     grid = any(len(c) > 1 for c in candidates.values())
     labels = list(dict.fromkeys(c for spec in optimizers for c in candidates[spec]))
@@ -321,14 +326,14 @@ def run_compare(
     from samkit.config import save_config
     from samkit.train.trainer import TrainingDiverged, resolve_device
 
-    lock = experiment.RunLock(run_dir)  # one comparison of this name at a time
-    try:
+    with experiment.RunDir(run_dir, "compare", COMPARE_FILES, overwrite=overwrite, keep=resume,
+                           advice="pass --resume to continue it, --overwrite to replace it, "
+                           "or choose another --name") as run:
         data = experiment.load_data(base, resolve_device(base.device))
+        run.start()  # --overwrite: the old comparison goes once the data have loaded
         save_config(base, run_dir / "config.yaml")
         return _train_all(result, runs, data, resume, overwrite, verbose, command,
                           TrainingDiverged, candidates, optimizers, seeds, base, run_dir, grid)
-    finally:
-        lock.release()
 
 
 def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged_error,
@@ -413,11 +418,30 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
         "its LR schedule spans the longer budget")
 
 
-def default_name(cfg: TrainConfig) -> str:
+def default_name(cfg: TrainConfig, optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+                 seeds: Sequence[int] = DEFAULT_SEEDS,
+                 options: CompareOptions = DEFAULT_OPTIONS) -> str:
+    """``compare-<data>-<model>[-noise<%>]``, and a digest of the other settings that differ
+    from the command's defaults for that data set (:func:`~samkit.config.settings_digest`), so
+    two comparisons of other settings never share a folder."""
     name = f"compare-{cfg.dataset}-{cfg.model}"
     if cfg.label_noise:
         name += f"-noise{round(100 * cfg.label_noise)}"
-    return name
+    if cfg.dataset == DEFAULT.dataset:
+        defaults = DEFAULT
+    elif cfg.dataset == FALLBACK["dataset"]:
+        defaults = DEFAULT.replace(**FALLBACK)
+    else:
+        defaults = DEFAULT.replace(dataset=cfg.dataset, subset=None)
+
+    def settings(config, optimizers, seeds, options):
+        return {**C.to_dict(config), "optimizers": list(optimizers), "seeds": list(seeds),
+                "options": {**C.to_dict(options), "jobs": None}}
+
+    return name + C.settings_digest(
+        settings(cfg, optimizers, seeds, options),
+        settings(defaults, DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, DEFAULT_OPTIONS),
+        ("dataset", "model", "label_noise", "name", *C.RESUMABLE_CHANGES))
 
 
 def with_fallback(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -591,24 +615,28 @@ def add_parser(sub) -> argparse.ArgumentParser:
         sub, "compare", cmd_compare, help="compare optimizers on the same data, model and budget",
         description="Train every optimizer with every seed on the same data, model and budget;\n"
         "print a table and write runs/<name>/report.md, curves.png and summary.json.\n"
-        "Without --config: an MLP on 10,000 Fashion-MNIST examples with 40 % of the labels\n"
-        f"flipped, 20 epochs, seeds 0 1 2, optimizers {' '.join(DEFAULT_OPTIMIZERS)} and SGD\n"
-        "trained again for SAM's time (scikit-learn's digits, with a message, when the\n"
-        "Fashion-MNIST files are missing).",
+        f"Without --config: an MLP on {DEFAULT.subset:,} Fashion-MNIST examples with "
+        f"{100 * DEFAULT.label_noise:g} % of the\nlabels flipped, {DEFAULT.epochs} epochs, seeds "
+        f"{' '.join(map(str, DEFAULT_SEEDS))}, optimizers {' '.join(DEFAULT_OPTIMIZERS)}, and\n"
+        f"{DEFAULT_OPTIONS.equal_budget} trained again for the {DEFAULT_OPTIONS.budget} of the "
+        "costliest method (scikit-learn's\ndigits, with a message, when the Fashion-MNIST files "
+        "are missing).",
         epilog="examples:\n"
         "  samkit compare --jobs 2\n"
         "  samkit compare --label-noise 0\n"
         "  samkit compare --optimizers sgd sam:rho=0.1 asam:rho=1.0 --seeds 0 1 --epochs 5\n"
         "  samkit compare --optimizers sgd sam:rho=0.02,0.05,0.1 saf --val-fraction 0.1\n"
-        "  samkit compare --equal-budget sgd --budget passes\n"
+        "  samkit compare --equal-budget sgd --equal-by passes\n"
         "  samkit compare --config configs/fashion-mnist-mlp.yaml --set model=cnn\n",
     )
     experiment.add_config_flags(p, "the shared settings; default: built in")
     p.add_argument("--optimizers", nargs="+", default=None, metavar="OPT",
-                   help="registry names, optionally name:key=value,... (default: sgd sam asam)")
+                   help="registry names, optionally name:key=value,... (default: "
+                   f"{' '.join(DEFAULT_OPTIMIZERS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
-                   help="seeds (default: 0 1 2)")
-    p.add_argument("--name", default=None, help="runs/<name>/ (default: compare-<data>-...)")
+                   help=f"seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
+    p.add_argument("--name", default=None, help="runs/<name>/ (default: compare-<data>-<model>"
+                   "[-noise<%%>], and a digest of the settings that differ from the default)")
     C.add_flags(p, TrainConfig, COMMON_KEYS)
     C.add_flags(p, CompareOptions, OPTION_KEYS, prefix="cmp_",
                 helps={"equal_budget": "an optimizer trained again for the budget of the most "

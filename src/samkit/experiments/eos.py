@@ -146,9 +146,9 @@ class EOSConfig:
         "mse with 10 classes); ce: cross-entropy")
     # ---- optimization: every lr runs GD (if gd) and the SAM variant with every rho
     lrs: tuple[float, ...] = setting(
-        (0.1,), "step sizes η", flag="--lr")
+        (0.1,), "step sizes η", flag=("--lr", "--lrs"))
     rhos: tuple[float, ...] = setting(
-        (0.05,), "SAM radii ρ (empty: GD only)", flag="--rho")
+        (0.05,), "SAM radii ρ (empty: GD only)", flag=("--rho", "--rhos"))
     gd: bool = setting(
         True, "include the gradient-descent run of every η")
     ascent: str = setting(
@@ -204,6 +204,7 @@ class EOSConfig:
                                  f"{', '.join(allowed)})")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"Invalid preset: {self.preset!r} (allowed: {', '.join(PRESETS)})")
+        C.check_name(self.name)
         if not 0.0 <= self.beta1 < 1.0:
             raise ValueError(f"Invalid beta1: {self.beta1!r} (allowed: in [0, 1))")
         if self.ascent not in ASCENTS:
@@ -239,7 +240,10 @@ class EOSConfig:
         if self.name:
             return self.name
         data = "text" if self.is_text else self.dataset
-        return f"eos-{data}-{self.model_name}-{self.loss}"
+        stem = f"eos-{data}-{self.model_name}-{self.loss}"
+        # other settings than the defaults: a digest of them, so runs never share a folder
+        return stem + C.settings_digest(C.to_dict(self), C.to_dict(EOSConfig()), (
+            "dataset", "model", "loss", "name", "out_dir", "device", "threads"))
 
     @property
     def model_name(self) -> str:
@@ -533,21 +537,21 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None,
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    lock = experiment.prepare_run_dir(config.run_dir, overwrite, replace_now=False)
-    try:
-        return _run_eos(config, verbose, command, device, lock)
-    finally:
-        lock.release()
+    specs = run_specs(config)
+    outputs = ("config.json", "config.yaml", "report.md", "summary.json", "overview.png",
+               *(spec.label for spec in specs))
+    with experiment.RunDir(config.run_dir, "eos", outputs, overwrite=overwrite) as run:
+        return _run_eos(config, verbose, command, device, run)
 
 
-def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, lock) -> EOSResult:
-    run_dir = lock.run_dir
+def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, run) -> EOSResult:
+    run_dir = run.path
     notes = []
     if config.is_text and config.loss != "ce":
         notes.append("the Transformer is trained with cross-entropy (mse is for images)")
     start = time.perf_counter()
     train = load_data(config, device)
-    lock.replace_old()  # --overwrite: the old run goes once the data have loaded
+    run.start()  # --overwrite: the old run goes once the data have loaded
     resolved = C.to_dict(config)
     resolved["model_kwargs"] = default_model_kwargs(config)
     experiment.write_json(run_dir / "config.json", resolved)

@@ -238,7 +238,8 @@ def create_optimizer(
             and pytorch_optimizer do); sharpness-aware optimizers get ``normalize=False`` on the
             biases (:func:`samkit.param_groups`, the ASAM paper's setting).
         base: the base optimizer of a sharpness-aware entry: ``sgd``, ``adam`` or ``adamw``.
-        decay_bias_and_norm: decay biases and norm parameters too (samkit < 0.2's behaviour).
+        decay_bias_and_norm: decay biases and norm parameters too (the behaviour of the
+            samkit that wrote checkpoints without this key).
         ascent: for the entries that take one (``gsam``, ``looksam``, ``aesam``, ``rst``): the
             ascent name (:func:`list_ascents`); its hyperparameters (``eta``, ``p``, ...) may be
             given as keyword arguments (those the entry does not take itself) or as

@@ -65,7 +65,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError:
-            # samkit < 0.2 stored numpy's RNG state as an array: allow exactly those types
+            # an older samkit stored numpy's RNG state as an array: allow exactly those types
             with torch.serialization.safe_globals(_NUMPY_RNG_TYPES):
                 state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is the same fix

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samkit.config import (
+    RESUMABLE_CHANGES,
     TrainConfig,
     legacy_values,
     resolved_dict,
@@ -40,15 +41,10 @@ from samkit.step import StepEngine
 from samkit.train.callbacks import Callback, TrainState
 from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from samkit.train.logs import MetricsWriter, Progress, check_tensorboard, read_metrics
-from samkit.train.rundir import RunLock, strict_dumps, versions
+from samkit.train.rundir import RunDir, strict_dumps, versions
 from samkit.train.schedule import LRSchedule
 
 CHECKPOINT = "checkpoint.pt"
-# Keys that may differ between a checkpoint's config and the config that resumes it.
-RESUMABLE_CHANGES = (
-    "epochs", "steps", "log_every", "eval_batch_size", "tensorboard", "checkpoint",
-    "checkpoint_every", "data_dir", "device", "threads", "out_dir",
-)
 # The files a training run writes in its directory (what --overwrite replaces).
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "tensorboard", "config.yaml", "run.json")
 
@@ -166,6 +162,9 @@ class Trainer:
         verbose: 0 silent, 1 a line per epoch, 2 also a line every ``log_every`` steps (when
             not on a terminal; a terminal gets a progress bar).
         prefix: put before every printed line (``samkit compare`` labels its runs with it).
+        outputs: names the caller writes in the run folder besides the run's own files (e.g.
+            ``samkit correlate``'s ``measures.json``): they are the run's, and ``--overwrite``
+            replaces them with it.
     """
 
     def __init__(
@@ -178,6 +177,7 @@ class Trainer:
         data: tuple[Any, Any] | None = None,
         verbose: int = 1,
         prefix: str = "",
+        outputs: tuple[str, ...] = (),
     ) -> None:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"Invalid config: {type(config).__name__} (allowed: a TrainConfig)")
@@ -187,6 +187,7 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.progress = Progress(verbose, prefix)
+        self.outputs = RUN_FILES + tuple(outputs)
         self.run_dir: Path = config.run_dir
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self._given: tuple[nn.Module | None, tuple[Any, Any] | None] = (model, data)
@@ -217,31 +218,27 @@ class Trainer:
         self.data_path: str | None = None  # the folder the data were read from (None: built in)
         self._stop_requested = False
         self._interrupted = False
-        self._lock: RunLock | None = None
+        self._run: RunDir | None = None  # the run folder, held by rank 0 while it trains
         self._bad_step: Tensor | None = None  # the first step with a non-finite loss, or -1
         self.state = TrainState(self)  # what callbacks see
 
     # ------------------------------------------------------------------ set-up
 
     def _check_run_dir(self) -> None:
-        exists = self.checkpoint_path.exists() or (self.run_dir / "metrics.jsonl").exists()
-        if self.rank == 0 and self._lock is None:
-            # refuses a second live run of this name; takes over a dead process's lock
-            self._lock = RunLock(self.run_dir, overwrite=self.overwrite and not self.resume)
-            if self._lock.took_over is not None:
-                self.progress.line(f"note: took over the lock of a process that is gone "
-                                   f"({self._lock.took_over.get('pid')})")
-        if self.resume:
-            if not self.checkpoint_path.exists():
-                raise FileNotFoundError(
-                    f"Cannot resume: no checkpoint at {self.checkpoint_path} (drop --resume to "
-                    "start the run)"
-                )
-        elif exists and not self.overwrite:
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite "
-                "to start it again, or choose another --name"
-            )
+        if self.rank == 0 and self._run is None:
+            # made or found, locked, and checked (samkit.train.rundir.RunDir: a run of the same
+            # folder in use, a run already there, files samkit did not write)
+            self._run = RunDir(
+                self.run_dir, "train", self.outputs, overwrite=self.overwrite and not self.resume,
+                keep=self.resume, advice="pass --resume to continue it, --overwrite to start "
+                "it again, or choose another --name")
+        if self.resume and not self.checkpoint_path.exists():
+            held = self._run is not None and self._run.holds_a_run
+            raise FileNotFoundError(
+                f"Cannot resume: no checkpoint at {self.checkpoint_path} "
+                + ("(the run ended before its first checkpoint); start it again with "
+                   "--overwrite instead of --resume" if held else "(drop --resume to start the "
+                   "run)"))
         # with --overwrite the old run's files are replaced only once data and model have
         # loaded (setup, step 5): a run that fails to start leaves the old one whole
 
@@ -338,8 +335,8 @@ class Trainer:
         #    DDP every rank loads the checkpoint; only rank 0 writes files)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self._lock is not None:  # --overwrite: the old run goes only now
-                self._lock.replace_old(only=RUN_FILES)
+            if self._run is not None:  # --overwrite: the old run goes only now
+                self._run.start()
         if saved_state is not None:
             self._load(saved_state)
         if self.rank == 0:
@@ -368,9 +365,9 @@ class Trainer:
             return self._fit()
         finally:
             torch.set_num_threads(threads)
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            if self._run is not None:
+                self._run.release()
+                self._run = None
             if self._owns_process_group:
                 import torch.distributed as dist
 

@@ -43,7 +43,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  samkit correlate --jobs 2\n"
         "  samkit correlate --quick\n"
-        "  samkit correlate --batch-sizes 32 256 --lrs 0.01 0.1 --rescale 10\n"
+        "  samkit correlate --batch-size 32 256 --lr 0.01 0.1 --rescale 10\n"
         "  samkit correlate --config configs/correlate.yaml --set train.subset=5000 steps=20\n"
         "\nstudy keys (--set KEY=VALUE; training keys as train.KEY=VALUE):\n" + keys + "\n",
     )
@@ -54,7 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     study_flags = ("batch_sizes", "lrs", "weight_decays", "dropouts", "stop_loss", "rescale")
     texts = {k: f"{helps[k]} (default: {_show(getattr(d, k))})" for k in study_flags}
     C.add_flags(p, CorrelateConfig, study_flags, texts)
-    p.add_argument("--budget", action="store_true",
+    p.add_argument("--fixed-epochs", action="store_true",
                    help="no loss threshold: every model trains for --epochs epochs")
     texts = {"epochs": "the most epochs (the budget)",
              "dataset": f"data set (default {d.train.dataset})",
@@ -90,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[CorrelateConfig, list[st
     if dataset is None and args.config is None:
         config, notes = with_fallback(config)
     changes = C.flag_values(args)
-    if args.budget:
+    if args.fixed_epochs:
         changes["stop_loss"] = None
     if changes:
         config = C.from_dict(changes, "arguments", base=config)

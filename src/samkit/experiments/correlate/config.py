@@ -55,13 +55,14 @@ class CorrelateConfig:
         DEFAULT_TRAIN, "what every model shares (training keys; the grid sets four of them)")
     # ---- the grid: one model per combination (the ASAM paper varies these four)
     batch_sizes: tuple = setting(
-        (32, 128, 512), "mini-batch sizes")
+        (32, 128, 512), "mini-batch sizes", flag=("--batch-size", "--batch-sizes"))
     lrs: tuple = setting(
-        (0.01, 0.02, 0.05), "initial (here: constant) learning rates")
+        (0.01, 0.02, 0.05), "initial (here: constant) learning rates",
+        flag=("--lr", "--lrs"))
     weight_decays: tuple = setting(
-        (0.0, 5e-4), "L2 weight decay")
+        (0.0, 5e-4), "L2 weight decay", flag=("--weight-decay", "--weight-decays"))
     dropouts: tuple = setting(
-        (0.0, 0.2), "dropout rate (model_kwargs.dropout)")
+        (0.0, 0.2), "dropout rate (model_kwargs.dropout)", flag=("--dropout", "--dropouts"))
     # ---- the stopping rule, the same for every model
     stop_loss: float | None = setting(
         0.01, "stop at this full training loss (eval mode); null: budget")

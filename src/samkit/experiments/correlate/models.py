@@ -62,6 +62,10 @@ def _stop_callback(stop_loss: float | None):
 
 
 
+# What a study writes in a model's run folder besides the training run's own files.
+MODEL_FILES = ("spec.json", "measures.json")
+
+
 def train_model(
     spec: ModelSpec, config: CorrelateConfig, data, callbacks: Iterable[Any] = (),
     verbose: int = 0,
@@ -86,12 +90,17 @@ def train_model(
     state = base.finished_state(spec.train, len(data[0].y))
     trained = False
     if state is None:
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(spec_path, base.strict_dumps(record, indent=1, sort_keys=True))
+        from samkit.train.callbacks import Callback
+
+        class WriteSpec(Callback):  # once the run holds its folder (samkit.train.rundir)
+            def on_train_start(self, state):
+                atomic_write_text(spec_path, base.strict_dumps(record, indent=1, sort_keys=True))
+
         resume = (spec.run_dir / "checkpoint.pt").is_file()
         trainer = Trainer(
-            spec.train, callbacks=[_stop_callback(config.stop_loss), *callbacks], resume=resume,
-            overwrite=not resume, data=data, verbose=verbose,
+            spec.train, callbacks=[WriteSpec(), _stop_callback(config.stop_loss), *callbacks],
+            resume=resume, overwrite=not resume, data=data, verbose=verbose,
+            outputs=MODEL_FILES,
         )
         trainer.fit()
         if trainer.stopped and (trainer.last_record or {}).get("stop") is None:

@@ -44,7 +44,21 @@ class CorrelateResult:
 
 
 def default_name(config: CorrelateConfig, quick: bool = False) -> str:
-    return f"correlate{'-quick' if quick else ''}-{config.train.dataset}-{config.train.model}"
+    """``correlate[-quick]-<data>-<model>``, and a digest of the settings that differ from the
+    study's defaults (:func:`~samkit.config.settings_digest`): other studies, other folders."""
+    from samkit.config import settings_digest, to_dict
+    from samkit.experiments.correlate.config import DEFAULT, QUICK
+
+    def settings(c: CorrelateConfig) -> dict:
+        values = to_dict(c)
+        train = values.pop("train")
+        for key in ("out_dir", "device", "threads", "data_dir", "name"):
+            train.pop(key, None)
+        return {**values, **{f"train.{k}": v for k, v in train.items()}}
+
+    stem = f"correlate{'-quick' if quick else ''}-{config.train.dataset}-{config.train.model}"
+    return stem + settings_digest(settings(config), settings(QUICK if quick else DEFAULT),
+                                  ("train.dataset", "train.model"))
 
 
 

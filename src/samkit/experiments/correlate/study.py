@@ -15,6 +15,10 @@ from samkit.experiments.correlate.report import write_report
 from samkit.experiments.correlate.stats import CorrelateResult, correlate, default_name
 from samkit.measures import measures
 
+# What a study writes in its folder (models/: one training run per grid point).
+CORRELATE_FILES = ("config.json", "config.yaml", "report.md", "summary.json", "results.csv",
+                   "scatter.png", "models")
+
 
 def run_correlate(
     config: CorrelateConfig = DEFAULT,
@@ -33,14 +37,11 @@ def run_correlate(
     name = name or default_name(config, quick)
     run_dir = base.run_dir_of(config.train.out_dir, name)
     specs = grid(config, run_dir)
-    lock = base.prepare_run_dir(run_dir, overwrite, exists_ok=True, replace_now=False)
-    try:
-        if overwrite:
-            base.load_data(config.train, "cpu", cache=True)  # the old run goes once data load
-            lock.replace_old()
+    # an existing study of this name is its cache: continued unless --overwrite
+    with base.RunDir(run_dir, "correlate", CORRELATE_FILES, overwrite=overwrite, keep=True) as run:
+        base.load_data(config.train, "cpu", cache=True)  # the old run goes once data load
+        run.start()
         return _run(config, name, jobs, verbose, command, notes, run_dir, specs)
-    finally:
-        lock.release()
 
 
 def _run(config, name, jobs, verbose, command, notes, run_dir, specs) -> CorrelateResult:
