@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-TIME_LIMIT_S = 180  # per block; the slowest (Hugging Face, Lightning) take ~30 s on a busy CPU
+TIME_LIMIT_S = 120  # per block; the slowest (Hugging Face, Lightning) take 5-30 s on a busy CPU
 DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->$")
 SKIP = re.compile(r"^skip \((needs (CUDA|a GPU|a download)[^)]*)\)$")
 SLOW = ("import lightning", "from transformers", "torch.compile")  # the marker's meaning
