@@ -101,11 +101,11 @@ def test_a_bool_written_as_maybe_is_refused():
 
 
 @pytest.mark.parametrize(("name", "kwargs", "match"), [
-    ("mlp", {"depth": 100000}, r"Invalid depth: 100000 \(an integer from 0 to 1000"),
+    ("mlp", {"depth": 100000, "width": 1}, r"Invalid depth: 100000 \(an integer from 0 to 1000"),
     ("mlp", {"depth": 1001, "width": 1}, "Invalid depth: 1001"),
     ("mlp", {"width": 10**12}, "Invalid width"),
     ("cnn", {"width": 10**6}, "Invalid width"),
-    ("transformer", {"n_layer": 5000}, "Invalid n_layer"),
+    ("transformer", {"n_layer": 5000, "n_embd": 2, "n_head": 1}, "Invalid n_layer"),
     ("transformer", {"n_embd": 2**20, "n_head": 1}, "Invalid n_embd"),
     ("resnet1208", {}, "Invalid ResNet depth: 1208"),
     ("wrn1006-1", {}, "Invalid WRN depth: 1006"),

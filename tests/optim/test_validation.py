@@ -12,7 +12,6 @@ from torch import nn
 
 import samkit
 from samkit.optim import create_optimizer, list_optimizers
-from samkit.optim._validation import short_repr
 
 WRAPPERS = [samkit.SAM, samkit.ASAM, samkit.USAM, samkit.MSAM, samkit.ESAM, samkit.GSAM,
             samkit.LookSAM, samkit.FriendlySAM, samkit.FisherSAM]
@@ -56,7 +55,7 @@ def test_create_optimizer_refuses_a_nan_lr(name):
         create_optimizer(name, model(), lr=float("nan"))
 
 
-def test_create_optimizer_with_lr_nan_made_nan_weights_on_main():
+def test_torch_sgd_alone_turns_lr_nan_into_nan_weights():
     """What the check prevents: torch's SGD takes lr=nan and every weight becomes NaN."""
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=float("nan"))
@@ -124,6 +123,8 @@ def test_valid_arguments_still_build_and_step():
 
 
 def test_short_repr_cuts_long_values():
+    from samkit.optim._validation import short_repr
+
     assert "..." in short_repr("x" * 1000) and len(short_repr("x" * 1000)) <= 200
     nested = [[[[list(range(10**4))]]]] * 10**3
     assert len(short_repr(nested)) <= 200
