@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from samkit.distributed import PERTURBATIONS  # how DDP replicas share eps: local, synced
+from samkit.optim._validation import short_repr  # values in messages, cut at 200 characters
 
 # ------------------------------------------------------------------------- declaring fields
 
@@ -97,12 +98,27 @@ _FLOAT = re.compile(
 _INT = re.compile(r"^[-+]?[0-9][0-9_]*$")
 
 
+# A config is a few kilobytes; a bigger file or --set value is a mistake (or an attack), and
+# PyYAML holds the whole document in memory several times over while it parses.
+MAX_YAML_BYTES = 1 << 20
+
+
 def _loader():
     yaml = _yaml()
     loader = getattr(_loader, "cls", None)
     if loader is None:
         class Loader(yaml.SafeLoader):
-            """SafeLoader that also reads ``1e-3``, ``5E-4`` and ``.5`` as floats."""
+            """SafeLoader that also reads ``1e-3``, ``5E-4`` and ``.5`` as floats, and refuses
+            aliases (``*name``): a few hundred bytes of nested aliases ("billion laughs") stand
+            for gigabytes once anything walks the value (a message, a copy, a saved config)."""
+
+            def compose_node(self, parent, index):  # noqa: D102
+                if self.check_event(yaml.AliasEvent):
+                    event = self.peek_event()
+                    raise yaml.composer.ComposerError(
+                        None, None, f"found the alias *{event.anchor}: YAML aliases are not "
+                        "allowed in samkit configs (write the value out)", event.start_mark)
+                return super().compose_node(parent, index)
 
         Loader.add_implicit_resolver(
             "tag:yaml.org,2002:float",
@@ -114,12 +130,18 @@ def _loader():
 
 
 def yaml_loads(text: str, source: str = "config") -> Any:
-    """Parse YAML text (numbers as people write them); a ValueError when it is not YAML."""
+    """Parse YAML text (numbers as people write them); a ValueError when it is not YAML, is
+    larger than :data:`MAX_YAML_BYTES`, nests too deeply or uses aliases."""
     yaml = _yaml()
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(f"Invalid {source}: {len(text)} characters (allowed: at most "
+                         f"{MAX_YAML_BYTES} for a config)")
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ValueError(f"Invalid {source}: not valid YAML ({err})") from err
+    except RecursionError as err:
+        raise ValueError(f"Invalid {source}: the YAML nests too deeply") from err
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -127,6 +149,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"Invalid config {path}: {size} bytes (allowed: at most "
+                         f"{MAX_YAML_BYTES} bytes; a config is a few kilobytes)")
     loaded = yaml_loads(path.read_text(), f"config {path}")
     if loaded is None:
         return {}
@@ -173,8 +199,8 @@ def _unknown_key(key: str, cls: Any, source: str, prefix: str = "") -> ValueErro
     extra = "".join(f", and {n}.<key> for the keys of {n}" for n in nested)
     shown = ", ".join(n for n in names if n not in nested)
     where = f" of {prefix.rstrip('.')}" if prefix else ""
-    return ValueError(f"Unknown key {str(key)!r}{where} in {source}{hint} (allowed: {shown}"
-                      f"{extra})")
+    return ValueError(f"Unknown key {short_repr(str(key))}{where} in {source}{hint} (allowed: "
+                      f"{shown}{extra})")
 
 
 def _number(value: Any) -> float | None:
@@ -272,7 +298,8 @@ def check_value(key: str, value: Any, source: str = "config", cls: Any = None) -
             return converted
     allowed = " or ".join(_type_name(o) for o in options)
     raise ValueError(
-        f"Invalid value for {key!r} in {source}: {value!r} is a {_type_name(type(value))} "
+        f"Invalid value for {key!r} in {source}: {short_repr(value)} is a "
+        f"{_type_name(type(value))} "
         f"(allowed: {allowed})"
     )
 
@@ -309,7 +336,8 @@ def from_dict(values: dict[str, Any], source: str = "config", cls: Any = None,
     every key and every value's type."""
     cls = cls or (type(base) if base is not None else TrainConfig)
     if not isinstance(values, dict):
-        raise ValueError(f"Invalid {source}: expected a mapping of keys to values, got {values!r}")
+        raise ValueError(f"Invalid {source}: expected a mapping of keys to values, got "
+                         f"{short_repr(values)}")
     hints = hints_of(cls)
     checked = {}
     for key, value in upgrade_keys(values, cls, source).items():
@@ -330,10 +358,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"key=value"`` → (key, value); the value is read as YAML (``0.1``, ``1e-3``, ``true``,
     ``null``, ``[1, 2]``, ``{width: 512}``)."""
     if "=" not in text:
-        raise ValueError(f"Invalid override {text!r} (allowed form: key=value, e.g. lr=0.05)")
+        raise ValueError(f"Invalid override {short_repr(text)} (allowed form: key=value, e.g. "
+                         "lr=0.05)")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml_loads(raw, f"override {text!r}: the value") if raw.strip() else ""
+    value = yaml_loads(raw, f"override {short_repr(text)}: the value") if raw.strip() else ""
     return key, value
 
 
@@ -341,7 +370,7 @@ def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls
               text: str, prefix: str = "", source: str | None = None) -> None:
     key = canonical(cls, path[0])
     fields = fields_of(cls)
-    source = source or f"--set {text}"
+    source = source or f"--set {text if len(text) <= 200 else text[:197] + '...'}"
     if key not in fields:
         raise _unknown_key(key, cls, source, prefix)
     hint = hints_of(cls)[key]
@@ -365,7 +394,7 @@ def _set_path(values: dict[str, Any], path: list[str], value: Any, raw: str, cls
         mappings = [n for n, h in hints_of(cls).items()
                     if dict in [typing.get_origin(o) or o for o in _options(h)] or is_config(h)]
         raise ValueError(
-            f"Invalid override {text!r}: {prefix + key!r} is not a mapping, so "
+            f"Invalid override {short_repr(text)}: {prefix + key!r} is not a mapping, so "
             f"{'.'.join([prefix.rstrip('.')] * bool(prefix) + path)!r} has no meaning "
             f"(mappings: {', '.join(prefix + m for m in mappings)})"
         )
@@ -636,12 +665,16 @@ class TrainConfig:
             positive_int(key, getattr(self, key))
         in_range("label_noise", self.label_noise, 0.0, 1.0)
         in_range("label_smoothing", self.label_smoothing, 0.0, 1.0)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"Invalid lr: {self.lr} (allowed: a finite number > 0)")
+        for key in ("seed", "data_seed"):
+            check_seed(key, getattr(self, key))
+        if not (math.isfinite(self.lr) and 0 < self.lr <= FLOAT32_MAX):
+            raise ValueError(f"Invalid lr: {self.lr} (allowed: a finite number > 0, at most "
+                             f"{FLOAT32_MAX:.4g}, float32's largest: the weights are float32)")
         for key in ("momentum", "weight_decay", "warmup_epochs", "gamma"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0)")
+            if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+                raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, at "
+                                 f"most {FLOAT32_MAX:.4g})")
         if not self.momentum < 1:
             raise ValueError(f"Invalid momentum: {self.momentum} (allowed: 0 <= momentum < 1)")
         if self.steps is None and self.warmup_epochs > self.epochs:
@@ -651,8 +684,9 @@ class TrainConfig:
             )
         for key in ("rho", "eta"):
             value = getattr(self, key)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, or null)")
+            if value is not None and not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+                raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, at "
+                                 f"most {FLOAT32_MAX:.4g}, or null)")
         one_of("perturbation", self.perturbation, PERTURBATIONS)
         one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if any(not 0 < m < 1 for m in self.milestones):
@@ -755,10 +789,48 @@ def total_steps(config: TrainConfig, n: int) -> int:
 
 # ------------------------------------------------------------------------- shared checks
 
+# The largest float32: a learning rate (or decay, radius) above it overflows when the float32
+# weights are updated (`param.add_(grad, alpha=-lr)`: "cannot be converted ... without overflow").
+FLOAT32_MAX = 3.4028234663852886e38
+_SEED_LIMIT = 1 << 63  # torch.manual_seed takes 64-bit seeds; derive_seed makes 63-bit ones
+
+
+def check_seed(key: str, value: int) -> int:
+    """A seed: an integer with ``0 <= value < 2**63`` (what torch.manual_seed accepts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _SEED_LIMIT:
+        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: an integer, "
+                         f"0 <= {key} < 2**63)")
+    return value
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else all)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, key: str = "threads") -> int | None:
+    """``threads`` for ``torch.set_num_threads``: None, or an integer from 1 to the CPU count.
+
+    Checked where the threads are set, not in the config: a config saved on a bigger machine
+    still loads. More threads than CPUs never helps, and a huge number exhausts the process
+    limit (torch then crashes with a segmentation fault)."""
+    if threads is None:
+        return None
+    positive_int(key, threads)
+    if threads > cpu_count():
+        raise ValueError(f"Invalid {key}: {threads} (allowed: 1 to {cpu_count()}, the CPUs of "
+                         "this machine; or null for torch's default)")
+    return threads
+
 
 def positive_int(key: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {key}: {value!r} (allowed: an integer >= 1)")
+        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: an integer >= 1)")
 
 
 def in_range(key: str, value: float, low: float, high: float) -> None:
@@ -768,7 +840,8 @@ def in_range(key: str, value: float, low: float, high: float) -> None:
 
 def one_of(key: str, value: Any, allowed: tuple | list) -> None:
     if value not in allowed:
-        raise ValueError(f"Invalid {key}: {value!r} (allowed: {', '.join(map(str, allowed))})")
+        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: "
+                         f"{', '.join(map(str, allowed))})")
 
 
 def check_name(name: str | None) -> None:

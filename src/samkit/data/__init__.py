@@ -12,7 +12,12 @@ from samkit.data.datasets import DATASETS, download_dataset, load_dataset, make_
 from samkit.data.fetch import ChecksumError, Resource, download, fetch_resources, file_digest
 from samkit.data.idx import CorruptFileError, read_idx
 from samkit.data.mnist1d import MNIST1DConfig, make_mnist1d
-from samkit.data.paths import DataNotFoundError, resolve_data_dir, search_dirs
+from samkit.data.paths import (
+    DataNotFoundError,
+    IncompleteDataError,
+    resolve_data_dir,
+    search_dirs,
+)
 from samkit.data.split import (
     DataSplit,
     flip_labels,
@@ -21,6 +26,7 @@ from samkit.data.split import (
     subset_indices,
 )
 from samkit.data.text import load_text
+from samkit.data.verify import verify_dataset
 
 __all__ = [
     "DATASETS",
@@ -28,6 +34,7 @@ __all__ = [
     "CorruptFileError",
     "DataNotFoundError",
     "DataSplit",
+    "IncompleteDataError",
     "MNIST1DConfig",
     "Resource",
     "augment_batch",
@@ -46,4 +53,5 @@ __all__ = [
     "search_dirs",
     "standardization_stats",
     "subset_indices",
+    "verify_dataset",
 ]

@@ -29,6 +29,7 @@ from samkit.data.split import (
     standardization_stats,
     subset_indices,
 )
+from samkit.data.verify import SPLIT_SIZES, verify_dataset, verify_requested
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "mnist1d", "synthetic")
 _ALIASES = {
@@ -261,7 +262,8 @@ def _load_raw_cached(name: str, folder: str | None, stamp: tuple[float, ...]) ->
     return _load_synthetic()
 
 
-def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> _Raw:
+def _load_raw(name: str, data_dir: str | Path | None, download: bool, verify: bool = True
+              ) -> _Raw:
     if name not in FILE_SPECS:
         return _load_raw_cached(name, None, ())
     try:
@@ -272,10 +274,20 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> _Raw:
         folder = default_download_dir(name, data_dir)
         fetch_resources(FILE_SPECS[name].resources, folder)
         folder = resolve_data_dir(name, folder)
+    if verify:  # the official files? split sizes and checksums (digests cached on disk)
+        verify_dataset(name, folder)
     stamp = tuple(
         p.stat().st_mtime for alts in FILE_SPECS[name].files if (p := find_file(folder, alts))
     )
-    return _load_raw_cached(name, str(folder), stamp)
+    raw = _load_raw_cached(name, str(folder), stamp)
+    if verify:
+        for split, (n, expected) in enumerate(zip((len(raw.y_train), len(raw.y_test)),
+                                                  SPLIT_SIZES[name], strict=True)):
+            if n != expected:
+                raise CorruptFileError(
+                    f"{folder}: the {('training', 'test')[split]} set of {name} holds {n} "
+                    f"examples, but the official one has {expected}")
+    return raw
 
 
 def load_dataset(
@@ -288,6 +300,7 @@ def load_dataset(
     standardize: bool = True,
     device: str | torch.device = "cpu",
     download: bool = False,
+    verify: bool | None = None,
 ) -> tuple[DataSplit, DataSplit]:
     """Load a data set as ``(train, test)`` :class:`DataSplit` on ``device``.
 
@@ -311,6 +324,12 @@ def load_dataset(
             :func:`samkit.data.iterate_batches`).
         download: if the files are not found, download them from the official URLs (checksums
             verified) into ``data_dir``, ``$SAMKIT_DATA/<name>`` or ``~/.cache/samkit/<name>``.
+        verify: check that files read from disk are the official data set: each split's size
+            and each file's published checksum (hashed once, then cached by path, size and
+            modification time in ``~/.cache/samkit/verified.json``); see
+            :mod:`samkit.data.verify`. None (the default): on, unless ``$SAMKIT_VERIFY_DATA=0``.
+            Turn it off only for data that is knowingly not the official files (your own
+            files in the IDX or CIFAR format, tests' fakes).
 
     Images are float32 ``N×C×H×W``, vectors float32 ``N×D``, labels int64.
 
@@ -318,7 +337,10 @@ def load_dataset(
         ValueError: an unknown ``name`` or a bad ``subset``, ``label_noise`` or ``seed``.
         DataNotFoundError: the files are nowhere; the message says where samkit looked and how
             to get them.
-        CorruptFileError: a file is truncated or not in the expected format.
+        CorruptFileError: a file is truncated or not in the expected format, or (``verify``)
+            a split has the wrong size (swapped train and test files).
+        ChecksumError: (``verify``) a file is not the official one (another data set under
+            these names, an altered copy).
     """
     name = canonical_name(name)
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not (
@@ -327,7 +349,7 @@ def load_dataset(
         raise ValueError(f"Invalid label_noise: {label_noise!r} (a fraction in [0, 1])")
     seed = check_seed(seed)
     device = torch.device(device)
-    raw = _load_raw(name, data_dir, download)
+    raw = _load_raw(name, data_dir, download, verify_requested(verify))
 
     # 1. Subset of the training set (indices into the stored arrays, nothing copied yet).
     x_train_np, y_train_np = raw.x_train, raw.y_train

@@ -26,6 +26,11 @@ class DataNotFoundError(FileNotFoundError):
     """A data set's files are in none of the places samkit looks."""
 
 
+class IncompleteDataError(DataNotFoundError):
+    """A folder the user named (``--data-dir``, ``$SAMKIT_DATA``) holds some of a data set's
+    files but not all: an error naming the missing ones, never a reason to use another copy."""
+
+
 class DataDirError(FileNotFoundError):
     """``--data-dir`` or ``$SAMKIT_DATA`` names a folder that does not exist (never a reason to
     look elsewhere: the user asked for that folder)."""
@@ -232,9 +237,21 @@ def resolve_data_dir(name: str, data_dir: str | Path | None = None) -> Path:
     """
     spec = _spec(name)
     dirs = search_dirs(name, data_dir)
+    named = set()  # the folders the user asked for: a partial data set there is an error
+    for root in (data_dir, os.environ.get(ENV_VAR) or None):
+        if root is not None:
+            named |= {Path(root).expanduser(), Path(root).expanduser() / name}
     for d in dirs:
-        if all(find_file(d, alts) is not None for alts in spec.files):
+        found = [find_file(d, alts) for alts in spec.files]
+        if all(p is not None for p in found):
             return d
+        if d in named and any(p is not None for p in found):
+            missing = [" or ".join(alts) for alts, p in zip(spec.files, found, strict=True)
+                       if p is None]
+            raise IncompleteDataError(
+                f"Data set {name!r}: {d} holds some of its files but not {', '.join(missing)} "
+                f"(samkit uses no other copy when a folder is named). To get it: "
+                f"{spec.how_to_get}.")
     raise DataNotFoundError(not_found_message(name, dirs))
 
 

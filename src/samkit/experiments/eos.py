@@ -534,7 +534,7 @@ def run_eos(config: EOSConfig, verbose: int = 1, command: str | None = None,
     the data have loaded."""
     from samkit.train.trainer import resolve_device
 
-    if config.threads is not None:
+    if C.check_threads(config.threads) is not None:  # at most the CPUs: a clear error
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     specs = run_specs(config)

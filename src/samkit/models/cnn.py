@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from samkit.models.common import (
+    MAX_WIDTH,
     check_dropout,
     check_image_shape,
     check_positive_int,
@@ -38,7 +39,7 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         c, h, w = check_image_shape("cnn", input_shape)
-        check_positive_int("width", width)
+        check_positive_int("width", width, maximum=MAX_WIDTH)
         dropout = check_dropout(dropout)
         layers: list[nn.Module] = []
         in_ch = c

@@ -31,10 +31,31 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name.lower()]()
 
 
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+# Size limits, so that a typo (depth=100000) is an error rather than a process killed for memory.
+# The deepest networks of the papers samkit reproduces have about 100 layers (ResNet-110; the
+# deepest CIFAR ResNet, He et al. 2016, has 1202), and their widest layers a few thousand units;
+# the limits leave ample room above them while bounding the modules a build creates.
+MAX_DEPTH = 1000  # hidden layers of an MLP, blocks of a transformer, layers of a WRN
+MAX_RESNET_DEPTH = 1202  # He et al.'s ResNet-1202
+MAX_WIDTH = 1 << 16  # units or channels of one layer, a transformer's n_embd and n_head
+# Parameters of one model: 2**31 float32 weights are 8 GiB, three to four times that in training
+# (gradients, optimizer state); the zoo's largest model, wrn28-10, has 36.5 million.
+MAX_PARAMETERS = 1 << 31
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1,
+                       maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (an integer >= {minimum})")
+        raise ValueError(f"Invalid {name}: {_short(value)} (an integer >= {minimum})")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"Invalid {name}: {value} (an integer from {minimum} to {maximum}: "
+                         "samkit's limit on model sizes)")
     return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_dropout(value: object) -> float:

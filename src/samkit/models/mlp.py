@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from samkit.models.common import check_dropout, check_positive_int, flat_size, make_activation
+from samkit.models.common import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    check_dropout,
+    check_positive_int,
+    flat_size,
+    make_activation,
+)
 
 
 class MLP(nn.Module):
@@ -33,8 +40,8 @@ class MLP(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        check_positive_int("depth", depth, minimum=0)
-        check_positive_int("width", width)
+        check_positive_int("depth", depth, minimum=0, maximum=MAX_DEPTH)
+        check_positive_int("width", width, maximum=MAX_WIDTH)
         dropout = check_dropout(dropout)
         make_activation(activation)  # validate before building
         layers: list[nn.Module] = [nn.Flatten()]

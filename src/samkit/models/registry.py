@@ -7,9 +7,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from samkit.models.cnn import SmallCNN
+from samkit.models.common import MAX_PARAMETERS
 from samkit.models.mlp import MLP
 from samkit.models.resnet import CifarResNet
 from samkit.models.transformer import CharTransformer
@@ -93,14 +95,41 @@ def create_model(
     allowed = [p for p in params if p not in ("self", "input_shape", "num_classes")
                and p not in fixed and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in kwargs:
+    for key, value in kwargs.items():
         if key in fixed:
             raise ValueError(f"Model {name!r} fixes {key}={fixed[key]!r}; it cannot be passed")
         if key not in allowed and not takes_any:
             raise ValueError(
                 f"Model {name!r} takes no argument {key!r}; its arguments: {', '.join(allowed)}"
             )
+        if key in params and isinstance(params[key].default, bool) and not isinstance(value, bool):
+            text = repr(value) if len(repr(value)) <= 200 else repr(value)[:197] + "..."
+            raise ValueError(f"Invalid {key} for model {name!r}: {text} (allowed: true, false)")
+    if _SIZE_KEYS & set(kwargs) or ("widen_factor" in fixed and fixed not in [
+        f for _, f in _MODELS.values()
+    ]):
+        _check_size(name, builder, shape, num_classes, fixed, kwargs)
     return builder(shape, num_classes, **fixed, **kwargs)
+
+
+# The arguments that set a model's size (a ResNet's size is bounded by its depth limit alone).
+_SIZE_KEYS = {"depth", "width", "n_layer", "n_head", "n_embd", "widen_factor"}
+
+
+def _check_size(name: str, builder: Callable[..., nn.Module], shape: tuple[int, ...],
+                num_classes: int, fixed: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Refuse a model of more than :data:`~samkit.models.common.MAX_PARAMETERS` parameters before
+    any memory is allocated: it is built first on the meta device (no memory) and counted. Only
+    for a model with size arguments or a Wide-ResNet width in its name; the named ones are small."""
+    if torch.get_default_device().type == "meta":
+        return  # the caller builds on the meta device itself
+    with torch.device("meta"):
+        count = count_parameters(builder(shape, num_classes, **fixed, **kwargs), False)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"Invalid model {name!r} with {kwargs or fixed}: {count:,} parameters (allowed: at "
+            f"most {MAX_PARAMETERS:,}, {4 * MAX_PARAMETERS / 2**30:.0f} GiB of float32 weights; "
+            "samkit's limit on model sizes)")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

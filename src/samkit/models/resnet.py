@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.models.common import check_dropout, check_image_shape
+from samkit.models.common import MAX_RESNET_DEPTH, check_dropout, check_image_shape
 
 
 class _ShortcutA(nn.Module):
@@ -72,8 +72,11 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         c, _, _ = check_image_shape(f"resnet{depth}", input_shape)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"Invalid ResNet depth: {depth!r} (6n+2: 20, 32, 44, 56, 110, ...)")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not (
+            8 <= depth <= MAX_RESNET_DEPTH
+        ) or (depth - 2) % 6:
+            raise ValueError(f"Invalid ResNet depth: {depth!r} (6n+2: 20, 32, 44, 56, 110, ... up "
+                             f"to {MAX_RESNET_DEPTH})")
         if shortcut not in ("A", "B"):
             raise ValueError(f"Invalid shortcut: {shortcut!r}; choose 'A' or 'B'")
         dropout = check_dropout(dropout)

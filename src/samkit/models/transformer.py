@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.models.common import check_dropout, check_positive_int
+from samkit.models.common import MAX_DEPTH, MAX_WIDTH, check_dropout, check_positive_int
 
 
 class CausalSelfAttention(nn.Module):
@@ -105,9 +105,9 @@ class CharTransformer(nn.Module):
                 f"Model 'transformer' needs input_shape (seq_len,), got {input_shape}"
             )
         self.seq_len = check_positive_int("seq_len", input_shape[0])
-        check_positive_int("n_layer", n_layer)
-        check_positive_int("n_head", n_head)
-        check_positive_int("n_embd", n_embd)
+        check_positive_int("n_layer", n_layer, maximum=MAX_DEPTH)
+        check_positive_int("n_head", n_head, maximum=MAX_WIDTH)
+        check_positive_int("n_embd", n_embd, maximum=MAX_WIDTH)
         if n_embd % n_head:
             raise ValueError(f"Invalid n_embd: {n_embd} (must be divisible by n_head={n_head})")
         dropout = check_dropout(dropout)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samkit.models.common import check_dropout, check_image_shape, check_positive_int
+from samkit.models.common import (
+    MAX_DEPTH,
+    MAX_WIDTH,
+    check_dropout,
+    check_image_shape,
+    check_positive_int,
+)
 
 
 class WideBlock(nn.Module):
@@ -55,9 +61,12 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         c, _, _ = check_image_shape(f"wrn{depth}-{widen_factor}", input_shape)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"Invalid WRN depth: {depth!r} (6n+4: 16, 22, 28, 40, ...)")
-        check_positive_int("widen_factor", widen_factor)
+        if isinstance(depth, bool) or not isinstance(depth, int) or not (
+            10 <= depth <= MAX_DEPTH
+        ) or (depth - 4) % 6:
+            raise ValueError(f"Invalid WRN depth: {depth!r} (6n+4: 16, 22, 28, 40, ... up to "
+                             f"{MAX_DEPTH})")
+        check_positive_int("widen_factor", widen_factor, maximum=MAX_WIDTH // 64)
         dropout = check_dropout(dropout)
         n = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)

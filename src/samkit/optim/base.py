@@ -57,7 +57,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import kernels
-from samkit.optim._validation import check_positive
+from samkit.optim._validation import check_keyword_types, check_optimizer, check_positive
 
 Closure = Callable[[], Any]
 
@@ -191,6 +191,7 @@ def accepts_base_class(fn: Callable) -> Callable:
                 "samkit.ASAM(params, torch.optim.SGD, rho=0.5, ...) instead of adaptive=True"
             )
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
+        check_keyword_types(base_class.__name__, base_class, kwargs)  # nesterov="maybe"
         base = base_class(params, **kwargs)
         return fn(*head, base, *tail, **mine)
 
@@ -252,6 +253,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         if not any(len(g["params"]) for g in base_optimizer.param_groups):
             raise ValueError("Invalid base_optimizer: it has no parameters")
+        check_optimizer(base_optimizer, type(self).__name__)  # real float params, finite lr, ...
         self.base_optimizer = base_optimizer
         # Optimizer.__init__ adds our defaults to the base optimizer's group dicts in place
         # (add_param_group keeps the dict); then both objects share the very same list.

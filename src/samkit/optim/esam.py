@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from samkit.optim import kernels
-from samkit.optim._validation import check_choice, check_non_negative
+from samkit.optim._validation import check_choice, check_non_negative, check_seed
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
 
@@ -142,7 +142,7 @@ class ESAM(SharpnessAwareOptimizer):
                 raise ValueError(f"Invalid {name}: {value!r} (allowed: 0 < {name} <= 1)")
         check_choice("swp_norm", swp_norm, SWP_NORMS)
         check_choice("sds_count", sds_count, SDS_COUNTS)
-        self.beta, self.gamma, self.seed = float(beta), float(gamma), int(seed)
+        self.beta, self.gamma, self.seed = float(beta), float(gamma), check_seed("seed", seed)
         self.swp_norm, self.sds_count = swp_norm, sds_count
         self.generator = torch.Generator().manual_seed(self.seed)
         super().__init__(

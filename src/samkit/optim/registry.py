@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 
 from samkit.optim import ascents as _ascents
 from samkit.optim import descents as _descents
-from samkit.optim._validation import check_non_negative
+from samkit.optim._validation import check_keyword_types, check_non_negative, check_optimizer
 from samkit.optim.asam import ASAM
 from samkit.optim.ascents import Ascent
 from samkit.optim.groups import param_groups
@@ -294,12 +294,15 @@ def create_optimizer(
             kwargs["weight_decay"] = weight_decay
         else:
             params = param_groups(params, weight_decay=weight_decay)
+    # torch.optim accepts lr=nan and nesterov="maybe": refuse them here, by name
+    check_keyword_types(entry.name, base_cls, kwargs)
     try:
         base_opt = base_cls(params, **kwargs)
     except TypeError as err:
         allowed = sorted(set(inspect.signature(base_cls).parameters) - {"params"})
         allowed += sorted(entry.wrapper_keys())
         raise ValueError(f"Invalid argument for {entry.name}: {err} (allowed: {allowed})") from err
+    check_optimizer(base_opt, entry.name)
     if entry.wrapper is None:
         return base_opt
     opt = entry.wrapper(base_opt, **own)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from samkit.optim import kernels
-from samkit.optim._validation import check_non_negative
+from samkit.optim._validation import check_non_negative, check_seed
 from samkit.optim.ascents import ASCENTS
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer, accepts_base_class
 from samkit.optim.presets import ascent_optimizer
@@ -154,7 +154,8 @@ class RandomSchedule:
                 if value > 1:
                     raise ValueError(f"Invalid {name}: {value!r} (allowed: 0 <= {name} <= 1)")
         _check_total(p_final, total_steps)
-        self.p, self.p_final, self.total_steps, self.seed = p, p_final, total_steps, int(seed)
+        self.p, self.p_final, self.total_steps = p, p_final, total_steps
+        self.seed = check_seed("seed", seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.steps = 0
         self.sam_steps = 0

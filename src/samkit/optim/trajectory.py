@@ -100,7 +100,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from samkit.optim._validation import check_non_negative, check_positive
+from samkit.optim._validation import check_non_negative, check_optimizer, check_positive
 from samkit.optim.base import accepts_base_class, picklable_state
 
 Closure = Callable[[], Any]
@@ -197,6 +197,7 @@ class TrajectoryLossOptimizer(Optimizer):
                 f"Invalid base_optimizer: {type(base_optimizer).__name__} already wraps an "
                 "optimizer (allowed: a plain torch.optim optimizer)"
             )
+        check_optimizer(base_optimizer, type(self).__name__)  # real float params, finite lr, ...
         check_non_negative("lam", lam)
         check_positive("temperature", temperature)
         _check_int("start_epoch", start_epoch, -1)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from samkit.config import (
     RESUMABLE_CHANGES,
     TrainConfig,
+    check_threads,
     legacy_values,
     resolved_dict,
     save_config,
@@ -359,7 +360,7 @@ class Trainer:
         (a second Ctrl-C aborts at once); ``trainer.request_stop()`` does the same but returns.
         """
         threads = torch.get_num_threads()
-        if self.config.threads is not None:
+        if check_threads(self.config.threads) is not None:  # at most the CPUs: a clear error
             torch.set_num_threads(self.config.threads)
         try:
             return self._fit()

@@ -194,10 +194,12 @@ def model_job(task: tuple[ModelSpec, CorrelateConfig, int | None]) -> list[dict[
     with torch's CPU threads set to ``threads`` meanwhile (when given)."""
     import torch
 
+    from samkit.config import check_threads
+
     spec, config, threads = task
     previous = torch.get_num_threads()
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
     try:
         return process_model(spec, config)
     finally:

@@ -69,6 +69,9 @@ def _run(config, name, jobs, verbose, command, notes, run_dir, specs) -> Correla
 
     # one thread per process when several run at once (unless the config says otherwise)
     threads = config.train.threads or (1 if jobs > 1 else None)
+    from samkit.config import check_threads
+
+    check_threads(threads, "train.threads")  # before any job starts
     done_count = 0
 
     def collect(i: int, rows: list[dict[str, Any]]) -> None:
