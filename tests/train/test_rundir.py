@@ -182,12 +182,15 @@ while not done.exists():  # hold it until every process has tried
 """
 
 
+@pytest.mark.slow
 def test_many_processes_starting_at_once_hold_the_lock_once(tmp_path):
     folder, go, done = tmp_path / "run", tmp_path / "go", tmp_path / "done"
     folder.mkdir()
-    for trial in range(3):
+    for trial in range(4):
         go.unlink(missing_ok=True)
         done.unlink(missing_ok=True)
+        if trial % 2:  # the empty lock file of a process killed before it wrote its name
+            (folder / LOCK).write_bytes(b"")
         procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(go), str(done)],
                                   stdout=subprocess.PIPE, text=True) for _ in range(12)]
         try:
@@ -235,4 +238,24 @@ def test_a_failed_start_leaves_nothing_in_the_way_of_the_retry(tmp_path, capsys)
     capsys.readouterr()
     assert not (out / "e").exists()  # the folder it made is gone
     assert main([*eos, "--dataset", "digits"]) == 0, capsys.readouterr().err
+    assert (out / "e" / "report.md").is_file()
+
+
+def test_a_run_that_fails_before_its_first_result_does_not_block_the_retry(tmp_path, capsys,
+                                                                           monkeypatch):
+    import samkit.experiments.eos as eos
+
+    real = eos.train_run
+
+    def broken(*args, **kwargs):
+        raise ValueError("the first run could not start")
+
+    out = tmp_path / "runs"
+    argv = [*QUICK["eos"], "--out-dir", str(out), "--name", "e", "--quiet"]
+    monkeypatch.setattr(eos, "train_run", broken)
+    assert main(argv) == 2
+    assert "could not start" in capsys.readouterr().err
+    assert (out / "e" / "config.json").is_file()  # its settings, written at the start
+    monkeypatch.setattr(eos, "train_run", real)
+    assert main(argv) == 0, capsys.readouterr().err  # the retry, without --overwrite
     assert (out / "e" / "report.md").is_file()

@@ -648,8 +648,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs")
 
 
-def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+def inputs_from_args(args: argparse.Namespace
+                     ) -> tuple[TrainConfig, list[str], list[int], CompareOptions, list[str]]:
+    """What the command line compares: ``(config, optimizers, seeds, options, notes)`` (the
+    notes say when the data fall back to scikit-learn's digits)."""
     values = C.flag_values(args)
     if args.config:
         config = C.load_config(args.config, args.overrides, **values)
@@ -662,13 +664,19 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             notes = []
             if values["dataset"] != DEFAULT.dataset and "subset" not in values:
                 values["subset"] = None  # the default's 10,000 is a Fashion-MNIST choice
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
         config = C.load(TrainConfig, None, args.overrides, base=config, **values)
     optimizers = args.optimizers or list(DEFAULT_OPTIMIZERS)
     seeds = args.seeds if args.seeds is not None else list(DEFAULT_SEEDS)
     options = C.from_dict({**C.to_dict(DEFAULT_OPTIONS), **C.flag_values(args, "cmp_")},
                           "compare options", cls=CompareOptions)
+    return config, optimizers, seeds, options, notes
+
+
+def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    config, optimizers, seeds, options, notes = inputs_from_args(args)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     try:
         result = run_compare(
             config, optimizers, seeds, name=args.name, resume=args.resume,

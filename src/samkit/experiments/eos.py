@@ -551,7 +551,8 @@ def _run_eos(config: EOSConfig, verbose: int, command: str | None, device, run) 
         notes.append("the Transformer is trained with cross-entropy (mse is for images)")
     start = time.perf_counter()
     train = load_data(config, device)
-    run.start()  # --overwrite: the old run goes once the data have loaded
+    build_model(config, train, device)  # a model that cannot be built fails the start
+    run.start()  # --overwrite: the old run goes once the data and the model have loaded
     resolved = C.to_dict(config)
     resolved["model_kwargs"] = default_model_kwargs(config)
     experiment.write_json(run_dir / "config.json", resolved)

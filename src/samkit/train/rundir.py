@@ -193,9 +193,12 @@ MARKER = ".samkit-run.json"
 # least one result.
 RESULT_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "report.md", "measures.json",
                 "edge.jsonl", "train.jsonl")
-KNOWN_FILES = RESULT_FILES + (
-    "config.yaml", "config.json", "run.json", "spec.json", "tensorboard", "results.csv",
-    "curves.png", "time_to_accuracy.png", "overview.png", "eos.png", "scatter.png")
+# What a run writes before its first result: a folder holding only these (and empty folders)
+# holds no run yet, so the retry of a run that failed early is not refused.
+SETTINGS_FILES = ("config.yaml", "config.json", "run.json", "spec.json")
+KNOWN_FILES = RESULT_FILES + SETTINGS_FILES + (
+    "tensorboard", "results.csv", "curves.png", "time_to_accuracy.png", "overview.png",
+    "eos.png", "scatter.png")
 HOLDS_A_RUN = "pass --overwrite to replace it, or choose another --name"
 
 
@@ -217,7 +220,8 @@ class RunDir:
        :meth:`claim`), and whatever appeared while the run held the folder is added when it
        ends, so a killed run leaves nothing a later ``--overwrite`` takes for a user's file.
     5. A start that fails before :meth:`start` leaves the folder as it was (a folder it made
-       is removed), so nothing it leaves blocks the retry.
+       is removed); a run that fails after it but before any result leaves only its settings
+       files, which do not count as a run: nothing a failed start leaves blocks the retry.
 
     Args:
         path: the run folder (``<out_dir>/<name>``, the name checked by the caller).
@@ -226,6 +230,10 @@ class RunDir:
         overwrite: replace the run the folder holds.
         keep: continue the run the folder holds (its files are kept).
         advice: what to do when the folder holds a run (default: ``--overwrite`` or ``--name``).
+
+    Attributes:
+        holds_a_run: the folder held a run of samkit's with a result when it was opened (more
+            than the settings files and empty folders of a run that failed early).
 
     Raises:
         FileExistsError: the folder holds a run (without ``overwrite`` or ``keep``), holds
@@ -259,6 +267,7 @@ class RunDir:
         try:
             self._marker_before = read_marker(self.path)
             self.old, foreign = owned_and_foreign(self.path)
+            self.holds_a_run = any(_holds_results(self.path / name) for name in self.old)
             self._check(foreign, keep, advice)
             self._found = set(_entries(self.path))
             self.claim(*outputs)
@@ -266,11 +275,6 @@ class RunDir:
             self.lock.release()
             self._remove_if_made()
             raise
-
-    @property
-    def holds_a_run(self) -> bool:
-        """The folder held a run of samkit when it was opened."""
-        return bool(self.old)
 
     def _check(self, foreign: list[str], keep: bool, advice: str) -> None:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8
@@ -280,12 +284,12 @@ class RunDir:
                 f"{self.path} holds files samkit did not write ({shown}); --overwrite replaces "
                 "only samkit's own files and leaves this folder alone: move them out, or choose "
                 "another --name")
-        if foreign and not (keep and self.old):
+        if foreign and not (keep and self.holds_a_run):
             raise FileExistsError(
                 f"{self.path} exists and holds files samkit did not write ({shown}); samkit "
                 "writes only into a new or empty folder or one of its own runs: choose another "
                 "--name (or --out-dir)")
-        if self.old and not (keep or self.overwrite):
+        if self.holds_a_run and not (keep or self.overwrite):
             raise FileExistsError(f"{self.path} already holds a run: {advice}")
 
     def claim(self, *names: str) -> None:
@@ -297,8 +301,9 @@ class RunDir:
         write_marker(self.path, self.kind, owned)
 
     def start(self) -> None:
-        """The run has loaded its inputs: with ``overwrite``, delete the old run's files now."""
-        if self.overwrite:
+        """The run has loaded its inputs: with ``overwrite`` (or when the old run never got to
+        a result), delete the old run's files now."""
+        if self.overwrite or not self.holds_a_run:
             for name in self.old:
                 _delete(self.path / name)
             self.old = []
@@ -334,6 +339,16 @@ class RunDir:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _holds_results(path: Path) -> bool:
+    """``path`` (an entry of a run folder) is a result: not a settings file or a temporary
+    file, and not a folder holding none."""
+    if path.name in SETTINGS_FILES or path.name.endswith(".tmp"):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return any(_holds_results(path / name) for name in _entries(path))
+    return path.exists()
 
 
 def _entries(path: Path) -> list[str]:
