@@ -64,7 +64,27 @@ def test_train_errors_are_clear(tmp_path, capsys, args, message):
     assert re.search(message, err), err
 
 
-def test_compare_writes_report_and_table(tmp_path, capsys):
+@pytest.fixture
+def pass_clock(monkeypatch):
+    """The step clock of `samkit compare` (samkit.experiments.budget.step_clock) made a count
+    of module forward calls: a step's "seconds" are its forward passes times the modules each
+    calls, whatever the machine's load, so SAM's steps cost exactly twice SGD's."""
+    import torch
+
+    from samkit.experiments import budget
+
+    calls = [0]
+
+    def count(module, args):
+        calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    monkeypatch.setattr(budget, "step_clock", lambda: float(calls[0]))
+    yield
+    handle.remove()
+
+
+def test_compare_writes_report_and_table(tmp_path, capsys, pass_clock):
     rc = main(["compare", *QUICK, "--epochs", "2", "--optimizers", "sgd", "sam:rho=0.1",
                "--seeds", "0", "1", "--out-dir", str(tmp_path), "--name", "cmp", "--quiet"])
     out = capsys.readouterr().out
@@ -75,11 +95,15 @@ def test_compare_writes_report_and_table(tmp_path, capsys):
     assert "![learning curves](curves.png)" in report and "samkit compare" in report
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
-    # the default equal-budget row: SGD trained again for SAM's (measured) training time
+    # the default equal-budget row: SGD trained again for SAM's training time (on the fake
+    # clock exactly twice SGD's, so twice the steps)
     assert [r["optimizer"] for r in summary["rows"]] == [
         "sgd", "sam:rho=0.1", "sgd (equal time: sam:rho=0.1)"]
-    assert summary["rows"][2]["passes"] > summary["rows"][0]["passes"]
-    assert "equal budget: sgd trained for" in report
+    assert summary["rows"][2]["passes"] == 2 * summary["rows"][0]["passes"]
+    import re
+
+    steps = re.search(r"equal budget: sgd trained for (\d+) steps instead of (\d+)", report)
+    assert steps and int(steps[1]) == 2 * int(steps[2]), report
     assert summary["rows"][0]["time_ratio"] == pytest.approx(1.0)
     assert load_config(run / "sam_rho0.1-s1" / "config.yaml").rho == 0.1
     # --resume skips finished runs and writes the same table

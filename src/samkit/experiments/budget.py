@@ -22,7 +22,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,23 @@ class CompareOptions:
 # ------------------------------------------------------------------------- counting
 
 
-class PassMeter(Callback):
-    """Counts forward-backward passes and step seconds; adds them to every epoch record."""
+def step_clock() -> float:
+    """The clock :class:`PassMeter` reads by default: ``time.perf_counter``. The equal-time row
+    depends on the seconds it measures; tests replace it (``budget.step_clock = fake``, before
+    the runs are built) with a deterministic clock."""
+    return time.perf_counter()
 
-    def __init__(self) -> None:
+
+class PassMeter(Callback):
+    """Counts forward-backward passes and step seconds; adds them to every epoch record.
+
+    Args:
+        clock: seconds as a float, read at the start and the end of every step (default:
+            :func:`step_clock`, as it is when the meter is made).
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock if clock is not None else step_clock
         self.passes = 0
         self.seconds = 0.0
         self._t0: float | None = None
@@ -87,13 +100,13 @@ class PassMeter(Callback):
         self._handle = model.register_forward_pre_hook(count)
 
     def on_step_start(self, state, step: int) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def on_step_end(self, state, step: int, loss) -> None:
         if self._t0 is not None:
             if torch.cuda.is_available() and loss.is_cuda:
                 torch.cuda.synchronize(loss.device)
-            self.seconds += time.perf_counter() - self._t0
+            self.seconds += self.clock() - self._t0
             self._t0 = None
 
     def on_epoch_end(self, state, epoch: int, metrics: dict[str, Any]) -> None:

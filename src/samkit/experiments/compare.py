@@ -33,7 +33,7 @@ from samkit.experiments import budget as B
 from samkit.experiments.budget import CompareOptions
 from samkit.train.checkpoint import atomic_write_text
 from samkit.train.logs import read_metrics
-from samkit.train.trainer import Trainer
+from samkit.train.trainer import Trainer, check_loss_term_switches_on
 
 # The default: an MLP (2×256, ReLU) on a stratified 10,000-example subset of Fashion-MNIST,
 # 20 epochs of SGD with momentum and a cosine schedule, three seeds. On 2 CPU cores the whole
@@ -214,7 +214,10 @@ def run_configs(
             values.update(optimizer=name, seed=seed, name=f"{_slug(spec)}-s{seed}",
                           out_dir=str(run_dir))
             values = apply_overrides(values, overrides, source=f"--optimizers {spec}")
-            out.append((spec, seed, from_dict(values, f"--optimizers {spec}")))
+            cfg = from_dict(values, f"--optimizers {spec}")
+            if cfg.steps is None:  # a steps budget's epochs need the data: the Trainer checks
+                check_loss_term_switches_on(cfg, cfg.epochs)
+            out.append((spec, seed, cfg))
     return out
 
 

@@ -16,7 +16,6 @@ the mean loss over the batch. Both build their closures with :mod:`samkit.step`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,40 +43,32 @@ def accumulation_closure(
     return step_closure(optimizer, model, loss_fn, micro_batches, scaler=scaler)
 
 
-class _Accumulate:
-    """Stands in for the base optimizer during the per-micro-batch steps of
-    :func:`m_sharpness_step`: its ``step()`` adds ``weight · grad`` to the accumulator instead
-    of moving the weights."""
-
-    def __init__(self, base: torch.optim.Optimizer) -> None:
-        self.param_groups, self.defaults, self.state = base.param_groups, base.defaults, base.state
-        self.weight = 1.0
-        self.sums: dict[Tensor, Tensor] = {}
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p in self.sums:
-                    self.sums[p].add_(p.grad, alpha=self.weight)
-                else:
-                    self.sums[p] = p.grad.mul(self.weight)
-
-
 def m_sharpness_step(
     optimizer: SharpnessAwareOptimizer,
     model: nn.Module,
     loss_fn: LossFn,
     micro_batches: Sequence[tuple[Tensor, Tensor]],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:
-    """One step with a separate perturbation per micro-batch; returns the mean loss at ``w``.
+    r"""One step with a separate perturbation per micro-batch; returns the mean loss at ``w``.
 
-    Each micro-batch takes its own ``optimizer.step(closure)`` (gradient at ``w``, ε_i, gradient
-    at ``w + ε_i`` with BatchNorm running statistics untouched, back to ``w``) with a base
-    optimizer that only accumulates the weighted second-pass gradient; then the base optimizer
-    steps once with the sum.
+    .. math::
+        \epsilon_k = \mathrm{ascent}(w, \nabla L_{B_k}(w); \rho), \qquad
+        d = \sum_k \tfrac{|B_k|}{|B|} \nabla L_{B_k}(w + \epsilon_k), \qquad
+        w \leftarrow \mathrm{base\_step}\big(w, \mathrm{clip}(d)\big)
+
+    Each micro-batch takes the first half of the optimizer's protocol (gradient at ``w``,
+    ``first_step``, gradient at ``w + ε_k`` with BatchNorm running statistics untouched, back to
+    ``w`` bit for bit); its weighted second-pass gradient is added to one accumulator. Then the
+    optimizer's own descent path runs once on the average: unscaled once (``scaler``), clipped
+    once to ``max_grad_norm`` (the step's direction, not each micro-batch's), one base step
+    (``scaler.step(base)`` with a scaler; skipped when any pass of any micro-batch was
+    non-finite, as :meth:`~SharpnessAwareOptimizer.second_step` does). The gradients are
+    cleared afterwards.
+
+    Args:
+        scaler: the ``torch.amp.GradScaler`` that scales each backward, if any (the closure
+            scales the losses with it); call ``scaler.update()`` after this step.
     """
     from samkit.step import check_micro_batches, step_closure
 
@@ -90,22 +81,44 @@ def m_sharpness_step(
         )
     sizes = check_micro_batches(micro_batches)
     total = sum(sizes)
-    base = optimizer.base_optimizer
-    accumulate = _Accumulate(base)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    sums: dict[Tensor, Tensor] = {}
+    first_finite: list[Tensor] = []
     mean = None
-    optimizer.base_optimizer = accumulate
-    try:
-        for (x, y), n in zip(micro_batches, sizes, strict=True):
-            accumulate.weight = n / total
-            loss = optimizer.step(step_closure(optimizer, model, loss_fn, [(x, y)]))
-            mean = loss.detach() * accumulate.weight if mean is None else (
-                mean + loss.detach() * accumulate.weight)
-    finally:
-        optimizer.base_optimizer = base
+    optimizer.zero_grad()
+    for (x, y), n in zip(micro_batches, sizes, strict=True):
+        weight = n / total
+        closure = step_closure(optimizer, model, loss_fn, [(x, y)],
+                               scaler=scaler if use_scaler else None)
+        with torch.enable_grad():
+            loss = closure()  # zeroes the gradients: the gradient of this micro-batch at w
+        loss = torch.as_tensor(loss).detach()
+        mean = loss * weight if mean is None else mean + loss * weight
+        if not optimizer.first_step(zero_grad=True, scaler=scaler if use_scaler else None):
+            # only skip_non_finite says False here (step_rewrites is None): the step is skipped
+            optimizer.zero_grad()
+            return mean
+        if optimizer._first_pass_finite is not None:  # under a scaler: kept for the base step
+            first_finite.append(optimizer._first_pass_finite)
+            optimizer._first_pass_finite = None
+        with torch.enable_grad():
+            closure()  # at w + eps_k, BatchNorm statistics untouched
+        optimizer.restore()
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p in sums:
+                        sums[p].add_(p.grad, alpha=weight)
+                    else:
+                        sums[p] = p.grad.mul(weight)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            p.grad = accumulate.sums.get(p)
-    base.step()
-    optimizer._opt_called = True
+            p.grad = sums.get(p)
+    if first_finite:
+        optimizer._first_pass_finite = torch.stack(
+            [f.to(first_finite[0].device) for f in first_finite]).all()
+    optimizer._descend_(scaler if use_scaler else None)
     optimizer.zero_grad()
     return mean

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -264,6 +265,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._first_pass_finite: Tensor | None = None
         self._one_pass_done = False  # the last first_step() took a one-pass step
         self._zero_grad_calls = 0
+        self._left_grads: list[tuple[Tensor, Any]] | None = None  # see second_step(zero_grad)
         self.skip_non_finite = skip_non_finite
         self.skipped_steps = 0  # steps skipped by skip_non_finite
         # An optional step schedule (AE-SAM, RST, see samkit.optim.schedules): an object with
@@ -495,9 +497,15 @@ class SharpnessAwareOptimizer(Optimizer):
             schedule) and the base optimizer has stepped with the first-pass gradient, or
             ``skip_non_finite`` skipped a non-finite step. The explicit form is therefore
             ``if opt.first_step(): <second pass>; opt.second_step()``.
+
+        Raises:
+            RuntimeError: the gradients that ``second_step(zero_grad=False)`` kept are still
+                there, uncleared (no ``opt.zero_grad()`` since, the same gradient tensors): the
+                backward pass of this step added to the last step's second-pass gradient.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice without second_step() in between")
+        self._check_grads_cleared()
         self._one_pass_done = False
         buckets = self._buckets()
         use_scaler = scaler is not None and scaler.is_enabled()
@@ -583,7 +591,7 @@ class SharpnessAwareOptimizer(Optimizer):
     @_not_compiled
     @torch.no_grad()
     def second_step(
-        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
+        self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None
     ) -> None:
         """Restore ``w`` and take the base optimizer's step with the gradient at ``w + ε``.
 
@@ -593,8 +601,32 @@ class SharpnessAwareOptimizer(Optimizer):
         and the step goes through ``scaler.step(base_optimizer)``: it is skipped when the
         gradients of either pass were non-finite. Call ``scaler.update()`` afterwards, as in
         any AMP loop.
+
+        Args:
+            zero_grad: clear the gradients after the step (default True). They hold the
+                gradient at ``w + ε``, which must not enter the next step's first pass: with
+                them cleared, the explicit form in a loop (``backward(); first_step();
+                backward(); second_step()``, no ``zero_grad()`` of its own) equals the closure
+                form step for step, as :meth:`first_step` already clears ``ε``. ``False`` keeps
+                them (to read or log them after the step, as ``step(closure)`` does); the next
+                :meth:`first_step` then refuses to run until they are cleared
+                (``opt.zero_grad()``, or new gradient tensors), rather than mixing two steps'
+                gradients silently. Gradient accumulation over micro-batches within a pass is
+                unaffected: nothing is cleared between the backward calls of one pass.
+            scaler: the ``torch.amp.GradScaler`` that scaled the loss, if any (see above).
         """
         self.restore()
+        self._descend_(scaler)
+        if zero_grad:
+            self.zero_grad()
+        else:
+            self._keep_grads()
+
+    def _descend_(self, scaler: torch.amp.GradScaler | None) -> None:
+        """The tail of :meth:`second_step` with ``w`` restored and the step's direction in the
+        gradients: unscale once, the variant's descent rule, the clip to ``max_grad_norm``, the
+        base step (through the scaler; skipped as ``skip_non_finite`` says). Also used by
+        :func:`samkit.m_sharpness_step` with the averaged per-micro-batch gradients."""
         use_scaler = scaler is not None and scaler.is_enabled()
         buckets = self._buckets()  # the second pass's gradient tensors
         if use_scaler:
@@ -607,8 +639,34 @@ class SharpnessAwareOptimizer(Optimizer):
             self._first_pass_finite = None
         else:
             self._base_step(scaler, buckets)
-        if zero_grad:
-            self.zero_grad()
+
+    def _keep_grads(self) -> None:
+        """Remember the gradients ``second_step(zero_grad=False)`` leaves (weak references: no
+        memory is held) for :meth:`_check_grads_cleared`."""
+        self._left_grads = [
+            (p, weakref.ref(p.grad))
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        self._left_calls = self._zero_grad_calls
+
+    def _check_grads_cleared(self) -> None:
+        """Refuse a first pass that added to the gradients a ``second_step(zero_grad=False)``
+        kept (no ``zero_grad()`` since, the very same tensors)."""
+        left = self._left_grads
+        if not left or self._zero_grad_calls != self._left_calls:
+            self._left_grads = None
+            return
+        if any(p.grad is not None and ref() is p.grad for p, ref in left):
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step(): the gradients kept by the last "
+                "second_step(zero_grad=False) were not cleared, so this step's first-pass "
+                "gradient includes the last step's gradient at w + eps. Call opt.zero_grad() "
+                "before the first backward pass of each step, or use second_step() (it clears "
+                "the gradients by default)"
+            )
+        self._left_grads = None
 
     def _base_step(self, scaler: torch.amp.GradScaler | None, buckets=None) -> None:
         """The base optimizer's step with the gradients as they are (through the scaler)."""
@@ -623,6 +681,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._zero_grad_calls = getattr(self, "_zero_grad_calls", 0) + 1
+        self._left_grads = None
         super().zero_grad(set_to_none=set_to_none)
 
     @_not_compiled
@@ -676,7 +735,9 @@ class SharpnessAwareOptimizer(Optimizer):
         if self.first_step(zero_grad=True, scaler=scaler):  # False: a one-pass step, done
             with torch.enable_grad():
                 closure()
-            self.second_step(scaler=scaler)
+            # the gradients at w + eps stay after step(), as torch.optim leaves them (the
+            # next closure zeroes them; trainers log their norm)
+            self.second_step(zero_grad=False, scaler=scaler)
         return loss
 
     # ------------------------------------------------------------------ state
@@ -713,7 +774,9 @@ class SharpnessAwareOptimizer(Optimizer):
         """Everything but torch.optim's hooks and an LR scheduler's patched ``step``: so that
         ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` keep the base optimizer (which
         shares the very same group dicts) and our own attributes."""
-        return picklable_state(self, super().__getstate__())
+        state = picklable_state(self, super().__getstate__())
+        state.pop("_left_grads", None)  # weak references to this step's gradients
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -721,6 +784,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.__dict__.setdefault("_first_pass_finite", None)
         self.__dict__.setdefault("_one_pass_done", False)
         self.__dict__.setdefault("_zero_grad_calls", 0)
+        self.__dict__.setdefault("_left_grads", None)
         self.__dict__.setdefault("skip_non_finite", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("schedule", None)

@@ -198,7 +198,7 @@ class ESAM(SharpnessAwareOptimizer):
         # 4. the gradient at w + eps on the selected examples, then back to w and step
         with torch.enable_grad():
             backward(closure.losses(indices, True).mean())
-        self.second_step(scaler=scaler)
+        self.second_step(zero_grad=False, scaler=scaler)  # kept, as step(closure) keeps them
         return loss.detach()
 
     def kept_examples(self, batch_size: int) -> int:

@@ -149,6 +149,46 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
     return kwargs, notes
 
 
+def check_loss_term_switches_on(config: TrainConfig, num_epochs: int) -> None:
+    """Refuse SAF/MESA (an optimizer with a ``start_epoch``) whose loss term would never be on
+    in a run of ``num_epochs`` epochs: the term is on in epochs ``e > start_epoch`` (0-based),
+    so with ``num_epochs <= start_epoch + 1`` the run is its base optimizer under another name
+    (and a grid over ``lam`` chooses among identical runs).
+
+    Raises:
+        ValueError: naming ``start_epoch``, the run's epochs and what to do.
+    """
+    import inspect
+
+    from samkit.optim import registry
+
+    name = config.optimizer.lower()
+    try:
+        entry = registry.optimizer_info(name)
+    except ValueError:
+        return  # the optimizer's own error comes where it is built
+    if entry.wrapper is None:
+        return
+    params = inspect.signature(entry.wrapper).parameters
+    if "start_epoch" not in params:
+        return
+    given = config.optimizer_kwargs
+    start = given.get("start_epoch", params["start_epoch"].default)
+    lam = given.get("lam", params["lam"].default if "lam" in params else 1.0)
+    if isinstance(start, bool) or not isinstance(start, int) or not isinstance(lam, (int, float)):
+        return  # the constructor names the bad value
+    if lam == 0 or num_epochs > start + 1:
+        return  # lam = 0 turns the term off on purpose
+    raise ValueError(
+        f"Invalid start_epoch for {name}: {start} in a run of {num_epochs} epoch(s): its loss "
+        f"term is on only in epochs e > start_epoch (0-based), so it would never switch on and "
+        f"the run would be plain {config.base or entry.base} under another name (allowed: "
+        f"start_epoch < {num_epochs - 1}; e.g. {name}:start_epoch={max(-1, num_epochs - 2)} in "
+        f"--optimizers, --set optimizer_kwargs.start_epoch={max(-1, num_epochs - 2)}, or more "
+        f"than {start + 1} epochs)"
+    )
+
+
 class Trainer:
     """Trains ``config.model`` on ``config.dataset`` with ``config.optimizer``.
 
@@ -285,6 +325,7 @@ class Trainer:
         self.batch_size, self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
         self.total_steps = total_steps(cfg, n)
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
+        check_loss_term_switches_on(cfg, self.num_epochs)  # SAF/MESA that would be plain SGD
         if cfg.grad_accum > self.batch_size:
             raise ValueError(
                 f"Invalid grad_accum: {cfg.grad_accum} micro-batches for a batch of "
