@@ -622,6 +622,9 @@ OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs")
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    from samkit._extras import require_command, require_dataset
+
+    require_command("compare", progress=not args.quiet)  # before anything is read or trained
     values = C.flag_values(args)
     if args.config:
         config = C.load_config(args.config, args.overrides, **values)
@@ -637,6 +640,7 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         config = C.load(TrainConfig, None, args.overrides, base=config, **values)
+    require_dataset(config.dataset, what=f"samkit compare on {config.dataset}")
     optimizers = args.optimizers or list(DEFAULT_OPTIMIZERS)
     seeds = args.seeds if args.seeds is not None else list(DEFAULT_SEEDS)
     options = C.from_dict({**C.to_dict(DEFAULT_OPTIONS), **C.flag_values(args, "cmp_")},

@@ -46,10 +46,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``samkit train``: 0 done, 2 bad input, 3 diverged, 130/143 interrupted by SIGINT /
     SIGTERM (checkpoint saved)."""
+    from samkit._extras import require, require_command, require_dataset
     from samkit.train import Trainer
     from samkit.train.trainer import TrainingDiverged
 
+    require_command("train", progress=not args.quiet)  # before any config is read
     config = C.load_config(args.config, args.overrides, **C.flag_values(args))
+    require_dataset(config.dataset, what=f"samkit train --dataset {config.dataset}")
+    if config.tensorboard:
+        require("tensorboard", "tensorboard", what="samkit train --tensorboard")
     trainer = Trainer(
         config, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else 2
     )

@@ -32,12 +32,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
 
+from samkit._extras import require
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
 from samkit.optim.sam import SAM
+
+# the extra named before transformers' own ModuleNotFoundError
+require("huggingface", "transformers", what="samkit.integrations.huggingface")
+from transformers import Trainer, TrainerCallback  # noqa: E402 - after the check
 
 __all__ = ["EdgeTrackerCallback", "SAMTrainer"]
 

@@ -88,13 +88,17 @@ def _unwrap(opt: Any) -> Any:
 
 
 def _lightning_callback_base() -> type:
-    try:
-        from lightning.pytorch.callbacks import Callback
-    except ImportError:  # pragma: no cover - the standalone package
-        try:
-            from pytorch_lightning.callbacks import Callback
-        except ImportError:
-            return object
+    """Lightning's ``Callback`` (``lightning``, else the standalone ``pytorch_lightning``);
+    :class:`~samkit._extras.MissingExtra` naming ``samkit[lightning]`` when neither is there."""
+    from samkit._extras import missing, require
+
+    if missing("lightning") and not missing("pytorch_lightning"):  # pragma: no cover
+        from pytorch_lightning.callbacks import Callback
+
+        return Callback
+    require("lightning", "lightning", what="samkit.integrations.lightning")
+    from lightning.pytorch.callbacks import Callback
+
     return Callback
 
 

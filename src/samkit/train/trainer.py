@@ -868,9 +868,11 @@ def load_run(run_dir, map_location: Any = "cpu") -> Run:
 
     >>> config, metrics, model = samkit.load_run("runs/digits-mlp-sam-s0")
     """
+    from samkit._extras import require
     from samkit.models import create_model
     from samkit.train.config import load_config
 
+    require("experiments", "yaml", what="samkit.load_run (a run's config.yaml)")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"No run at {run_dir}: it has no config.yaml")
