@@ -184,6 +184,8 @@ class Trainer:
         # what the run is (fixed at construction)
         self.config = config
         self.callbacks = list(callbacks)
+        if config.edge_every is not None:  # λ₁ against the edge, every edge_every steps
+            self.callbacks.append(_edge_tracker(config.edge_every))
         self.resume = resume
         self.overwrite = overwrite
         self.progress = Progress(verbose, prefix)
@@ -385,6 +387,9 @@ class Trainer:
             self._call("on_train_start")
             self._loop()
             status = "finished"
+            # while metrics.jsonl is open: what a callback logs at the end is kept (the edge
+            # tracker's row at the final weights)
+            self._call("on_train_end", self.last_record or {})
             if self._writer is not None:
                 self._writer.write_hparams(resolved_dict(self.config), self.last_record or {})
         except TrainingStopped:
@@ -402,8 +407,6 @@ class Trainer:
                 self._write_run_info(status)
         if self._interrupted:
             raise KeyboardInterrupt(f"training interrupted; checkpoint: {self.checkpoint_path}")
-        if not self.stopped:
-            self._call("on_train_end", self.last_record or {})
         return self.last_record or {}
 
     def _write_run_info(self, status: str) -> None:
@@ -842,6 +845,17 @@ def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, dro
     shuffle = generator is not None
     return iterate_batches(split, batch_size, shuffle, generator, drop_last=drop_last,
                            indices=indices)
+
+
+def _edge_tracker(every: Any) -> Callback:
+    """The :class:`~samkit.train.edge.EdgeTracker` of ``config.edge_every``: every ``every``
+    steps, no budget (the rule of an explicit ``every``); its rows go to ``edge.jsonl`` and, as
+    ``{"event": "edge", ...}`` records, to ``metrics.jsonl``."""
+    from samkit.train.edge import EdgeTracker
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"Invalid edge_every: {every!r} (allowed: None or an integer >= 1)")
+    return EdgeTracker(every=every)
 
 
 def train(config: TrainConfig, callbacks: Iterable[Callback] = (), **kwargs: Any) -> dict:
