@@ -223,7 +223,7 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         return self.tracker.state_dict()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.tracker.note is not None:
+        if self.tracker.note is not None and getattr(trainer, "is_global_zero", True):
             print(f"note: {self.tracker.note}", flush=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
