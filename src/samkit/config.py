@@ -645,6 +645,9 @@ class TrainConfig:
     tensorboard: bool = setting(
         False, "also write TensorBoard events (needs `pip install tensorboard`)")
     log_every: int = setting(50, "steps between progress lines when stdout is not a terminal")
+    edge_every: int | None = setting(
+        None, "measure λ₁ against the edge of stability every this many steps (and at step 0), "
+        "whatever it costs: rows in edge.jsonl and metrics.jsonl (None: off)")
 
     def __post_init__(self) -> None:
         # Frozen, so normalize through object.__setattr__: YAML gives lists, we keep tuples.

@@ -46,7 +46,7 @@ def test_systematic_excess_is_not_at_the_edge():
 
 
 def test_never_reached_and_no_ratio():
-    d = diagnose(_rows([0.2, 0.4, 0.6, 0.85]))
+    d = diagnose(_rows([0.2, 0.4, 0.6, 0.7, 0.85]))
     assert d["first_crossing_step"] is None and d["fraction_at_edge_after_crossing"] is None
     assert d["last_step_at_edge"] is None and d["max_ratio"] == pytest.approx(0.85)
     assert d["verdict"].startswith("never reached the edge")
@@ -56,7 +56,7 @@ def test_never_reached_and_no_ratio():
 
 def test_band_is_stated_and_used():
     assert EDGE_BAND == (0.9, 1.1)
-    rows = _rows([0.5, 0.85, 0.86, 0.84])
+    rows = _rows([0.5, 0.85, 0.86, 0.84, 0.83])
     assert diagnose(rows)["first_crossing_step"] is None
     assert diagnose(rows, band=(0.8, 1.2))["first_crossing_step"] == 10
     assert diagnose(rows)["band"] == [0.9, 1.1]
@@ -105,3 +105,25 @@ def test_two_over_eta_is_left_out_where_it_squeezes_the_axis():
     assert squeezes(40.0, [9.7, 8.0, None, float("nan")])  # SAM at η = 0.05: λ₁ ≈ 10
     assert not squeezes(20.0, [15.0, 21.0])  # GD at its edge
     assert not squeezes(20.0, [])
+
+
+def test_too_few_measurements_get_no_verdict():
+    """`samkit eos --text ... --steps 100` measured once and called it "a systematic excess":
+    under MIN_MEASUREMENTS finite ratios there is no verdict, no "in band", no excess note."""
+    from samkit.experiments.eos import RunResult, RunSpec
+    from samkit.experiments.eos_report import MIN_MEASUREMENTS, summarize
+
+    assert MIN_MEASUREMENTS == 5
+    d = diagnose(_rows([1.3]))
+    assert d["verdict"].startswith("too few measurements (1) for a verdict")
+    assert d["too_few"] and not d["excess"] and d["first_crossing_step"] is None
+    assert d["max_ratio"] == pytest.approx(1.3)  # the number measured is still reported
+    four = diagnose(_rows([1.3, 1.28, 1.31, 1.29]))
+    assert "too few measurements (4)" in four["verdict"] and not four["excess"]
+    assert not diagnose(_rows([1.3, 1.28, 1.31, 1.29, 1.3]))["too_few"]
+    spec = RunSpec("sam-lr0.5-rho0.05", "sam", 0.5, 0.05)
+    rows = [{"step": 0, "lambda1": 13.0, "grad_norm": 1.0, "edge": 10.0, "ratio": 1.3}]
+    s = summarize(RunResult(spec, rows, [{"step": 0, "loss": 1.0, "grad_norm": 1.0}], False,
+                            1.0, 0.5, 7), steps=100)
+    assert s["at_edge"] is None and "systematic excess" not in s["verdict"]
+    assert excess_with_rho([{**s, "rho": 0.02}, {**s, "rho": 0.1}]) == []

@@ -113,6 +113,10 @@ class LinearOperator:
         its device, each one a host round trip. ``None``: the operator's dtype.
         """
         import numpy as np
+
+        from samkit._extras import require
+
+        require("curvature", "scipy", what=f"{type(self).__name__}.to_scipy()")
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
         np_dtype = (

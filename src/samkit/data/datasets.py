@@ -197,12 +197,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 
 
 def _load_digits() -> _Raw:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - scikit-learn is in the experiments extra
-        raise ImportError(
-            "the 'digits' data set needs scikit-learn: pip install 'samkit[experiments]'"
-        ) from err
+    from samkit._extras import require_dataset
+
+    require_dataset("digits")
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = bunch.images.astype(np.float32)[:, None]  # N×1×8×8, values 0..16
     y = bunch.target.astype(np.int64)

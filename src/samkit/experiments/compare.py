@@ -677,7 +677,11 @@ def inputs_from_args(args: argparse.Namespace
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    from samkit._extras import require_command, require_dataset
+
+    require_command("compare", progress=not args.quiet)  # before anything is read or trained
     config, optimizers, seeds, options, notes = inputs_from_args(args)
+    require_dataset(config.dataset, what=f"samkit compare on {config.dataset}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     try:

@@ -662,7 +662,12 @@ def config_from_args(args: argparse.Namespace) -> EOSConfig:
 
 def cmd_eos(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``samkit eos``; print the table; exit status 0 (2 for bad input, via the CLI)."""
+    from samkit._extras import require_command, require_dataset
+
+    require_command("eos", progress=not args.quiet)  # before anything is read or trained
     config = config_from_args(args)
+    if not config.is_text:
+        require_dataset(config.dataset, what=f"samkit eos on {config.dataset}")
     command = experiment.command_line(argv) if argv else None
     result = run_eos(config, verbose=0 if args.quiet else 1, command=command,
                      overwrite=getattr(args, "overwrite", False))

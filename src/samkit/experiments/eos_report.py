@@ -24,6 +24,9 @@ EDGE_BAND = (0.9, 1.1)
 # The acceptance bands of the median λ₁/edge over the second half ("in band"): the same band.
 GD_BAND = EDGE_BAND
 SAM_BAND = EDGE_BAND
+# No verdict (at the edge, above it, left it, "in band") on fewer measurements than this: one
+# or two values of λ₁/edge say nothing about where a trace settles.
+MIN_MEASUREMENTS = 5
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -54,7 +57,9 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
     * ``excess``: the median after crossing lies above b (λ₁ sits *above* the edge, a
       systematic excess, not the edge of stability as the closed form states it);
     * ``verdict``: the above in one sentence, e.g. "reached the edge at step 575, at it 18 %
-      of the measurements since, left it at step 700 (loss 0.21 → 0.015; final λ₁/edge 0.50)".
+      of the measurements since, left it at step 700 (loss 0.21 → 0.015; final λ₁/edge 0.50)";
+    * ``too_few``: fewer than :data:`MIN_MEASUREMENTS` finite ratios: then only ``max_ratio``
+      is filled in and the verdict is "too few measurements (n) for a verdict".
     """
     a, b = band
     pts = [r for r in rows if r.get(key) is not None and math.isfinite(r[key])]
@@ -63,12 +68,19 @@ def diagnose(rows: Sequence[dict[str, Any]], band: tuple[float, float] = EDGE_BA
         "fraction_at_edge_after_crossing": None, "fraction_above_after_crossing": None,
         "fraction_below_after_crossing": None, "median_ratio_after_crossing": None,
         "last_step_at_edge": None, "left_edge": False, "excess": False,
+        "too_few": len(pts) < MIN_MEASUREMENTS,
     }
     if not pts:
         out["verdict"] = f"no measurement of {name} (no edge applies, or no finite λ₁)"
         return out
     top = max(pts, key=lambda r: r[key])
     out["max_ratio"], out["max_ratio_step"] = float(top[key]), int(top["step"])
+    if out["too_few"]:
+        out["verdict"] = (f"too few measurements ({len(pts)}) for a verdict (at least "
+                          f"{MIN_MEASUREMENTS} of {name}; measure more often: a smaller "
+                          f"--every, --budget none or more --steps); max {name} "
+                          f"{top[key]:.2f}")
+        return out
     first = next((i for i, r in enumerate(pts) if r[key] >= a), None)
     final = pts[-1][key]
     if first is None:
@@ -181,6 +193,8 @@ def summarize(run: RunResult, steps: int) -> dict[str, Any]:
     ratio = out["median_ratio"]
     out["at_edge"] = ratio is not None and band[0] <= ratio <= band[1]
     out.update(diagnose(rows, EDGE_BAND))
+    if out["too_few"]:  # no "in band" either (None: the table says "-")
+        out["at_edge"] = None
     # the effective Hessian's λ_max against the base optimizer's edge, where recorded
     eff = [r for r in rows if r.get("eff_ratio") is not None]
     if eff:
@@ -224,7 +238,7 @@ def format_table(result: EOSResult) -> str:
             f"| {_fmt(s['edge_early'], '.2f')} → {_fmt(s['median_edge'], '.2f')} "
             f"| {_fmt(s['grad_norm_early'], '.3f')} → {_fmt(s['grad_norm_late'], '.3f')} "
             f"| {_fmt(s['final_loss'], '.4f')} "
-            f"| {'yes' if s['at_edge'] else 'no'} [{band[0]}, {band[1]}]"
+            f"| {_yes_no(s['at_edge'])} [{band[0]}, {band[1]}]"
             f"{' (diverged)' if s['diverged'] else ''} "
             f"| {_fmt(s.get('max_ratio'))} | {_fmt(s.get('first_crossing_step'), 'd')} "
             f"| {_pct(s.get('fraction_at_edge_after_crossing'))} "
@@ -232,6 +246,10 @@ def format_table(result: EOSResult) -> str:
             f"| {s['seconds']:.0f} s ({s['tracker_seconds']:.0f} s) |"
         )
     return "\n".join(lines)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "no"
 
 
 def _pct(value: float | None) -> str:

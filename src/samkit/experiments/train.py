@@ -23,7 +23,8 @@ COMMON_KEYS = (
     "dataset", "data_dir", "subset", "label_noise", "model", "epochs", "steps", "batch_size",
     "lr", "lr_schedule", "weight_decay", "label_smoothing", "device", "threads", "out_dir",
 )
-TRAIN_KEYS = ("optimizer", "rho", "eta", "seed", "name", "perturbation", "amp", "tensorboard")
+TRAIN_KEYS = ("optimizer", "rho", "eta", "seed", "name", "perturbation", "amp", "tensorboard",
+              "edge_every")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -35,7 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "  samkit train --config configs/fashion-mnist-mlp.yaml --set optimizer=asam rho=0.5\n"
         "  samkit train --dataset digits --optimizer sam --epochs 10 --name digits-sam\n"
         "  samkit train --config configs/fashion-mnist-mlp.yaml --resume\n"
-        "  samkit train --config configs/asam-paper/cifar10-resnet56-sam.yaml --device cuda\n",
+        "  samkit train --config configs/asam-paper/cifar10-resnet56-sam.yaml --device cuda\n"
+        "  samkit train --dataset digits --optimizer sam --edge-every 10   # λ₁ vs the edge\n",
     )
     base.add_config_flags(p, "keys: samkit list --keys")
     C.add_flags(p, TrainConfig, COMMON_KEYS + TRAIN_KEYS)
@@ -46,10 +48,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``samkit train``: 0 done, 2 bad input, 3 diverged, 130/143 interrupted by SIGINT /
     SIGTERM (checkpoint saved)."""
+    from samkit._extras import require, require_command, require_dataset
     from samkit.train import Trainer
     from samkit.train.trainer import TrainingDiverged
 
+    require_command("train", progress=not args.quiet)  # before any config is read
     config = C.load_config(args.config, args.overrides, **C.flag_values(args))
+    require_dataset(config.dataset, what=f"samkit train --dataset {config.dataset}")
+    if config.tensorboard:
+        require("tensorboard", "tensorboard", what="samkit train --tensorboard")
     trainer = Trainer(
         config, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else 2
     )

@@ -32,12 +32,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
 
+from samkit._extras import require
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
 from samkit.optim.sam import SAM
+
+# the extra named before transformers' own ModuleNotFoundError
+require("huggingface", "transformers", what="samkit.integrations.huggingface")
+from transformers import Trainer, TrainerCallback  # noqa: E402 - after the check
 
 __all__ = ["EdgeTrackerCallback", "SAMTrainer"]
 
@@ -169,11 +173,16 @@ class EdgeTrackerCallback(TrainerCallback):
     (:class:`samkit.train.edge.EdgeTracker`), and logs ``λ₁``, the edge and their ratio.
 
     Every ``every`` optimizer steps (``state.global_step``), before the step, and at the end of
-    training, as far as the tracker's time budget allows (``budget``, 25 % of the run by
-    default): λ₁ on ``probe``, the edge of the optimizer (:func:`~samkit.train.edge.edge_for`;
-    under :class:`SAMTrainer` the SAM one, with the probe's ‖g‖, since a callback does not see
-    the step's batch) and :math:`\lambda_1/\text{edge}`, logged as ``{prefix}lambda1``,
-    ``{prefix}edge``, ``{prefix}ratio``, ``{prefix}grad_norm``.
+    training (the tracker's rule: an explicit ``every`` measures at every one of those steps;
+    a ``budget`` caps the share of the run's time; neither: every 10 steps within 25 %): λ₁ on
+    ``probe``, the edge of the optimizer (:func:`~samkit.train.edge.edge_for`; under
+    :class:`SAMTrainer` the SAM one, with the probe's ‖g‖, since a callback does not see the
+    step's batch) and :math:`\lambda_1/\text{edge}`, logged as ``{prefix}lambda1``,
+    ``{prefix}edge``, ``{prefix}ratio``, ``{prefix}grad_norm`` at every measurement (NaN where
+    there is no value: no closed-form edge applies, e.g. SAM over AdamW, said once in a
+    warning, or Adam has no preconditioner yet), and ``{prefix}lambda_eff``,
+    ``{prefix}base_edge``, ``{prefix}eff_ratio`` (the effective Hessian against the base
+    optimizer's edge) where measured.
 
     Logging: a callback cannot call the Trainer's logger by itself. Under :class:`SAMTrainer`
     it is attached automatically; with a plain ``Trainer`` call ``callback.attach(trainer)``.
@@ -189,12 +198,13 @@ class EdgeTrackerCallback(TrainerCallback):
     Args:
         probe: the batch to measure on: a dict of tensors the model takes (with ``labels``),
             or a list of such examples (stacked).
-        every: measure at step 0 and every ``every`` optimizer steps.
+        every: measure at step 0 and every ``every`` optimizer steps (default: every 10 steps
+            within a 25 % budget).
         prefix: the prefix of the logged names.
         **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
             ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
-            ``max_iter``, ``verbose``, ``budget``: at most this share of the run's time, 0.25
-            by default).
+            ``max_iter``, ``verbose``, ``budget``: at most this share of the run's time; see
+            :class:`~samkit.train.edge.EdgeTracker` for the rule).
 
     Example::
 
@@ -207,7 +217,7 @@ class EdgeTrackerCallback(TrainerCallback):
         print(edge.tracker.cost_summary())
     """
 
-    def __init__(self, probe: Any, every: int = 10, *, prefix: str = "edge/",
+    def __init__(self, probe: Any, every: int | None = None, *, prefix: str = "edge/",
                  **tracker_kwargs: Any) -> None:
         from samkit.train.edge import EdgeTracker
 
@@ -218,6 +228,7 @@ class EdgeTrackerCallback(TrainerCallback):
         self.trainer: Any = None
         self._module: _LossOf | None = None
         self._pending: dict[str, float] = {}
+        self._warned = False
 
     def attach(self, trainer: Any) -> EdgeTrackerCallback:
         """Log through ``trainer.log``; adds the callback to ``trainer`` if it is not there."""
@@ -236,9 +247,20 @@ class EdgeTrackerCallback(TrainerCallback):
             return
         if self._module is None or self._module.model is not model:
             self._module = _LossOf(model)
-        row = self.tracker.record(step, self._module, self._optimizer(optimizer))
-        metrics = {f"{self.prefix}{key}": float(row[key]) for key in
-                   ("lambda1", "edge", "ratio", "grad_norm") if row.get(key) is not None}
+        from samkit.train.edge import logged_metrics, no_edge_reason
+
+        tracked = self._optimizer(optimizer)
+        row = self.tracker.record(step, self._module, tracked)
+        if row.get("edge") is None and not row.get("diverged") and not self._warned:
+            import warnings
+
+            self._warned = True
+            warnings.warn(
+                f"EdgeTrackerCallback: {no_edge_reason(tracked) or 'no edge applies'}; "
+                f"{self.prefix}edge and {self.prefix}ratio are logged as NaN "
+                f"({self.prefix}eff_ratio, the effective Hessian against the base optimizer's "
+                "edge, where it is measured)", stacklevel=3)
+        metrics = logged_metrics(row, self.prefix)
         if self.trainer is not None:
             self.trainer.log(dict(metrics))
         else:
@@ -250,6 +272,8 @@ class EdgeTrackerCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._measure(state, model, optimizer)  # the final weights
+        if self.tracker.note is not None:
+            print(f"note: {self.tracker.note}", flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending and logs is not None:

@@ -88,13 +88,17 @@ def _unwrap(opt: Any) -> Any:
 
 
 def _lightning_callback_base() -> type:
-    try:
-        from lightning.pytorch.callbacks import Callback
-    except ImportError:  # pragma: no cover - the standalone package
-        try:
-            from pytorch_lightning.callbacks import Callback
-        except ImportError:
-            return object
+    """Lightning's ``Callback`` (``lightning``, else the standalone ``pytorch_lightning``);
+    :class:`~samkit._extras.MissingExtra` naming ``samkit[lightning]`` when neither is there."""
+    from samkit._extras import missing, require
+
+    if missing("lightning") and not missing("pytorch_lightning"):  # pragma: no cover
+        from pytorch_lightning.callbacks import Callback
+
+        return Callback
+    require("lightning", "lightning", what="samkit.integrations.lightning")
+    from lightning.pytorch.callbacks import Callback
+
     return Callback
 
 
@@ -104,19 +108,25 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
     ratio to the trainer's loggers.
 
     Every ``every`` optimizer steps (``trainer.global_step``), before the step, at the current
-    weights, as far as the tracker's time budget allows (``budget``, 25 % of the run by
-    default): λ₁ on ``probe`` (or on the step's own batch when ``probe`` is ``None``, as Long &
-    Bartlett measure their language model), the edge that applies to the optimizer
+    weights (the tracker's rule: an explicit ``every`` measures at every one of those steps; a
+    ``budget`` caps the share of the run's time; neither: every 10 steps within 25 %): λ₁ on
+    ``probe`` (or on the step's own batch when ``probe`` is ``None``, as Long & Bartlett
+    measure their language model), the edge that applies to the optimizer
     (:func:`~samkit.train.edge.edge_for`: 2/η, the SAM-edge with the step's ‖g‖, Adam's, ...)
     and :math:`\lambda_1/\text{edge}`. Logged under ``{prefix}lambda1``, ``{prefix}edge``,
-    ``{prefix}ratio`` and ``{prefix}grad_norm`` (steps where no edge applies log λ₁ only).
+    ``{prefix}ratio`` and ``{prefix}grad_norm`` at every measurement (NaN where there is no
+    value: no closed-form edge applies to the optimizer, said once in a warning, or Adam has
+    no preconditioner yet), and ``{prefix}lambda_eff``, ``{prefix}base_edge``,
+    ``{prefix}eff_ratio`` (the effective Hessian against the base optimizer's edge) where
+    measured.
     The rows stay in :attr:`tracker` (``.rows``, ``.cost_summary()``) and, with ``path``, in
     a JSON-lines file. The tracker's state (warm-start vector, cost) is saved in checkpoints.
 
     Args:
         probe: ``(x, y)`` (or a list of batches) to measure on; ``None``: the step's batch.
         loss_fn: ``loss_fn(model(x), y)``, the mean loss over a batch.
-        every: measure at step 0 and every ``every`` optimizer steps.
+        every: measure at step 0 and every ``every`` optimizer steps (default: every 10 steps
+            within a 25 % budget).
         model: a function of the LightningModule returning the network to measure (default:
             the module itself, whose ``forward`` is then used); e.g. ``lambda m: m.net``.
         batch_to_xy: turns a training batch into ``(x, y)`` (default: the batch is ``(x, y)``).
@@ -124,7 +134,7 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         **tracker_kwargs: what :class:`~samkit.train.edge.EdgeTracker` takes besides
             ``probe``, ``loss_fn`` and ``every`` (``path``, ``tol``, ``k``, ``rho``, ``seed``,
             ``max_iter``, ``preconditioned``, ``verbose``, ``budget``: at most this share of
-            the run's time, 0.25 by default).
+            the run's time; see :class:`~samkit.train.edge.EdgeTracker` for the rule).
 
     Example::
 
@@ -140,7 +150,7 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         self,
         probe: Any = None,
         loss_fn: Any = None,
-        every: int = 10,
+        every: int | None = None,
         *,
         model: Any = None,
         batch_to_xy: Any = None,
@@ -161,6 +171,7 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         self.model_fn = model
         self.batch_to_xy = batch_to_xy
         self.prefix = prefix
+        self._warned = False
 
     # the measurement
     def _measure(self, trainer: Any, pl_module: Any, batch: Any) -> dict[str, Any] | None:
@@ -181,12 +192,16 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
             row = self.tracker.record(step, net, optimizer, probe=xy)
         else:
             row = self.tracker.record(step, net, optimizer, batch=xy)
+        if row.get("edge") is None and not row.get("diverged") and not self._warned:
+            self._warned = True
+            _warn_no_edge(optimizer, self.prefix)
         self._log(trainer, row)
         return row
 
     def _log(self, trainer: Any, row: dict[str, Any]) -> None:
-        metrics = {f"{self.prefix}{key}": float(row[key]) for key in
-                   ("lambda1", "edge", "ratio", "grad_norm") if row.get(key) is not None}
+        from samkit.train.edge import logged_metrics
+
+        metrics = logged_metrics(row, self.prefix)
         for logger in getattr(trainer, "loggers", []) or []:
             logger.log_metrics(metrics, step=int(row["step"]))
         callback_metrics = getattr(trainer, "callback_metrics", None)
@@ -207,5 +222,20 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.tracker.note is not None and getattr(trainer, "is_global_zero", True):
+            print(f"note: {self.tracker.note}", flush=True)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
+
+
+def _warn_no_edge(optimizer: Any, prefix: str) -> None:
+    import warnings
+
+    from samkit.train.edge import no_edge_reason
+
+    warnings.warn(
+        f"EdgeTrackerCallback: {no_edge_reason(optimizer) or 'no edge applies'}; "
+        f"{prefix}edge and {prefix}ratio are logged as NaN ({prefix}eff_ratio, the effective "
+        "Hessian against the base optimizer's edge, where it is measured)", stacklevel=3)

@@ -1,8 +1,10 @@
 r"""The edge-of-stability tracker: λ₁ of the Hessian against the edge of the optimizer in use.
 
-Every ``every`` steps as far as its time budget allows (``budget``: at most 25 % of the run's
-time by default), on a fixed probe set (the whole training subset in full-batch runs), the
-tracker measures at the current weights :math:`w`
+Every ``every`` steps, on a fixed probe set (the whole training subset in full-batch runs), the
+tracker measures at the current weights :math:`w` (the rule: ``EdgeTracker(every=k)`` measures
+every k steps, whatever it costs; a ``budget`` caps its share of the run's time and leaves due
+steps out; with neither given it measures every 10 steps within 25 % of the run's time; the
+one-time warm-up before the first measurement is outside the budget; see :class:`EdgeTracker`)
 
 * the loss :math:`L(w)` and the gradient :math:`g = \nabla L(w)`, its norm :math:`\|g\|`;
 * the top Hessian eigenpair :math:`(\lambda_1, v_1)` by block Lanczos from the last :math:`v_1`
@@ -66,9 +68,15 @@ from samkit.train.callbacks import Callback
 if TYPE_CHECKING:
     from samkit.train.callbacks import TrainState
 
-__all__ = ["EdgeTracker", "edge_for", "format_row", "optimizer_kind", "read_edge_rows"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_EVERY", "EdgeTracker", "edge_for", "format_row",
+           "optimizer_kind", "read_edge_rows"]
 
 LossFn = Callable[[Any, Any], Tensor]
+
+# The defaults when neither ``every`` nor ``budget`` is given: every 10 steps within 25 % of the
+# run's time. An explicit ``every`` alone means every ``every`` steps (no budget).
+DEFAULT_EVERY = 10
+DEFAULT_BUDGET = 0.25
 
 
 # --------------------------------------------------------------------------- which edge applies
@@ -84,17 +92,41 @@ def _edge_name(info: dict[str, Any]) -> str:
 
 
 def _batches(data: Any) -> list[tuple[Any, Any]]:
-    """``(x, y)`` or a list of ``(x, y)`` batches, as a list of batches."""
+    """``(x, y)`` or a list of ``(x, y)`` batches, as a list of batches (each with at least one
+    example: a mean over none is no loss)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        return [(data[0], data[1])]
-    if isinstance(data, (tuple, list)) and data and all(
+        batches = [(data[0], data[1])]
+    elif isinstance(data, (tuple, list)) and data and all(
         isinstance(b, (tuple, list)) and len(b) == 2 for b in data
     ):
-        return [(b[0], b[1]) for b in data]
-    raise ValueError(
-        f"Invalid probe: {type(data).__name__} (allowed: one (x, y) batch or a list of (x, y) "
-        "batches)"
-    )
+        batches = [(b[0], b[1]) for b in data]
+    else:
+        raise ValueError(
+            f"Invalid probe: {type(data).__name__} (allowed: one (x, y) batch or a non-empty "
+            "list of (x, y) batches)"
+        )
+    for i, (x, y) in enumerate(batches):
+        n = _examples(x, y)
+        if n == 0:
+            where = "" if len(batches) == 1 else f" (batch {i} of {len(batches)})"
+            raise ValueError(
+                f"Invalid probe: no examples{where} (allowed: batches of at least one example; "
+                "the loss and Hessian of an empty batch are undefined)"
+            )
+    return batches
+
+
+def _examples(x: Any, y: Any) -> int | None:
+    """The number of examples of a batch (``len(y)``, else of ``x`` or of a tensor in ``x``);
+    None when it cannot be told."""
+    for value in (y, x, *(x.values() if isinstance(x, dict) else ())):
+        if isinstance(value, Tensor):
+            return int(value.shape[0]) if value.dim() > 0 else None
+        try:
+            return len(value)
+        except TypeError:
+            continue
+    return None
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
@@ -109,12 +141,15 @@ class EdgeTracker(Callback):
 
     Args:
         probe: the probe set, one ``(x, y)`` batch or a list of batches (the loss over several
-            is the size-weighted mean). ``None`` in a trainer run: the training set when it has
-            at most ``probe_size`` examples (full-batch runs: exactly the training subset),
-            otherwise a fixed, seeded draw of ``probe_size`` of its examples.
+            is the size-weighted mean); a batch without examples is refused here. ``None`` in a
+            trainer run: the training set when it has at most ``probe_size`` examples
+            (full-batch runs: exactly the training subset), otherwise a fixed, seeded draw of
+            ``probe_size`` of its examples.
         loss_fn: ``loss_fn(model(x), y)``, the **mean** loss over a batch; ``None`` in a trainer
             run: the trainer's loss.
-        every: measure at step 0 and then every ``every`` steps.
+        every: measure at step 0 and then every ``every`` steps. Given without ``budget``:
+            at every one of those steps, whatever it costs (the cost is in
+            :meth:`cost_summary`). Not given: every 10 steps within a 25 % budget.
         path: append the rows here as JSON lines (the file is started afresh); ``None`` in a
             trainer run: ``runs/<name>/edge.jsonl``; ``None`` in a plain loop: keep them only in
             :attr:`rows`.
@@ -139,28 +174,39 @@ class EdgeTracker(Callback):
             (:func:`~samkit.curvature.effective.effective_top_on_krylov`); for the other forms
             (or when that pair misses ``tol``) from Lanczos on :math:`H_\mathrm{eff}`, warm
             started from it, each of whose products costs two Hessian-vector products.
-        budget: the largest share :math:`b` of the run's time the tracker may take (default
-            0.25). A due step is measured when (1) the run has spent :math:`c\,(1 - b)/b`
-            seconds outside the tracker since its last measurement, which took :math:`c`
-            (measurements evenly paced, no bursts), and (2) the tracker's seconds plus the
-            next measurement's (estimated by the largest of the last three) stay within
-            :math:`b` times the run's seconds, so its share is at most :math:`b` at any point,
-            the end of the run included (up to an error in that estimate). The spacing (a
-            multiple of ``every``) widens by itself where a measurement costs many steps
-            (small full-batch models, a large probe set in a minibatch run). Step 0 is always
-            measured. ``None``: every due step, whatever it costs. With a budget, which steps
-            get measured depends on timing; the values measured at a step do not.
+        budget: the largest share :math:`b` of the run's time the tracker may take.
+            ``"auto"`` (the default): 0.25 when ``every`` is not given, ``None`` when it is
+            (the user asked for every ``every`` steps). A due step is measured when (1) the
+            run has spent :math:`c\,(1 - b)/b` seconds outside the tracker since its last
+            measurement, which took :math:`c` (measurements evenly paced, no bursts), and (2)
+            the tracker's seconds plus the next measurement's (estimated by the largest of the
+            last three) stay within :math:`b` times the run's seconds, so its share is at most
+            :math:`b` at any point, the end of the run included (up to an error in that
+            estimate). The spacing (a multiple of ``every``) widens by itself where a
+            measurement costs many steps (small full-batch models, a large probe set in a
+            minibatch run); after the first measurement :attr:`note` (printed in a trainer
+            run, and with ``verbose``) says how far, with the steps it expects to measure.
+            Step 0 is always measured. ``None``: every due step, whatever it costs. With a
+            budget, which steps get measured depends on timing; the values measured at a step
+            do not. **Warm-up**: before its first measurement (and the first after a resume)
+            the tracker takes one gradient and one Hessian-vector product untimed for the
+            budget (allocation, autograd graphs, compiled kernels, caches), kept as
+            ``warmup_seconds``; the run's seconds in the budget leave it out too.
 
     Attributes:
         rows: the recorded rows (dicts), in order.
-        seconds, matvecs: the total cost so far (wall-clock seconds, Hessian-vector products).
+        seconds, matvecs: the total cost so far (wall-clock seconds, Hessian-vector products),
+            the warm-up left out.
+        warmup_seconds: the warm-up's seconds (outside the budget and :attr:`seconds`).
+        note: after the first measurement under a budget that will leave due steps out, what
+            a measurement costs and how often the budget lets it measure; else None.
     """
 
     def __init__(
         self,
         probe: Any = None,
         loss_fn: LossFn | None = None,
-        every: int = 10,
+        every: int | None = None,
         *,
         path: str | Path | None = None,
         rho: float | None = None,
@@ -173,8 +219,12 @@ class EdgeTracker(Callback):
         preconditioned: bool | str = "auto",
         verbose: bool = False,
         effective: bool | str = "auto",
-        budget: float | None = 0.25,
+        budget: float | None | str = "auto",
     ) -> None:
+        if budget == "auto":  # the rule: an explicit every alone means every `every` steps
+            budget = DEFAULT_BUDGET if every is None else None
+        if every is None:
+            every = DEFAULT_EVERY
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every: {every!r} (allowed: an integer >= 1)")
         if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0):
@@ -192,7 +242,8 @@ class EdgeTracker(Callback):
             raise ValueError(f"Invalid effective: {effective!r} (allowed: auto, True, False)")
         if budget is not None and (isinstance(budget, bool) or not isinstance(
                 budget, (int, float)) or not 0 < budget <= 1):
-            raise ValueError(f"Invalid budget: {budget!r} (allowed: None or a number in (0, 1])")
+            raise ValueError(f"Invalid budget: {budget!r} (allowed: 'auto', None or a number "
+                             "in (0, 1])")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
         self.probe = None if probe is None else _batches(probe)
@@ -213,7 +264,12 @@ class EdgeTracker(Callback):
         self.rows: list[dict[str, Any]] = []
         self.seconds = 0.0
         self.matvecs = 0
+        self.warmup_seconds = 0.0  # outside the budget
+        self.note: str | None = None
         self.skipped = 0  # due measurements left out to stay within the budget
+        self._cold = True  # the warm-up is still to be done (in this process)
+        self._note_printed = False
+        self._steps_seen: tuple[int, int] | None = None  # (first, last) step asked
         self._clock: float | None = None  # when the tracker saw its first step
         self._elapsed_before = 0.0  # run seconds before a resume
         self._last_end: float | None = None  # when the last measurement ended
@@ -235,6 +291,10 @@ class EdgeTracker(Callback):
             return self._elapsed_before
         return self._elapsed_before + time.perf_counter() - self._clock
 
+    def run_seconds(self) -> float:
+        """The run's seconds the budget is a share of: :meth:`elapsed` without the warm-up."""
+        return self.elapsed() - self.warmup_seconds
+
     def should_measure(self, step: int) -> bool:
         """Whether to measure at ``step``: it is due, not measured yet, and within the
         ``budget`` (its two conditions are in the class docstring). Call it at every step (it
@@ -242,6 +302,8 @@ class EdgeTracker(Callback):
         now = time.perf_counter()
         if self._clock is None:
             self._clock = now
+        first = step if self._steps_seen is None else self._steps_seen[0]
+        self._steps_seen = (first, step)
         if not self.due(step) or self._has_row(step):
             return False
         if self.budget is None or not self.rows or self._last_end is None:
@@ -250,13 +312,34 @@ class EdgeTracker(Callback):
         last = float(self.rows[-1].get("seconds", 0.0))
         estimate = max(float(r.get("seconds", 0.0)) for r in self.rows[-3:])
         paced = now - self._last_end >= last * (1.0 - b) / b
-        within = self.seconds + estimate <= b * (self.elapsed() + estimate)
+        within = self.seconds + estimate <= b * (self.run_seconds() + estimate)
         if paced and within:
             return True
         if self._skipped_step != step:  # a step may be asked twice (epoch end, step start)
             self.skipped += 1
             self._skipped_step = step
+            if self.skipped == 1:
+                self.note = self._projection(step, last)
+                if self.verbose and self.note:
+                    print(self.note, flush=True)
         return False
+
+    def _projection(self, step: int, cost: float) -> str | None:
+        """What the budget does to ``every``, told at the first due step it leaves out: a
+        measurement's cost in seconds and in training steps, the spacing the budget allows."""
+        first, _ = self._steps_seen or (step, step)
+        steps = step - first
+        train = self.run_seconds() - self.seconds
+        if steps <= 0 or train <= 0 or self.budget is None:
+            return None
+        per_step = train / steps
+        b, k = self.budget, self.every
+        spacing = max(k, k * math.ceil(cost * (1.0 - b) / b / per_step / k))
+        share = cost / (cost + k * per_step)
+        return (f"edge tracker: a measurement costs {cost:.3g} s, about {cost / per_step:.0f} "
+                f"training steps; within the {100 * b:g} % budget it measures about every "
+                f"{spacing} steps instead of every {k} (budget=None: every {k} steps, about "
+                f"{100 * share:.0f} % of the run's time)")
 
     def maybe_record(
         self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
@@ -293,8 +376,10 @@ class EdgeTracker(Callback):
             )
         from samkit.curvature import HessianOperator
 
-        start = time.perf_counter()
         params = self._params(model)
+        if self._cold:  # outside the budget and the row's seconds
+            self._warm_up(model, params, probe)
+        start = time.perf_counter()
         info = optimizer_kind(optimizer)
 
         # 1. loss and gradient on the probe set
@@ -307,8 +392,8 @@ class EdgeTracker(Callback):
         # 2. λ₁ and v₁ by Lanczos, started from the last v₁
         # one batch is passed as (x, y): the operator then caches its gradient graph
         # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
-        data = probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
-        H = HessianOperator(model, self.loss_fn, data, params=params, seed=self.seed)
+        H = HessianOperator(model, self.loss_fn, _operator_data(probe), params=params,
+                            seed=self.seed)
         from samkit.optim.base import SharpnessAwareOptimizer
 
         effective = self.effective is not False and isinstance(optimizer,
@@ -396,9 +481,10 @@ class EdgeTracker(Callback):
 
     def cost(self) -> dict[str, float]:
         """``{"rows", "seconds", "matvecs", "seconds_per_row", "matvecs_per_row", "skipped",
-        "share"}`` (``share``: the tracker's seconds over the run's so far)."""
+        "share", "warmup_seconds"}`` (``share``: the tracker's seconds over the run's so far,
+        the warm-up left out of both)."""
         n = len(self.rows)
-        elapsed = self.elapsed()
+        elapsed = self.run_seconds()
         return {
             "rows": n,
             "seconds": self.seconds,
@@ -407,6 +493,7 @@ class EdgeTracker(Callback):
             "matvecs_per_row": self.matvecs / n if n else 0.0,
             "skipped": self.skipped,
             "share": self.seconds / elapsed if elapsed > 0 else 0.0,
+            "warmup_seconds": self.warmup_seconds,
         }
 
     def cost_summary(self) -> str:
@@ -417,8 +504,11 @@ class EdgeTracker(Callback):
             f"edge tracker: {c['rows']} measurements, {c['seconds']:.1f} s "
             f"({c['seconds_per_row']:.2f} s each), {c['matvecs']} Hessian-vector products "
             f"({c['matvecs_per_row']:.1f} each), {100 * c['share']:.0f} % of the run"
+            f" (+ {c['warmup_seconds']:.1f} s warm-up, outside the budget)"
         )
-        if self.budget is not None:
+        if self.budget is None:
+            line += f"; every {self.every} steps, no budget"
+        else:
             line += (f"; {c['skipped']} due steps left out to stay within "
                      f"{100 * self.budget:g} %")
         return line
@@ -440,15 +530,27 @@ class EdgeTracker(Callback):
             self.rows = kept
             self._file_started = True
 
+    def _record_in_run(self, state: TrainState, step: int, batch: Any = None) -> None:
+        """Measure, and log the row to the run's ``metrics.jsonl`` as ``{"event": "edge",
+        ...}`` (besides ``edge.jsonl``); the budget's note, once, as a progress line."""
+        row = self.record(step, state.model, state.optimizer, batch)
+        state.log({"event": "edge", **row})
+
+    def _told(self, state: TrainState) -> None:
+        if self.note is not None and not self._note_printed:
+            self._note_printed = True
+            state.print(f"note: {self.note}")
+
     def on_step_start(self, state: TrainState, step: int) -> None:
         # at w_step, before step `step`, with the batch that step uses: as in a plain loop
         if self.should_measure(step):
-            self.record(step, state.model, state.optimizer, _step_batch(state))
+            self._record_in_run(state, step, _step_batch(state))
+        self._told(state)
 
     def on_epoch_end(self, state: TrainState, epoch: int, metrics: dict[str, Any]) -> None:
         # full batch: the next step's measurement (batch=None) can be taken now, for the record
         if _step_batch(state) is None and self.should_measure(state.step):
-            self.record(state.step, state.model, state.optimizer)
+            self._record_in_run(state, state.step)
         if self.rows and "lambda1" in self.rows[-1]:
             metrics["lambda1"] = self.rows[-1]["lambda1"]
             if self.rows[-1].get("ratio") is not None:
@@ -456,7 +558,8 @@ class EdgeTracker(Callback):
 
     def on_train_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.should_measure(state.step):  # the final weights
-            self.record(state.step, state.model, state.optimizer)
+            self._record_in_run(state, state.step)
+        self._told(state)
         state.print(self.cost_summary())
 
     def _has_row(self, step: int) -> bool:
@@ -465,7 +568,7 @@ class EdgeTracker(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"vector": self._vector, "pvector": self._pvector, "seconds": self.seconds,
                 "matvecs": self.matvecs, "evector": self._evector, "elapsed": self.elapsed(),
-                "skipped": self.skipped}
+                "skipped": self.skipped, "warmup_seconds": self.warmup_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._vector = state.get("vector")
@@ -475,9 +578,28 @@ class EdgeTracker(Callback):
         self.matvecs = int(state.get("matvecs", 0))
         self._elapsed_before = float(state.get("elapsed", 0.0))
         self.skipped = int(state.get("skipped", 0))
+        self.warmup_seconds = float(state.get("warmup_seconds", 0.0))
+        self._cold = True  # a new process warms up again
         self._clock = self._last_end = None  # after a resume: measure at the first due step
 
     # ------------------------------------------------------------------ internals
+
+    def _warm_up(self, model: nn.Module, params: list[Tensor], probe: list[tuple[Any, Any]]
+                 ) -> None:
+        """One gradient and one Hessian-vector product on ``probe``, timed as
+        :attr:`warmup_seconds` (outside the budget): the one-time costs of a first measurement
+        (allocation, autograd graphs, compiled kernels, caches) do not count as a measurement's
+        cost and do not space the next ones."""
+        from samkit.curvature import HessianOperator
+
+        t0 = time.perf_counter()
+        self._cold = False
+        _, grad = self._loss_grad(model, params, probe)
+        if bool(torch.isfinite(grad).all()):
+            H = HessianOperator(model, self.loss_fn, _operator_data(probe), params=params,
+                                seed=self.seed)
+            H @ torch.ones(H.shape[0], device=H.device, dtype=H.dtype)
+        self.warmup_seconds += time.perf_counter() - t0
 
     def _default_probe(self, split: Any) -> list[tuple[Tensor, Tensor]]:
         x, y = split.x, split.y
@@ -592,6 +714,12 @@ class EdgeTracker(Callback):
         return row
 
 
+def _operator_data(probe: list[tuple[Any, Any]]) -> Any:
+    """One batch is passed as ``(x, y)``: the operator then caches its gradient graph (``x``
+    may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)."""
+    return probe[0] if len(probe) == 1 and isinstance(probe[0][0], Tensor) else probe
+
+
 def _step_batch(state: TrainState) -> Any:
     """The step's batch for the SAM-edge's ‖g‖, or None in full-batch runs (the probe set is
     then the training set)."""
@@ -606,6 +734,32 @@ def _alignment(g: Tensor, v: Tensor) -> float:
     if norm == 0.0:
         return 0.0
     return abs(float(torch.dot(g.to(v.dtype), v))) / (norm * float(v.norm()))
+
+
+# What the framework callbacks log of a row, always all four (NaN where a row has no value:
+# no edge applies to the optimizer, or Adam has no preconditioner yet), and the effective
+# Hessian's pair where the row has it.
+LOGGED_KEYS = ("lambda1", "edge", "ratio", "grad_norm")
+EFFECTIVE_KEYS = ("lambda_eff", "base_edge", "eff_ratio")
+
+
+def logged_metrics(row: dict[str, Any], prefix: str = "edge/") -> dict[str, float]:
+    """``{prefix + key: value}`` of a row for a framework's logger: ``lambda1``, ``edge``,
+    ``ratio`` and ``grad_norm`` always (NaN where the row has none), ``lambda_eff``,
+    ``base_edge`` and ``eff_ratio`` where it has them."""
+    out = {f"{prefix}{key}": math.nan if row.get(key) is None else float(row[key])
+           for key in LOGGED_KEYS}
+    out.update({f"{prefix}{key}": float(row[key]) for key in EFFECTIVE_KEYS
+                if row.get(key) is not None})
+    return out
+
+
+def no_edge_reason(optimizer: Optimizer) -> str | None:
+    """Why no closed-form edge applies to ``optimizer`` (None when one does)."""
+    info = optimizer_kind(optimizer)
+    if edge_for(info, 1.0) is not None:
+        return None
+    return info["note"] or f"no closed-form edge for {type(optimizer).__name__}"
 
 
 def format_row(row: dict[str, Any]) -> str:

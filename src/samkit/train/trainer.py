@@ -225,6 +225,8 @@ class Trainer:
         # what the run is (fixed at construction)
         self.config = config
         self.callbacks = list(callbacks)
+        if config.edge_every is not None:  # λ₁ against the edge, every edge_every steps
+            self.callbacks.append(_edge_tracker(config.edge_every))
         self.resume = resume
         self.overwrite = overwrite
         self.progress = Progress(verbose, prefix)
@@ -424,6 +426,9 @@ class Trainer:
             self._call("on_train_start")
             self._loop()
             status = "finished"
+            # while metrics.jsonl is open: what a callback logs at the end is kept (the edge
+            # tracker's row at the final weights)
+            self._call("on_train_end", self.last_record or {})
             if self._writer is not None:
                 self._writer.write_hparams(resolved_dict(self.config), self.last_record or {})
         except TrainingStopped:
@@ -441,8 +446,6 @@ class Trainer:
                 self._write_run_info(status)
         if self._interrupted:
             raise KeyboardInterrupt(f"training interrupted; checkpoint: {self.checkpoint_path}")
-        if not self.stopped:
-            self._call("on_train_end", self.last_record or {})
         return self.last_record or {}
 
     def _write_run_info(self, status: str) -> None:
@@ -883,6 +886,17 @@ def _iterate(split: Any, batch_size: int, generator: torch.Generator | None, dro
                            indices=indices)
 
 
+def _edge_tracker(every: Any) -> Callback:
+    """The :class:`~samkit.train.edge.EdgeTracker` of ``config.edge_every``: every ``every``
+    steps, no budget (the rule of an explicit ``every``); its rows go to ``edge.jsonl`` and, as
+    ``{"event": "edge", ...}`` records, to ``metrics.jsonl``."""
+    from samkit.train.edge import EdgeTracker
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"Invalid edge_every: {every!r} (allowed: None or an integer >= 1)")
+    return EdgeTracker(every=every)
+
+
 def train(config: TrainConfig, callbacks: Iterable[Callback] = (), **kwargs: Any) -> dict:
     """``Trainer(config, callbacks, **kwargs).fit()``: train and return the last record."""
     return Trainer(config, callbacks, **kwargs).fit()
@@ -907,9 +921,11 @@ def load_run(run_dir, map_location: Any = "cpu") -> Run:
 
     >>> config, metrics, model = samkit.load_run("runs/digits-mlp-sam-s0")
     """
+    from samkit._extras import require
     from samkit.models import create_model
     from samkit.train.config import load_config
 
+    require("experiments", "yaml", what="samkit.load_run (a run's config.yaml)")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"No run at {run_dir}: it has no config.yaml")

@@ -99,7 +99,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[CorrelateConfig, list[st
 
 def cmd_correlate(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``samkit correlate``; print the τ table; exit status 0 (2 bad input, 130 Ctrl-C)."""
+    from samkit._extras import require_command, require_dataset
+
+    require_command("correlate", progress=not args.quiet)  # before anything is read or trained
     config, notes = config_from_args(args)
+    require_dataset(config.train.dataset, what=f"samkit correlate on {config.train.dataset}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     command = base.command_line(argv) if argv else None
