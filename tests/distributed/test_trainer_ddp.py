@@ -73,7 +73,8 @@ def test_resume_at_same_world_size_is_exact(ddp_runs):
 @pytest.mark.slow  # spawns processes
 def test_rank0_writes_the_run_and_a_different_world_size_cannot_resume(ddp_runs, capsys):
     out, results = ddp_runs
-    assert results[0]["files"] == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "run.json"]
+    assert results[0]["files"] == [".samkit-run.json", "checkpoint.pt", "config.yaml",
+                                   "metrics.jsonl", "run.json"]
     steps = [r["step"] for r in read_metrics(out / "local-full") if r["event"] == "step"]
     assert steps == sorted(set(steps))  # one writer: no step twice
     code = main(["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "sam",
