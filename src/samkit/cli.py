@@ -42,7 +42,8 @@ Examples (real commands; the numbers in the README were measured with them)::
 
 Order of precedence: the config file, then the flags (--dataset, --lr, ...), then --set.
 Exit status: 0 done (finite numbers), 2 bad input, 3 a run diverged (the last good checkpoint is
-kept), 130 / 143 stopped by Ctrl-C / SIGTERM (a resumable checkpoint was saved).
+kept), 4 a file could not be written, e.g. a full disk (the last checkpoint is kept), 130 / 143
+stopped by Ctrl-C / SIGTERM (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations

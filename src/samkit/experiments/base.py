@@ -42,9 +42,12 @@ def subcommand(sub, name: str, handler: Handler, **kwargs: Any) -> argparse.Argu
 
 
 def error(err: BaseException) -> int:
-    """Print ``err`` the CLI's way (one line, ``samkit: error: ...``); exit status 2."""
+    """Print ``err`` the CLI's way (one line, ``samkit: error: ...``); exit status 2, or 4 when
+    a file could not be written (:class:`~samkit.train.checkpoint.WriteFailed`: a full disk)."""
+    from samkit.train.checkpoint import WriteFailed
+
     print(f"samkit: error: {err}", file=sys.stderr)
-    return 2
+    return 4 if isinstance(err, WriteFailed) else 2
 
 
 def run_main(add_parser: Callable[[Any], argparse.ArgumentParser], name: str,

@@ -397,9 +397,11 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
                       name=f"{_slug(baseline)}-equal-{budget}-s{seed}")
         values = apply_overrides(values, overrides)
         cfg = from_dict(values, f"--equal-budget {baseline}")
-        saved = cfg.run_dir / "config.yaml"
-        if resume and saved.exists():  # keep the budget it was started with
-            cfg = cfg.replace(steps=C.load_config(saved).steps)
+        saved = cfg.run_dir / "checkpoint.pt"
+        if resume and saved.exists():  # keep the budget it was started with (the checkpoint's)
+            from samkit.train.checkpoint import load_checkpoint
+
+            cfg = cfg.replace(steps=load_checkpoint(saved)["config"].get("steps", cfg.steps))
         tasks.append(_Task(cfg, label, seed, resume, overwrite, verbose,
                            f"[{total - len(seeds) + j + 1}/{total}] ", f": {cfg.steps} steps"))
     result.runs.extend(_train_tasks(tasks, data, val, jobs or result.options.jobs,
