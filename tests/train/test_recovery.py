@@ -3,9 +3,11 @@ full disk, a hand-edited config.yaml. Each test failed on the main of eb6c8b6.""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,110 @@ def limited(tmp_path, limit, *args, timeout=120):
     env = {**os.environ, "PYTHONPATH": SRC}
     return subprocess.run([sys.executable, "-c", code, "train", *FAST, "--out-dir", str(tmp_path),
                            *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ------------------------------------------------------------------ (5) parallel jobs, killed
+
+
+def alive(pid):
+    """The process ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+def epochs_logged(path):
+    try:
+        return sum('"event": "epoch"' in line for line in path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+COMPARE = ["compare", "--dataset", "digits", "--optimizers", "sgd", "sam", "--seeds", "0",
+           "--jobs", "2", "--equal-budget", "none", "--threads", "1", "--name", "cmp"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("kill", ["parent SIGKILL", "parent SIGTERM", "worker SIGTERM"])
+def test_killing_compare_jobs_stops_every_worker_with_a_checkpoint_and_resume_works(
+        tmp_path, capsys, kill):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    runs = [tmp_path / "cmp" / "sgd-s0", tmp_path / "cmp" / "sam-s0"]
+    # a budget far beyond the test: the runs are stopped, never finished
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "samkit", *COMPARE, "--epochs", "100000", "--out-dir",
+         str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: all(epochs_logged(r / "metrics.jsonl") >= 1 for r in runs), 240,
+                   "both runs train")
+        workers = [json.loads((r / ".lock").read_text())["pid"] for r in runs]
+        assert all(alive(w) for w in workers) and parent.pid not in workers
+        if kill == "parent SIGKILL":
+            parent.kill()
+        elif kill == "parent SIGTERM":
+            parent.send_signal(signal.SIGTERM)
+        else:
+            os.kill(workers[0], signal.SIGTERM)
+        wait_until(lambda: not any(alive(w) for w in workers), 60, "the workers end")
+        rc = parent.wait(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    err = parent.stderr.read()
+    if kill == "parent SIGKILL":
+        assert rc == -signal.SIGKILL
+    else:  # the parent forwards the signal, waits for the checkpoints, says so
+        assert rc == 128 + signal.SIGTERM, err
+        assert "interrupted: finished runs are kept; rerun with --resume" in err
+        assert "Traceback" not in err
+    for r in runs:  # each worker saved where it stopped and let go of its lock
+        assert json.loads((r / "run.json").read_text())["status"] == "interrupted"
+        assert not (r / ".lock").exists()
+    states = [load_checkpoint(r / "checkpoint.pt") for r in runs]
+    # --resume at once (a budget that ends within the epoch each run stopped in)
+    epochs = max(s["epoch"] + (1 if s["batch"] else 0) for s in states)
+    capsys.readouterr()
+    assert main([*COMPARE, "--quiet", "--epochs", str(epochs), "--out-dir", str(tmp_path),
+                 "--resume"]) == 0, capsys.readouterr().err
+    for r, state in zip(runs, states, strict=True):
+        assert load_checkpoint(r / "checkpoint.pt")["step"] >= state["step"]
+        assert json.loads((r / "run.json").read_text())["status"] == "finished"
+
+
+def _slow_or_fail(task):
+    if task == "fail":
+        raise ValueError("task failed")
+    for _ in range(6000):  # 300 s: stopped long before
+        time.sleep(0.05)
+    return "finished"
+
+
+@pytest.mark.slow
+def test_the_first_error_stops_the_other_jobs_instead_of_waiting_for_them():
+    from samkit.experiments.base import map_jobs
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="task failed"):
+        map_jobs(_slow_or_fail, ["slow", "fail"], jobs=2)
+    assert time.monotonic() - start < 150  # was: the slow job's 300 s
 
 
 # ------------------------------------------------------------------ (6) a full disk

@@ -623,7 +623,8 @@ OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs")
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 3 a run diverged, 4 a
+    write failed, 130 / 143 interrupted by SIGINT / SIGTERM (checkpoints saved)."""
     values = C.flag_values(args)
     if args.config:
         config = C.load_config(args.config, args.overrides, **values)
@@ -649,10 +650,10 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             overwrite=args.overwrite, verbose=0 if args.quiet else 1,
             command=experiment.command_line(argv), notes=notes, options=options,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # the running runs saved their checkpoints
         print("\ninterrupted: finished runs are kept; rerun with --resume to continue",
               file=sys.stderr)
-        return 130
+        return 128 + experiment.interrupt_signal(err)
     print()
     print(format_table(result))
     trained = sum(r.train_time for r in result.runs)
