@@ -46,7 +46,8 @@ Flags mean one thing everywhere: --lr (several values where an experiment runs s
 --jobs / -j, --name (one folder inside --out-dir), --overwrite (replaces only what samkit
 wrote), --resume, --quiet / -q.
 Exit status: 0 done (finite numbers), 2 bad input, 3 a run diverged (the last good checkpoint is
-kept), 130 / 143 stopped by Ctrl-C / SIGTERM (a resumable checkpoint was saved).
+kept), 4 a file could not be written, e.g. a full disk (the last checkpoint is kept), 130 / 143
+stopped by Ctrl-C / SIGTERM (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations

@@ -17,8 +17,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +57,12 @@ def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpa
 
 
 def error(err: BaseException) -> int:
-    """Print ``err`` the CLI's way (one line, ``samkit: error: ...``); exit status 2."""
+    """Print ``err`` the CLI's way (one line, ``samkit: error: ...``); exit status 2, or 4 when
+    a file could not be written (:class:`~samkit.train.checkpoint.WriteFailed`: a full disk)."""
+    from samkit.train.checkpoint import WriteFailed
+
     print(f"samkit: error: {err}", file=sys.stderr)
-    return 2
+    return 4 if isinstance(err, WriteFailed) else 2
 
 
 def run_main(add_parser: Callable[[Any], argparse.ArgumentParser], name: str,
@@ -218,13 +225,113 @@ def write_markdown(path: str | Path, lines: Sequence[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------- parallel jobs
+#
+# A job process dies with its parent and a parent's signal reaches its jobs once:
+# * each job process runs in its own process group (a terminal's Ctrl-C reaches only the
+#   parent, which forwards it: a job never sees it twice, which would abort its checkpoint);
+# * on Linux the kernel sends it SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG); a
+#   watchdog thread sees the parent go on every system (and sends the SIGTERM where the kernel
+#   does not), lets the running job stop with its checkpoint, then ends the process;
+# * the parent, on SIGINT / SIGTERM, forwards the signal to its jobs, cancels the tasks not
+#   started, waits for the running ones to save their checkpoints, then raises
+#   :class:`JobsInterrupted` (the CLI exits 128 + the signal).
 
 _WORKER_SHARED: Any = None  # what a job process was given once (e.g. the data)
+_STOP: Any = None  # a multiprocessing Event: set by the parent when it is interrupted
+_SIGNALLED: int | None = None  # a signal that reached this job process between tasks
+_RUNNING = threading.Event()  # a task runs in this job process
+ORPHAN_GRACE = 120.0  # seconds an orphaned job process gives its task to save and stop
 
 
-def _init_worker(shared: Any) -> None:
-    global _WORKER_SHARED
+class JobsInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped :func:`map_jobs`: the running tasks stopped (a training run
+    with its checkpoint), the others did not start. ``signum``: the signal."""
+
+    def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)
+
+
+def interrupt_signal(err: BaseException) -> int:
+    """The signal behind a ``KeyboardInterrupt`` (SIGINT unless it says otherwise)."""
+    return int(getattr(err, "signum", None) or signal.SIGINT)
+
+
+def _init_worker(shared: Any, parent: int | None = None, stop: Any = None) -> None:
+    global _WORKER_SHARED, _STOP
     _WORKER_SHARED = shared
+    if parent is None:  # map_jobs with jobs == 1: this very process
+        return
+    _STOP = stop
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # the parent alone gets a terminal's Ctrl-C (and forwards it)
+    for s in _SIGNALS:  # between tasks a signal only means: start no other task
+        signal.signal(s, _note_signal)
+    pdeathsig = _set_parent_death_signal(signal.SIGTERM)
+    threading.Thread(target=_watch_parent, args=(parent, not pdeathsig), daemon=True,
+                     name="samkit-watch-parent").start()
+
+
+_SIGNALS = (signal.SIGINT,) + ((signal.SIGTERM,) if hasattr(signal, "SIGTERM") else ())
+
+
+def _note_signal(signum, frame) -> None:
+    global _SIGNALLED
+    _SIGNALLED = signum
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise JobsInterrupted(f"{signal.Signals(signum).name} in a job", signum)
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Linux: have the kernel send ``signum`` to this process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signum), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, send_signal: bool, poll: float = 0.25) -> None:
+    """Wait for the parent to go; then stop the running task (SIGTERM: a training run saves
+    its checkpoint) and end this process, which would otherwise wait for tasks forever."""
+    while os.getppid() == parent:
+        time.sleep(poll)
+    if send_signal:  # where the kernel sent no SIGTERM (not Linux)
+        os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + ORPHAN_GRACE
+    while _RUNNING.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _run_job(fn: Callable[[Any], Any], task: Any) -> Any:
+    """``fn(task)`` in a job process; a task is not started once the jobs are interrupted, and
+    a signal during it raises :class:`JobsInterrupted` (the Trainer's own handlers, while it
+    trains, finish the step and save a checkpoint first)."""
+    global _SIGNALLED
+    if _SIGNALLED is not None or (_STOP is not None and _STOP.is_set()):
+        raise JobsInterrupted("not started: the jobs were interrupted",
+                              _SIGNALLED or signal.SIGINT)
+    _RUNNING.set()
+    previous = {s: signal.signal(s, _raise_interrupt) for s in _SIGNALS}
+    try:
+        return fn(task)
+    except KeyboardInterrupt as err:  # signalled: start no other task here either
+        _SIGNALLED = interrupt_signal(err)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _RUNNING.clear()
 
 
 def worker_shared() -> Any:
@@ -239,9 +346,15 @@ def map_jobs(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int = 1,
     ``fn`` must be a module-level function; ``shared`` (e.g. the data set) is sent once to each
     process and read there with :func:`worker_shared`. ``jobs == 1`` runs here, in order.
     ``on_done(i, result)`` is called here as each task ends (in the order they end, e.g. for
-    progress lines). The results come back in the order of ``tasks``; the first error stops
-    the pool (the tasks not started are cancelled) and is raised here. Processes are spawned,
+    progress lines). The results come back in the order of ``tasks``. Processes are spawned,
     not forked, so a job never inherits threads or a CUDA context.
+
+    Stopping: the first error stops the other tasks as SIGTERM does (the running ones stop
+    with their checkpoints, the others do not start) and is raised here. SIGINT / SIGTERM
+    here is forwarded to the running tasks, which stop the same way; then
+    :class:`JobsInterrupted` is raised (a second signal is forwarded too: the tasks abort). A
+    task that raises ``KeyboardInterrupt`` (its process was signalled) stops them all too. A
+    job process whose parent dies (even by SIGKILL) stops its task and ends.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs!r} (allowed: an integer >= 1)")
@@ -258,19 +371,94 @@ def map_jobs(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int = 1,
         finally:
             _init_worker(previous)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
-                             initializer=_init_worker, initargs=(shared,)) as pool:
-        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-        try:
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                if on_done is not None:
-                    on_done(i, results[i])
-            return results
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    stop = context.Event()
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
+                               initializer=_init_worker, initargs=(shared, os.getpid(), stop))
+    futures: dict[Any, int] = {}
+    caught: list[int] = []  # the signals that reached this process
+    stopped: list[int] = []  # the signal the jobs were stopped with (once)
+
+    def send(signum: int) -> None:
+        for pid in list(getattr(pool, "_processes", None) or {}):
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def on_signal(signum, frame) -> None:
+        # only what is safe in a handler: the loop below cancels the tasks not started
+        caught.append(signum)
+        send(signum)
+
+    def stop_all(signum: int, forward: bool = True) -> None:
+        """Start no other task; send ``signum`` to the job processes (the running tasks stop
+        with their checkpoints)."""
+        if stopped:
+            return
+        stopped.append(signum)
+        stop.set()
+        for future in futures:
+            future.cancel()  # only those not handed to a process yet
+        if forward and not caught:  # a caught signal was forwarded by the handler
+            send(signum)
+
+    restore = _install_handlers(on_signal)
+    error: BaseException | None = None
+    interrupted: int | None = None
+    try:
+        for i, task in enumerate(tasks):
+            futures[pool.submit(_run_job, fn, task)] = i
+        pending = set(futures)
+        while pending:
+            if caught:
+                stop_all(caught[0])
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            for future in done:
+                if future.cancelled():
+                    continue
+                exc = future.exception()
+                if exc is None:
+                    i = futures[future]
+                    results[i] = future.result()
+                    if on_done is not None and error is None and not stopped:
+                        try:
+                            on_done(i, results[i])
+                        except Exception as err:  # noqa: BLE001 - raised below, once stopped
+                            error = err
+                            stop_all(signal.SIGTERM)
+                    continue
+                if isinstance(exc, KeyboardInterrupt):
+                    if interrupted is None:
+                        interrupted = interrupt_signal(exc)
+                elif error is None:
+                    error = exc
+                # the first failure or interrupt stops the others (with their checkpoints)
+                stop_all(interrupted if interrupted is not None and error is None
+                         else signal.SIGTERM)
+    finally:
+        restore()
+        pool.shutdown(wait=True, cancel_futures=True)
+    if caught:
+        raise JobsInterrupted(f"interrupted by {signal.Signals(caught[0]).name}", caught[0])
+    if error is not None:
+        raise error
+    if interrupted is not None:
+        raise JobsInterrupted("a job was interrupted", interrupted)
+    return results
+
+
+def _install_handlers(handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """``handler`` for SIGINT and SIGTERM until the returned function is called (only in the
+    main thread: elsewhere Python cannot set handlers, and nothing is changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore

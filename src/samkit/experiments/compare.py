@@ -405,9 +405,11 @@ def add_equal_budget_row(result: CompareResult, base: TrainConfig, baseline: str
                       name=f"{_slug(baseline)}-equal-{budget}-s{seed}")
         values = apply_overrides(values, overrides)
         cfg = from_dict(values, f"--equal-budget {baseline}")
-        saved = cfg.run_dir / "config.yaml"
-        if resume and saved.exists():  # keep the budget it was started with
-            cfg = cfg.replace(steps=C.load_config(saved).steps)
+        saved = cfg.run_dir / "checkpoint.pt"
+        if resume and saved.exists():  # keep the budget it was started with (the checkpoint's)
+            from samkit.train.checkpoint import load_checkpoint
+
+            cfg = cfg.replace(steps=load_checkpoint(saved)["config"].get("steps", cfg.steps))
         tasks.append(_Task(cfg, label, seed, resume, overwrite, verbose,
                            f"[{total - len(seeds) + j + 1}/{total}] ", f": {cfg.steps} steps"))
     result.runs.extend(_train_tasks(tasks, data, val, jobs or result.options.jobs,
@@ -676,7 +678,8 @@ def inputs_from_args(args: argparse.Namespace
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 130 interrupted."""
+    """Run ``samkit compare``; print the table: 0 done, 2 bad input, 3 a run diverged, 4 a
+    write failed, 130 / 143 interrupted by SIGINT / SIGTERM (checkpoints saved)."""
     from samkit._extras import require_command, require_dataset
 
     require_command("compare", progress=not args.quiet)  # before anything is read or trained
@@ -690,10 +693,10 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             overwrite=args.overwrite, verbose=0 if args.quiet else 1,
             command=experiment.command_line(argv), notes=notes, options=options,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # the running runs saved their checkpoints
         print("\ninterrupted: finished runs are kept; rerun with --resume to continue",
               file=sys.stderr)
-        return 130
+        return 128 + experiment.interrupt_signal(err)
     print()
     print(format_table(result))
     trained = sum(r.train_time for r in result.runs)

@@ -2,7 +2,8 @@
 
 Writes ``runs/<name>/{config.yaml,metrics.jsonl,checkpoint.pt,run.json}``. Exit status: 0 the
 run finished with finite numbers, 2 bad input, 3 the run diverged (the last good checkpoint is
-kept), 130 / 143 Ctrl-C / SIGTERM (a resumable checkpoint was saved).
+kept), 4 a file could not be written (a full disk: the last checkpoint is kept), 130 / 143
+Ctrl-C / SIGTERM (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``samkit train``: 0 done, 2 bad input, 3 diverged, 130/143 interrupted by SIGINT /
-    SIGTERM (checkpoint saved)."""
+    """Run ``samkit train``: 0 done, 2 bad input, 3 diverged, 4 a write failed, 130/143
+    interrupted by SIGINT / SIGTERM (checkpoint saved)."""
     from samkit._extras import require, require_command, require_dataset
     from samkit.train import Trainer
     from samkit.train.trainer import TrainingDiverged

@@ -1,5 +1,9 @@
 """Atomic files: checkpoints and text are written to a temporary file, then renamed.
 
+A write that fails (a full disk, a file-size limit) raises :class:`WriteFailed` naming the
+file, and leaves the old file whole; :func:`remove_stale_temporaries` deletes the temporary files
+of a write that was killed (a run calls it when it starts or resumes, holding its lock).
+
 Files get the permissions of a plain ``open`` (0666 less the user's umask), not the 0600 of a
 temporary file. Checkpoints hold tensors and plain Python values only, so they load with
 ``torch.load(path, weights_only=True)``; the RNG states are stored that way too.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,11 +23,34 @@ import numpy as np
 import torch
 
 
+class WriteFailed(OSError):
+    """A file of the run could not be written (a full disk, a file-size limit, an I/O error);
+    the message names the file. The file's previous content, if any, is kept."""
+
+
+def reason(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# atomic_write's temporary files: ".<name>.<8 random characters>.tmp" (tempfile.mkstemp)
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(handle)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    """Call ``write(handle)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    Raises:
+        WriteFailed: the temporary file could not be written or renamed (``path`` is left as it
+            was; the temporary file is removed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteFailed(f"could not save {path}: {reason(err)}") from err
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
@@ -30,10 +58,30 @@ def atomic_write(path: str | Path, write) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows: readers see old or new, never half
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a short write as a RuntimeError of its zip writer, after the OSError
+        cause = err.__context__ if isinstance(err, RuntimeError) and isinstance(
+            err.__context__, OSError) else err
+        if isinstance(cause, OSError) and not isinstance(cause, WriteFailed):
+            raise WriteFailed(f"could not save {path}: {reason(cause)}") from err
         raise
     return path
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` left in ``directory`` (not
+    in its subfolders); returns them. Call it only while no other process writes there (a run
+    holding its lock)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def _umask() -> int:

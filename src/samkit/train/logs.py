@@ -5,23 +5,46 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
-from samkit.train.checkpoint import atomic_write_text
+from samkit.train.checkpoint import WriteFailed, atomic_write_text, reason
 from samkit.train.rundir import strict_dumps
 
 
+class TornLineWarning(UserWarning):
+    """The last line of a ``metrics.jsonl`` was cut short (a full disk, a killed write) and is
+    left out."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (one JSON object per line)."""
+    """The records of a ``metrics.jsonl`` file (one JSON object per line).
+
+    A last line that is not a whole JSON object (a write cut short by a full disk or a kill) is
+    left out with a :class:`TornLineWarning` naming the file; a bad line before the last one is
+    a ``ValueError`` naming the file and the line.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    records = []
     with open(path) as handle:
-        for line in handle:
-            if line.strip():
-                records.append(json.loads(line))
+        lines = [(n, line) for n, line in enumerate(handle, 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not a record")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: its last line (line {number}) is not a whole record, "
+                              f"a write cut short? ({reason(err)}); left it out",
+                              TornLineWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record ({reason(err)})"
+                             ) from err
+        records.append(record)
     return records
 
 
@@ -39,13 +62,18 @@ class MetricsWriter:
                 kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(strict_dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self._failed = False  # a write failed (close() then drops what it cannot flush)
         self._tb = None
         if tensorboard:
             self._tb = make_summary_writer(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(strict_dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(strict_dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            self._failed = True
+            raise WriteFailed(f"could not write {self.path}: {reason(err)}") from err
         if self._tb is not None and record.get("event", "epoch") == "epoch":
             step = record.get("step", 0)
             for key, value in record.items():
@@ -80,7 +108,11 @@ class MetricsWriter:
         self._tb.add_hparams(plain, final, run_name=".")
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:
+            if not self._failed:  # after a failed write its error is the one reported
+                raise WriteFailed(f"could not write {self.path}: {reason(err)}") from err
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -30,6 +30,7 @@ from samkit.config import (
     RESUMABLE_CHANGES,
     TrainConfig,
     check_threads,
+    from_dict,
     legacy_values,
     resolved_dict,
     save_config,
@@ -40,7 +41,14 @@ from samkit.config import (
 from samkit.optim import create_optimizer
 from samkit.step import StepEngine
 from samkit.train.callbacks import Callback, TrainState
-from samkit.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from samkit.train.checkpoint import (
+    WriteFailed,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from samkit.train.logs import MetricsWriter, Progress, check_tensorboard, read_metrics
 from samkit.train.rundir import RunDir, strict_dumps, versions
 from samkit.train.schedule import LRSchedule
@@ -54,6 +62,19 @@ class TrainingStopped(Exception):  # noqa: N818 - not an error: a requested stop
     """Raised inside the loop to end it early; the trainer catches it."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run after a step, with a resumable checkpoint;
+    ``signum`` is the signal (the CLI exits ``128 + signum``). Picklable, so a job process of
+    :func:`samkit.experiments.base.map_jobs` hands it to its parent whole."""
+
+    def __init__(self, message: str = "training interrupted", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss (or the weights) became NaN or infinite: the run stopped at once.
 
@@ -63,6 +84,26 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, record: dict[str, Any]) -> None:
         super().__init__(message)
         self.record = record
+
+
+def no_checkpoint_advice(run_dir: Path, checkpoint: Path) -> str:
+    """Why ``--resume`` cannot go on, and what can (never "drop --resume" when dropping it
+    would be refused: a run stopped before its first checkpoint left other files)."""
+    if (run_dir / "metrics.jsonl").exists():
+        return (f"Cannot resume: no checkpoint at {checkpoint} (the run there stopped before "
+                "its first checkpoint, nothing to resume): use --overwrite instead of --resume "
+                "to start it again, or choose another --name")
+    return f"Cannot resume: no checkpoint at {checkpoint} (drop --resume to start the run)"
+
+
+def existing_run_advice(checkpoint: Path) -> str:
+    """What to do when a new run finds a run in its folder (``--resume`` only when there is a
+    checkpoint to resume); completes "<run_dir> already holds a run: ..."."""
+    if checkpoint.exists():
+        return ("pass --resume to continue it, --overwrite to start it again, or choose another "
+                "--name")
+    return ("it stopped before its first checkpoint (nothing to resume): pass --overwrite to "
+            "start it again, or choose another --name")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -262,6 +303,7 @@ class Trainer:
         self._stop_requested = False
         self._interrupted = False
         self._run: RunDir | None = None  # the run folder, held by rank 0 while it trains
+        self._saved_step: int | None = None  # the step of the checkpoint on disk (this run's)
         self._bad_step: Tensor | None = None  # the first step with a non-finite loss, or -1
         self.state = TrainState(self)  # what callbacks see
 
@@ -273,15 +315,9 @@ class Trainer:
             # folder in use, a run already there, files samkit did not write)
             self._run = RunDir(
                 self.run_dir, "train", self.outputs, overwrite=self.overwrite and not self.resume,
-                keep=self.resume, advice="pass --resume to continue it, --overwrite to start "
-                "it again, or choose another --name")
+                keep=self.resume, advice=existing_run_advice(self.checkpoint_path))
         if self.resume and not self.checkpoint_path.exists():
-            held = self._run is not None and self._run.holds_a_run
-            raise FileNotFoundError(
-                f"Cannot resume: no checkpoint at {self.checkpoint_path} "
-                + ("(the run ended before its first checkpoint); start it again with "
-                   "--overwrite instead of --resume" if held else "(drop --resume to start the "
-                   "run)"))
+            raise FileNotFoundError(no_checkpoint_advice(self.run_dir, self.checkpoint_path))
         # with --overwrite the old run's files are replaced only once data and model have
         # loaded (setup, step 5): a run that fails to start leaves the old one whole
 
@@ -381,6 +417,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self._run is not None:  # --overwrite: the old run goes only now
                 self._run.start()
+            # what a write killed half-way left (we hold the lock: no one else writes here)
+            stale = remove_stale_temporaries(self.run_dir)
+            if stale:
+                self.notes.append(f"removed {len(stale)} temporary file(s) of an interrupted "
+                                  f"write: {', '.join(p.name for p in stale)}")
+        if saved_state is not None and self.rank == 0:
+            differ = config_yaml_differs(self.run_dir / "config.yaml", saved_state["config"])
+            if differ:
+                self.notes.append(f"{self.run_dir / 'config.yaml'} differs from the checkpoint in "
+                                  f"{', '.join(differ)}; the checkpoint's values are the run's "
+                                  "(config.yaml is rewritten from them)")
         if saved_state is not None:
             self._load(saved_state)
         if self.rank == 0:
@@ -419,7 +466,10 @@ class Trainer:
                 self._owns_process_group = False
 
     def _fit(self) -> dict[str, Any]:
-        self.setup()
+        try:
+            self.setup()
+        except WriteFailed as err:  # config.yaml, run.json, metrics.jsonl (a full disk)
+            raise WriteFailed(f"{err}; {self._kept()}") from err
         restore = self._install_signals()
         status = "failed"
         try:
@@ -437,16 +487,34 @@ class Trainer:
         except TrainingDiverged:
             status = "diverged"
             raise
+        except WriteFailed as err:  # a full disk: say what is kept (the old checkpoint is whole)
+            status = "write failed"
+            raise WriteFailed(f"{err}; {self._kept()}") from err
         finally:
             restore()
             self.progress.close()
-            if self._writer is not None:
-                self._writer.close()
-            if self.rank == 0:
-                self._write_run_info(status)
+            failing = status in ("failed", "write failed")
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+                if self.rank == 0:
+                    self._write_run_info(status)
+            except WriteFailed:
+                if not failing:  # else the first error is the one to report
+                    raise
         if self._interrupted:
-            raise KeyboardInterrupt(f"training interrupted; checkpoint: {self.checkpoint_path}")
+            raise TrainingInterrupted(
+                f"training interrupted; checkpoint: {self.checkpoint_path}",
+                self.signal or signal.SIGINT)
         return self.last_record or {}
+
+    def _kept(self) -> str:
+        """What a failed run leaves to resume from, in words."""
+        if self._saved_step is not None:
+            return f"the checkpoint of step {self._saved_step} is kept: {self.checkpoint_path}"
+        if self.checkpoint_path.exists():
+            return f"the checkpoint {self.checkpoint_path} is kept"
+        return "no checkpoint was saved before it"
 
     def _write_run_info(self, status: str) -> None:
         """``run.json``: what made the run (versions), where its data came from, its status."""
@@ -755,6 +823,7 @@ class Trainer:
             "data_shape": [list(self.train_data.x.shape[1:]), int(self.train_data.num_classes)],
         }
         save_checkpoint(state, self.checkpoint_path)
+        self._saved_step = self.step
 
     # ------------------------------------------------------------------ DDP (torchrun)
 
@@ -817,6 +886,16 @@ class Trainer:
                 f"Cannot resume {self.checkpoint_path}: the config differs in {diffs} (allowed "
                 f"to change: {', '.join(RESUMABLE_CHANGES)}); use --overwrite or another --name"
             )
+        if self.total_steps < state["step"]:
+            done = state["step"] / self.steps_per_epoch
+            epochs = f"{done:g}" if done == int(done) else f"{done:.2f}"
+            asked = (f"--steps {self.config.steps}" if self.config.steps is not None
+                     else f"--epochs {self.config.epochs}")
+            raise ValueError(
+                f"Cannot resume {self.checkpoint_path}: the run is at step {state['step']} "
+                f"({epochs} epochs) and the budget asks for {self.total_steps} steps ({asked}); "
+                f"allowed: a budget of at least {state['step']} steps (or --overwrite to start "
+                "again)")
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
             raise ValueError(
@@ -837,7 +916,7 @@ class Trainer:
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         self._start = (state["epoch"], state["batch"])
-        self.step = state["step"]
+        self.step = self._saved_step = state["step"]
         self._epoch_sums = state.get("epoch_sums") or {}
         self.train_time = state.get("train_time", 0.0)
         self.last_record = state.get("last_record")
@@ -915,26 +994,85 @@ class Run(tuple):
     model = property(lambda self: self[2])
 
 
+def config_of_checkpoint(saved: dict[str, Any], source: str = "checkpoint") -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint was written with (its ``config``: older key names
+    upgraded, the keys an older samkit lacked with the values they had then)."""
+    values = upgrade_keys(dict(saved), source=source)
+    values = {**legacy_values(values), **values}
+    return from_dict(values, source)
+
+
+def config_yaml_differs(path: Path, saved: dict[str, Any],
+                        ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """The keys in which the ``config.yaml`` at ``path`` differs from a checkpoint's config
+    (``saved``), but ``ignore`` (a resume that extends the budget writes config.yaml before its
+    first checkpoint); an unreadable or empty file differs in ``config.yaml``; no file: none."""
+    from samkit.config import read_yaml
+
+    if not path.is_file():
+        return []
+    try:
+        text = read_yaml(path)
+    except (OSError, ValueError):
+        return ["config.yaml (unreadable)"]
+    if not isinstance(text, dict) or not text:
+        return ["config.yaml (empty)"]
+    try:
+        written = upgrade_keys(text)
+    except ValueError:
+        return ["config.yaml (unreadable)"]
+    saved = upgrade_keys(dict(saved))
+    keys = sorted(set(written) | set(saved))
+    return [k for k in keys
+            if k not in ignore and _plain(written.get(k)) != _plain(saved.get(k))]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (YAML and checkpoints spell sequences differently)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def load_run(run_dir, map_location: Any = "cpu") -> Run:
     """The config, the metrics records and the model with its trained weights (those of the
     run's last checkpoint; None when it has none) of a finished (or running) run.
 
+    The config is the checkpoint's (the truth about the weights); ``config.yaml`` is a copy for
+    people to read, used only when there is no checkpoint. When it differs from the checkpoint
+    a :class:`ConfigMismatchWarning` names the keys. A torn last line of ``metrics.jsonl`` (a
+    full disk) is left out with a warning (:func:`samkit.train.read_metrics`).
+
     >>> config, metrics, model = samkit.load_run("runs/digits-mlp-sam-s0")
     """
+    import warnings
+
     from samkit._extras import require
     from samkit.models import create_model
     from samkit.train.config import load_config
 
     require("experiments", "yaml", what="samkit.load_run (a run's config.yaml)")
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"No run at {run_dir}: it has no config.yaml")
-    config = load_config(run_dir / "config.yaml")
+    checkpoint = run_dir / CHECKPOINT
+    state = None
+    if checkpoint.is_file():
+        state = load_checkpoint(checkpoint, map_location=map_location)
+        config = config_of_checkpoint(state["config"], f"the config of checkpoint {checkpoint}")
+        differ = config_yaml_differs(run_dir / "config.yaml", state["config"])
+        if differ:
+            warnings.warn(f"{run_dir / 'config.yaml'} differs from the checkpoint {checkpoint} "
+                          f"in {', '.join(differ)}; returned the checkpoint's config",
+                          ConfigMismatchWarning, stacklevel=2)
+    elif (run_dir / "config.yaml").is_file():
+        config = load_config(run_dir / "config.yaml")
+    else:
+        raise FileNotFoundError(f"No run at {run_dir}: it has no checkpoint.pt and no config.yaml")
     metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() \
         else []
     model = None
-    if (run_dir / CHECKPOINT).is_file():
-        state = load_checkpoint(run_dir / CHECKPOINT, map_location=map_location)
+    if state is not None:
         weights = state["model"]
         shapes = state.get("data_shape")
         if shapes is None:  # older checkpoints: the shapes come from the data set
@@ -947,3 +1085,7 @@ def load_run(run_dir, map_location: Any = "cpu") -> Run:
         model.load_state_dict(weights)
         model.eval()
     return Run(config, metrics, model)
+
+
+class ConfigMismatchWarning(UserWarning):
+    """A run's ``config.yaml`` differs from its checkpoint's config (edited by hand?)."""

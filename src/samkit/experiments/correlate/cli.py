@@ -98,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[CorrelateConfig, list[st
 
 
 def cmd_correlate(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``samkit correlate``; print the τ table; exit status 0 (2 bad input, 130 Ctrl-C)."""
+    """Run ``samkit correlate``; print the τ table; exit status 0 (2 bad input, 130 / 143
+    SIGINT / SIGTERM)."""
     from samkit._extras import require_command, require_dataset
 
     require_command("correlate", progress=not args.quiet)  # before anything is read or trained
@@ -112,10 +113,10 @@ def cmd_correlate(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             config, name=args.name, jobs=args.jobs, overwrite=args.overwrite,
             verbose=0 if args.quiet else 1, command=command, notes=notes, quick=args.quick,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted: finished models and measures are cached; run the same command "
               "again to continue", file=sys.stderr)
-        return 130
+        return 128 + base.interrupt_signal(err)
     print()
     print(format_table(result))
     print()
