@@ -92,6 +92,6 @@ __all__ = [
 def load_run(path, map_location="cpu"):
     """``config, metrics, model = samkit.load_run("runs/<name>")``: a run's resolved config, its
     metrics records and its model with the trained weights (:func:`samkit.train.load_run`)."""
-    from samkit.train.trainer import load_run as _load_run
+    from samkit.train.loadrun import load_run as _load_run
 
     return _load_run(path, map_location)

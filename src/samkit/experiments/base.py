@@ -148,26 +148,13 @@ def finished_state(cfg: TrainConfig, n_train: int) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------- data
 
-_DATA_CACHE: dict[tuple, Any] = {}
-
-
 def load_data(cfg: TrainConfig, device: Any = "cpu", cache: bool = False):
     """The (train, test) splits of ``cfg`` (standardized; subset and label noise seeded by
-    ``data_seed``); with ``cache``, loaded once per process (the last one is kept)."""
-    from samkit.data import load_dataset
+    ``data_seed``); with ``cache``, loaded once per process (the last one is kept). The one
+    data-loading home: :func:`samkit.train.data.load_data`."""
+    from samkit.train.data import config_data
 
-    key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.stratified, cfg.label_noise,
-           cfg.data_seed, str(device))
-    if cache and key in _DATA_CACHE:
-        return _DATA_CACHE[key]
-    data = load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, subset=cfg.subset, stratified=cfg.stratified,
-        label_noise=cfg.label_noise, seed=cfg.data_seed, standardize=True, device=device,
-    )
-    if cache:
-        _DATA_CACHE.clear()
-        _DATA_CACHE[key] = data
-    return data
+    return config_data(cfg, device, cache=cache)
 
 
 def fallback_note(dataset: str, data_dir: str | None) -> str | None:

@@ -1,4 +1,5 @@
-"""The experiment runner's trainer: config, loop, callbacks, checkpoints, logs.
+"""The experiment runner's trainer: config, loop (with a task and a loader), callbacks, the run
+folder (checkpoints, logs).
 
 >>> from samkit.train import TrainConfig, Trainer, load_config
 >>> cfg = load_config("configs/fashion-mnist-mlp.yaml", ["optimizer=asam", "rho=0.5"])
@@ -16,12 +17,21 @@ from samkit.train.config import (
     to_dict,
 )
 from samkit.train.edge import EdgeTracker, edge_for, read_edge_rows
+from samkit.train.loader import FullBatch, Minibatch
+from samkit.train.loadrun import load_run
 from samkit.train.logs import read_metrics
 from samkit.train.schedule import LRSchedule
-from samkit.train.trainer import Trainer, classification_loss, load_run, train
+from samkit.train.task import Classification, LanguageModel, SquareLoss, Task, classification_loss
+from samkit.train.trainer import Trainer, train
 
 __all__ = [
     "Callback",
+    "Classification",
+    "FullBatch",
+    "LanguageModel",
+    "Minibatch",
+    "SquareLoss",
+    "Task",
     "EdgeTracker",
     "LRSchedule",
     "TrainConfig",

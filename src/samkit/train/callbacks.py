@@ -13,6 +13,10 @@ and may
 
 A callback with ``state_dict()`` / ``load_state_dict()`` has its state saved in the checkpoint
 and restored on resume. The edge-of-stability tracker is such a callback.
+
+A callback with ``on_first_pass(state, step, loss)`` is called inside each step, once the first
+pass's mean loss is computed and its gradient is in ``.grad`` (before the optimizer uses it; it
+may raise to abandon the step): ``samkit eos`` logs the loss and ‖g‖ of every step with it.
 """
 
 from __future__ import annotations
@@ -154,3 +158,14 @@ class Callback:
 
     def on_train_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         """Once, when the budget is spent (not on interruption); ``metrics``: the last record."""
+
+
+def edge_tracker(every: Any) -> Callback:
+    """The :class:`~samkit.train.edge.EdgeTracker` of ``config.edge_every``: every ``every``
+    steps, no budget (the rule of an explicit ``every``); its rows go to ``edge.jsonl`` and, as
+    ``{"event": "edge", ...}`` records, to ``metrics.jsonl``."""
+    from samkit.train.edge import EdgeTracker
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"Invalid edge_every: {every!r} (allowed: None or an integer >= 1)")
+    return EdgeTracker(every=every)

@@ -1,0 +1,59 @@
+"""What a :class:`~samkit.train.Trainer` builds from its config: the model (unless given), the
+optimizer (from the registry) with its per-step LR schedule, and the step engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from samkit.config import TrainConfig
+from samkit.optim import create_optimizer
+from samkit.step import StepEngine
+
+
+def build_model(cfg: TrainConfig, train: Any) -> nn.Module:
+    """``cfg.model`` for the inputs and classes of the split ``train``, initialized from
+    ``cfg.seed``."""
+    from samkit.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, tuple(train.x.shape[1:]), train.num_classes,
+                        **cfg.model_kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Any
+                    ) -> tuple[torch.optim.Optimizer, Any, list[str]]:
+    """The optimizer of ``cfg`` on ``model``, its ``LambdaLR`` over ``schedule`` and the notes
+    about the config's fields it does not use."""
+    from samkit.train.trainer import optimizer_kwargs
+
+    kwargs, notes = optimizer_kwargs(cfg)
+    optimizer = create_optimizer(cfg.optimizer, model, base=cfg.base,
+                                 decay_bias_and_norm=cfg.decay_bias_and_norm, **kwargs)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), notes
+
+
+def build_engine(cfg: TrainConfig, optimizer: torch.optim.Optimizer, model: nn.Module,
+                 task: Any, device: torch.device, world_size: int, batch_size: int
+                 ) -> tuple[StepEngine, list[str]]:
+    """The step engine: DDP (the forward passes go through the wrapped model), micro-batches,
+    mixed precision, the task's loss and the per-example losses a variant asks for; and a note
+    when a variant's data selection cannot have them."""
+    from samkit.train.ddp import wrap
+
+    cuda = device.type == "cuda"
+    engine = StepEngine(
+        optimizer, wrap(model, device, world_size), task.loss,
+        grad_accum=cfg.grad_accum,
+        scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and cuda) if cuda else None,
+        autocast=(torch.float16 if cuda else torch.bfloat16) if cfg.amp else None,
+        perturbation=cfg.perturbation if world_size > 1 else "synced",
+        example_loss_fn=task.example_losses,
+    )
+    why = engine.example_losses_unavailable(batch_size)
+    notes = [] if why is None else [
+        f"{type(optimizer).__name__}'s data selection is off ({why}); this run uses its "
+        "weight perturbation only"]
+    return engine, notes
