@@ -51,7 +51,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,8 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from samkit import config as C
 from samkit.config import setting
@@ -78,8 +75,9 @@ from samkit.experiments.eos_report import (  # noqa: F401 - the report's names, 
     verdicts,
     write_report,
 )
-from samkit.train.checkpoint import atomic_write_text
-from samkit.train.edge import EdgeTracker
+from samkit.experiments.eos_run import RunResult, RunSpec, train_run
+from samkit.train.build import glorot_normal_ as glorot_normal_
+from samkit.train.task import make_loss as make_loss
 
 LOSSES = ("mse", "mse-mean", "ce")
 # sam and usam have closed-form edges; the others are judged by λ_max(H_eff) against the base
@@ -266,39 +264,6 @@ def default_model_kwargs(config: EOSConfig) -> dict[str, Any]:
     return {**base, **config.model_kwargs}
 
 
-def make_loss(kind: str):
-    """``mse``: ½ Σ_classes (f − onehot(y))², mean over examples (and tokens); ``mse-mean``:
-    (f − onehot(y))² averaged over classes and examples (``optax.squared_error`` then
-    ``jnp.mean``, Long & Bartlett's); ``ce``: mean cross-entropy. All take integer labels
-    (``N`` or ``N×T``) and logits (``N×C`` or ``N×T×C``)."""
-    if kind == "ce":
-        def ce(out: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(out.flatten(0, -2), y.flatten())
-        return ce
-
-    if kind == "mse-mean":
-        def mse_mean(out: Tensor, y: Tensor) -> Tensor:
-            target = F.one_hot(y, out.shape[-1]).to(out.dtype)
-            return (out - target).pow(2).mean()
-        return mse_mean
-
-    def mse(out: Tensor, y: Tensor) -> Tensor:
-        target = F.one_hot(y, out.shape[-1]).to(out.dtype)
-        return 0.5 * (out - target).pow(2).sum(-1).mean()
-    return mse
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the experiment."""
-
-    label: str  # gd-lr0.1, sam-lr0.1-rho0.05
-    optimizer: str  # sgd, sam or usam
-    lr: float
-    rho: float | None
-    momentum: float = 0.0  # heavy-ball momentum of the base SGD (Adam: β₁)
-
-
 def run_specs(config: EOSConfig) -> list[RunSpec]:
     if config.optimizer == "adam":
         return [RunSpec(f"adam-lr{lr:g}", "adam", float(lr), None, config.beta1)
@@ -312,18 +277,6 @@ def run_specs(config: EOSConfig) -> list[RunSpec]:
             specs.append(RunSpec(f"{config.ascent}-lr{lr:g}-rho{rho:g}", config.ascent,
                                  float(lr), float(rho), config.momentum))
     return specs
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    rows: list[dict[str, Any]]  # tracker rows
-    train: list[dict[str, Any]]  # per-step loss and gradient norm
-    diverged: bool
-    seconds: float
-    tracker_seconds: float
-    matvecs: int
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -360,19 +313,12 @@ def run_title(description: str, spec: RunSpec) -> str:
 
 
 def load_data(config: EOSConfig, device: torch.device):
-    from samkit.data import load_dataset, load_text
+    """The training split of the experiment (:func:`samkit.train.data.load_data`)."""
+    from samkit.train.data import load_data as load
 
-    if config.is_text:
-        train, _ = load_text(config.text, config.seq_len, device=device)
-    else:
-        train, _ = load_dataset(
-            config.dataset, data_dir=config.data_dir, subset=config.subset, stratified=True,
-            seed=config.data_seed, standardize=config.preprocess == "standardize",
-            device=device,
-        )
-        if config.preprocess == "center":  # pixels in [0, 1] minus the per-pixel mean
-            train.x.sub_(train.x.mean(0, keepdim=True))
-    return train
+    return load(config.dataset, data_dir=config.data_dir, subset=config.subset,
+                data_seed=config.data_seed, preprocess=config.preprocess, text=config.text,
+                seq_len=config.seq_len, device=device)[0]
 
 
 def build_model(config: EOSConfig, train, device: torch.device):
@@ -385,142 +331,6 @@ def build_model(config: EOSConfig, train, device: torch.device):
     if config.init == "glorot-normal":
         glorot_normal_(model)
     return model.to(device)
-
-
-def glorot_normal_(model: torch.nn.Module) -> torch.nn.Module:
-    r"""Glorot-normal weights :math:`\mathcal N(0, 2/(\text{fan}_\text{in} +
-    \text{fan}_\text{out}))` for every linear and convolutional layer, zero biases (flax's
-    ``Dense(kernel_init=glorot_normal())``, Long & Bartlett's). Seeded by the caller.
-
-    References:
-        X. Glorot, Y. Bengio. Understanding the difficulty of training deep feedforward neural
-        networks. AISTATS 2010.
-    """
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-            torch.nn.init.xavier_normal_(module.weight)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-    return model
-
-
-# --------------------------------------------------------------------------- one run
-
-
-def train_run(
-    config: EOSConfig, spec: RunSpec, train, run_dir: Path, device: torch.device,
-    verbose: int = 1, prefix: str = "",
-) -> RunResult:
-    """Train one run from the shared initialization, tracking λ₁ every ``config.every`` steps
-    (within ``config.budget``)."""
-    from samkit.optim import create_optimizer
-    from samkit.step import step_closure, take_step
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = make_loss("ce" if config.is_text and config.loss != "ce" else config.loss)
-    model = build_model(config, train, device)
-    model.train()
-    if spec.optimizer == "adam":  # full-batch Adam (Cohen et al. 2022): β₂ 0.999, ε 1e-8
-        opt = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=(spec.momentum, 0.999),
-                               eps=1e-8)
-    else:
-        kwargs: dict[str, Any] = {"lr": spec.lr, "momentum": spec.momentum}
-        if spec.rho is not None and spec.optimizer == "gsam":  # a constant ρ_t = ρ
-            kwargs.update(rho_max=spec.rho, rho_min=spec.rho)
-        elif spec.rho is not None:
-            kwargs["rho"] = spec.rho
-        opt = create_optimizer(spec.optimizer, model, **kwargs)
-
-    # 1. the probe set: the whole training subset (full batch) or fixed examples (minibatch)
-    n = len(train.y)
-    batch_size = n if config.batch_size == 0 else min(config.batch_size, n)
-    full_batch = batch_size == n
-    if full_batch:
-        probe = (train.x, train.y)
-    else:
-        gen = torch.Generator().manual_seed(config.seed + 1)
-        idx = torch.randperm(n, generator=gen)[: config.probe_size].to(train.y.device)
-        probe = (train.x[idx], train.y[idx])
-    # a GD baseline records the alignment of the SAM gradient with the first rho
-    rho_for_gd = config.rhos[0] if config.rhos else None
-    tracker = EdgeTracker(probe, loss_fn, every=config.every, path=run_dir / "edge.jsonl",
-                          rho=spec.rho if spec.rho is not None else rho_for_gd, tol=config.tol,
-                          k=config.k, seed=config.seed, budget=config.budget)
-    on_batch = not full_batch and config.measure_on == "batch"
-    order = torch.Generator().manual_seed(config.seed)
-    perm, cursor = None, n
-
-    train_rows: list[dict[str, Any]] = []
-    diverged = False
-    start = time.perf_counter()
-    last_print = start
-    for t in range(config.steps + 1):
-        # 2. the step's batch (the whole subset, or the next minibatch of a seeded shuffle)
-        if full_batch:
-            x, y = train.x, train.y
-        else:
-            if cursor + batch_size > n:
-                perm, cursor = torch.randperm(n, generator=order).to(train.y.device), 0
-            idx = perm[cursor : cursor + batch_size]
-            cursor += batch_size
-            x, y = train.x[idx], train.y[idx]
-
-        # 3. measure at w_t, before step t (so ‖g‖ is the one step t normalizes by): on the
-        #    probe set with the step's ‖g‖ for the SAM-edge, or all on the step's minibatch
-        if on_batch:
-            row = tracker.maybe_record(t, model, opt, probe=(x, y))
-        else:
-            row = tracker.maybe_record(t, model, opt, batch=None if full_batch else (x, y))
-        if row is not None and verbose:
-            now = time.perf_counter()
-            if row.get("diverged"):
-                print(f"{prefix}step {t:>5d}  diverged", flush=True)
-            else:
-                edge = f"{row['edge']:.2f}" if row.get("edge") is not None else "-"
-                ratio = f"{row['ratio']:.3f}" if row.get("ratio") is not None else "-"
-                print(f"{prefix}step {t:>5d}/{config.steps}  loss {row['loss']:.4f}  "
-                      f"|g| {row['grad_norm']:.4f}  lambda1 {row['lambda1']:.2f}  edge {edge}  "
-                      f"ratio {ratio}  2/lr {2 / spec.lr:.2f}  ({now - last_print:.1f} s)",
-                      flush=True)
-            last_print = now
-        if row is not None and row.get("diverged"):
-            diverged = True
-            break
-        if t == config.steps:
-            break
-
-        # 4. one step (samkit.step): the first pass's loss and ‖g‖ at w are logged before the
-        #    optimizer uses them; a non-finite one ends the run without stepping
-        def log_first_pass(loss: Tensor, t: int = t) -> None:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads]))
-            loss_value, grad_value = float(loss), float(grad_norm)
-            train_rows.append({"step": t, "loss": loss_value, "grad_norm": grad_value})
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                raise _Diverged
-
-        try:
-            take_step(opt, step_closure(opt, model, loss_fn, [(x, y)],
-                                        after_first_pass=log_first_pass))
-        except _Diverged:
-            diverged = True
-            break
-    opt.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    atomic_write_text(run_dir / "train.jsonl",
-                      "".join(experiment.strict_dumps(r) + "\n" for r in train_rows))
-    result = RunResult(spec, list(tracker.rows), train_rows, diverged, seconds,
-                       tracker.seconds, tracker.matvecs)
-    result.summary = summarize(result, config.steps)
-    if verbose:
-        print(f"{prefix}done in {seconds:.1f} s; {tracker.cost_summary()} "
-              f"({100 * tracker.seconds / max(seconds, 1e-9):.0f}% of the run)", flush=True)
-    return result
-
-
-class _Diverged(Exception):  # noqa: N818 - not an error: a run that diverged ends early
-    """Raised from the step's closure when the first pass is non-finite."""
 
 
 # --------------------------------------------------------------------------- the experiment

@@ -57,3 +57,20 @@ def build_engine(cfg: TrainConfig, optimizer: torch.optim.Optimizer, model: nn.M
         f"{type(optimizer).__name__}'s data selection is off ({why}); this run uses its "
         "weight perturbation only"]
     return engine, notes
+
+
+def glorot_normal_(model: torch.nn.Module) -> torch.nn.Module:
+    r"""Glorot-normal weights :math:`\mathcal N(0, 2/(\text{fan}_\text{in} +
+    \text{fan}_\text{out}))` for every linear and convolutional layer, zero biases (flax's
+    ``Dense(kernel_init=glorot_normal())``, Long & Bartlett's). Seeded by the caller.
+
+    References:
+        X. Glorot, Y. Bengio. Understanding the difficulty of training deep feedforward neural
+        networks. AISTATS 2010.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+            torch.nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
