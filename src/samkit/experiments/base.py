@@ -148,6 +148,19 @@ def finished_state(cfg: TrainConfig, n_train: int) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------- data
 
+def shared_setting(key: str, default: Any = None, note: str = "", *, factory: Any = None) -> Any:
+    """A key of :class:`~samkit.config.TrainConfig`'s data, model or run sections in another
+    experiment's config (``samkit eos``): the same name and meaning (TrainConfig's help, then
+    ``note``), the experiment's own default. Saved configs keep their keys."""
+    from samkit.config import fields_of, setting
+
+    help_text = fields_of(TrainConfig)[key].metadata.get("help", "")
+    help_text = f"{help_text}; {note}" if note else help_text
+    if factory is not None:
+        return setting(factory=factory, help=help_text)
+    return setting(default, help_text)
+
+
 def load_data(cfg: TrainConfig, device: Any = "cpu", cache: bool = False):
     """The (train, test) splits of ``cfg`` (standardized; subset and label noise seeded by
     ``data_seed``); with ``cache``, loaded once per process (the last one is kept). The one

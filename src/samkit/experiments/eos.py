@@ -60,8 +60,9 @@ from typing import Any
 import torch
 
 from samkit import config as C
-from samkit.config import setting
+from samkit.config import TrainConfig, setting
 from samkit.experiments import base as experiment
+from samkit.experiments.base import shared_setting as shared
 from samkit.experiments.eos_report import (  # noqa: F401 - the report's names, here too
     EDGE_BAND,
     GD_BAND,
@@ -108,20 +109,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The keys of EOSConfig that are TrainConfig's (its data, model and run sections): one meaning,
+# one help text, one validation (experiments.base.shared_setting).
+SHARED_KEYS = ("dataset", "data_dir", "subset", "data_seed", "model", "model_kwargs", "momentum",
+               "batch_size", "seed", "device", "threads", "out_dir")
+
+
 @dataclass(frozen=True)
 class EOSConfig:
     """Everything an ``samkit eos`` call depends on (saved as ``config.json``); η is the step
     size (``lrs``), ρ the SAM radius (``rhos``)."""
 
-    # ---- data
-    dataset: str = setting(
-        "fashion-mnist", "fashion-mnist, mnist, cifar10 (from disk), digits, ...")
-    data_dir: str | None = setting(
-        None, "folder with the data files (None: $SAMKIT_DATA, then the standard places)")
-    subset: int | None = setting(
-        2000, "training examples (stratified); None: the whole training set")
-    data_seed: int = setting(
-        0, "seed of the subset")
+    # ---- data (the keys of TrainConfig's data section mean what they mean there)
+    dataset: str = shared("dataset", "fashion-mnist")
+    data_dir: str | None = shared("data_dir", None)
+    subset: int | None = shared("subset", 2000, "stratified")
+    data_seed: int = shared("data_seed", 0)
     preprocess: str = setting(
         "standardize", "standardize (mean and std per feature) or center (pixels in [0, 1] "
         "minus the per-pixel training mean: Long & Bartlett's)")
@@ -130,10 +133,9 @@ class EOSConfig:
     seq_len: int = setting(
         64, "Transformer: characters per window")
     # ---- model
-    model: str = setting(
-        "mlp", "mlp or cnn (images); transformer (forced when `text` is given)")
-    model_kwargs: dict = setting(
-        factory=dict, help="passed to create_model, over the defaults")
+    model: str = shared("model", "mlp", "here mlp or cnn; transformer (forced by `text`)")
+    model_kwargs: dict = shared("model_kwargs", factory=dict,
+                                note="over the experiment's defaults (MLP 2x128 tanh, ...)")
     init: str = setting(
         "default", "default (torch's) or glorot-normal (weights N(0, 2/(fan_in + fan_out)), "
         "zero biases: Long & Bartlett's)")
@@ -152,8 +154,7 @@ class EOSConfig:
     ascent: str = setting(
         "sam", "sam (ε = ρ g/‖g‖), usam (ε = ρ g), or asam, gsam, fishersam (their edge: "
         "λ_max of the effective Hessian against the base optimizer's edge)")
-    momentum: float = setting(
-        0.0, "heavy-ball momentum of the base SGD (0: plain GD, the papers')")
+    momentum: float = shared("momentum", 0.0, "0: plain GD, the papers'")
     optimizer: str = setting(
         "sgd", "sgd (GD and SAM runs) or adam (full-batch Adam runs: the preconditioned "
         "sharpness λ₁(P⁻¹H) against (2 + 2β₁)/(η(1 − β₁)); rhos are not used)")
@@ -161,10 +162,8 @@ class EOSConfig:
         0.9, "Adam's β₁ (β₂ = 0.999, ε = 1e-8)")
     steps: int = setting(
         1500, "optimizer steps per run")
-    batch_size: int = setting(
-        0, "0: full batch; the Transformer default is 32 (minibatch)")
-    seed: int = setting(
-        0, "model initialization (the same for every run) and minibatch order")
+    batch_size: int = shared("batch_size", 0, "the Transformer's default: 32 (minibatch)")
+    seed: int = shared("seed", 0, "the same initialization for every run")
     # ---- the tracker
     every: int = setting(
         10, "measure λ₁ every this many steps (and at step 0), within the budget")
@@ -181,12 +180,9 @@ class EOSConfig:
     probe_size: int = setting(
         512, "minibatch runs: λ₁ on this many fixed training examples")
     # ---- where and how
-    device: str = setting(
-        "cpu", "cpu, cuda, cuda:N, auto")
-    threads: int | None = setting(
-        None, "torch CPU threads (None: torch's default)")
-    out_dir: str = setting(
-        "runs", "parent folder")
+    device: str = shared("device", "cpu")
+    threads: int | None = shared("threads", None)
+    out_dir: str = shared("out_dir", "runs")
     name: str | None = setting(
         None, "runs/<name>/ (None: eos-<dataset>-<model>-<loss>)")
     preset: str | None = setting(
@@ -228,6 +224,8 @@ class EOSConfig:
             raise ValueError(f"Invalid tol: {self.tol!r} (allowed: in (0, 1))")
         if self.subset is not None and (isinstance(self.subset, bool) or self.subset < 1):
             raise ValueError(f"Invalid subset: {self.subset!r} (allowed: None or an integer >= 1)")
+        # the keys shared with TrainConfig are checked where they are declared
+        TrainConfig(**{key: getattr(self, key) for key in SHARED_KEYS})
 
     @property
     def is_text(self) -> bool:
