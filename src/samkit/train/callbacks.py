@@ -8,7 +8,8 @@ and may
 * add numbers to an epoch's record by writing into ``metrics`` in :meth:`Callback.on_epoch_end`
   (they go to ``metrics.jsonl``, TensorBoard and the progress line),
 * log a step-level record with ``state.log({"step": state.step, "my_metric": x})``,
-* evaluate the model with ``state.evaluate()`` (the test split) or ``state.evaluate(split)``,
+* evaluate the model with ``state.evaluate()`` (the test split) or ``state.evaluate(split)``
+  (the run's task: loss and accuracy),
 * stop training cleanly with ``state.request_stop()`` (a resumable checkpoint is saved).
 
 A callback with ``state_dict()`` / ``load_state_dict()`` has its state saved in the checkpoint
@@ -116,7 +117,8 @@ class TrainState:
         self._trainer.request_stop()
 
     def evaluate(self, split: Any = None) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy of the model on ``split`` (default: the test split)."""
+        """The task's loss and accuracy of the model on ``split`` (default: the test split;
+        classification: mean cross-entropy without label smoothing)."""
         return self._trainer.evaluate(self._trainer.test_data if split is None else split)
 
     def print(self, line: str) -> None:

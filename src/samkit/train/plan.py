@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from samkit.config import TrainConfig, steps_per_epoch, total_steps
+from samkit.config import TrainConfig, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,16 @@ class Plan:
 def plan(cfg: TrainConfig, n: int, loader: Any, world_size: int = 1) -> Plan:
     """The plan of a run of ``cfg`` on ``n`` examples drawn by ``loader`` (a full-batch loader:
     one step per epoch, ``steps`` or ``epochs`` of them; a minibatch loader without a batch
-    size gets the config's)."""
+    size gets the config's; its own ``drop_last`` counts)."""
     from samkit.train.loader import FullBatch
 
     if isinstance(loader, FullBatch):
         batch_size, per_epoch, steps = n, 1, cfg.steps or cfg.epochs
     else:
-        batch_size, per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
-        steps = total_steps(cfg, n)
+        # a loader's own batch size and drop_last win over the config's
+        size = cfg.batch_size if loader.batch_size is None else loader.batch_size
+        batch_size, per_epoch = steps_per_epoch(n, size, loader.drop_last)
+        steps = cfg.steps or cfg.epochs * per_epoch
         if loader.batch_size is None:
             loader.batch_size = batch_size
     epochs = -(-steps // per_epoch)

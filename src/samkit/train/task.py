@@ -131,9 +131,6 @@ class LanguageModel(Classification):
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
-    def correct(self, out: Tensor, y: Tensor) -> Tensor:
-        return (out.argmax(-1) == y).sum()
-
     def __repr__(self) -> str:
         return "LanguageModel()"
 
