@@ -204,19 +204,8 @@ class OptimizerInfo:
         """All keys this entry takes (every namespace), for ``namespaces(**choice)``."""
         return {k for keys in self.namespaces(**choice).values() for k in keys}
 
-    def wrapper_keys(self) -> set[str]:
-        """Deprecated: the keys besides the base optimizer's (``ascent``, ``descent``,
-        ``schedule`` namespaces, :data:`~samkit.optim.presets.COMMON_KEYS`, ``ascent``),
-        declared. Use :meth:`namespaces`."""
-        if not self.sharpness_aware:
-            return set()
-        ns = self.namespaces()
-        own = {*ns["ascent"], *ns["descent"], *ns["schedule"], *COMMON_KEYS}
-        return own | ({"ascent", "ascent_options"} if self.ascent_choice else set())
 
-    def takes_ascent(self) -> bool:
-        return self.ascent_choice
-
+OptimizerEntry = OptimizerInfo  # the name before the declared registry (CHANGELOG.md, Unreleased)
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
 
