@@ -13,13 +13,18 @@ from samkit.optim.looksam import LookSAM
 from samkit.optim.msam import MSAM
 from samkit.optim.presets import SharpnessAware
 from samkit.optim.registry import (
+    OptimizerInfo,
     create_optimizer,
+    describe_optimizers,
     list_ascents,
     list_descents,
     list_optimizers,
     list_schedules,
+    optimizer_info,
+    optimizer_options,
     register_ascent,
     register_optimizer,
+    wrap_optimizer,
 )
 from samkit.optim.sam import SAM
 from samkit.optim.schedules import (
@@ -46,6 +51,7 @@ __all__ = [
     "FriendlySAM",
     "MSAM",
     "LookSAM",
+    "OptimizerInfo",
     "RandomSchedule",
     "SharpnessAware",
     "SharpnessAwareOptimizer",
@@ -53,15 +59,19 @@ __all__ = [
     "accumulation_closure",
     "ae_sam",
     "create_optimizer",
+    "describe_optimizers",
     "disable_running_stats",
     "list_ascents",
     "list_descents",
     "list_optimizers",
     "list_schedules",
     "m_sharpness_step",
+    "optimizer_info",
+    "optimizer_options",
     "param_groups",
     "register_ascent",
     "register_optimizer",
     "rst_sam",
     "with_schedule",
+    "wrap_optimizer",
 ]

@@ -104,8 +104,8 @@ class Ascent:
         check_non_negative("rho", groups["rho"])
         for k, v in self.group_defaults.items():
             value = given.get(k, v)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                check_non_negative(k, value)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):  # a numeric default:
+                check_non_negative(k, value)  # a string or NaN given for it is refused here
             groups[self.group_keys.get(k, k)] = value
         options = {k: given.get(k, v) for k, v in self.options.items()}
         if self.check is not None:
