@@ -76,7 +76,7 @@ def quadratic_run(make_opt, lam, steps, x0=1.0):
             loss.backward()
             return loss
 
-        if isinstance(opt, samkit.SharpnessAwareOptimizer):
+        if samkit.optim.kind_of(opt).form.wraps:
             opt.step(closure)
         else:
             closure()

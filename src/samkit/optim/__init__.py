@@ -9,8 +9,11 @@ from samkit.optim.fishersam import FisherSAM
 from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.groups import param_groups
 from samkit.optim.gsam import GSAM
+from samkit.optim.kind import OptimizerKind, StepForm, kind_of
 from samkit.optim.looksam import LookSAM
+from samkit.optim.lossterm import LossTermOptimizer
 from samkit.optim.msam import MSAM
+from samkit.optim.onepass import OnePassOptimizer
 from samkit.optim.presets import SharpnessAware
 from samkit.optim.registry import (
     create_optimizer,
@@ -31,6 +34,7 @@ from samkit.optim.schedules import (
 )
 from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
+from samkit.optim.wrapper import WrappingOptimizer
 
 __all__ = [
     "ASAM",
@@ -46,6 +50,11 @@ __all__ = [
     "FriendlySAM",
     "MSAM",
     "LookSAM",
+    "LossTermOptimizer",
+    "OnePassOptimizer",
+    "OptimizerKind",
+    "StepForm",
+    "WrappingOptimizer",
     "RandomSchedule",
     "SharpnessAware",
     "SharpnessAwareOptimizer",
@@ -54,6 +63,7 @@ __all__ = [
     "ae_sam",
     "create_optimizer",
     "disable_running_stats",
+    "kind_of",
     "list_ascents",
     "list_descents",
     "list_optimizers",

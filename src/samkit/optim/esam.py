@@ -16,6 +16,7 @@ from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_non_negative, check_seed
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.kind import StepForm
 
 SWP_NORMS = ("all", "perturbed")
 SDS_COUNTS = ("ceil", "official")
@@ -121,6 +122,8 @@ class ESAM(SharpnessAwareOptimizer):
         J. Du, H. Yan, J. Feng, J. T. Zhou, L. Zhen, R. S. M. Goh, V. Y. F. Tan. Efficient
         Sharpness-aware Minimization for Improved Training of Neural Networks. ICLR 2022.
     """
+
+    step_form = StepForm.EXAMPLE_SELECTING
 
     def __init__(
         self,
