@@ -36,6 +36,7 @@ __all__ = [
     "OptimizerKind",
     "StepForm",
     "base_kind",
+    "form_of",
     "kind_of",
 ]
 
@@ -200,6 +201,13 @@ def base_kind(optimizer: torch.optim.Optimizer) -> BaseKind:
     elif not lr > 0:
         no_edge = f"lr is {lr} (a schedule's end): no edge"
     return BaseKind(rule, name, lr, beta, no_edge)
+
+
+def form_of(optimizer: Any) -> StepForm:
+    """How ``optimizer``'s steps run their passes: its declared ``step_form`` (cheap: read once
+    per pass by the step engine), :attr:`StepForm.PLAIN` for a torch optimizer."""
+    form = getattr(optimizer, "step_form", None)
+    return form if isinstance(form, StepForm) else StepForm.PLAIN
 
 
 def kind_of(optimizer: Any) -> OptimizerKind:
