@@ -32,6 +32,7 @@ from samkit.optim.schedules import (
     rst_sam,
     with_schedule,
 )
+from samkit.optim.selecting import ExampleSelectingOptimizer
 from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
 from samkit.optim.wrapper import WrappingOptimizer
@@ -46,6 +47,7 @@ __all__ = [
     "USAM",
     "AESchedule",
     "ExampleLosses",
+    "ExampleSelectingOptimizer",
     "FisherSAM",
     "FriendlySAM",
     "MSAM",
