@@ -194,7 +194,7 @@ class WrappingOptimizer(Optimizer):
     #: Can a step schedule (AE-SAM, RST) decide which steps take two passes?
     accepts_schedule = False
     # Hooks that rewrite the step direction (their names, when overridden, make step_rewrites).
-    _rewrite_hooks: tuple[str, ...] = ()
+    _rewrite_hooks: tuple[str, ...] = ("_descent_",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
