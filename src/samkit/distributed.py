@@ -149,8 +149,10 @@ def shard_batch(x: Tensor, y: Tensor, rank: int, world_size: int) -> tuple[Tenso
 def check_local_optimizer(optimizer: Any) -> None:
     """Refuse, for ``perturbation="local"``, optimizers whose step is not just descending with
     the perturbed gradient: their unsynced first-pass gradient would make replicas diverge."""
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
-        return  # a plain optimizer has one pass, which is synced
+    from samkit.optim.kind import form_of
+
+    if not form_of(optimizer).perturbs:
+        return  # one pass at w (a plain or loss-term optimizer), which is synced
     why = optimizer.step_rewrites()
     if why is not None:
         raise ValueError(

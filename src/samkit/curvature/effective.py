@@ -127,14 +127,15 @@ def effective_hessian(
             p = ∞, FriendlySAM, ESAM, ...), or an ``H`` over other parameters.
     """
     from samkit.optim.ascents import effective_note
-    from samkit.optim.base import SharpnessAwareOptimizer
+    from samkit.optim.kind import kind_of
 
     if not isinstance(H, HessianOperator):
         raise ValueError(
             f"Invalid H: {type(H).__name__} (allowed: a HessianOperator, whose data and "
             "parameters give g)"
         )
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
+    kind = kind_of(optimizer)  # what the optimizer declares
+    if not kind.form.wraps:
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware "
             "optimizer; for a plain one the effective Hessian is H itself)"
@@ -174,10 +175,8 @@ def effective_hessian(
     for p, d in zip(flat_params, diag, strict=True):
         ordered[position[id(p)]] = d.reshape(-1)
     scale = torch.cat([d.to(H.device, H.dtype) for d in ordered])
-    from samkit.stability import _descent_rewrites
-
     note = f"{optimizer.ascent.name}: H + (rho/c) H M H"
-    rewrites = _descent_rewrites(optimizer)
+    rewrites = kind.descent.rewrites
     if rewrites:
         name = type(optimizer).__name__
         note += f" (the ascent only: {name}'s {', '.join(rewrites)} not included)"

@@ -9,8 +9,11 @@ from samkit.optim.fishersam import FisherSAM
 from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.groups import param_groups
 from samkit.optim.gsam import GSAM
+from samkit.optim.kind import OptimizerKind, StepForm, kind_of
 from samkit.optim.looksam import LookSAM
+from samkit.optim.lossterm import LossTermOptimizer
 from samkit.optim.msam import MSAM
+from samkit.optim.onepass import OnePassOptimizer
 from samkit.optim.presets import SharpnessAware
 from samkit.optim.registry import (
     OptimizerInfo,
@@ -34,8 +37,10 @@ from samkit.optim.schedules import (
     rst_sam,
     with_schedule,
 )
+from samkit.optim.selecting import ExampleSelectingOptimizer
 from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
+from samkit.optim.wrapper import WrappingOptimizer
 
 __all__ = [
     "ASAM",
@@ -47,11 +52,17 @@ __all__ = [
     "USAM",
     "AESchedule",
     "ExampleLosses",
+    "ExampleSelectingOptimizer",
     "FisherSAM",
     "FriendlySAM",
     "MSAM",
     "LookSAM",
+    "LossTermOptimizer",
+    "OnePassOptimizer",
     "OptimizerInfo",
+    "OptimizerKind",
+    "StepForm",
+    "WrappingOptimizer",
     "RandomSchedule",
     "SharpnessAware",
     "SharpnessAwareOptimizer",
@@ -61,6 +72,7 @@ __all__ = [
     "create_optimizer",
     "describe_optimizers",
     "disable_running_stats",
+    "kind_of",
     "list_ascents",
     "list_descents",
     "list_optimizers",

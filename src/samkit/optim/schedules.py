@@ -26,6 +26,7 @@ from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative, check_seed
 from samkit.optim.base import Bucket, SharpnessAwareOptimizer
 from samkit.optim.davda54 import accepts_base_class
+from samkit.optim.kind import DeclaresKind
 
 SCHEDULES: dict[str, type] = {}  # filled below: "ae" and "random" (alias "rst")
 
@@ -186,13 +187,11 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
 
     Raises ``ValueError`` for an optimizer that decides its steps itself (LookSAM).
     """
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
+    if not isinstance(optimizer, DeclaresKind):
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware optimizer)"
         )
-    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_ or getattr(
-        optimizer, "_one_pass_only", False
-    ):
+    if not optimizer.accepts_schedule:
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} schedules its own steps; a schedule "
             "would be ignored"
