@@ -496,13 +496,3 @@ class MESA(TrajectoryLossOptimizer):
                 self.ema_model.load_state_dict(state["ema"])
             else:
                 self._pending_ema = dict(state["ema"])
-
-
-def _register() -> None:
-    from samkit.optim.registry import register_optimizer
-
-    register_optimizer("saf", SAF, "SAF, Du et al. 2022: + KL to the logits of E epochs ago")
-    register_optimizer("mesa", MESA, "MESA, Du et al. 2022: + KL to an EMA model's outputs")
-
-
-_register()
