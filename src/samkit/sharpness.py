@@ -81,8 +81,8 @@ def _check_m(m) -> int | None:
 
 class _Objective:
     """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches: the
-    operator base's :func:`~samkit.curvature.operator.loss_and_gradient`, counted, and a
-    non-finite loss refused."""
+    operator base's :func:`~samkit.curvature.operator.loss_and_gradient` (size-weighted, frozen
+    parameters in ``params`` differentiated too), counted, and a non-finite loss refused."""
 
     def __init__(self, model, loss_fn, params, batches, seed):
         self.model, self.loss_fn, self.params = model, loss_fn, params
@@ -334,7 +334,6 @@ def sharpness(
     generator = torch.Generator().manual_seed(int(seed))
 
     backup = [w.detach().clone() for w in ps]
-    frozen = [w for w in ps if not w.requires_grad]
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
     groups: Iterable[Any] = [batches] if m is None else _micro_batches(batches, m)
     weighted = [0.0, 0.0]  # sums of n * L(w), n * L(w + ε)
@@ -342,8 +341,6 @@ def sharpness(
     total = 0
     evaluations = 0
     try:
-        for w in frozen:
-            w.requires_grad_(True)
         for group in groups:
             n = sum(b[2] for b in group) if isinstance(group, list) else 1
             objective = _Objective(model, loss_fn, ps, group, int(seed))
@@ -362,8 +359,6 @@ def sharpness(
     finally:
         with torch.no_grad():
             torch._foreach_copy_(ps, backup)
-        for w in frozen:
-            w.requires_grad_(False)
     base_loss, perturbed_loss = weighted[0] / total, weighted[1] / total
     values = tuple(max(v / total, 0.0) for v in per_start) if rho > 0 else (0.0,)
     return SharpnessResult(
