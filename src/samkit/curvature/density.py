@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samkit.curvature.eigen import _check_int, _Counter, _tridiagonal, lanczos
+from samkit.curvature.eigen import _BlockLanczos, _check_int
 from samkit.curvature.operator import as_operator
 
 
@@ -76,7 +76,9 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
         seed: seeds the probes.
 
     Each probe costs ``num_steps`` products and keeps ``num_steps`` vectors on the device (full
-    reorthogonalization, so no spurious copies of the outliers).
+    reorthogonalization, so no spurious copies of the outliers): samkit's one Lanczos
+    (:func:`~samkit.curvature.top_eigenvalues`' block Lanczos with a block of one vector, no
+    restart, a stop at an invariant subspace).
 
     References:
         L. Lin, Y. Saad, C. Yang. Approximating spectral densities of large matrices. SIAM
@@ -95,12 +97,13 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
     for p in range(num_probes):
         v = torch.randint(0, 2, (d,), generator=generator, device=op.device).to(op.dtype)
         v.mul_(2).sub_(1)
-        counter = _Counter(op)
-        _, a, b, c = lanczos(counter, v, m, None, generator, restart=False)
-        matvecs += counter.count
-        theta, s = np.linalg.eigh(_tridiagonal(a[:c], b[:c]))
-        nodes[p, :c] = theta
-        weights[p, :c] = s[0] ** 2
+        run = _BlockLanczos(op, v[:, None], generator, max_basis=m, fill=False)
+        while run.m < m and not run.exhausted:
+            run.step()
+        matvecs += run.counter.count
+        theta, s, _ = run.ritz()  # C is the tridiagonal T of the probe's Lanczos run
+        nodes[p, : run.m] = theta
+        weights[p, : run.m] = s[0] ** 2
     return SpectralDensity(nodes=nodes, weights=weights, dim=d, matvecs=matvecs)
 
 
