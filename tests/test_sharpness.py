@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from samkit.sharpness import SharpnessResult, sharpness
+from samkit import SharpnessResult, sharpness
 
 CE = nn.CrossEntropyLoss()
 

@@ -13,6 +13,10 @@ Hugging Face).
 """
 
 from samkit import curvature, distributed, stability
+
+# ``samkit.sharpness(...)`` and ``samkit.SharpnessResult``: their module is private
+# (samkit._sharpness), so the name ``samkit.sharpness`` means the function and nothing else.
+from samkit._sharpness import SharpnessResult, sharpness
 from samkit.optim import (
     ASAM,
     ESAM,
@@ -44,10 +48,6 @@ from samkit.optim import (
     rst_sam,
     with_schedule,
 )
-
-# The function replaces the submodule as the package attribute: ``samkit.sharpness(...)``;
-# ``from samkit.sharpness import SharpnessResult`` still imports from the module.
-from samkit.sharpness import SharpnessResult, sharpness
 
 __version__ = "0.1.0"
 

@@ -110,7 +110,7 @@ def test_asam_paper_settings(dataset, model):
         cfg = load_config(CONFIGS / "asam-paper" / f"{dataset}-{model}-{opt}.yaml")
         assert (cfg.dataset, cfg.model, cfg.optimizer, cfg.rho) == (dataset, model, opt,
                                                                    rhos[dataset][opt])
-        assert (cfg.epochs, cfg.schedule, cfg.label_smoothing, cfg.lr, cfg.batch_size) == (
+        assert (cfg.epochs, cfg.lr_schedule, cfg.label_smoothing, cfg.lr, cfg.batch_size) == (
             200, "cosine", 0.1, 0.1, 128)
         assert (cfg.momentum, cfg.weight_decay, cfg.augment) == (0.9, 5e-4, True)
         if opt == "asam":

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samkit.curvature.eigen import _BlockLanczos, _check_int
+from samkit.curvature.eigen import _BlockLanczos
 from samkit.curvature.operator import as_operator
+from samkit.optim._validation import check_int
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
         optimization via Hessian eigenvalue density. ICML 2019.
     """
     op = as_operator(H)
-    num_probes = _check_int("num_probes", num_probes, 1)
-    num_steps = _check_int("num_steps", num_steps, 1)
+    num_probes = check_int("num_probes", num_probes, 1)
+    num_steps = check_int("num_steps", num_steps, 1)
     d = op.shape[0]
     m = min(num_steps, d)
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
@@ -126,7 +127,7 @@ def plot_spectral_density(
         raise ImportError(
             'plot_spectral_density needs matplotlib: pip install "samkit[experiments]"'
         ) from err
-    num_points = _check_int("num_points", num_points, 2)
+    num_points = check_int("num_points", num_points, 2)
     sigma = result.default_sigma() if sigma is None else float(sigma)
     live = result.nodes[result.weights > 0]
     lo, hi = float(live.min()) - 5 * sigma, float(live.max()) + 5 * sigma

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from samkit.curvature.operator import LinearOperator, as_operator
+from samkit.optim._validation import check_int
 
 METHODS = ("lanczos", "power")
 WHICH = ("LA", "LM")
@@ -75,16 +76,6 @@ class EigenResult:
 
 
 # -- argument checks ------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if ok:
-        ok = value >= low and (high is None or value <= high)
-    if not ok:
-        allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-    return int(value)
 
 
 def _check_tol(tol) -> float:
@@ -617,21 +608,21 @@ def top_eigenvalues(
     """
     op = as_operator(H)
     d = op.shape[0]
-    k = _check_int("k", k, 1, d)
+    k = check_int("k", k, 1, d)
     tol = _check_tol(tol)
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (allowed: {', '.join(METHODS)})")
     if which not in WHICH:
         raise ValueError(f"Invalid which: {which!r} (allowed: {', '.join(WHICH)})")
     if max_iter is not None:
-        max_iter = _check_int("max_iter", max_iter, k if method == "lanczos" else 1)
-    p = k if block_size is None else _check_int("block_size", block_size, 1, d)
-    dims = min(d, max(2 * k + 1, 20)) if min_dim is None else _check_int("min_dim", min_dim, 1)
+        max_iter = check_int("max_iter", max_iter, k if method == "lanczos" else 1)
+    p = k if block_size is None else check_int("block_size", block_size, 1, d)
+    dims = min(d, max(2 * k + 1, 20)) if min_dim is None else check_int("min_dim", min_dim, 1)
     dims = min(dims, d)
     if max_basis is None:
         basis = _default_basis(d, k, p, dims)
     else:
-        basis = min(d, _check_int("max_basis", max_basis, k + 2 * p))
+        basis = min(d, check_int("max_basis", max_basis, k + 2 * p))
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
     if method == "lanczos":
         products = 300 * p if max_iter is None else max_iter

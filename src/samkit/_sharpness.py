@@ -1,4 +1,6 @@
-r"""Sharpness and adaptive sharpness of a loss at the model's current weights.
+r"""Sharpness and adaptive sharpness of a loss at the model's current weights: the module of
+:func:`samkit.sharpness` and :class:`samkit.SharpnessResult` (import them from ``samkit``; the
+module is private so that ``samkit.sharpness`` names the function alone).
 
 .. math::
     S_\rho(w) = \max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w + \epsilon) - L(w)
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from samkit.curvature._data import Batches, LossFn, resolve_params
 from samkit.curvature.operator import loss_and_gradient
 from samkit.optim import kernels
-from samkit.optim._validation import check_choice, check_non_negative
+from samkit.optim._validation import check_choice, check_int, check_non_negative
 
 P_NORMS = (2, math.inf)
 DEFAULT_STARTS = 8  # the SAM / ASAM start and 7 random ones (see tests/test_sharpness.py)
@@ -63,20 +65,6 @@ class SharpnessResult:
     starts: int = 1
     start_values: tuple[float, ...] = ()
     spread: float = 0.0
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"Invalid steps: {steps!r} (allowed: an integer >= 0)")
-    return steps
-
-
-def _check_m(m) -> int | None:
-    if m is None:
-        return None
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"Invalid m: {m!r} (allowed: None or an integer >= 1)")
-    return m
 
 
 class _Objective:
@@ -318,15 +306,12 @@ def sharpness(
     check_choice("normalization", normalization, kernels.NORMALIZATIONS)
     if not isinstance(adaptive, bool):
         raise ValueError(f"Invalid adaptive: {adaptive!r} (allowed: True or False)")
-    steps = _check_steps(steps)
-    m = _check_m(m)
+    steps = check_int("steps", steps, 0)
+    m = check_int("m", m, 1, none=True)
     if starts is None:
         starts = 1 if steps == 0 else DEFAULT_STARTS
-    if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
-        raise ValueError(f"Invalid starts: {starts!r} (allowed: None or an integer >= 1)")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
-                               or budget < 2):
-        raise ValueError(f"Invalid budget: {budget!r} (allowed: None or an integer >= 2)")
+    starts = check_int("starts", starts, 1, none=True)
+    budget = check_int("budget", budget, 2, none=True)
     rho, eta = float(rho), float(eta)
     _, ps = resolve_params(model, params)
     device = ps[0].device
