@@ -300,7 +300,9 @@ class _BlockLanczos:
         residual :math:`\|E s_i\|`."""
         m, n = self.m, self.n
         t = self.c[:m, :m]
-        theta, s = np.linalg.eigh(0.5 * (t + t.T))
+        # torch's LAPACK on the host (it keeps to torch's thread count; numpy's OpenBLAS pool
+        # spun for 10-30 ms per call on a busy machine)
+        theta, s = (a.numpy() for a in torch.linalg.eigh(torch.from_numpy(0.5 * (t + t.T))))
         res = np.linalg.norm(self.c[m:n, :m] @ s, axis=0) if n > m else np.zeros(m)
         return theta, s, res
 
