@@ -312,6 +312,46 @@ def _mse(out, y):
     return ((out - y) ** 2).mean()
 
 
+def _brute_force(model, x, y, rho, p, adaptive, eta, starts=256, steps=60, seed=123):
+    """max L(w + T δ) - L(w) over ‖δ‖_p <= ρ by brute force, independently of samkit: 256
+    projected-gradient ascents at once (``torch.func.vmap`` over the starts: δ = 0 and 255
+    random points of the ball), 60 steps each with a step size decaying from ρ to ρ/50, the
+    best loss seen kept. (It matches or beats 24 samkit ascents of 40 steps on every case below,
+    at a fifth of the time.)"""
+    names = [n for n, _ in model.named_parameters()]
+    ws = [w.detach() for w in model.parameters()]
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    sizes = [w.numel() for w in ws]
+    scale = flat.abs() + eta if adaptive else torch.ones_like(flat)
+
+    def loss(v):
+        views = (t.view_as(w) for t, w in zip(v.split(sizes), ws, strict=True))
+        parts = zip(names, views, strict=True)
+        return _mse(torch.func.functional_call(model, dict(parts), (x,)), y)
+
+    def project(d):
+        if p == 2:
+            return d * (rho / d.norm(dim=1, keepdim=True).clamp_min(rho))
+        return d.clamp(-rho, rho)
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(starts, flat.numel(), generator=g, dtype=flat.dtype)
+    if p == 2:  # uniform in the ball
+        radius = torch.rand(starts, 1, generator=g, dtype=flat.dtype) ** (1 / flat.numel())
+        d = d / d.norm(dim=1, keepdim=True) * rho * radius
+    else:
+        d = (torch.rand(d.shape, generator=g, dtype=flat.dtype) * 2 - 1) * rho
+    d[0] = 0
+    step = torch.func.vmap(torch.func.grad_and_value(lambda dd: loss(flat + scale * dd)))
+    best = torch.full((starts,), -math.inf, dtype=flat.dtype)
+    for it in range(steps + 1):
+        grad, value = step(d)
+        best = torch.maximum(best, value)
+        u = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-300) if p == 2 else grad.sign()
+        d = project(d + rho * 0.02 ** (it / steps) * u)
+    return float(best.max() - loss(flat))
+
+
 @pytest.mark.parametrize("trained", [True, False])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("p", [2, math.inf])
@@ -319,11 +359,10 @@ def test_default_maximizer_reaches_95_percent_of_a_brute_force_maximum(trained, 
     model, x, y = _nine_parameter_net(trained=trained)
     eta = 0.0 if adaptive else 0.01
     for rho in (0.05, 0.5, 2.0):
-        # brute force: 24 ascents of 40 steps from random starts (another seed)
-        brute = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta,
-                          steps=40, starts=24, seed=123)
+        brute = _brute_force(model, x, y, rho, p, adaptive, eta)
         r = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta)
-        assert r.value >= 0.95 * brute.value, (rho, r.value, brute.value, r.start_values)
+        assert r.value >= 0.95 * brute, (rho, r.value, brute, r.start_values)
+        assert r.value <= brute * (1 + 1e-9) + 1e-12  # a maximum that nothing exceeds
         assert r.starts == 8 and len(r.start_values) == 8
         assert r.value == pytest.approx(max(r.start_values), rel=1e-12)
         assert r.spread == pytest.approx(max(r.start_values) - min(r.start_values))

@@ -252,7 +252,7 @@ def sharpness(
 
     The best loss over all starts is reported (a lower bound of the true maximum), with the
     best of each start (``start_values``) and their ``spread``. On a 9-parameter tanh net the
-    default (8 starts, 10 steps) reaches >= 95 % of a 24-start, 40-step brute force for plain
+    default (8 starts, 10 steps) reaches >= 95 % of a 256-start, 60-step brute force for plain
     and adaptive sharpness, p = 2 and ∞, ρ from 0.05 to 2 (``tests/test_sharpness.py``); a
     single start reached 36-86 % at moderate and large ρ. At a stationary point
     (:math:`g = 0`) start 0 moves in a random direction.
