@@ -1,8 +1,22 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread as well as one torch thread (below): numpy's OpenBLAS pool spins for
+# milliseconds per call on tiny matrices when the cores are busy. Set before numpy loads; the
+# spawned workers of the slow tests inherit it.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:  # numpy may already be loaded (by a plugin): limit its pool where it runs
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+except ImportError:  # scikit-learn's dependency; without it the environment variables rule
+    pass
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
