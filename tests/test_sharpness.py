@@ -4,6 +4,7 @@ invariance of adaptive sharpness, weight restoration and argument checks."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -289,7 +290,15 @@ def test_bad_inputs_raise_clear_errors():
 
 def _nine_parameter_net(seed=0, trained=True):
     """A 2-2-1 tanh net (9 parameters) on a small float64 regression, at its minimum (LBFGS)
-    or at its random initialization."""
+    or at its random initialization: a fresh model each call (the LBFGS run is done once)."""
+    state, x, y = _nine_parameter_state(seed, trained)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    model.load_state_dict(state)
+    return model, x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _nine_parameter_state(seed, trained):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
     g = torch.Generator().manual_seed(seed)
@@ -305,7 +314,7 @@ def _nine_parameter_net(seed=0, trained=True):
             return loss
 
         opt.step(closure)
-    return model, x, y
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, x, y
 
 
 def _mse(out, y):
