@@ -207,3 +207,19 @@ def test_loss_and_gradient_matches_autograd_over_all_data_and_restores_weights()
     assert abs(l2 - float(CE(shifted(x), y))) < 1e-13
     for p, b in zip(params, backup, strict=True):
         assert torch.equal(p, b)
+
+
+def test_one_batch_gives_autograd_s_gradient_bit_for_bit_and_frozen_stays_frozen():
+    """batch_mean returns one batch unscaled (no n / n rounding); frozen parameters asked for
+    are differentiated and frozen again."""
+    model = tiny_mlp()
+    x, y = mlp_data()
+    model[0].bias.requires_grad_(False)
+    params = list(model.parameters())
+    loss, grads = loss_and_gradient(model, CE, params, Batches((x, y), x.device))
+    for p in params:
+        p.requires_grad_(True)
+    ref = torch.autograd.grad(CE(model(x), y), params)
+    model[0].bias.requires_grad_(False)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref, strict=True))
+    assert not model[0].bias.requires_grad
