@@ -34,3 +34,34 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Programs a fast test may run all the same: the trainer records the git commit of the checkout
+# (samkit.train.rundir.versions), a few milliseconds, no Python and no samkit in it.
+ALLOWED_PROGRAMS = {"git"}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outside_slow(request, monkeypatch):
+    """The fast loop (``-m "not slow"``) spawns no process: a test that starts a Python (a
+    subprocess, a multiprocessing or pytest worker, torchrun, the samkit command) must be marked
+    ``slow``."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+                           "(the fast loop, pytest -m 'not slow', spawns none)")
+
+    execute_child = subprocess.Popen._execute_child
+
+    def checked(self, args, *rest, **kwargs):
+        program = args if isinstance(args, (str, bytes)) else args[0]
+        if Path(str(program).split()[0]).name not in ALLOWED_PROGRAMS:
+            refuse()
+        return execute_child(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", checked)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
