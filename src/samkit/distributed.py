@@ -25,7 +25,7 @@ Usage with the closure form (the closure is the usual one; ``model`` is the DDP 
     step = samkit.distributed.ddp_closure(closure, model, opt, perturbation="local")
     loss = opt.step(step)
 
-With gradient accumulation use :func:`accumulation_closure` (every micro-batch but the last of a
+With gradient accumulation use :func:`ddp_accumulation_closure` (every micro-batch but the last of a
 synced pass runs under ``no_sync()``, all of them in a local first pass); with the explicit form,
 run the first pass inside ``with first_pass(model, "local"):``.
 
@@ -59,9 +59,9 @@ from samkit.step import (
 
 __all__ = [
     "PERTURBATIONS",
-    "accumulation_closure",
     "all_reduce_sum",
     "check_perturbation",
+    "ddp_accumulation_closure",
     "ddp_closure",
     "first_pass",
     "init_from_env",
@@ -194,7 +194,7 @@ def ddp_closure(
     return wrapped
 
 
-def accumulation_closure(
+def ddp_accumulation_closure(
     optimizer: SharpnessAwareOptimizer,
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -202,8 +202,8 @@ def accumulation_closure(
     perturbation: str = "synced",
     scaler: torch.amp.GradScaler | None = None,
 ) -> Callable[[], Tensor]:
-    """:func:`samkit.accumulation_closure` for a DDP model: exact accumulation over this
-    replica's ``micro_batches`` with one all-reduce per synced pass.
+    """:func:`samkit.accumulation_closure` for a DDP model, with a ``perturbation`` mode: exact
+    accumulation over this replica's ``micro_batches`` with one all-reduce per synced pass.
 
     Each pass backpropagates every micro-batch's loss weighted by its share of the replica's
     examples. A synced pass runs all micro-batches but the last under ``no_sync()`` (DDP then

@@ -5,9 +5,7 @@
 >>> record = Trainer(cfg).fit()
 """
 
-from samkit.train.callbacks import Callback, TrainState
-from samkit.train.checkpoint import load_checkpoint, save_checkpoint
-from samkit.train.config import (
+from samkit.config import (
     TrainConfig,
     apply_overrides,
     from_dict,
@@ -15,6 +13,8 @@ from samkit.train.config import (
     save_config,
     to_dict,
 )
+from samkit.train.callbacks import Callback, TrainState
+from samkit.train.checkpoint import load_checkpoint, save_checkpoint
 from samkit.train.edge import EdgeTracker, edge_for, read_edge_rows
 from samkit.train.logs import read_metrics
 from samkit.train.schedule import LRSchedule
