@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.samkit-installed
 
-.PHONY: demo test lint bench clean data
+.PHONY: demo test fast lint bench clean data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
+
+# The fast loop: no process spawns, no torch.compile, no real data (-m "not slow"), on two
+# pytest-xdist workers (one torch and one BLAS thread each).
+fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

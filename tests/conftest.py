@@ -1,8 +1,22 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread as well as one torch thread (below): numpy's OpenBLAS pool spins for
+# milliseconds per call on tiny matrices when the cores are busy. Set before numpy loads; the
+# spawned workers of the slow tests inherit it.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:  # numpy may already be loaded (by a plugin): limit its pool where it runs
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+except ImportError:  # scikit-learn's dependency; without it the environment variables rule
+    pass
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
@@ -20,3 +34,34 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Programs a fast test may run all the same: the trainer records the git commit of the checkout
+# (samkit.train.rundir.versions), a few milliseconds, no Python and no samkit in it.
+ALLOWED_PROGRAMS = {"git"}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outside_slow(request, monkeypatch):
+    """The fast loop (``-m "not slow"``) spawns no process: a test that starts a Python (a
+    subprocess, a multiprocessing or pytest worker, torchrun, the samkit command) must be marked
+    ``slow``."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+                           "(the fast loop, pytest -m 'not slow', spawns none)")
+
+    execute_child = subprocess.Popen._execute_child
+
+    def checked(self, args, *rest, **kwargs):
+        program = args if isinstance(args, (str, bytes)) else args[0]
+        if Path(str(program).split()[0]).name not in ALLOWED_PROGRAMS:
+            refuse()
+        return execute_child(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", checked)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -4,6 +4,7 @@ invariance of adaptive sharpness, weight restoration and argument checks."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from samkit.sharpness import SharpnessResult, sharpness
+from samkit import SharpnessResult, sharpness
 
 CE = nn.CrossEntropyLoss()
 
@@ -289,7 +290,15 @@ def test_bad_inputs_raise_clear_errors():
 
 def _nine_parameter_net(seed=0, trained=True):
     """A 2-2-1 tanh net (9 parameters) on a small float64 regression, at its minimum (LBFGS)
-    or at its random initialization."""
+    or at its random initialization: a fresh model each call (the LBFGS run is done once)."""
+    state, x, y = _nine_parameter_state(seed, trained)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    model.load_state_dict(state)
+    return model, x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _nine_parameter_state(seed, trained):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
     g = torch.Generator().manual_seed(seed)
@@ -305,11 +314,51 @@ def _nine_parameter_net(seed=0, trained=True):
             return loss
 
         opt.step(closure)
-    return model, x, y
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, x, y
 
 
 def _mse(out, y):
     return ((out - y) ** 2).mean()
+
+
+def _brute_force(model, x, y, rho, p, adaptive, eta, starts=256, steps=60, seed=123):
+    """max L(w + T δ) - L(w) over ‖δ‖_p <= ρ by brute force, independently of samkit: 256
+    projected-gradient ascents at once (``torch.func.vmap`` over the starts: δ = 0 and 255
+    random points of the ball), 60 steps each with a step size decaying from ρ to ρ/50, the
+    best loss seen kept. (It matches or beats 24 samkit ascents of 40 steps on every case below,
+    at a fifth of the time.)"""
+    names = [n for n, _ in model.named_parameters()]
+    ws = [w.detach() for w in model.parameters()]
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    sizes = [w.numel() for w in ws]
+    scale = flat.abs() + eta if adaptive else torch.ones_like(flat)
+
+    def loss(v):
+        views = (t.view_as(w) for t, w in zip(v.split(sizes), ws, strict=True))
+        parts = zip(names, views, strict=True)
+        return _mse(torch.func.functional_call(model, dict(parts), (x,)), y)
+
+    def project(d):
+        if p == 2:
+            return d * (rho / d.norm(dim=1, keepdim=True).clamp_min(rho))
+        return d.clamp(-rho, rho)
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(starts, flat.numel(), generator=g, dtype=flat.dtype)
+    if p == 2:  # uniform in the ball
+        radius = torch.rand(starts, 1, generator=g, dtype=flat.dtype) ** (1 / flat.numel())
+        d = d / d.norm(dim=1, keepdim=True) * rho * radius
+    else:
+        d = (torch.rand(d.shape, generator=g, dtype=flat.dtype) * 2 - 1) * rho
+    d[0] = 0
+    step = torch.func.vmap(torch.func.grad_and_value(lambda dd: loss(flat + scale * dd)))
+    best = torch.full((starts,), -math.inf, dtype=flat.dtype)
+    for it in range(steps + 1):
+        grad, value = step(d)
+        best = torch.maximum(best, value)
+        u = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-300) if p == 2 else grad.sign()
+        d = project(d + rho * 0.02 ** (it / steps) * u)
+    return float(best.max() - loss(flat))
 
 
 @pytest.mark.parametrize("trained", [True, False])
@@ -319,11 +368,10 @@ def test_default_maximizer_reaches_95_percent_of_a_brute_force_maximum(trained, 
     model, x, y = _nine_parameter_net(trained=trained)
     eta = 0.0 if adaptive else 0.01
     for rho in (0.05, 0.5, 2.0):
-        # brute force: 24 ascents of 40 steps from random starts (another seed)
-        brute = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta,
-                          steps=40, starts=24, seed=123)
+        brute = _brute_force(model, x, y, rho, p, adaptive, eta)
         r = sharpness(model, _mse, (x, y), rho=rho, p=p, adaptive=adaptive, eta=eta)
-        assert r.value >= 0.95 * brute.value, (rho, r.value, brute.value, r.start_values)
+        assert r.value >= 0.95 * brute, (rho, r.value, brute, r.start_values)
+        assert r.value <= brute * (1 + 1e-9) + 1e-12  # a maximum that nothing exceeds
         assert r.starts == 8 and len(r.start_values) == 8
         assert r.value == pytest.approx(max(r.start_values), rel=1e-12)
         assert r.spread == pytest.approx(max(r.start_values) - min(r.start_values))

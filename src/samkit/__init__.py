@@ -12,42 +12,60 @@ eigenvalues, trace, spectral density), ``samkit.stability`` (edges), ``samkit.da
 Hugging Face).
 """
 
-from samkit import curvature, distributed, stability
-from samkit.optim import (
-    ASAM,
-    ESAM,
-    GSAM,
-    MESA,
-    MSAM,
-    SAF,
-    SAM,
-    USAM,
-    AESchedule,
-    ExampleLosses,
-    FisherSAM,
-    FriendlySAM,
-    LookSAM,
-    RandomSchedule,
-    SharpnessAware,
-    SharpnessAwareOptimizer,
-    accumulation_closure,
-    ae_sam,
-    create_optimizer,
-    disable_running_stats,
-    list_ascents,
-    list_descents,
-    list_optimizers,
-    list_schedules,
-    m_sharpness_step,
-    param_groups,
-    register_optimizer,
-    rst_sam,
-    with_schedule,
-)
+from typing import TYPE_CHECKING
 
-# The function replaces the submodule as the package attribute: ``samkit.sharpness(...)``;
-# ``from samkit.sharpness import SharpnessResult`` still imports from the module.
-from samkit.sharpness import SharpnessResult, sharpness
+# The names below are imported on first use (PEP 562): ``import samkit`` costs torch and little
+# else, and a program (or a test) that needs only ``samkit.data`` does not load the optimizers
+# and the curvature code. ``samkit.sharpness(...)`` and ``samkit.SharpnessResult`` live in the
+# private module samkit._sharpness, so the name ``samkit.sharpness`` means the function alone.
+_OPTIM = (
+    "ASAM", "ESAM", "GSAM", "MESA", "MSAM", "SAF", "SAM", "USAM", "AESchedule", "ExampleLosses",
+    "FisherSAM", "FriendlySAM", "LookSAM", "RandomSchedule", "SharpnessAware",
+    "SharpnessAwareOptimizer", "accumulation_closure", "ae_sam", "create_optimizer",
+    "disable_running_stats", "list_ascents", "list_descents", "list_optimizers",
+    "list_schedules", "m_sharpness_step", "param_groups", "register_optimizer", "rst_sam",
+    "with_schedule",
+)
+_HOME = {
+    **dict.fromkeys(_OPTIM, "samkit.optim"),
+    "SharpnessResult": "samkit._sharpness",
+    "sharpness": "samkit._sharpness",
+}
+
+if TYPE_CHECKING:
+    from samkit import curvature, distributed, stability
+    from samkit._sharpness import SharpnessResult, sharpness
+    from samkit.optim import (
+        ASAM,
+        ESAM,
+        GSAM,
+        MESA,
+        MSAM,
+        SAF,
+        SAM,
+        USAM,
+        AESchedule,
+        ExampleLosses,
+        FisherSAM,
+        FriendlySAM,
+        LookSAM,
+        RandomSchedule,
+        SharpnessAware,
+        SharpnessAwareOptimizer,
+        accumulation_closure,
+        ae_sam,
+        create_optimizer,
+        disable_running_stats,
+        list_ascents,
+        list_descents,
+        list_optimizers,
+        list_schedules,
+        m_sharpness_step,
+        param_groups,
+        register_optimizer,
+        rst_sam,
+        with_schedule,
+    )
 
 __version__ = "0.1.0"
 
@@ -87,6 +105,25 @@ __all__ = [
     "stability",
     "with_schedule",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    home = _HOME.get(name)
+    if home is None:  # a subpackage or module: samkit.curvature, samkit.optim, ...
+        import importlib.util
+
+        if name.startswith("_") or importlib.util.find_spec(f"samkit.{name}") is None:
+            raise AttributeError(f"module 'samkit' has no attribute {name!r}")
+        return importlib.import_module(f"samkit.{name}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_run(path, map_location="cpu"):

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from samkit.distributed import PERTURBATIONS  # how DDP replicas share eps: local, synced
-from samkit.optim._validation import short_repr  # values in messages, cut at 200 characters
+from samkit.optim._validation import (  # the one home of the checks
+    check_choice,
+    check_in_range,
+    check_int,
+    check_seed,
+    short_repr,
+)
 
 # ------------------------------------------------------------------------- declaring fields
 
@@ -562,7 +568,6 @@ def flag_values(args: argparse.Namespace, prefix: str = "cfg_") -> dict[str, Any
 # ------------------------------------------------------------------------- the training config
 
 LR_SCHEDULES = ("constant", "cosine", "step")
-SCHEDULES = LR_SCHEDULES  # the learning-rate schedules (the older name)
 
 
 @dataclass(frozen=True)
@@ -654,20 +659,20 @@ class TrainConfig:
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "optimizer_kwargs", dict(self.optimizer_kwargs))
-        positive_int("epochs", self.epochs)
+        check_int("epochs", self.epochs)
         if self.steps is not None:
-            positive_int("steps", self.steps)
-        positive_int("checkpoint_every", self.checkpoint_every)
+            check_int("steps", self.steps)
+        check_int("checkpoint_every", self.checkpoint_every)
         if self.subset is not None:
-            positive_int("subset", self.subset)
+            check_int("subset", self.subset)
         if self.batch_size < 0:
             raise ValueError(f"Invalid batch_size: {self.batch_size} (allowed: >= 1, or 0 = full)")
         if self.threads is not None:
-            positive_int("threads", self.threads)
+            check_int("threads", self.threads)
         for key in ("grad_accum", "eval_every", "eval_batch_size", "log_every"):
-            positive_int(key, getattr(self, key))
-        in_range("label_noise", self.label_noise, 0.0, 1.0)
-        in_range("label_smoothing", self.label_smoothing, 0.0, 1.0)
+            check_int(key, getattr(self, key))
+        check_in_range("label_noise", self.label_noise, 0.0, 1.0)
+        check_in_range("label_smoothing", self.label_smoothing, 0.0, 1.0)
         for key in ("seed", "data_seed"):
             check_seed(key, getattr(self, key))
         if not (math.isfinite(self.lr) and 0 < self.lr <= FLOAT32_MAX):
@@ -690,8 +695,8 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
                 raise ValueError(f"Invalid {key}: {value} (allowed: a finite number >= 0, at "
                                  f"most {FLOAT32_MAX:.4g}, or null)")
-        one_of("perturbation", self.perturbation, PERTURBATIONS)
-        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("perturbation", self.perturbation, PERTURBATIONS, show=str)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES, show=str)
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(
                 f"Invalid milestones: {list(self.milestones)} (allowed: fractions of training "
@@ -700,11 +705,6 @@ class TrainConfig:
         check_name(self.name)
 
     # ---------------------------------------------------------------- derived values
-
-    @property
-    def schedule(self) -> str:
-        """The learning-rate schedule under its older name (read ``lr_schedule``)."""
-        return self.lr_schedule
 
     @property
     def run_name(self) -> str:
@@ -795,15 +795,6 @@ def total_steps(config: TrainConfig, n: int) -> int:
 # The largest float32: a learning rate (or decay, radius) above it overflows when the float32
 # weights are updated (`param.add_(grad, alpha=-lr)`: "cannot be converted ... without overflow").
 FLOAT32_MAX = 3.4028234663852886e38
-_SEED_LIMIT = 1 << 63  # torch.manual_seed takes 64-bit seeds; derive_seed makes 63-bit ones
-
-
-def check_seed(key: str, value: int) -> int:
-    """A seed: an integer with ``0 <= value < 2**63`` (what torch.manual_seed accepts)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _SEED_LIMIT:
-        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: an integer, "
-                         f"0 <= {key} < 2**63)")
-    return value
 
 
 def cpu_count() -> int:
@@ -824,27 +815,11 @@ def check_threads(threads: int | None, key: str = "threads") -> int | None:
     limit (torch then crashes with a segmentation fault)."""
     if threads is None:
         return None
-    positive_int(key, threads)
+    check_int(key, threads)
     if threads > cpu_count():
         raise ValueError(f"Invalid {key}: {threads} (allowed: 1 to {cpu_count()}, the CPUs of "
                          "this machine; or null for torch's default)")
     return threads
-
-
-def positive_int(key: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: an integer >= 1)")
-
-
-def in_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value < high:
-        raise ValueError(f"Invalid {key}: {value} (allowed: {low} <= {key} < {high})")
-
-
-def one_of(key: str, value: Any, allowed: tuple | list) -> None:
-    if value not in allowed:
-        raise ValueError(f"Invalid {key}: {short_repr(value)} (allowed: "
-                         f"{', '.join(map(str, allowed))})")
 
 
 def check_name(name: str | None) -> None:

@@ -25,7 +25,7 @@ Usage with the closure form (the closure is the usual one; ``model`` is the DDP 
     step = samkit.distributed.ddp_closure(closure, model, opt, perturbation="local")
     loss = opt.step(step)
 
-With gradient accumulation use :func:`accumulation_closure` (every micro-batch but the last of a
+With gradient accumulation use :func:`ddp_accumulation_closure` (every micro-batch but the last of a
 synced pass runs under ``no_sync()``, all of them in a local first pass); with the explicit form,
 run the first pass inside ``with first_pass(model, "local"):``.
 
@@ -59,9 +59,9 @@ from samkit.step import (
 
 __all__ = [
     "PERTURBATIONS",
-    "accumulation_closure",
     "all_reduce_sum",
     "check_perturbation",
+    "ddp_accumulation_closure",
     "ddp_closure",
     "first_pass",
     "init_from_env",
@@ -149,8 +149,10 @@ def shard_batch(x: Tensor, y: Tensor, rank: int, world_size: int) -> tuple[Tenso
 def check_local_optimizer(optimizer: Any) -> None:
     """Refuse, for ``perturbation="local"``, optimizers whose step is not just descending with
     the perturbed gradient: their unsynced first-pass gradient would make replicas diverge."""
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
-        return  # a plain optimizer has one pass, which is synced
+    from samkit.optim.kind import form_of
+
+    if not form_of(optimizer).perturbs:
+        return  # one pass at w (a plain or loss-term optimizer), which is synced
     why = optimizer.step_rewrites()
     if why is not None:
         raise ValueError(
@@ -192,7 +194,7 @@ def ddp_closure(
     return wrapped
 
 
-def accumulation_closure(
+def ddp_accumulation_closure(
     optimizer: SharpnessAwareOptimizer,
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -200,8 +202,8 @@ def accumulation_closure(
     perturbation: str = "synced",
     scaler: torch.amp.GradScaler | None = None,
 ) -> Callable[[], Tensor]:
-    """:func:`samkit.accumulation_closure` for a DDP model: exact accumulation over this
-    replica's ``micro_batches`` with one all-reduce per synced pass.
+    """:func:`samkit.accumulation_closure` for a DDP model, with a ``perturbation`` mode: exact
+    accumulation over this replica's ``micro_batches`` with one all-reduce per synced pass.
 
     Each pass backpropagates every micro-batch's loss weighted by its share of the replica's
     examples. A synced pass runs all micro-batches but the last under ``no_sync()`` (DDP then

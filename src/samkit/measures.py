@@ -98,7 +98,7 @@ def measure_one(model: nn.Module, loss_fn: Callable, data, measure: Measure,
                 config: MeasureSettings) -> float:
     """The value of ``measure`` for ``model`` (in eval mode) on ``data``."""
     if measure.family in ("sharpness", "adaptive"):
-        from samkit.sharpness import sharpness
+        from samkit._sharpness import sharpness
 
         return sharpness(
             model, loss_fn, data, rho=measure.rho, p=measure.p,

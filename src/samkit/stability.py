@@ -115,107 +115,47 @@ def adam_edge(lr: Number, beta1: Number) -> Number:
 # --------------------------------------------------------------------------- which edge applies
 
 
-def _descent_rewrites(optimizer) -> list[str]:
-    """The descent hooks ``optimizer`` overrides (GSAM, LookSAM, MSAM, ...): with them the step
-    is not "descend with the gradient at w + ε" and the ascent's closed-form edge does not hold."""
-    from samkit.optim.base import SharpnessAwareOptimizer
+def optimizer_kind(optimizer):
+    """What the edge depends on: the typed kind of ``optimizer``
+    (:class:`samkit.optim.kind.OptimizerKind`: the base optimizer's rule, ``lr`` and β, the
+    ascent record, ρ, the descent, which edge applies and, when none does, why), read from what
+    the optimizer declares, never from its type. The first param group's hyperparameters are
+    used; all groups must share ``lr``. An ``OptimizerKind`` is returned as it is."""
+    from samkit.optim.kind import OptimizerKind, kind_of
 
-    return [
-        hook
-        for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
-        if getattr(type(optimizer), hook) is not getattr(SharpnessAwareOptimizer, hook)
-    ]
-
-
-def optimizer_kind(optimizer) -> dict:
-    """What the edge depends on: the descent rule, the ascent rule and their hyperparameters.
-
-    Returns a dict with ``base`` (``"gd"``, ``"momentum"``, ``"nesterov"``, ``"adam"`` or
-    ``"unknown"``), ``ascent`` (``None`` for a plain optimizer, the ascent's name when it
-    declares a closed-form edge and the descent is the plain one, else ``"unknown"``), ``lr``,
-    ``beta`` (momentum or Adam's β₁), ``rho`` and ``note`` (why no edge applies, or ``""``).
-    The ascent is read from what the optimizer declares (``optimizer.ascent``, an
-    :class:`samkit.optim.ascents.Ascent`), never from its type. The first param group's
-    hyperparameters are used; all groups must share ``lr``.
-    """
-    from samkit.optim.base import SharpnessAwareOptimizer
-
-    info: dict = {"base": "unknown", "ascent": None, "lr": None, "beta": 0.0,
-                  "rho": None, "note": ""}  # fmt: skip
-    base = optimizer
-    if isinstance(optimizer, SharpnessAwareOptimizer):
-        base = optimizer.base_optimizer
-        ascent = getattr(optimizer, "ascent", None)
-        rewrites = _descent_rewrites(optimizer)
-        name = type(optimizer).__name__
-        info["ascent"] = "unknown"
-        if ascent is None:
-            info["note"] = f"no closed-form edge for {name} (it declares no ascent)"
-        elif rewrites:
-            info["note"] = (
-                f"no closed-form edge for {name}: its descent rewrites the step "
-                f"({', '.join(rewrites)})"
-            )
-        elif ascent.edge is None:
-            info["note"] = f"{ascent.edge_note or 'no closed-form edge'} ({name})"
-        else:
-            info["ascent"] = ascent.name
-        info["rho"] = float(optimizer.param_groups[0]["rho"])
-    groups = optimizer.param_groups
-    lrs = {float(g["lr"]) for g in groups}
-    info["lr"] = float(groups[0]["lr"])
-    if len(lrs) > 1:
-        info["note"] = info["note"] or f"param groups have different learning rates {sorted(lrs)}"
-    elif not info["lr"] > 0:
-        info["note"] = info["note"] or f"lr is {info['lr']} (a schedule's end): no edge"
-    group = groups[0]
-    if isinstance(base, torch.optim.SGD):
-        beta = float(group.get("momentum", 0.0))
-        if beta == 0.0:
-            info["base"] = "gd"
-        else:
-            info["base"] = "nesterov" if group.get("nesterov", False) else "momentum"
-            info["beta"] = beta
-            if float(group.get("dampening", 0.0)) != 0.0:
-                info["note"] = info["note"] or "SGD with dampening != 0 has no edge here"
-    elif isinstance(base, (torch.optim.Adam, torch.optim.AdamW)):
-        info["base"] = "adam"
-        info["beta"] = float(group["betas"][0])
-        if info["ascent"] is not None:
-            info["note"] = info["note"] or "no closed-form edge for SAM with an Adam base"
-    else:
-        info["note"] = info["note"] or f"no edge for {type(base).__name__}"
-    return info
+    return optimizer if isinstance(optimizer, OptimizerKind) else kind_of(optimizer)
 
 
 def base_edge_for(optimizer) -> float | None:
     r"""The edge of the *base* optimizer alone: :math:`2/\eta` (GD), :math:`(2 + 2\beta)/\eta`
     (heavy ball; Nesterov's form), Adam's :math:`(2 + 2\beta_1)/(\eta(1 - \beta_1))`; None where
-    none applies (per-group learning rates, dampening, other optimizers). This is what
-    :math:`\lambda_{max}(H_\mathrm{eff})` of a sharpness-aware step is compared with."""
-    info = optimizer if isinstance(optimizer, dict) else optimizer_kind(optimizer)
-    lr, beta, kind = info["lr"], info["beta"], info["base"]
-    if kind == "unknown" or lr is None or not lr > 0:
+    none applies (per-group learning rates, dampening, other optimizers: ``kind.base.no_edge``
+    says why). This is what :math:`\lambda_{max}(H_\mathrm{eff})` of a sharpness-aware step is
+    compared with. ``optimizer``: an optimizer or its :func:`optimizer_kind`."""
+    from samkit.optim.kind import BaseRule
+
+    base = optimizer_kind(optimizer).base
+    if base.no_edge or base.rule is BaseRule.UNKNOWN or not base.lr > 0:
         return None
-    note = info["note"]
-    if note and ("learning rates" in note or "dampening" in note or note.startswith("no edge")):
-        return None
-    if kind == "adam":
-        return float(adam_edge(lr, beta))
-    if kind == "gd":
-        return float(gd_edge(lr))
-    return float(momentum_edge(lr, beta, nesterov=kind == "nesterov"))
+    if base.rule is BaseRule.ADAM:
+        return float(adam_edge(base.lr, base.beta))
+    if base.rule is BaseRule.GD:
+        return float(gd_edge(base.lr))
+    return float(momentum_edge(base.lr, base.beta, nesterov=base.rule is BaseRule.NESTEROV))
 
 
 def edge_for(optimizer, grad_norm: float | None = None) -> float | None:
     r"""The stability threshold of λ₁ for ``optimizer`` at gradient norm ``grad_norm``.
 
-    * SGD: :func:`gd_edge`, or :func:`momentum_edge` (heavy ball or Nesterov);
-    * Adam / AdamW: :func:`adam_edge` (compare it with the *preconditioned* sharpness
-      :math:`\lambda_1(P^{-1}H)`);
+    Decided by the optimizer's kind (:func:`optimizer_kind`; ``optimizer`` may be one), from
+    what it declares:
+
+    * a plain optimizer (``kind.edge`` is ``EdgeRule.BASE``): SGD's :func:`gd_edge` or
+      :func:`momentum_edge` (heavy ball or Nesterov); Adam / AdamW: :func:`adam_edge` (compare it
+      with the *preconditioned* sharpness :math:`\lambda_1(P^{-1}H)`);
     * a sharpness-aware optimizer over SGD whose ascent declares a closed-form edge
-      (``optimizer.ascent.edge``: SAM's :func:`sam_edge` with ``grad_norm``, Long & Bartlett;
-      USAM's :func:`usam_edge`) and whose descent is the plain one.
+      (``kind.ascent.edge``: SAM's :func:`sam_edge` with ``grad_norm``, Long & Bartlett;
+      USAM's :func:`usam_edge`) and whose descent is the plain one (``EdgeRule.CLOSED_FORM``).
 
     Over heavy-ball or Nesterov SGD (an extension of the same quadratic argument, not in the
     paper): along :math:`v_1` SAM's gradient is :math:`\lambda(1 + \rho\lambda/\|g\|)` times the
@@ -224,23 +164,23 @@ def edge_for(optimizer, grad_norm: float | None = None) -> float | None:
     2/\eta` it is the paper's SAM-edge); likewise ``usam_edge(2/E, rho)``: the ascent's edge is
     called with ``effective_lr = 2/E``.
 
-    Returns ``None`` where no closed form applies (ASAM, Fisher SAM and others: use
-    :func:`samkit.curvature.effective_hessian` against :func:`base_edge_for`; SAM over Adam,
-    per-group learning rates, other optimizers); :func:`optimizer_kind` says why.
+    Returns ``None`` where no closed form applies (``EdgeRule.NONE``: ASAM, Fisher SAM and
+    others: use :func:`samkit.curvature.effective_hessian` against :func:`base_edge_for`; SAM
+    over Adam, per-group learning rates, other optimizers); ``kind.note`` says why.
     """
-    info = optimizer if isinstance(optimizer, dict) else optimizer_kind(optimizer)
-    if info["note"] or info["base"] == "unknown":
+    from samkit.optim.kind import EdgeRule
+
+    kind = optimizer_kind(optimizer)
+    if kind.edge is EdgeRule.NONE:
         return None
-    base_edge = base_edge_for(info)
+    base_edge = base_edge_for(kind)
     if base_edge is None:
         return None
-    if info["ascent"] is None or info["base"] == "adam":
+    if kind.edge is EdgeRule.BASE:
         return base_edge
-    from samkit.optim.ascents import get_ascent
-
-    ascent = get_ascent(info["ascent"])
+    ascent = kind.ascent
     if ascent.edge_needs_grad_norm and grad_norm is None:
         raise ValueError(
             f"Invalid grad_norm: None (the {ascent.name} edge needs the gradient norm)"
         )
-    return float(ascent.edge(2.0 / base_edge, info["rho"], grad_norm))
+    return float(ascent.edge(2.0 / base_edge, kind.rho, grad_norm))

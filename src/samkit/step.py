@@ -118,16 +118,18 @@ def is_perturbed(optimizer: Any) -> bool:
     return bool(getattr(optimizer, "is_perturbed", False))
 
 
-def _sharpness_aware(optimizer: Any) -> bool:
-    from samkit.optim.base import SharpnessAwareOptimizer
+def _form(optimizer: Any):
+    """The optimizer's declared step form (:func:`samkit.optim.kind.form_of`)."""
+    from samkit.optim.kind import form_of
 
-    return isinstance(optimizer, SharpnessAwareOptimizer)
+    return form_of(optimizer)
 
 
 def pass_syncs(optimizer: Any, perturbation: str) -> bool:
-    """Does the coming pass all-reduce its gradients? Always, except the first pass of a
-    sharpness-aware step in ``"local"`` mode."""
-    return perturbation == "synced" or is_perturbed(optimizer) or not _sharpness_aware(optimizer)
+    """Does the coming pass all-reduce its gradients? Always, except the first pass of a step
+    with an extra pass at ``w + ε`` (two-pass, example-selecting) in ``"local"`` mode."""
+    return (perturbation == "synced" or is_perturbed(optimizer)
+            or not _form(optimizer).has_extra_pass)
 
 
 def _world_size() -> int:
@@ -363,12 +365,12 @@ def take_step(
     """``optimizer.step(closure)``, the scaler passed the way the optimizer takes it, then
     ``scaler.update()``; returns the closure's (first) loss.
 
-    A sharpness-aware optimizer takes ``step(closure, scaler=scaler)``; a plain optimizer with
-    an enabled scaler runs the closure and ``scaler.step(optimizer)`` (``GradScaler.step`` takes
-    no closure).
+    A samkit optimizer (its step form says it wraps a base optimizer) takes
+    ``step(closure, scaler=scaler)``; a plain optimizer with an enabled scaler runs the closure
+    and ``scaler.step(optimizer)`` (``GradScaler.step`` takes no closure).
     """
     use_scaler = scaler is not None and scaler.is_enabled()
-    if _sharpness_aware(optimizer):
+    if _form(optimizer).wraps:
         loss = optimizer.step(closure, scaler=scaler if use_scaler else None)
     elif use_scaler:
         with torch.enable_grad():
@@ -406,7 +408,7 @@ class StepEngine:
     def __post_init__(self) -> None:
         check_perturbation(self.perturbation)
         split_batch(torch.zeros(1), torch.zeros(1), self.grad_accum)  # validates grad_accum
-        if self.perturbation == "local" and _sharpness_aware(self.optimizer):
+        if self.perturbation == "local" and _form(self.optimizer).perturbs:
             from samkit.distributed import check_local_optimizer
 
             check_local_optimizer(self.optimizer)

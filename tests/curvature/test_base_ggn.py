@@ -20,6 +20,7 @@ from samkit.curvature import (
     top_eigenvalues,
 )
 from samkit.curvature._data import Batches
+from samkit.curvature.operator import DoubleBackward
 
 CE = nn.CrossEntropyLoss()
 MSE = nn.MSELoss()
@@ -170,18 +171,19 @@ def test_batched_matmat_falls_back_with_a_warning(monkeypatch):
     H = HessianOperator(model, CE, (x, y))
     V = torch.randn(H.dim, 3, dtype=torch.float64)
 
-    def no_batching(self, *args, **kwargs):
-        if kwargs.get("batched"):
+    def no_batching(self, op, built, vs, retain, batched):
+        if batched:
             raise RuntimeError("Batching rule not implemented for aten::some_op")
-        return orig(self, *args, **kwargs)
+        return orig(self, op, built, vs, retain, batched)
 
-    orig = HessianOperator._backward_through
-    monkeypatch.setattr(HessianOperator, "_backward_through", no_batching)
+    orig = DoubleBackward.apply
+    monkeypatch.setattr(DoubleBackward, "apply", no_batching)
     with pytest.warns(UserWarning, match="column by column"):
         out = H @ V
     assert not H.batched and "Batching rule" in str(H.batched_error)
     torch.testing.assert_close(out, dense_hessian(model, CE, x, y) @ V, rtol=1e-9, atol=1e-11)
     assert H.matvecs == 3
+    assert H.backend_in_use == "autograd"  # a batching failure is no reason to switch backends
 
 
 def test_loss_and_gradient_matches_autograd_over_all_data_and_restores_weights():
@@ -205,3 +207,19 @@ def test_loss_and_gradient_matches_autograd_over_all_data_and_restores_weights()
     assert abs(l2 - float(CE(shifted(x), y))) < 1e-13
     for p, b in zip(params, backup, strict=True):
         assert torch.equal(p, b)
+
+
+def test_one_batch_gives_autograd_s_gradient_bit_for_bit_and_frozen_stays_frozen():
+    """batch_mean returns one batch unscaled (no n / n rounding); frozen parameters asked for
+    are differentiated and frozen again."""
+    model = tiny_mlp()
+    x, y = mlp_data()
+    model[0].bias.requires_grad_(False)
+    params = list(model.parameters())
+    loss, grads = loss_and_gradient(model, CE, params, Batches((x, y), x.device))
+    for p in params:
+        p.requires_grad_(True)
+    ref = torch.autograd.grad(CE(model(x), y), params)
+    model[0].bias.requires_grad_(False)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref, strict=True))
+    assert not model[0].bias.requires_grad

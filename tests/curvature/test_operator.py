@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from samkit.curvature import HessianOperator, MatrixOperator
+from samkit.curvature.operator import DoubleBackward, ForwardOverReverse, UnsupportedProduct
 
 CE = nn.CrossEntropyLoss()
 BACKENDS = ["autograd", "func"]
@@ -182,25 +183,49 @@ def test_auto_falls_back_to_forward_over_reverse(monkeypatch):
     ref = dense_hessian(model, CE, x, y)
     v = torch.randn(ref.shape[0], dtype=torch.float64)
 
-    def no_double_backward(self, *args):
-        raise NotImplementedError("the derivative for 'some_backward' is not implemented.")
+    def no_double_backward(self, *args):  # what torch raises in the second backward pass
+        raise RuntimeError("derivative for aten::some_backward is not implemented")
 
-    monkeypatch.setattr(HessianOperator, "_gradient_graph", no_double_backward)
-    with pytest.raises(NotImplementedError):
+    monkeypatch.setattr(DoubleBackward, "apply", no_double_backward)
+    with pytest.raises(UnsupportedProduct) as info:
         HessianOperator(model, CE, (x, y), backend="autograd") @ v
+    assert isinstance(info.value, NotImplementedError) and info.value.product == "autograd"
+    assert "some_backward" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
     H = HessianOperator(model, CE, (x, y))
     with pytest.warns(UserWarning, match="using the func backend"):
         out = H @ v
     torch.testing.assert_close(out, ref @ v)
-    assert H.backend_in_use == "func" and isinstance(H.backend_error, NotImplementedError)
+    assert H.backend_in_use == "func" and isinstance(H.backend_error, UnsupportedProduct)
     assert "backend='func'" in repr(H)
 
     def no_forward_ad(self, *args):
         raise NotImplementedError("Trying to use forward AD with some_op")
 
-    monkeypatch.setattr(HessianOperator, "_hvp_func", no_forward_ad)
-    with pytest.raises(NotImplementedError, match="some_backward"):  # the first error is kept
-        HessianOperator(model, CE, (x, y)) @ v
+    monkeypatch.setattr(ForwardOverReverse, "apply", no_forward_ad)
+    H = HessianOperator(model, CE, (x, y))
+    with pytest.raises(UnsupportedProduct, match="some_backward"):  # the first error is kept
+        H @ v
+    assert H.backend_in_use == "autograd"  # nothing changed
+
+
+def test_a_real_op_without_second_derivatives_raises_the_typed_error():
+    """ctc_loss has neither a double-backward nor a forward-mode formula in torch: "auto" tries
+    both products and raises the typed error of the first, torch's error as its cause."""
+    T, N, C, S = 6, 2, 4, 3
+    torch.manual_seed(0)
+    model = nn.Linear(3, C).double()
+    x = torch.randn(T, N, 3, dtype=torch.float64)
+    y = torch.randint(1, C, (N, S))
+
+    def ctc(out, target):
+        lengths = torch.full((N,), T), torch.full((N,), S)
+        return nn.functional.ctc_loss(out.log_softmax(2), target, *lengths)
+
+    H = HessianOperator(model, ctc, (x, y), check_deterministic=False)
+    with pytest.raises(UnsupportedProduct, match="_ctc_loss_backward") as info:
+        H @ torch.randn(H.dim, dtype=torch.float64)
+    assert info.value.product == "autograd" and isinstance(info.value.__cause__, RuntimeError)
+    assert H.backend_in_use == "autograd" and H.backend_error is None
 
 
 def test_out_of_memory_is_not_a_reason_to_switch_backends(monkeypatch):
@@ -208,13 +233,25 @@ def test_out_of_memory_is_not_a_reason_to_switch_backends(monkeypatch):
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
 
     def oom(self, *args):
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(HessianOperator, "_gradient_graph", oom)
+    monkeypatch.setattr(DoubleBackward, "apply", oom)
     H = HessianOperator(model, CE, (x, y))
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         H @ v
-    assert H.backend_in_use == "autograd"
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        H @ torch.stack([v, v], dim=1)  # nor to go column by column
+    assert H.backend_in_use == "autograd" and H.batched
+
+
+def test_a_product_strategy_can_be_passed():
+    model, x, y = _setup("mlp")
+    H = HessianOperator(model, CE, (x, y), backend=ForwardOverReverse())
+    assert H.backend_in_use == "func" and H.fallback is None
+    torch.testing.assert_close(H @ torch.eye(H.dim, dtype=torch.float64),
+                               dense_hessian(model, CE, x, y))
+    with pytest.raises(ValueError, match="Invalid backend"):
+        HessianOperator(model, CE, (x, y), backend="finite")
 
 
 def test_a_non_deterministic_operator_is_refused():

@@ -108,7 +108,7 @@ def _ddp_body(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import samkit
-    from samkit.distributed import accumulation_closure, ddp_closure, shard_batch
+    from samkit.distributed import ddp_accumulation_closure, ddp_closure, shard_batch
 
     x, y = data()
     xs, ys = shard_batch(x, y, rank, world)
@@ -140,7 +140,7 @@ def _ddp_body(rank: int, world: int) -> dict:
                         step = ddp_closure(closure, model, opt, mode)
                     else:
                         micro = list(zip(xs.tensor_split(2), ys.tensor_split(2), strict=True))
-                        step = accumulation_closure(opt, model, loss_fn, micro, mode)
+                        step = ddp_accumulation_closure(opt, model, loss_fn, micro, mode)
                     losses.append(float(opt.step(step)))
                 results[(kind, mode, accum)] = {
                     "params": [p.detach().clone() for p in model.module.parameters()],

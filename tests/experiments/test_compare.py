@@ -110,7 +110,7 @@ def test_asam_paper_settings(dataset, model):
         cfg = load_config(CONFIGS / "asam-paper" / f"{dataset}-{model}-{opt}.yaml")
         assert (cfg.dataset, cfg.model, cfg.optimizer, cfg.rho) == (dataset, model, opt,
                                                                    rhos[dataset][opt])
-        assert (cfg.epochs, cfg.schedule, cfg.label_smoothing, cfg.lr, cfg.batch_size) == (
+        assert (cfg.epochs, cfg.lr_schedule, cfg.label_smoothing, cfg.lr, cfg.batch_size) == (
             200, "cosine", 0.1, 0.1, 128)
         assert (cfg.momentum, cfg.weight_decay, cfg.augment) == (0.9, 5e-4, True)
         if opt == "asam":
@@ -128,6 +128,7 @@ def test_real_fashion_mnist_compare(tmp_path):
     assert (tmp_path / "fm" / "report.md").exists()
 
 
+@pytest.mark.slow  # spawns processes
 def test_jobs_train_the_same_runs_in_two_processes(tmp_path):
     """--jobs 2 trains the runs in two spawned processes: the same numbers as one at a time
     (each run is seeded and single-threaded), in the same order."""
@@ -152,12 +153,20 @@ def _fail_on_two(task):
     return task * 10
 
 
-def test_map_jobs_keeps_the_order_and_raises_the_first_error():
+def test_map_jobs_in_order_here_and_bad_jobs():
     from samkit.experiments.base import map_jobs
 
     assert map_jobs(_fail_on_two, [0, 1, 3], jobs=1) == [0, 10, 30]
+    with pytest.raises(ValueError, match="task 2 failed"):
+        map_jobs(_fail_on_two, [0, 2, 3], jobs=1)
+    with pytest.raises(ValueError, match="Invalid jobs"):
+        map_jobs(_fail_on_two, [0], jobs=0)
+
+
+@pytest.mark.slow  # spawns processes
+def test_map_jobs_keeps_the_order_and_raises_the_first_error():
+    from samkit.experiments.base import map_jobs
+
     assert map_jobs(_fail_on_two, [0, 1, 3, 4], jobs=2) == [0, 10, 30, 40]
     with pytest.raises(ValueError, match="task 2 failed"):
         map_jobs(_fail_on_two, [0, 2, 3], jobs=2)
-    with pytest.raises(ValueError, match="Invalid jobs"):
-        map_jobs(_fail_on_two, [0], jobs=0)

@@ -159,4 +159,4 @@ def test_the_toy_declares_no_edge_and_no_effective_form():
 
     opt = samkit.create_optimizer("toysign", [Problem().w1], lr=0.1)
     assert edge_for(opt, 1.0) is None
-    assert "toy sign ascent" in optimizer_kind(opt)["note"]
+    assert "toy sign ascent" in optimizer_kind(opt).note

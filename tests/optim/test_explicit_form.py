@@ -7,19 +7,18 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.optim.base import SharpnessAwareOptimizer
 
 F = nn.functional
 
 
 def _two_pass_names():
-    """Every registry optimizer that takes the two-pass protocol (MSAM takes one pass; SAF and
-    MESA are loss terms over a plain optimizer)."""
+    """Every registry optimizer that takes the two-pass protocol (declared by its step form: MSAM
+    takes one pass, SAF and MESA add a loss term)."""
     names = []
     model = nn.Linear(2, 2)
     for name in samkit.list_optimizers():
         opt = samkit.create_optimizer(name, model, lr=0.1)
-        if isinstance(opt, SharpnessAwareOptimizer) and name != "msam":
+        if samkit.optim.kind_of(opt).form.has_extra_pass:
             names.append(name)
     return names
 

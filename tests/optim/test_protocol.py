@@ -126,7 +126,7 @@ def run(opt_name, steps, model=None, opt=None, **kw):
     opt = opt or samkit.create_optimizer(opt_name, model, **kw)
     losses = [
         opt.step(make_closure(opt, model, x, y)).item()
-        if isinstance(opt, samkit.SharpnessAwareOptimizer)
+        if samkit.optim.kind_of(opt).form.wraps
         else plain_step(opt, model, x, y)
         for _ in range(steps)
     ]
@@ -177,7 +177,7 @@ def _quadratic_run(make, steps=100):
     first = closure().item()
     opt.zero_grad()
     for _ in range(steps):
-        if isinstance(opt, samkit.SharpnessAwareOptimizer):
+        if samkit.optim.kind_of(opt).form.wraps:
             opt.step(closure)
         else:
             closure()

@@ -129,3 +129,21 @@ def test_short_repr_cuts_long_values():
     nested = [[[[list(range(10**4))]]]] * 10**3
     assert len(short_repr(nested)) <= 200
     assert short_repr(0.5) == "0.5"
+
+
+def test_the_shared_integer_and_range_checks():
+    import numpy as np
+
+    from samkit.optim._validation import check_choice, check_in_range, check_int
+
+    assert check_int("k", np.int64(3), 1, 5) == 3 and check_int("m", None, 1, none=True) is None
+    for bad, match in [(True, r"Invalid k: True \(allowed: an integer >= 1 and <= 5\)"),
+                       (0, "an integer >= 1"), (6, "<= 5"), (2.0, "an integer")]:
+        with pytest.raises(ValueError, match=match):
+            check_int("k", bad, 1, 5)
+    with pytest.raises(ValueError, match=r"Invalid m: 0 \(allowed: None or an integer >= 1\)"):
+        check_int("m", 0, 1, none=True)
+    with pytest.raises(ValueError, match=r"Invalid p: 0.5 \(allowed: 0 <= p < 0.5\)"):
+        check_in_range("p", 0.5, 0, 0.5)
+    with pytest.raises(ValueError, match=r"\(allowed: a, b\)"):
+        check_choice("x", "c", ("a", "b"), show=str)

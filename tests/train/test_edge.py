@@ -213,7 +213,7 @@ def test_sam_over_momentum_solves_the_effective_edge():
 def test_no_edge_where_none_applies():
     model, x, y = linear_problem()
     asam = samkit.ASAM(sgd(model, lr=0.02), rho=0.5)
-    assert edge_for(asam, 1.0) is None and "ASAM" in optimizer_kind(asam)["note"]
+    assert edge_for(asam, 1.0) is None and "ASAM" in optimizer_kind(asam).note
     row = EdgeTracker((x, y), mse).record(0, model, asam)
     assert row["edge"] is None and row["ratio"] is None and row["edge_kind"] == "none"
     groups = [{"params": [model.weight], "lr": 0.1}]
@@ -226,7 +226,7 @@ def test_no_edge_where_none_applies():
 def test_adam_edge_selection():
     model, _, _ = linear_problem()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
-    assert optimizer_kind(opt)["base"] == "adam"
+    assert optimizer_kind(opt).base.rule.value == "adam"
     assert edge_for(opt) == pytest.approx(adam_edge(1e-3, 0.9))
 
 

@@ -163,6 +163,7 @@ def test_the_first_error_stops_the_other_jobs_instead_of_waiting_for_them():
 # ------------------------------------------------------------------ (6) a full disk
 
 
+@pytest.mark.slow  # spawns a process (samkit train with a file-size limit)
 def test_a_torn_metrics_line_is_dropped_with_a_warning_and_resume_goes_on(tmp_path, capsys):
     assert train(tmp_path, "--optimizer", "sgd", "--epochs", "1", "--name", "d") == 0
     # every step logged, no checkpoint before the end: metrics.jsonl outgrows 4,000 bytes first
@@ -196,6 +197,7 @@ def test_a_bad_line_before_the_last_names_the_file(tmp_path):
         read_metrics(path)
 
 
+@pytest.mark.slow  # spawns a process (samkit train with a file-size limit)
 def test_a_failed_checkpoint_write_keeps_the_old_one_and_says_so(tmp_path):
     assert train(tmp_path, "--optimizer", "sgd", "--epochs", "1", "--name", "c") == 0
     path = tmp_path / "c" / "checkpoint.pt"

@@ -204,6 +204,7 @@ def test_many_processes_starting_at_once_hold_the_lock_once(tmp_path):
         assert sorted(answers) == ["held"] + ["refused"] * 11, (trial, answers)
 
 
+@pytest.mark.slow  # spawns a process
 def test_a_lock_is_never_taken_from_a_live_owner_even_before_it_wrote_its_name(tmp_path):
     # the owner has locked the file and not yet written its pid: the file is empty
     holder = subprocess.Popen(

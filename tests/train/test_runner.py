@@ -126,6 +126,7 @@ def test_every_json_file_samkit_writes_is_strict_json(tmp_path, capsys):
 # ------------------------------------------------------------------ (3) lock and --overwrite
 
 
+@pytest.mark.slow  # spawns a process
 def test_a_live_run_of_the_same_name_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_path):
     c = cfg(tmp_path, name="locked", epochs=1)
     c.run_dir.mkdir(parents=True)

@@ -14,27 +14,36 @@ from samkit.curvature.adam import PreconditionedOperator, adam_preconditioned
 from samkit.curvature.density import SpectralDensity, plot_spectral_density, spectral_density
 from samkit.curvature.effective import EffectiveHessian, effective_hessian
 from samkit.curvature.eigen import EigenResult, top_eigenvalues
-from samkit.curvature.ggn import GGNOperator
+from samkit.curvature.ggn import GaussNewtonProduct, GGNOperator
 from samkit.curvature.operator import (
     CurvatureOperator,
+    DoubleBackward,
+    ForwardOverReverse,
     HessianOperator,
     LinearOperator,
     MatrixOperator,
+    Product,
+    UnsupportedProduct,
     loss_and_gradient,
 )
 from samkit.curvature.trace import TraceResult, hessian_trace
 
 __all__ = [
     "CurvatureOperator",
+    "DoubleBackward",
     "EffectiveHessian",
     "EigenResult",
+    "ForwardOverReverse",
     "GGNOperator",
+    "GaussNewtonProduct",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
     "PreconditionedOperator",
+    "Product",
     "SpectralDensity",
     "TraceResult",
+    "UnsupportedProduct",
     "adam_preconditioned",
     "effective_hessian",
     "hessian_trace",

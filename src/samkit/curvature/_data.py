@@ -178,3 +178,54 @@ def untouched(model: nn.Module) -> Iterator[None]:
     use the running statistics)."""
     with disable_running_stats(model):
         yield
+
+
+@contextmanager
+def differentiable(params: Sequence[Tensor]) -> Iterator[None]:
+    """Autograd on, and every parameter in ``params`` differentiable inside the block, frozen ones
+    (``requires_grad=False``) included; they are frozen again on the way out, also on error."""
+    frozen = [p for p in params if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def batch_mean(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Any, int]],
+    seed: int,
+    device: torch.device,
+    fn: Callable[[Any, Any], Sequence[Tensor]],
+) -> list[Tensor]:
+    r""":math:`\sum_b \frac{n_b}{N}\,` ``fn(x_b, y_b)`` over ``batches`` of ``(x, y, n)``: the one
+    size-weighted mean of samkit's measurements (the losses, gradients and curvature products of
+    the operators and of :func:`samkit.sharpness`).
+
+    Batch ``b`` runs with BatchNorm's running statistics untouched and, in training mode, the
+    random generator seeded to ``seed + b`` (fixed dropout masks). ``fn`` returns a list of
+    tensors (the same shapes for every batch); one batch is returned as it came, unscaled.
+    """
+    out: list[Tensor] | None = None
+    first = total = 0
+    several = False
+    for b, (x, y, n) in enumerate(batches):
+        with untouched(model), fixed_rng(device, seed + b, model.training):
+            part = list(fn(x, y))
+        if out is None:
+            out, first = part, n
+        else:
+            if not several:  # a second batch: weigh the first one by its size
+                torch._foreach_mul_(out, float(first))
+                several = True
+            torch._foreach_add_(out, part, alpha=float(n))
+        total += n
+    if out is None or total == 0:
+        raise ValueError("Invalid data: the batches hold 0 examples (allowed: at least 1)")
+    if several:
+        torch._foreach_div_(out, float(total))
+    return out

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samkit.curvature.eigen import _check_int, _Counter, _tridiagonal, lanczos
+from samkit.curvature.eigen import _BlockLanczos
 from samkit.curvature.operator import as_operator
+from samkit.optim._validation import check_int
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
         seed: seeds the probes.
 
     Each probe costs ``num_steps`` products and keeps ``num_steps`` vectors on the device (full
-    reorthogonalization, so no spurious copies of the outliers).
+    reorthogonalization, so no spurious copies of the outliers): samkit's one Lanczos
+    (:func:`~samkit.curvature.top_eigenvalues`' block Lanczos with a block of one vector, no
+    restart, a stop at an invariant subspace).
 
     References:
         L. Lin, Y. Saad, C. Yang. Approximating spectral densities of large matrices. SIAM
@@ -84,8 +87,8 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
         optimization via Hessian eigenvalue density. ICML 2019.
     """
     op = as_operator(H)
-    num_probes = _check_int("num_probes", num_probes, 1)
-    num_steps = _check_int("num_steps", num_steps, 1)
+    num_probes = check_int("num_probes", num_probes, 1)
+    num_steps = check_int("num_steps", num_steps, 1)
     d = op.shape[0]
     m = min(num_steps, d)
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
@@ -95,12 +98,13 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
     for p in range(num_probes):
         v = torch.randint(0, 2, (d,), generator=generator, device=op.device).to(op.dtype)
         v.mul_(2).sub_(1)
-        counter = _Counter(op)
-        _, a, b, c = lanczos(counter, v, m, None, generator, restart=False)
-        matvecs += counter.count
-        theta, s = np.linalg.eigh(_tridiagonal(a[:c], b[:c]))
-        nodes[p, :c] = theta
-        weights[p, :c] = s[0] ** 2
+        run = _BlockLanczos(op, v[:, None], generator, max_basis=m, fill=False)
+        while run.m < m and not run.exhausted:
+            run.step()
+        matvecs += run.counter.count
+        theta, s, _ = run.ritz()  # C is the tridiagonal T of the probe's Lanczos run
+        nodes[p, : run.m] = theta
+        weights[p, : run.m] = s[0] ** 2
     return SpectralDensity(nodes=nodes, weights=weights, dim=d, matvecs=matvecs)
 
 
@@ -123,7 +127,7 @@ def plot_spectral_density(
         raise ImportError(
             'plot_spectral_density needs matplotlib: pip install "samkit[experiments]"'
         ) from err
-    num_points = _check_int("num_points", num_points, 2)
+    num_points = check_int("num_points", num_points, 2)
     sigma = result.default_sigma() if sigma is None else float(sigma)
     live = result.nodes[result.weights > 0]
     lo, hi = float(live.min()) - 5 * sigma, float(live.max()) + 5 * sigma

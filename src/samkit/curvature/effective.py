@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samkit.curvature._data import fixed_rng, untouched
 from samkit.curvature.operator import HessianOperator, LinearOperator
 
 
@@ -79,21 +78,9 @@ class EffectiveHessian(LinearOperator):
 
 
 def _gradient(H: HessianOperator) -> list[Tensor]:
-    """:math:`\\nabla L(w)` on ``H``'s own data (size-weighted mean over its batches, the same
+    """:math:`\nabla L(w)` on ``H``'s own data (size-weighted mean over its batches, the same
     random state per batch as ``H``'s products), at the current weights."""
-    grads = [torch.zeros_like(p) for p in H.params]
-    total = 0
-    training = H.model.training
-    for b, (x, y, n) in enumerate(H.batches):
-        seed = H.seed if H.batches.single is not None else H.seed + b
-        with untouched(H.model), fixed_rng(H.device, seed, training), H._differentiable():
-            loss = H.loss_fn(H.model(x), y)
-            gs = torch.autograd.grad(loss, H.params, allow_unused=True)
-        for acc, g in zip(grads, gs, strict=True):
-            if g is not None:
-                acc.add_(g.detach(), alpha=float(n))
-        total += n
-    return [g / total for g in grads]
+    return H.loss_and_gradient()[1]
 
 
 def effective_hessian(
@@ -127,14 +114,15 @@ def effective_hessian(
             p = ∞, FriendlySAM, ESAM, ...), or an ``H`` over other parameters.
     """
     from samkit.optim.ascents import effective_note
-    from samkit.optim.base import SharpnessAwareOptimizer
+    from samkit.optim.kind import kind_of
 
     if not isinstance(H, HessianOperator):
         raise ValueError(
             f"Invalid H: {type(H).__name__} (allowed: a HessianOperator, whose data and "
             "parameters give g)"
         )
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
+    kind = kind_of(optimizer)  # what the optimizer declares
+    if not kind.form.wraps:
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware "
             "optimizer; for a plain one the effective Hessian is H itself)"
@@ -174,10 +162,8 @@ def effective_hessian(
     for p, d in zip(flat_params, diag, strict=True):
         ordered[position[id(p)]] = d.reshape(-1)
     scale = torch.cat([d.to(H.device, H.dtype) for d in ordered])
-    from samkit.stability import _descent_rewrites
-
     note = f"{optimizer.ascent.name}: H + (rho/c) H M H"
-    rewrites = _descent_rewrites(optimizer)
+    rewrites = kind.descent.rewrites
     if rewrites:
         name = type(optimizer).__name__
         note += f" (the ascent only: {name}'s {', '.join(rewrites)} not included)"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from samkit.curvature.operator import LinearOperator, as_operator
+from samkit.optim._validation import check_int
 
 METHODS = ("lanczos", "power")
 WHICH = ("LA", "LM")
@@ -75,16 +76,6 @@ class EigenResult:
 
 
 # -- argument checks ------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if ok:
-        ok = value >= low and (high is None or value <= high)
-    if not ok:
-        allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-    return int(value)
 
 
 def _check_tol(tol) -> float:
@@ -190,131 +181,6 @@ class _Basis:
         return out
 
 
-class _HostMirror:
-    """Copies of the Lanczos coefficients on the host.
-
-    On CUDA each coefficient goes to pinned memory with a non-blocking copy and an event, and
-    the host reads them one iteration late: the check waits only for the previous product while
-    the current one is already queued, so the device never idles for a round trip.
-    """
-
-    def __init__(self, alpha: Tensor, beta: Tensor):
-        self.alpha, self.beta = alpha, beta
-        self.asynchronous = alpha.device.type == "cuda"
-        self.lag = 1 if self.asynchronous else 0
-        if self.asynchronous:
-            n = alpha.shape[0]
-            self.host = torch.empty(2, n, dtype=alpha.dtype, pin_memory=True)
-            self.events: list = [None] * n
-
-    def push(self, j: int) -> None:
-        if self.asynchronous:
-            self.host[0, j : j + 1].copy_(self.alpha[j : j + 1], non_blocking=True)
-            self.host[1, j : j + 1].copy_(self.beta[j : j + 1], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.events[j] = event
-
-    def read(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.asynchronous:
-            self.events[c - 1].synchronize()
-            a, b = self.host[0, :c], self.host[1, :c]
-        else:
-            a, b = self.alpha[:c], self.beta[:c]
-        return a.double().cpu().numpy().copy(), b.double().cpu().numpy().copy()
-
-    def set_beta(self, j: int, value: float) -> None:
-        self.beta[j] = value
-        if self.asynchronous:
-            self.host[1, j] = value
-
-
-def _tridiagonal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    c = len(a)
-    t = np.diag(a)
-    if c > 1:
-        t += np.diag(b[: c - 1], 1) + np.diag(b[: c - 1], -1)
-    return t
-
-
-Check = Callable[[int, np.ndarray, np.ndarray], bool]
-
-
-def lanczos(
-    op: LinearOperator,
-    v0: Tensor,
-    max_steps: int,
-    check: Check | None = None,
-    generator: torch.Generator | None = None,
-    restart: bool = True,
-    lag: int | None = None,
-) -> tuple[_Basis, np.ndarray, np.ndarray, int]:
-    r"""Run up to ``max_steps`` Lanczos steps from ``v0`` with full reorthogonalization.
-
-    ``check(c, alpha, beta)`` is called with the host copies of the first ``c`` coefficients
-    (``beta[c-1]`` is :math:`\beta_c`, zero at a breakdown) and stops the run when it returns
-    ``True``. At a breakdown (an invariant subspace, :math:`\beta \approx 0`) the run restarts
-    from a random vector orthogonal to the basis (``restart=True``, needed for repeated
-    eigenvalues) or stops (``restart=False``, as stochastic Lanczos quadrature wants).
-
-    Returns the basis, the diagonal ``alpha`` and the off-diagonal ``beta`` (numpy, float64) and
-    the number ``c`` of Lanczos vectors that ``T`` covers.
-    """
-    d = op.shape[0]
-    max_steps = min(max_steps, d)
-    dtype, device = op.dtype, op.device
-    basis = _Basis(d, dtype, device)
-    alpha = torch.zeros(max_steps, dtype=dtype, device=device)
-    beta = torch.zeros(max_steps, dtype=dtype, device=device)
-    mirror = _HostMirror(alpha, beta)
-    lag = mirror.lag if lag is None else lag
-    eps = torch.finfo(dtype).eps
-    tiny = torch.finfo(dtype).tiny
-
-    q = v0 / torch.linalg.vector_norm(v0)
-    basis.append(q)
-    j = 0  # Lanczos steps done: alpha[:j], beta[:j] are set, the basis holds j (+1) vectors
-    checked = 0
-    while True:
-        if j < max_steps:
-            w = op @ q
-            coeffs = basis.orthogonalize_(w)
-            alpha[j] = coeffs[j]
-            b = torch.linalg.vector_norm(w)
-            beta[j] = b
-            mirror.push(j)
-            j += 1
-            if j < max_steps:
-                q = w / b.clamp_min(tiny)
-                basis.append(q)
-            c = j - lag
-        else:
-            c = j  # the end: wait for the last coefficients
-        if c > checked:
-            checked = c
-            a_h, b_h = mirror.read(c)
-            norm_t = max(np.abs(a_h).max(), np.abs(b_h).max(), tiny)
-            broken = b_h[c - 1] <= 100 * eps * norm_t
-            if broken:
-                b_h[c - 1] = 0.0
-            if check is not None and check(c, a_h, b_h):
-                return basis, a_h, b_h, c
-            if broken and c < max_steps:
-                if not restart:
-                    return basis, a_h, b_h, c
-                # Restart in the orthogonal complement; T becomes block diagonal.
-                basis.truncate(c)
-                mirror.set_beta(c - 1, 0.0)
-                r = torch.randn(d, generator=generator, device=device, dtype=dtype)
-                basis.orthogonalize_(r)
-                q = r / torch.linalg.vector_norm(r).clamp_min(tiny)
-                basis.append(q)
-                j = checked = c
-                continue
-        if j >= max_steps and c == j:
-            return basis, a_h, b_h, c
-
-
 def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     key = -theta if which == "LA" else -np.abs(theta)
     return np.argsort(key, kind="stable")[:k]
@@ -324,13 +190,15 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def _orthonormal_block(
-    basis: _Basis, w: Tensor, norm_t: float, generator: torch.Generator
+    basis: _Basis, w: Tensor, norm_t: float, generator: torch.Generator, fill: bool = True
 ) -> tuple[Tensor, np.ndarray]:
     """Orthonormalize the columns of ``w`` ``(d, p)`` (already orthogonal to ``basis``) among
     themselves: ``w = Q R``. A column that is (numerically) in the span of the basis and the
-    columns before it is an invariant direction: its diagonal entry of ``R`` is set to 0 and it
-    is replaced by a random unit vector orthogonal to everything, so the space keeps growing.
-    Returns ``Q`` ``(d, p)`` and ``R`` ``(p, p)`` (float64, host)."""
+    columns before it is an invariant direction: its diagonal entry of ``R`` is 0 and, with
+    ``fill``, it is replaced by a random unit vector orthogonal to everything, so the space
+    keeps growing; without ``fill`` it is dropped (``Q`` has fewer columns). Returns ``Q``
+    ``(d, q)`` and ``R`` ``(p, p)`` (float64, host; row ``i`` belongs to the ``i``-th kept
+    column)."""
     d, p = w.shape
     eps = torch.finfo(w.dtype).eps
     tiny = torch.finfo(w.dtype).tiny
@@ -338,6 +206,7 @@ def _orthonormal_block(
     cols: list[Tensor] = []
     for i in range(p):
         col = w[:, i].clone()
+        row = len(cols)
         for _ in range(2):
             for j, q in enumerate(cols):
                 h = torch.dot(q, col)
@@ -345,8 +214,10 @@ def _orthonormal_block(
                 r[j, i] += float(h)
         norm = float(torch.linalg.vector_norm(col))
         if norm > 100 * eps * max(norm_t, tiny) * math.sqrt(d):
-            r[i, i] = norm
+            r[row, i] = norm
             cols.append(col / norm)
+            continue
+        if not fill:
             continue
         for _ in range(3):  # a random direction orthogonal to the basis and the block
             col = torch.randn(d, generator=generator, device=w.device, dtype=w.dtype)
@@ -358,7 +229,101 @@ def _orthonormal_block(
             if norm > 1e-3:
                 break
         cols.append(col / max(norm, tiny))
+    if not cols:
+        return w.new_zeros(d, 0), r
     return torch.stack(cols, dim=1), r
+
+
+class _BlockLanczos:
+    r"""samkit's one Lanczos: block Lanczos with full reorthogonalization (classical
+    Gram-Schmidt twice against the whole basis) and thick restarts, serving both
+    :func:`top_eigenvalues` (block ``p``, restarts, a random direction at a breakdown) and
+    :func:`~samkit.curvature.spectral_density` (``p = 1`` from the probe, no restart, a stop at
+    an invariant subspace: then :math:`C` is the tridiagonal :math:`T_m`).
+
+    The coefficients :math:`C = Q^\top A Q` of the processed columns (and the coupling ``E``
+    of the last new block, rows ``m .. n-1``) are kept on the host in float64; the basis rows
+    ``m .. n-1`` are the pending block. With ``A Q_m = Q_n C[:n, :m]``, the Ritz pairs of the
+    space come from ``eigh`` of the symmetrized :math:`C_{mm}`, the residual of pair ``i`` is
+    :math:`\|E s_i\|`.
+    """
+
+    def __init__(self, op, start: Tensor, generator: torch.Generator, max_basis: int,
+                 fill: bool = True) -> None:
+        d = op.shape[0]
+        self.op, self.generator, self.fill = op, generator, fill
+        self.counter = _Counter(op)
+        self.d, self.dtype, self.device = d, op.dtype, op.device
+        self.p = start.shape[1]
+        self.basis = _Basis(d, op.dtype, op.device)
+        q0, _ = _orthonormal_block(self.basis, start, 1.0, generator)
+        for i in range(q0.shape[1]):
+            self.basis.append(q0[:, i])
+        size = max_basis + 2 * self.p
+        self.c = np.zeros((size, size))
+        self.m = 0  # processed columns; the pending block is basis rows m .. n-1
+        self.n = q0.shape[1]
+        self.norm_t = 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        """The space is invariant (no pending block) or all of ``R^d``."""
+        return self.m >= self.d or self.n == self.m
+
+    def step(self) -> None:
+        """One block product: the pending block is processed and the next one appended."""
+        m, n = self.m, self.n
+        pend = self.basis.rows(m, n)  # (d, pb)
+        pb = pend.shape[1]
+        w = self.counter @ pend
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                "Invalid operator: a product returned non-finite values (check the weights "
+                "and the data for NaN / inf)"
+            )
+        coeffs = self.basis.orthogonalize_(w)  # (n, pb)
+        self.c[:n, m : m + pb] = coeffs.double().cpu().numpy()
+        m += pb
+        self.norm_t = max(self.norm_t, float(np.abs(self.c[:m, :m]).max()))
+        room = min(self.p, self.d - n)
+        if room > 0:
+            qn, r = _orthonormal_block(self.basis, w, self.norm_t, self.generator, self.fill)
+            rows = min(room, qn.shape[1])
+            self.c[n : n + rows, m - pb : m] = r[:rows]
+            for i in range(rows):
+                self.basis.append(qn[:, i])
+            n += rows
+        self.m, self.n = m, n
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""Ritz values (ascending), the eigenvectors ``S`` of :math:`C_{mm}` and every pair's
+        residual :math:`\|E s_i\|`."""
+        m, n = self.m, self.n
+        t = self.c[:m, :m]
+        # torch's LAPACK on the host (it keeps to torch's thread count; numpy's OpenBLAS pool
+        # spun for 10-30 ms per call on a busy machine)
+        theta, s = (a.numpy() for a in torch.linalg.eigh(torch.from_numpy(0.5 * (t + t.T))))
+        res = np.linalg.norm(self.c[m:n, :m] @ s, axis=0) if n > m else np.zeros(m)
+        return theta, s, res
+
+    def restart(self, theta: np.ndarray, s: np.ndarray) -> None:
+        """Thick restart: keep the Ritz vectors ``Q S`` (``A Y = Y Θ + Q_new E S``) and the
+        pending block."""
+        m, n = self.m, self.n
+        keep = s.shape[1]
+        y = self.basis.combine(torch.as_tensor(s, dtype=self.dtype, device=self.device), m)
+        pending = self.basis.rows(m, n).clone()
+        e = self.c[m:n, :m] @ s
+        self.basis.truncate(0)
+        for i in range(keep):
+            self.basis.append(y[:, i])
+        for i in range(pending.shape[1]):
+            self.basis.append(pending[:, i])
+        c_new = np.zeros_like(self.c)
+        c_new[:keep, :keep] = np.diag(theta)
+        c_new[keep : keep + pending.shape[1], :keep] = e
+        self.c = c_new
+        self.m, self.n = keep, keep + pending.shape[1]
 
 
 def _block_lanczos_top(
@@ -375,20 +340,16 @@ def _block_lanczos_top(
     lag: int = 0,
     keep_basis: bool = False,
 ) -> EigenResult:
-    r"""Block Lanczos with full reorthogonalization and thick (Krylov-Schur) restarts.
-
-    The coefficients :math:`C = Q^\top A Q` of the processed columns (and the coupling ``E``
-    of the last new block) are kept on the host in float64; the Ritz pairs come from
-    ``eigh`` of the symmetrized :math:`C`, the residual of pair ``i`` is
-    :math:`\|E s_i\|`. When the basis would exceed ``max_basis`` vectors, the best Ritz
-    vectors are kept (:math:`A Y = Y \Theta + Q_{new} E S`) and the run goes on from the
-    pending block. ``lag=1`` checks one block late (the CUDA pattern: the next product is
-    queued before the host reads the coefficients); the answer is the same, one block later.
+    r"""The top-``k`` driver of :class:`_BlockLanczos`: blocks of ``block`` columns, a stop
+    when every wanted Ritz pair meets the test of :func:`top_eigenvalues` with at least
+    ``min_dim`` products explored, a thick restart (the best Ritz vectors kept) when the basis
+    would exceed ``max_basis`` vectors. ``lag=1`` checks one block late (the CUDA pattern: the
+    next product is queued before the host reads the coefficients); the answer is the same,
+    one block later.
     """
     d = op.shape[0]
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
-    counter = _Counter(op)
 
     start = _initial(op, init, generator)
     cols = [start] if start.dim() == 1 else list(start.unbind(1))
@@ -397,27 +358,15 @@ def _block_lanczos_top(
     cols = cols[:p]
     while len(cols) < p:
         cols.append(torch.randn(d, generator=generator, device=device, dtype=dtype))
-    basis = _Basis(d, dtype, device)
-    first = torch.stack(cols, dim=1)
-    q0, _ = _orthonormal_block(basis, first, 1.0, generator)
-    for i in range(q0.shape[1]):
-        basis.append(q0[:, i])
-
-    size = max_basis + 2 * p
-    c_mat = np.zeros((size, size))
-    m = 0  # processed columns; the pending block is basis rows m .. n-1
-    n = p
+    run = _BlockLanczos(op, torch.stack(cols, dim=1), generator, max_basis)
+    counter = run.counter
     reached = False  # min_dim products (Krylov directions) have been explored
-    norm_t = 0.0
     state: dict = {}
     snapshots: list[dict] = []
 
-    def evaluate(m_: int, n_: int, c_: np.ndarray) -> dict:
-        t = c_[:m_, :m_]
-        t = 0.5 * (t + t.T)
-        theta, s = np.linalg.eigh(t)
-        e = c_[m_:n_, :m_]
-        res_all = np.linalg.norm(e @ s, axis=0) if n_ > m_ else np.zeros(m_)
+    def evaluate() -> dict:
+        m_ = run.m
+        theta, s, res_all = run.ritz()
         idx = _wanted(theta, min(k, m_), which)
         nt = max(float(np.abs(theta).max()) if m_ else 0.0, np.finfo(np.float64).tiny)
         floor = math.sqrt(m_) * eps * nt  # rounding in the products and Gram-Schmidt
@@ -431,29 +380,10 @@ def _block_lanczos_top(
                     norm=nt)
 
     while True:
-        pend = basis.rows(m, n)  # (d, pb)
-        pb = pend.shape[1]
-        w = counter @ pend
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(
-                "Invalid operator: a product returned non-finite values (check the weights "
-                "and the data for NaN / inf)"
-            )
-        coeffs = basis.orthogonalize_(w)  # (n, pb)
-        c_mat[:n, m : m + pb] = coeffs.double().cpu().numpy()
-        m += pb
-        norm_t = max(norm_t, float(np.abs(c_mat[:m, :m]).max()))
-        room = min(p, d - n)
-        if room > 0:
-            qn, r = _orthonormal_block(basis, w, norm_t, generator)
-            rows = min(room, qn.shape[1])
-            c_mat[n : n + rows, m - pb : m] = r[:rows]
-            for i in range(rows):
-                basis.append(qn[:, i])
-            n += rows
-        if counter.count >= min_dim or m >= d:  # restarts keep the explored space's best part
+        run.step()
+        if counter.count >= min_dim or run.m >= d:  # restarts keep the explored space's best
             reached = True
-        current = evaluate(m, n, c_mat)
+        current = evaluate()
         current["reached"] = reached
         snapshots.append(current)
         if lag:  # read the state one block late (the product of this block is already queued)
@@ -463,31 +393,20 @@ def _block_lanczos_top(
         if judged is not None and judged["reached"] and judged["ok"]:
             state = judged
             break
-        if m >= d or n == m or counter.count + p > max_products:
+        if run.exhausted or counter.count + p > max_products:
             # the space is exhausted (exact up to rounding) or the budget is spent
             state = dict(current, ok=current["ok"] and reached)
             break
         snapshots = snapshots[-1:]
-        if n + p > max_basis and max_basis < d and m > k:  # thick restart: keep the best
+        if run.n + p > max_basis and max_basis < d and run.m > k:  # thick restart
             theta, s = current["theta"], current["s"]  # Ritz vectors
             order = _wanted(theta, len(theta), which)
-            keep = max(k, min(m - p, max_basis // 2, max_basis - 2 * p))
+            keep = max(k, min(run.m - p, max_basis // 2, max_basis - 2 * p))
             sel = order[:keep]
-            y = basis.combine(torch.as_tensor(s[:, sel], dtype=dtype, device=device), m)
-            pending = basis.rows(m, n).clone()
-            e = c_mat[m:n, :m] @ s[:, sel]
-            basis.truncate(0)
-            for i in range(keep):
-                basis.append(y[:, i])
-            for i in range(pending.shape[1]):
-                basis.append(pending[:, i])
-            c_new = np.zeros_like(c_mat)
-            c_new[:keep, :keep] = np.diag(theta[sel])
-            c_new[keep : keep + pending.shape[1], :keep] = e
-            c_mat = c_new
-            m, n = keep, keep + pending.shape[1]
+            run.restart(theta[sel], s[:, sel])
             snapshots = []
 
+    basis, c_mat, m, n = run.basis, run.c, run.m, run.n
     sel = state["idx"]
     s = torch.as_tensor(state["s"][:, sel], dtype=dtype, device=device)
     vectors = basis.combine(s, state["m"])
@@ -691,21 +610,21 @@ def top_eigenvalues(
     """
     op = as_operator(H)
     d = op.shape[0]
-    k = _check_int("k", k, 1, d)
+    k = check_int("k", k, 1, d)
     tol = _check_tol(tol)
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (allowed: {', '.join(METHODS)})")
     if which not in WHICH:
         raise ValueError(f"Invalid which: {which!r} (allowed: {', '.join(WHICH)})")
     if max_iter is not None:
-        max_iter = _check_int("max_iter", max_iter, k if method == "lanczos" else 1)
-    p = k if block_size is None else _check_int("block_size", block_size, 1, d)
-    dims = min(d, max(2 * k + 1, 20)) if min_dim is None else _check_int("min_dim", min_dim, 1)
+        max_iter = check_int("max_iter", max_iter, k if method == "lanczos" else 1)
+    p = k if block_size is None else check_int("block_size", block_size, 1, d)
+    dims = min(d, max(2 * k + 1, 20)) if min_dim is None else check_int("min_dim", min_dim, 1)
     dims = min(dims, d)
     if max_basis is None:
         basis = _default_basis(d, k, p, dims)
     else:
-        basis = min(d, _check_int("max_basis", max_basis, k + 2 * p))
+        basis = min(d, check_int("max_basis", max_basis, k + 2 * p))
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
     if method == "lanczos":
         products = 300 * p if max_iter is None else max_iter

@@ -18,14 +18,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from samkit.curvature._data import LossFn
-from samkit.curvature.operator import CurvatureOperator
+from samkit.curvature.operator import CurvatureOperator, Product
 
 
 class GGNOperator(CurvatureOperator):
@@ -44,8 +44,9 @@ class GGNOperator(CurvatureOperator):
     tensor.
 
     Data, weighting, model state (BatchNorm untouched, fixed dropout masks in training
-    mode), the determinism check and :meth:`loss_and_gradient` are those of
-    :class:`CurvatureOperator`; see :class:`HessianOperator` for the arguments.
+    mode), the cache, the determinism check and :meth:`loss_and_gradient` are those of
+    :class:`CurvatureOperator`, which it uses with the product :class:`GaussNewtonProduct`;
+    see :class:`HessianOperator` for the arguments.
 
     Example::
 
@@ -63,65 +64,48 @@ class GGNOperator(CurvatureOperator):
         seed: int = 0,
         check_deterministic: bool | None = None,
     ) -> None:
-        self.cache = bool(cache)
-        self._graph: tuple | None = None
-        self._graph_key: tuple | None = None
-        super().__init__(model, loss_fn, data, params, seed, check_deterministic)
+        super().__init__(model, loss_fn, data, params, seed, check_deterministic,
+                         product=GaussNewtonProduct(), cache=cache)
 
-    def _forward_graph(self, x: Any, y: Any) -> tuple:
-        """The output ``f`` (graph in ``w``), :math:`J^\\top u` as a graph in a dummy ``u``,
-        and :math:`\\nabla_f \\ell` as a graph in ``f``."""
-        with self._differentiable():
-            out = self.model(x)
-            if not isinstance(out, Tensor):
-                raise ValueError(
-                    f"Invalid model: its output is a {type(out).__name__} (allowed: one tensor "
-                    "for GGNOperator)"
-                )
-            u = torch.zeros_like(out, requires_grad=True)
-            jtu = torch.autograd.grad(out, self.params, grad_outputs=u, create_graph=True,
-                                      allow_unused=True)
-            jtu_used = [(i, g) for i, g in enumerate(jtu) if g is not None and g.requires_grad]
-            f = out.detach().requires_grad_(True)
-            grad_f = torch.autograd.grad(self.loss_fn(f, y), f, create_graph=True)[0]
+
+class GaussNewtonProduct(Product):
+    r""":math:`J^\top (\nabla^2_f \ell)\, J v` for one batch: the forward graph is built once
+    (cacheable), each product is three backward passes through it (no batched form)."""
+
+    name = "ggn"
+    cacheable = True
+
+    def build(self, op: CurvatureOperator, x: Any, y: Any) -> tuple:
+        r"""The output ``f`` (graph in ``w``), :math:`J^\top u` as a graph in a dummy ``u``,
+        and :math:`\nabla_f \ell` as a graph in ``f``."""
+        out = op.model(x)
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"Invalid model: its output is a {type(out).__name__} (allowed: one tensor "
+                "for GGNOperator)"
+            )
+        u = torch.zeros_like(out, requires_grad=True)
+        jtu = torch.autograd.grad(out, op.params, grad_outputs=u, create_graph=True,
+                                  allow_unused=True)
+        jtu_used = [(i, g) for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+        f = out.detach().requires_grad_(True)
+        grad_f = torch.autograd.grad(op.loss_fn(f, y), f, create_graph=True)[0]
         return out, u, jtu_used, f, grad_f
 
-    def _through(self, graph: tuple, vs: Sequence[Tensor], retain: bool) -> list[Tensor]:
-        out, u, jtu, f, grad_f = graph
-        zeros = [torch.zeros_like(p) for p in self.params]
+    def apply(self, op, built, vs, retain, batched):
+        out, u, jtu, f, grad_f = built
+        zeros = [torch.zeros_like(p) for p in op.params]
         if not jtu or not grad_f.requires_grad:  # the outputs do not depend on w, or l is linear
             return zeros
-        with self._differentiable():
-            (jv,) = torch.autograd.grad([g for _, g in jtu], u,
-                                        grad_outputs=[vs[i] for i, _ in jtu], retain_graph=True)
-            (hjv,) = torch.autograd.grad(grad_f, f, grad_outputs=jv, retain_graph=True,
-                                         allow_unused=True)
-            if hjv is None:
-                return zeros
-            gv = torch.autograd.grad(out, self.params, grad_outputs=hjv, retain_graph=retain,
+        (jv,) = torch.autograd.grad([g for _, g in jtu], u,
+                                    grad_outputs=[vs[i] for i, _ in jtu], retain_graph=True)
+        (hjv,) = torch.autograd.grad(grad_f, f, grad_outputs=jv, retain_graph=True,
                                      allow_unused=True)
+        if hjv is None:
+            return zeros
+        gv = torch.autograd.grad(out, op.params, grad_outputs=hjv, retain_graph=retain,
+                                 allow_unused=True)
         return [z if g is None else g for z, g in zip(zeros, gv, strict=True)]
 
-    def _batch_product(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        return self._through(self._forward_graph(x, y), vs, retain=False)
 
-    def _pass(self, v: Tensor) -> Tensor:
-        if self.batches.single is None or not self.cache:
-            return super()._pass(v)
-        key = self._state_key()
-        if self._graph is None or key != self._graph_key:
-            self._graph = None
-            ((x, y, _),) = iter(self.batches)
-            with self._batch_context(0):
-                self._graph = self._forward_graph(x, y)
-            self._graph_key = self._state_key()
-        out = self._through(self._graph, self.unflatten(v), retain=True)
-        return torch.cat([h.reshape(-1) for h in out])
-
-    def clear_cache(self) -> None:
-        """Drop the cached forward graph (it is rebuilt at the next product)."""
-        self._graph = None
-        self._graph_key = None
-
-
-__all__ = ["GGNOperator"]
+__all__ = ["GGNOperator", "GaussNewtonProduct"]

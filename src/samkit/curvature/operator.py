@@ -19,7 +19,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
+from samkit.curvature._data import (
+    Batches,
+    LossFn,
+    batch_mean,
+    differentiable,
+    fixed_rng,
+    resolve_params,
+    untouched,
+)
 
 BACKENDS = ("auto", "func", "autograd")
 
@@ -134,6 +142,24 @@ class LinearOperator:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype}, device={self.device})"
 
 
+class UnsupportedProduct(NotImplementedError):
+    """A product cannot be formed for this model by this way of computing it: an op without a
+    double-backward formula (``"autograd"``), without a forward-mode formula (``"func"``), or,
+    with ``batched=True``, without a batching rule (``vmap``, ``is_grads_batched``).
+
+    Raised by :class:`CurvatureOperator` for any error of a :meth:`Product.apply` other than out
+    of memory, with torch's error as ``__cause__`` (and ``.error``). The operator classifies by
+    this type and by where the error came from, never by the wording of the message: it tries
+    its fallback product (``backend="auto"``) or goes column by column. A subclass of
+    ``NotImplementedError``, and so of ``RuntimeError``.
+    """
+
+    def __init__(self, product: str, error: BaseException, batched: bool = False) -> None:
+        kind = "batched product" if batched else "product"
+        super().__init__(f"the {product!r} {kind} failed: {type(error).__name__}: {error}")
+        self.product, self.error, self.batched = product, error, batched
+
+
 def loss_and_gradient(
     model: nn.Module,
     loss_fn: LossFn,
@@ -149,9 +175,10 @@ def loss_and_gradient(
         \nabla L(w) = \sum_b \frac{n_b}{N}\,\nabla \ell_b(w)
 
     The one loss-and-gradient of samkit's measurements (the curvature operators,
-    :func:`samkit.sharpness`, the edge tracker): batches weighted by size, batch ``b`` run
-    with the random generator seeded to ``seed + b`` when the model is in training mode (fixed
-    dropout masks), BatchNorm running statistics untouched, frozen parameters in ``params``
+    :func:`samkit.sharpness`, the edge tracker), on the same size-weighted mean as every
+    curvature product (:func:`~samkit.curvature._data.batch_mean`): batch ``b`` run with the
+    random generator seeded to ``seed + b`` when the model is in training mode (fixed dropout
+    masks), BatchNorm running statistics untouched, frozen parameters in ``params``
     differentiated all the same. ``batches`` yields ``(x, y, n)`` on the parameters' device (a
     :class:`~samkit.curvature._data.Batches`). ``shift`` (a flat ``(d,)`` vector or tensors
     shaped like ``params``) is added to the weights for the evaluation and taken off again
@@ -166,38 +193,115 @@ def loss_and_gradient(
             numels = [p.numel() for p in params]
             shift = [t.view_as(p) for t, p in zip(torch.split(shift, numels), params, strict=True)]
         backup = [p.detach().clone() for p in params]
-    total = 0
-    loss_sum: Tensor | None = None
-    grads = [torch.zeros_like(p) for p in params]
-    training = model.training
-    device = params[0].device
-    frozen = [p for p in params if not p.requires_grad]
+
+    def loss_grad(x: Any, y: Any) -> list[Tensor]:
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        return [loss.detach().to(torch.float64), *grads]
+
     try:
         if shift is not None:
             with torch.no_grad():
                 torch._foreach_add_(params, [t.to(p) for t, p in zip(shift, params, strict=True)])
-        for p in frozen:
-            p.requires_grad_(True)
-        for b, (x, y, n) in enumerate(batches):
-            with untouched(model), fixed_rng(device, seed + b, training), torch.enable_grad():
-                loss = loss_fn(model(x), y)
-                gs = torch.autograd.grad(loss, params, allow_unused=True)
-            used = [(acc, g) for acc, g in zip(grads, gs, strict=True) if g is not None]
-            if used:
-                torch._foreach_add_([a for a, _ in used], [g for _, g in used], alpha=float(n))
-            part = loss.detach().to(torch.float64) * n
-            loss_sum = part if loss_sum is None else loss_sum + part
-            total += n
+        with differentiable(params):
+            loss, *grads = batch_mean(model, batches, seed, params[0].device, loss_grad)
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
         if backup is not None:
             with torch.no_grad():
                 torch._foreach_copy_(params, backup)
-    if total == 0 or loss_sum is None:
-        raise ValueError("Invalid data: the batches hold 0 examples (allowed: at least 1)")
-    torch._foreach_div_(grads, float(total))
-    return float(loss_sum) / total, grads
+    return float(loss), grads
+
+
+class Product:
+    """How a :class:`CurvatureOperator` forms one batch's product: the strategy it is built with.
+
+    :meth:`build` runs the forward pass of one batch (and whatever can be kept between products:
+    a gradient graph); :meth:`apply` applies it to one vector or, with ``batched=True``, to ``k``
+    vectors stacked on a leading dimension. Both run with every chosen parameter differentiable
+    (frozen ones included); without a cached graph both run inside the batch's context (seeded
+    generator, BatchNorm untouched). The operator does the rest: batches, weighting, the cache,
+    counting, fallbacks and the classification of errors (:class:`UnsupportedProduct`).
+
+    Class attributes: ``name`` (what ``backend_in_use`` reports), ``cacheable`` (:meth:`build`
+    returns a graph worth keeping for one batch; :meth:`apply` is then a pure backward pass),
+    ``batchable`` (:meth:`apply` has a batched form). Per instance: ``batched`` (whether the
+    batched form is used; turned off when it fails) and ``batched_error``.
+    """
+
+    name = "product"
+    cacheable = False
+    batchable = False
+
+    def __init__(self) -> None:
+        self.batched = self.batchable
+        self.batched_error: BaseException | None = None
+
+    def build(self, op: CurvatureOperator, x: Any, y: Any) -> Any:
+        raise NotImplementedError
+
+    def apply(
+        self, op: CurvatureOperator, built: Any, vs: Sequence[Tensor], retain: bool, batched: bool
+    ) -> Sequence[Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DoubleBackward(Product):
+    r"""Reverse-over-reverse: :math:`Hv = \nabla_w \langle \nabla_w L, v \rangle`, one backward
+    pass through the graph of :math:`\nabla_w L` (built with ``create_graph=True``, cacheable);
+    ``k`` vectors in one pass with ``is_grads_batched``."""
+
+    name = "autograd"
+    cacheable = True
+    batchable = True
+
+    def build(self, op: CurvatureOperator, x: Any, y: Any) -> list[tuple[int, Tensor]]:
+        """``(i, dL/dw_i)`` with ``create_graph=True``, for the gradients that depend on ``w``."""
+        loss = op.loss_fn(op.model(x), y)
+        grads = torch.autograd.grad(loss, op.params, create_graph=True, allow_unused=True)
+        return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def apply(self, op, built, vs, retain, batched):
+        k = vs[0].shape[0] if batched else None
+        shape = (lambda p: (k, *p.shape)) if batched else (lambda p: p.shape)
+        if not built:  # the gradient does not depend on w: H = 0
+            return [p.new_zeros(shape(p)) for p in op.params]
+        hv = torch.autograd.grad(
+            [g for _, g in built],
+            op.params,
+            grad_outputs=[vs[i] for i, _ in built],
+            retain_graph=retain,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return [p.new_zeros(shape(p)) if h is None else h
+                for p, h in zip(op.params, hv, strict=True)]
+
+
+class ForwardOverReverse(Product):
+    """Forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad`` over ``functional_call``;
+    nothing is kept between products; ``k`` vectors through ``torch.func.vmap``."""
+
+    name = "func"
+    batchable = True
+
+    def build(self, op: CurvatureOperator, x: Any, y: Any) -> Any:
+        model, loss_fn, names = op.model, op.loss_fn, op.names
+
+        def loss_of(ps: tuple[Tensor, ...]) -> Tensor:
+            return loss_fn(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
+
+        return torch.func.grad(loss_of), tuple(p.detach() for p in op.params)
+
+    def apply(self, op, built, vs, retain, batched):
+        grad, primals = built
+
+        def one(*ts: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(grad, (primals,), (ts,))[1]
+
+        return torch.func.vmap(one, randomness="same")(*vs) if batched else one(*vs)
 
 
 class CurvatureOperator(LinearOperator):
@@ -214,19 +318,23 @@ class CurvatureOperator(LinearOperator):
       ``requires_grad``; frozen ones may be asked for and stay frozen);
     * **model state**: BatchNorm running statistics untouched, the random generator seeded to
       ``seed + b`` for batch ``b`` in training mode (fixed dropout masks);
+    * **the product**: a :class:`Product` chosen at construction (the strategy: double
+      backward, forward-over-reverse, Gauss-Newton, ...) and an optional ``fallback`` product,
+      used from the first time the product raises :class:`UnsupportedProduct` on;
+    * **a cache** of one batch's graph (``cache=True`` and a cacheable product), keyed over
+      every tensor the loss depends on: all the model's parameters and buffers (those outside
+      ``params`` and frozen ones too) and those of ``loss_fn`` when it is a module, plus every
+      module's mode;
     * **guards**: non-finite weights refused; a determinism check at construction (two
       products of one random vector must agree, else ``ValueError`` naming the likely cause);
-    * **a cache key** over every tensor the loss depends on: all the model's parameters and
-      buffers (those outside ``params`` and frozen ones too) and those of ``loss_fn`` when it
-      is a module, plus every module's mode;
-    * **products counted** in ``matvecs``, ``(d, k)`` blocks applied by a batched product
-      (:meth:`_batch_products`) where a subclass has one;
+    * **products counted** in ``matvecs``; a ``(d, k)`` block applied by one batched product
+      per batch where the product has a batched form (column by column, with a warning, if it
+      fails);
     * :meth:`loss_and_gradient` of the same loss (what :func:`samkit.sharpness` and the edge
       tracker use).
 
-    Subclasses implement :meth:`_batch_product` (one batch, one vector, parameter-shaped
-    tensors in and out) and may override :meth:`_batch_products` (one batch, ``k`` vectors
-    stacked on a leading dimension) and :meth:`_pass` (e.g. to cache a graph).
+    A new curvature operator is a new :class:`Product` (see
+    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
     """
 
     def __init__(
@@ -237,21 +345,32 @@ class CurvatureOperator(LinearOperator):
         params: Iterable[Tensor] | None = None,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        product: Product,
+        fallback: Product | None = None,
+        cache: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
+        for name, p in (("product", product), ("fallback", fallback)):
+            if not (isinstance(p, Product) or (p is None and name == "fallback")):
+                raise ValueError(f"Invalid {name}: {p!r} (allowed: a samkit Product)")
         self.model = model
         self.loss_fn = loss_fn
+        self.product = product
+        self.fallback = fallback
+        self.backend_error: BaseException | None = None
+        self.cache = bool(cache)
+        self._graph: Any = None
+        self._graph_key: tuple | None = None
         self.names, self.params = resolve_params(model, params)
         super().__init__(
             [p.shape for p in self.params], self.params[0].dtype, self.params[0].device
         )
         self.batches = Batches(data, self.device)
         self.seed = int(seed)
-        self.batched = True  # whether (d, k) blocks go through _batch_products
-        self.batched_error: BaseException | None = None
         bad = [n for n, p in zip(self.names, self.params, strict=True)
                if not bool(torch.isfinite(p).all())]
         if bad:
@@ -266,31 +385,26 @@ class CurvatureOperator(LinearOperator):
         if check_deterministic:
             self._check_deterministic()
 
-    # -- what the subclasses provide ----------------------------------------------------------
+    @property
+    def backend_in_use(self) -> str:
+        """The name of the product in use (``"autograd"``, ``"func"``, ...)."""
+        return self.product.name
 
-    def _batch_product(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        """:math:`A_b v` for one batch, ``vs`` shaped like the parameters."""
-        raise NotImplementedError
+    @property
+    def batched(self) -> bool:
+        """Whether ``(d, k)`` blocks go through one batched product per batch."""
+        return self.product.batched
 
-    def _batch_products(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        """:math:`A_b V` for one batch and ``k`` vectors (each entry of ``vs`` has a leading
-        dimension ``k``); ``NotImplementedError`` where a subclass has no batched form."""
-        raise NotImplementedError
+    @property
+    def batched_error(self) -> BaseException | None:
+        """The error that turned the batched form off (``None`` while it works)."""
+        return self.product.batched_error
 
     # -- shared machinery ---------------------------------------------------------------------
 
-    @contextmanager
-    def _differentiable(self) -> Iterator[None]:
-        """Let autograd differentiate every chosen parameter, frozen ones included."""
-        frozen = [p for p in self.params if not p.requires_grad]
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+    def _differentiable(self):
+        """Every chosen parameter differentiable inside the block, frozen ones included."""
+        return differentiable(self.params)
 
     @contextmanager
     def _batch_context(self, b: int) -> Iterator[None]:
@@ -313,80 +427,110 @@ class CurvatureOperator(LinearOperator):
             tuple(m.training for mod in modules for m in mod.modules()),
         )
 
-    def _accumulate(self, product, like: Sequence[Tensor]) -> list[Tensor]:
-        """:math:`\\sum_b (n_b/N)\\,` ``product(x_b, y_b)`` (tensors shaped like ``like``)."""
-        if self.batches.single is not None:
+    def _cached_graph(self) -> Any:
+        """The product's graph of the one batch, rebuilt when the state key has changed."""
+        key = self._state_key()
+        if self._graph is None or key != self._graph_key:
+            self._graph = None  # free the old graph before building the new one
             ((x, y, _),) = iter(self.batches)
             with self._batch_context(0):
-                return list(product(x, y))
-        out = [torch.zeros_like(t) for t in like]
-        total = 0
-        for b, (x, y, n) in enumerate(self.batches):
-            with self._batch_context(b):
-                part = product(x, y)
-            torch._foreach_add_(out, list(part), alpha=float(n))
-            total += n
-        torch._foreach_div_(out, float(total))
-        return out
+                self._graph = self.product.build(self, x, y)
+            self._graph_key = self._state_key()
+        return self._graph
 
-    def _pass(self, v: Tensor) -> Tensor:
-        """:math:`A v` for one flat vector (every batch once)."""
-        vs = self.unflatten(v)
-        out = self._accumulate(lambda x, y: self._batch_product(x, y, vs), vs)
+    def _products(self, V: Tensor, batched: bool) -> Tensor:
+        """:math:`A v` for a flat ``(d,)`` vector, or :math:`A V` for a ``(d, k)`` block in one
+        batched product per batch: every batch once, through :attr:`product`."""
+        product = self.product
+        if batched:
+            k = V.shape[1]
+            vt = V.T.contiguous()  # (k, d): row j is column j
+            vs = [t.view(k, *s) for t, s in
+                  zip(torch.split(vt, self.numels, dim=1), self.shapes, strict=True)]
+        else:
+            vs = self.unflatten(V)
+
+        def run(built: Any, retain: bool) -> list[Tensor]:
+            try:
+                return list(product.apply(self, built, vs, retain, batched))
+            except (UnsupportedProduct, torch.cuda.OutOfMemoryError):
+                raise  # out of memory is never a reason to change the way of computing
+            except RuntimeError as err:  # NotImplementedError included
+                raise UnsupportedProduct(product.name, err, batched) from err
+
+        with self._differentiable():
+            if self.cache and product.cacheable and self.batches.single is not None:
+                out = run(self._cached_graph(), retain=True)
+            else:
+                out = batch_mean(self.model, self.batches, self.seed, self.device,
+                                 lambda x, y: run(product.build(self, x, y), retain=False))
+        if batched:
+            return torch.cat([h.reshape(k, -1) for h in out], dim=1).T
         return torch.cat([h.reshape(-1) for h in out])
 
-    def _pass_many(self, V: Tensor) -> Tensor:
-        """:math:`A V` for a ``(d, k)`` block, every batch once for all ``k`` columns."""
-        k = V.shape[1]
-        vt = V.T.contiguous()  # (k, d): row j is column j
-        vs = [t.view(k, *s) for t, s in zip(torch.split(vt, self.numels, dim=1), self.shapes,
-                                            strict=True)]
-        out = self._accumulate(lambda x, y: self._batch_products(x, y, vs), vs)
-        return torch.cat([h.reshape(k, -1) for h in out], dim=1).T
+    def _run(self, V: Tensor, batched: bool = False) -> Tensor:
+        """:meth:`_products`, switching to the fallback product (with a warning, for good) the
+        first time a single product is unsupported; if the fallback fails too, the first error
+        is raised and nothing changes."""
+        try:
+            return self._products(V, batched)
+        except UnsupportedProduct as err:
+            if batched or self.fallback is None:
+                raise
+            failed, self.product = self.product, self.fallback
+            self.clear_cache()
+            try:
+                out = self._products(V, batched)
+            except Exception:
+                self.product = failed
+                raise err from err.error  # both failed: the first product's error is relevant
+            self.fallback = None
+            self.backend_error = err
+            warnings.warn(
+                f"{type(self).__name__}: {err}; using the {self.product.name} backend "
+                f"({type(self.product).__name__}) from now on",
+                UserWarning,
+                stacklevel=5,
+            )
+            return out
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return self._pass(v)
+        return self._run(v)
 
     def _matmat(self, v: Tensor) -> Tensor:
         """``A @ V`` for ``V`` of shape ``(d, k)``: one batched product per batch (a single
-        backward pass with ``is_grads_batched`` for the Hessian) where the subclass has one,
+        backward pass with ``is_grads_batched`` for the Hessian) where the product has one,
         else column by column; ``matvecs`` grows by ``k`` either way. If the batched form
-        fails (an op without a batching rule; not out of memory) the operator goes column by
-        column from then on, with a warning, and ``batched_error`` keeps the error."""
-        if self.batched and v.shape[1] > 1:
-            try:
-                out = self._pass_many(v)
-            except NotImplementedError as err:
-                if type(self)._batch_products is CurvatureOperator._batch_products:
-                    self.batched = False  # the subclass has no batched form: no warning
-                else:
-                    self._batched_failed(err)
-            except RuntimeError as err:
-                if "out of memory" in str(err).lower():
-                    raise
-                self._batched_failed(err)
-            else:
-                self.matvecs += v.shape[1]
-                return out
-        return super()._matmat(v)
-
-    def _batched_failed(self, err: BaseException) -> None:
-        self.batched = False
-        self.batched_error = err
-        warnings.warn(
-            f"{type(self).__name__}: the batched product failed ({err}); applying (d, k) "
-            "blocks column by column from now on",
-            UserWarning,
-            stacklevel=4,
-        )
+        fails, one column tells why: if the single product works (or the fallback product
+        takes over), the batched form of the failing product is turned off with a warning
+        (``batched_error`` keeps torch's error) and the rest goes column by column."""
+        product = self.product
+        if not (product.batched and v.shape[1] > 1):
+            return super()._matmat(v)
+        try:
+            out = self._run(v, batched=True)
+        except UnsupportedProduct as err:
+            first = self._apply(v[:, 0])  # raises if the product itself is unsupported
+            if self.product is product:  # the single product works: the batching is at fault
+                product.batched = False
+                product.batched_error = err.error
+                warnings.warn(
+                    f"{type(self).__name__}: the batched product failed ({err.error}); "
+                    "applying (d, k) blocks column by column from now on",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return torch.cat([first[:, None], self._matmat(v[:, 1:])], dim=1)
+        self.matvecs += v.shape[1]
+        return out
 
     def _check_deterministic(self) -> None:
         """Two products of one random vector must agree (curvlinops' check): otherwise the
         operator is not one fixed matrix and no eigenvalue of it means anything."""
         g = torch.Generator(device=self.device).manual_seed(self.seed + 7919)
         v = torch.randn(self.dim, generator=g, device=self.device, dtype=self.dtype)
-        a = self._matvec(v)
-        b = self._matvec(v)
+        a = self._run(v)
+        b = self._run(v)
         self.clear_cache()
         scale = float(torch.linalg.vector_norm(a)) + torch.finfo(self.dtype).tiny
         diff = float(torch.linalg.vector_norm(a - b)) / scale
@@ -402,7 +546,9 @@ class CurvatureOperator(LinearOperator):
             )
 
     def clear_cache(self) -> None:
-        """Drop any cached graph (it is rebuilt at the next product)."""
+        """Drop the cached graph (it is rebuilt at the next product)."""
+        self._graph = None
+        self._graph_key = None
 
     def loss_and_gradient(
         self, shift: Sequence[Tensor] | Tensor | None = None
@@ -412,6 +558,9 @@ class CurvatureOperator(LinearOperator):
         return loss_and_gradient(
             self.model, self.loss_fn, self.params, self.batches, self.seed, shift
         )
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
 
 
 class HessianOperator(CurvatureOperator):
@@ -463,7 +612,11 @@ class HessianOperator(CurvatureOperator):
     products; block Lanczos uses it.
 
     Built on :class:`CurvatureOperator` (data, weighting, seeds, the determinism check, the
-    cache key, :meth:`loss_and_gradient`).
+    cache key, :meth:`loss_and_gradient`); the backends are the products
+    :class:`DoubleBackward` and :class:`ForwardOverReverse`, chosen here once. An error is
+    classified by where it arises, never by its message: a failure of the second backward pass
+    (of the jvp for ``"func"``) is an :class:`UnsupportedProduct`; out of memory is re-raised
+    as it is.
 
     Args:
         model: the network; its parameters must share one device and one floating dtype.
@@ -472,7 +625,8 @@ class HessianOperator(CurvatureOperator):
             ``DataLoader``; not a one-shot generator, the data are read at every product).
         params: the parameters to differentiate (default: those with ``requires_grad``); the
             others are held fixed.
-        backend: ``"auto"``, ``"autograd"`` or ``"func"``.
+        backend: ``"auto"``, ``"autograd"`` or ``"func"``, or a :class:`Product` instance
+            (the strategy itself, no fallback).
         cache: keep one batch's gradient graph between products (``"autograd"`` only).
         seed: the dropout seed in training mode.
         check_deterministic: compute two products of one random vector at construction and
@@ -489,200 +643,29 @@ class HessianOperator(CurvatureOperator):
         top = top_eigenvalues(H, k=1, tol=1e-4)
     """
 
-
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossFn,
         data: Any,
         params: Iterable[Tensor] | None = None,
-        backend: str = "auto",
+        backend: str | Product = "auto",
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r} (allowed: {', '.join(BACKENDS)})")
-        self.backend = backend
-        self.backend_in_use = "func" if backend == "func" else "autograd"
-        self.backend_error: BaseException | None = None
-        self.cache = bool(cache)
-        self._graph: list[tuple[int, Tensor]] | None = None
-        self._graph_key: tuple | None = None
-        super().__init__(model, loss_fn, data, params, seed, check_deterministic)
-
-    # -- one batch ----------------------------------------------------------------------------
-
-    def _loss_of(self, x: Any, y: Any):
-        model, loss_fn, names = self.model, self.loss_fn, self.names
-
-        def loss_of(ps: tuple[Tensor, ...]) -> Tensor:
-            return loss_fn(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
-
-        return loss_of
-
-    def _hvp_func(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        primals = tuple(p.detach() for p in self.params)
-        _, hv = torch.func.jvp(torch.func.grad(self._loss_of(x, y)), (primals,), (tuple(vs),))
-        return hv
-
-    def _hvps_func(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        primals = tuple(p.detach() for p in self.params)
-        grad = torch.func.grad(self._loss_of(x, y))
-
-        def one(*ts: Tensor) -> tuple[Tensor, ...]:
-            return torch.func.jvp(grad, (primals,), (ts,))[1]
-
-        return torch.func.vmap(one, randomness="same")(*vs)
-
-    def _gradient_graph(self, x: Any, y: Any) -> list[tuple[int, Tensor]]:
-        """``(i, dL/dw_i)`` with ``create_graph=True``, for the gradients that depend on ``w``."""
-        with self._differentiable():
-            loss = self.loss_fn(self.model(x), y)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-
-    def _backward_through(
-        self, graph: list[tuple[int, Tensor]], vs: Sequence[Tensor], retain: bool,
-        batched: bool = False,
-    ) -> list[Tensor]:
-        """One backward pass through the gradient graph with ``vs`` (``k`` of them stacked on
-        a leading dimension when ``batched``)."""
-        k = vs[0].shape[0] if batched else None
-        shape = (lambda p: (k, *p.shape)) if batched else (lambda p: p.shape)
-        if not graph:  # the gradient does not depend on w: H = 0
-            return [p.new_zeros(shape(p)) for p in self.params]
-        with self._differentiable():
-            hv = torch.autograd.grad(
-                [g for _, g in graph],
-                self.params,
-                grad_outputs=[vs[i] for i, _ in graph],
-                retain_graph=retain,
-                allow_unused=True,
-                is_grads_batched=batched,
+        if isinstance(backend, Product):
+            product, fallback = backend, None
+        elif backend in BACKENDS:
+            product = ForwardOverReverse() if backend == "func" else DoubleBackward()
+            fallback = ForwardOverReverse() if backend == "auto" else None
+        else:
+            raise ValueError(
+                f"Invalid backend: {backend!r} (allowed: {', '.join(BACKENDS)}, or a Product)"
             )
-        return [
-            p.new_zeros(shape(p)) if h is None else h for p, h in zip(self.params, hv, strict=True)
-        ]
-
-    def _hvp_autograd(self, x: Any, y: Any, vs: Sequence[Tensor]) -> list[Tensor]:
-        return self._backward_through(self._gradient_graph(x, y), vs, retain=False)
-
-    def _cached_graph(self) -> list[tuple[int, Tensor]]:
-        key = self._state_key()
-        if self._graph is None or key != self._graph_key:
-            self._graph = None  # free the old graph before building the new one
-            ((x, y, _),) = iter(self.batches)
-            with self._batch_context(0):
-                self._graph = self._gradient_graph(x, y)
-            self._graph_key = self._state_key()
-        return self._graph
-
-    def _hvp_cached(self, vs: Sequence[Tensor]) -> list[Tensor]:
-        return self._backward_through(self._cached_graph(), vs, retain=True)
-
-    def _batch_product(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        if self._current == "func":
-            return self._hvp_func(x, y, vs)
-        return self._hvp_autograd(x, y, vs)
-
-    def _batch_products(self, x: Any, y: Any, vs: Sequence[Tensor]) -> Sequence[Tensor]:
-        if self._current == "func":
-            return self._hvps_func(x, y, vs)
-        return self._backward_through(self._gradient_graph(x, y), vs, retain=False, batched=True)
-
-    # -- the whole data set -------------------------------------------------------------------
-
-    def _cached(self, backend: str) -> bool:
-        return self.batches.single is not None and backend == "autograd" and self.cache
-
-    def _pass(self, v: Tensor, backend: str | None = None) -> Tensor:
-        backend = backend or self.backend_in_use
-        if self._cached(backend):
-            return torch.cat([h.reshape(-1) for h in self._hvp_cached(self.unflatten(v))])
-        self._current = backend
-        return super()._pass(v)
-
-    def _pass_many(self, V: Tensor, backend: str | None = None) -> Tensor:
-        backend = backend or self.backend_in_use
-        if self._cached(backend):
-            k = V.shape[1]
-            vt = V.T.contiguous()
-            vs = [t.view(k, *s) for t, s in
-                  zip(torch.split(vt, self.numels, dim=1), self.shapes, strict=True)]
-            out = self._backward_through(self._cached_graph(), vs, retain=True, batched=True)
-            return torch.cat([h.reshape(k, -1) for h in out], dim=1).T
-        self._current = backend
-        return super()._pass_many(V)
-
-    _current = "autograd"
-
-    def _with_fallback(self, run, v: Tensor) -> Tensor:
-        if self.backend_in_use == "func":
-            return run(v, "func")
-        try:
-            return run(v, "autograd")
-        except (RuntimeError, NotImplementedError) as err:
-            if (self.backend != "auto" or not _missing_double_backward(err)
-                    or _batching_error(err)):
-                raise  # an out-of-memory or any other error is not a reason to switch
-            self._graph = None
-            try:
-                out = run(v, "func")
-            except Exception:
-                raise err from None  # both failed: the double-backward error is the relevant one
-            self.backend_error = err
-            self.backend_in_use = "func"
-            warnings.warn(
-                f"HessianOperator: double backward is not available ({err}); using the func "
-                "backend (forward-over-reverse) from now on",
-                UserWarning,
-                stacklevel=4,
-            )
-            return out
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._with_fallback(self._pass, v)
-
-    def _matmat(self, v: Tensor) -> Tensor:
-        if self.batched and v.shape[1] > 1:
-            try:
-                out = self._with_fallback(self._pass_many, v)
-            except (RuntimeError, NotImplementedError) as err:
-                if not _batching_error(err):
-                    raise  # out of memory, a missing double backward under "autograd", ...
-                self._batched_failed(err)
-            else:
-                self.matvecs += v.shape[1]
-                return out
-        return LinearOperator._matmat(self, v)
-
-    def clear_cache(self) -> None:
-        """Drop the cached gradient graph (it is rebuilt at the next product)."""
-        self._graph = None
-        self._graph_key = None
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
-
-
-def _batching_error(err: BaseException) -> bool:
-    """Whether ``err`` comes from vmap / a batched backward (an op without a batching rule)."""
-    text = str(err).lower()
-    return any(s in text for s in ("batching rule", "vmap", "is_grads_batched", "batched grad"))
-
-
-def _missing_double_backward(err: BaseException) -> bool:
-    """Whether ``err`` says that an op has no (double-)backward formula."""
-    if isinstance(err, NotImplementedError):
-        return True
-    text = str(err).lower()
-    if "out of memory" in text or _batching_error(err):
-        return False
-    return any(s in text for s in (
-        "derivative for", "not implemented", "double backward", "does not require grad",
-        "twice differentiable", "not supported",
-    ))
+        self.backend = backend if isinstance(backend, str) else product.name
+        super().__init__(model, loss_fn, data, params, seed, check_deterministic,
+                         product=product, fallback=fallback, cache=cache)
 
 
 class MatrixOperator(LinearOperator):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from samkit.curvature.eigen import _check_int
 from samkit.curvature.operator import as_operator
+from samkit.optim._validation import check_int
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def hessian_trace(H, samples: int = 100, seed: int = 0) -> TraceResult:
         Laplacian smoothing splines. Communications in Statistics, 1990.
     """
     op = as_operator(H)
-    samples = _check_int("samples", samples, 2)
+    samples = check_int("samples", samples, 2)
     d = op.shape[0]
     generator = torch.Generator(device=op.device).manual_seed(int(seed))
     draws = torch.empty(samples, dtype=torch.float64, device=op.device)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samkit.optim._validation import check_seed as _check_seed
+
 
 @dataclass(frozen=True, eq=False)
 class DataSplit:
@@ -72,10 +74,9 @@ class DataSplit:
 
 
 def check_seed(seed: int) -> int:
-    """``seed`` as an int, or a ValueError naming it."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"Invalid seed: {seed!r} (a non-negative integer)")
-    return int(seed)
+    """``seed`` as an int, or a ValueError naming it (:func:`samkit.optim._validation.check_seed`:
+    an integer, 0 <= seed < 2**63)."""
+    return _check_seed("seed", seed)
 
 
 def subset_indices(

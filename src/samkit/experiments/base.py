@@ -229,9 +229,10 @@ def write_markdown(path: str | Path, lines: Sequence[str]) -> Path:
 # A job process dies with its parent and a parent's signal reaches its jobs once:
 # * each job process runs in its own process group (a terminal's Ctrl-C reaches only the
 #   parent, which forwards it: a job never sees it twice, which would abort its checkpoint);
-# * on Linux the kernel sends it SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG); a
-#   watchdog thread sees the parent go on every system (and sends the SIGTERM where the kernel
-#   does not), lets the running job stop with its checkpoint, then ends the process;
+# * on Linux the kernel signals it when its parent dies (prctl PR_SET_PDEATHSIG, SIGUSR1 turned
+#   into one SIGTERM); a watchdog thread sees the parent go on every system (and sends the
+#   SIGTERM where the kernel does not), lets the running job stop with its checkpoint, then
+#   ends the process;
 # * the parent, on SIGINT / SIGTERM, forwards the signal to its jobs, cancels the tasks not
 #   started, waits for the running ones to save their checkpoints, then raises
 #   :class:`JobsInterrupted` (the CLI exits 128 + the signal).
@@ -270,9 +271,25 @@ def _init_worker(shared: Any, parent: int | None = None, stop: Any = None) -> No
         os.setpgrp()  # the parent alone gets a terminal's Ctrl-C (and forwards it)
     for s in _SIGNALS:  # between tasks a signal only means: start no other task
         signal.signal(s, _note_signal)
-    pdeathsig = _set_parent_death_signal(signal.SIGTERM)
+    # The kernel's parent-death signal comes once per thread of the parent that exits (the
+    # child is reparented to the next thread, and signalled again): it arrives as SIGUSR1 and
+    # becomes one SIGTERM, since a second SIGTERM would abort the task without its checkpoint.
+    pdeathsig = False
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, _parent_died)  # before the kernel may send it
+        pdeathsig = _set_parent_death_signal(signal.SIGUSR1)
     threading.Thread(target=_watch_parent, args=(parent, not pdeathsig), daemon=True,
                      name="samkit-watch-parent").start()
+
+
+_ORPHANED = threading.Event()  # the parent died and this job process was told to stop
+
+
+def _parent_died(signum=None, frame=None) -> None:
+    """The parent is gone: SIGTERM this process once (a training task saves and stops)."""
+    if not _ORPHANED.is_set():
+        _ORPHANED.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _SIGNALS = (signal.SIGINT,) + ((signal.SIGTERM,) if hasattr(signal, "SIGTERM") else ())
@@ -305,8 +322,8 @@ def _watch_parent(parent: int, send_signal: bool, poll: float = 0.25) -> None:
     its checkpoint) and end this process, which would otherwise wait for tasks forever."""
     while os.getppid() == parent:
         time.sleep(poll)
-    if send_signal:  # where the kernel sent no SIGTERM (not Linux)
-        os.kill(os.getpid(), signal.SIGTERM)
+    if send_signal:  # where the kernel sends no parent-death signal (not Linux)
+        _parent_died()
     deadline = time.monotonic() + ORPHAN_GRACE
     while _RUNNING.is_set() and time.monotonic() < deadline:
         time.sleep(0.05)

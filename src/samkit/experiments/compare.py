@@ -225,11 +225,22 @@ def run_configs(
 
 
 def _optimizer_keys(name: str, overrides: list[str]) -> list[str]:
-    """``lam=0.3`` -> ``optimizer_kwargs.lam=0.3`` for a key the optimizer takes that is not a
-    TrainConfig key (``rho``, ``eta`` stay config keys)."""
+    """``lam=0.3`` -> ``optimizer_kwargs.lam=0.3`` for a key the optimizer declares (any
+    namespace of its registry entry, for the ``ascent=`` the spec names; plus ``ascent`` and the
+    common keys) that is not a TrainConfig key (``rho``, ``eta``, ``gamma``, ``seed`` stay config
+    keys; ``schedule`` is the learning-rate schedule's older name)."""
+    from samkit.optim.presets import COMMON_KEYS
     from samkit.optim.registry import optimizer_info
 
-    own = optimizer_info(name).wrapper_keys()
+    entry = optimizer_info(name)
+    spec = dict(item.partition("=")[::2] for item in overrides)
+    ascent = spec.get("ascent", "").strip() or None
+    try:
+        own = entry.keys(ascent=ascent)
+    except ValueError:  # a bad ascent: create_optimizer names it
+        own = entry.keys()
+    if entry.sharpness_aware:
+        own |= {*COMMON_KEYS} | ({"ascent"} if entry.ascent_choice else set())
     keys = set(C.fields_of(TrainConfig))
     out = []
     for item in overrides:

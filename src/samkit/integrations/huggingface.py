@@ -37,6 +37,7 @@ from samkit._extras import require
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.kind import form_of
 from samkit.optim.sam import SAM
 
 # the extra named before transformers' own ModuleNotFoundError
@@ -89,7 +90,7 @@ class SAMTrainer(Trainer):
                 wrapped = OPTIMIZERS[self.sam.lower()](base, **self.sam_kwargs)
             else:
                 wrapped = self.sam(base)
-            if not isinstance(wrapped, SharpnessAwareOptimizer):
+            if not form_of(wrapped).perturbs:
                 raise ValueError(
                     f"Invalid sam: the callable returned {type(wrapped).__name__} (allowed: a "
                     "samkit SharpnessAwareOptimizer wrapping the optimizer it was given)"
@@ -162,7 +163,7 @@ def _as_batch(probe: Any) -> dict[str, torch.Tensor]:
 
 def _unwrap(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
-    while not isinstance(optimizer, SharpnessAwareOptimizer) and hasattr(optimizer, "optimizer"):
+    while not form_of(optimizer).wraps and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 

@@ -47,13 +47,13 @@ from typing import Any
 
 from torch import nn
 
-from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.kind import form_of
 
 __all__ = ["EdgeTrackerCallback", "is_perturbed", "running_stats", "sharpness_aware_optimizers"]
 
 
-def sharpness_aware_optimizers(module: Any) -> list[SharpnessAwareOptimizer]:
+def sharpness_aware_optimizers(module: Any) -> list[Any]:
     """The samkit optimizers of a LightningModule (unwrapped from ``LightningOptimizer``)."""
     trainer = getattr(module, "_trainer", None)
     if trainer is None:
@@ -61,7 +61,7 @@ def sharpness_aware_optimizers(module: Any) -> list[SharpnessAwareOptimizer]:
     found = []
     for opt in getattr(trainer, "optimizers", []) or []:
         opt = getattr(opt, "optimizer", opt)  # LightningOptimizer -> the torch optimizer
-        if isinstance(opt, SharpnessAwareOptimizer):
+        if form_of(opt).wraps:  # declared by the optimizer: a samkit optimizer
             found.append(opt)
     return found
 

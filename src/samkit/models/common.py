@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from samkit.optim._validation import check_int
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -45,17 +47,13 @@ MAX_PARAMETERS = 1 << 31
 
 def check_positive_int(name: str, value: object, minimum: int = 1,
                        maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {_short(value)} (an integer >= {minimum})")
+    """An integer >= ``minimum`` (:func:`samkit.optim._validation.check_int`) and at most
+    ``maximum``, samkit's limit on model sizes."""
+    value = check_int(name, value, minimum)
     if maximum is not None and value > maximum:
         raise ValueError(f"Invalid {name}: {value} (an integer from {minimum} to {maximum}: "
                          "samkit's limit on model sizes)")
     return value
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_dropout(value: object) -> float:

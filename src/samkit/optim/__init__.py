@@ -9,17 +9,25 @@ from samkit.optim.fishersam import FisherSAM
 from samkit.optim.friendlysam import FriendlySAM
 from samkit.optim.groups import param_groups
 from samkit.optim.gsam import GSAM
+from samkit.optim.kind import OptimizerKind, StepForm, kind_of
 from samkit.optim.looksam import LookSAM
+from samkit.optim.lossterm import LossTermOptimizer
 from samkit.optim.msam import MSAM
+from samkit.optim.onepass import OnePassOptimizer
 from samkit.optim.presets import SharpnessAware
 from samkit.optim.registry import (
+    OptimizerInfo,
     create_optimizer,
+    describe_optimizers,
     list_ascents,
     list_descents,
     list_optimizers,
     list_schedules,
+    optimizer_info,
+    optimizer_options,
     register_ascent,
     register_optimizer,
+    wrap_optimizer,
 )
 from samkit.optim.sam import SAM
 from samkit.optim.schedules import (
@@ -29,8 +37,10 @@ from samkit.optim.schedules import (
     rst_sam,
     with_schedule,
 )
+from samkit.optim.selecting import ExampleSelectingOptimizer
 from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
+from samkit.optim.wrapper import WrappingOptimizer
 
 __all__ = [
     "ASAM",
@@ -42,10 +52,17 @@ __all__ = [
     "USAM",
     "AESchedule",
     "ExampleLosses",
+    "ExampleSelectingOptimizer",
     "FisherSAM",
     "FriendlySAM",
     "MSAM",
     "LookSAM",
+    "LossTermOptimizer",
+    "OnePassOptimizer",
+    "OptimizerInfo",
+    "OptimizerKind",
+    "StepForm",
+    "WrappingOptimizer",
     "RandomSchedule",
     "SharpnessAware",
     "SharpnessAwareOptimizer",
@@ -53,15 +70,20 @@ __all__ = [
     "accumulation_closure",
     "ae_sam",
     "create_optimizer",
+    "describe_optimizers",
     "disable_running_stats",
+    "kind_of",
     "list_ascents",
     "list_descents",
     "list_optimizers",
     "list_schedules",
     "m_sharpness_step",
+    "optimizer_info",
+    "optimizer_options",
     "param_groups",
     "register_ascent",
     "register_optimizer",
     "rst_sam",
     "with_schedule",
+    "wrap_optimizer",
 ]

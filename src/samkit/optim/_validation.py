@@ -1,8 +1,10 @@
-"""Argument checks shared by the optimizers: a ValueError that names the value and the range.
+"""Argument checks: a ValueError that names the value and what is allowed.
 
-One home for them: the wrappers (SAM family, MSAM, ESAM, SAF/MESA) and ``create_optimizer``
-check their own arguments *and* the optimizer they wrap at construction, so that a bad value
-fails there, with its name, rather than as NaN weights or a TypeError inside ``step``.
+One home for samkit's checks of numbers, integers, choices and seeds (the optimizers, the
+config, the curvature functions and sharpness use these). The wrappers (SAM family, MSAM,
+ESAM, SAF/MESA) and ``create_optimizer`` check their own arguments *and* the optimizer they
+wrap at construction, so that a bad value fails there, with its name, rather than as NaN
+weights or a TypeError inside ``step``.
 """
 
 from __future__ import annotations
@@ -59,10 +61,32 @@ def _not_a_number(value: Any) -> str:
     return ""
 
 
-def check_choice(name: str, value, allowed: tuple) -> None:
+def check_choice(name: str, value, allowed: tuple | list, show=repr) -> None:
+    """``value`` must be one of ``allowed`` (listed in the message with ``show``)."""
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {short_repr(value)} (allowed: "
-                         f"{', '.join(map(repr, allowed))})")
+                         f"{', '.join(map(show, allowed))})")
+
+
+def check_int(name: str, value, low: int = 1, high: int | None = None,
+              none: bool = False) -> int | None:
+    """``value`` must be an integer (not a bool; numpy integers too) with ``low <= value``
+    (``<= high`` when given), or None when ``none``; returns it as an ``int``."""
+    if none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+        value >= low and (high is None or value <= high)
+    ):
+        allowed = ("None or " if none else "") + f"an integer >= {low}"
+        allowed += f" and <= {high}" if high is not None else ""
+        raise ValueError(f"Invalid {name}: {short_repr(value)} (allowed: {allowed})")
+    return int(value)
+
+
+def check_in_range(name: str, value: float, low: float, high: float) -> None:
+    """``low <= value < high`` (a probability, a fraction)."""
+    if not low <= value < high:
+        raise ValueError(f"Invalid {name}: {value} (allowed: {low} <= {name} < {high})")
 
 
 def check_positive(name: str, value) -> None:
@@ -84,7 +108,7 @@ def check_seed(name: str, value) -> int:
         0 <= value < _SEED_LIMIT
     ):
         raise ValueError(f"Invalid {name}: {short_repr(value)} (allowed: an integer, "
-                         "0 <= seed < 2**63)")
+                         f"0 <= {name} < 2**63)")
     return int(value)
 
 

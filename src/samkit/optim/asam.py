@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
-from samkit.optim import kernels
-from samkit.optim._validation import check_choice, check_non_negative
 from samkit.optim.ascents import ASAM_ASCENT, P_NORMS
 from samkit.optim.base import SharpnessAwareOptimizer
 
@@ -47,6 +45,8 @@ class ASAM(SharpnessAwareOptimizer):
         eta: the offset η of the normalization operator (>= 0).
         p: the norm of the ball, 2 or ``math.inf`` (``float("inf")``).
         normalization: ``"elementwise"`` (the paper) or ``"filterwise"``.
+        normalize: the default of the per-group key ``normalize`` (groups that carry their own,
+            e.g. from :func:`samkit.param_groups`, keep it; False: plain SAM directions).
 
         max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
             (clip the base step's direction; skip non-finite steps without a scaler).
@@ -61,22 +61,22 @@ class ASAM(SharpnessAwareOptimizer):
     def __init__(
         self,
         base_optimizer: Optimizer,
-        rho: float = 0.5,
-        eta: float = 0.01,
-        p: float = 2,
-        normalization: str = "elementwise",
+        rho: float = ASAM_ASCENT.rho,
+        eta: float = ASAM_ASCENT.group_defaults["eta"],
+        p: float = ASAM_ASCENT.options["p"],
+        normalization: str = ASAM_ASCENT.options["normalization"],
         *,
+        normalize: bool = ASAM_ASCENT.group_defaults["normalize"],
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        check_non_negative("rho", rho)
-        check_non_negative("eta", eta)
-        check_choice("p", p, P_NORMS)
-        check_choice("normalization", normalization, kernels.NORMALIZATIONS)
-        self.ascent_options = {"p": p, "normalization": normalization}
+        # the record's checks; groups: rho, eta, normalize; options: p, normalization
+        groups, self.ascent_options = self.ascent.resolve(
+            rho=rho, eta=eta, normalize=normalize, p=p, normalization=normalization
+        )
         super().__init__(
             base_optimizer,
-            dict(rho=rho, eta=eta, normalize=True),
+            groups,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )

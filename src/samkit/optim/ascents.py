@@ -70,6 +70,10 @@ class Ascent:
         edge_needs_grad_norm: ``edge`` reads ``grad_norm`` (SAM's edge does, USAM's does not).
         effective: the diagonal of :math:`\\rho M / c` per parameter, or None.
         effective_note: why there is no effective-Hessian form (when ``effective`` is None).
+        effective_check: ``effective_check(optimizer) -> str``: why this optimizer's settings
+            leave the form out ('' when they do not; ASAM with p = ∞), or None.
+        isotropic: :math:`M = I` (SAM, USAM): ``H_eff = H + c H^2`` is a
+            polynomial in :math:`H`, with :math:`H`'s eigenvectors.
     """
 
     name: str
@@ -86,6 +90,8 @@ class Ascent:
     edge_needs_grad_norm: bool = False
     effective: EffectiveForm | None = None
     effective_note: str = ""
+    effective_check: Callable[[Any], str] | None = None
+    isotropic: bool = False
 
     def keys(self) -> set[str]:
         """The keyword arguments this ascent takes: ``rho``, its group keys and its options."""
@@ -104,8 +110,8 @@ class Ascent:
         check_non_negative("rho", groups["rho"])
         for k, v in self.group_defaults.items():
             value = given.get(k, v)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                check_non_negative(k, value)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):  # a numeric default:
+                check_non_negative(k, value)  # a string or NaN given for it is refused here
             groups[self.group_keys.get(k, k)] = value
         options = {k: given.get(k, v) for k, v in self.options.items()}
         if self.check is not None:
@@ -313,18 +319,18 @@ def _asam_has_effective(optimizer) -> str:
 
 SAM_ASCENT = Ascent(
     "sam", sam_direction, "SAM, Foret et al. 2021: eps = rho g / ||g||", rho=0.05,
-    edge=_sam_edge, edge_needs_grad_norm=True, effective=_sam_effective,
+    edge=_sam_edge, edge_needs_grad_norm=True, effective=_sam_effective, isotropic=True,
 )  # fmt: skip
 USAM_ASCENT = Ascent(
     "usam", usam_direction, "unnormalized SAM: eps = rho g", rho=0.05,
-    needs_unscaled_grads=True, edge=_usam_edge, effective=_usam_effective,
+    needs_unscaled_grads=True, edge=_usam_edge, effective=_usam_effective, isotropic=True,
 )  # fmt: skip
 ASAM_ASCENT = Ascent(
     "asam", asam_direction, "ASAM, Kwon et al. 2021: eps = rho T^2 g / ||T g||", rho=0.5,
     group_defaults={"eta": 0.01, "normalize": True},
     options={"p": 2, "normalization": "elementwise"}, check=_check_asam,
     edge_note="no closed-form edge for ASAM (T depends on w): use the effective Hessian",
-    effective=_asam_effective,
+    effective=_asam_effective, effective_check=_asam_has_effective,
 )  # fmt: skip
 FISHER_ASCENT = Ascent(
     "fishersam", fisher_direction, "Fisher SAM, Kim et al. 2022: eps = rho F^-1 g/..", rho=0.1,
@@ -350,8 +356,8 @@ def effective_note(optimizer) -> str:
         return f"{type(optimizer).__name__} declares no ascent"
     if ascent.effective is None:
         return ascent.effective_note or f"ascent {ascent.name!r} declares no effective form"
-    if ascent.name == "asam":
-        return _asam_has_effective(optimizer)
+    if ascent.effective_check is not None:
+        return ascent.effective_check(optimizer)
     return ""
 
 

@@ -33,6 +33,10 @@ does nothing special, so SAM, ASAM and USAM never see them):
 * :meth:`~SharpnessAwareOptimizer._global_state_dict`: optimizer-level state (step counters,
   running statistics, random generators) saved next to the per-parameter state.
 
+:class:`SharpnessAwareOptimizer` is the two-pass family on the one base of every wrapping
+optimizer, :class:`samkit.optim.wrapper.WrappingOptimizer` (validation, group sharing, clipping,
+non-finite skip, AMP through :mod:`samkit.optim.amp`, the state namespace, pickling).
+
 The order of one step's base-step direction, on two-pass and one-pass steps alike:
 
 1. the gradients, unscaled once under AMP (through the scaler's own record for the base
@@ -47,230 +51,62 @@ The order of one step's base-step direction, on two-pass and one-pass steps alik
 
 from __future__ import annotations
 
-import functools
-import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.optim import Optimizer
+from torch import Tensor, nn
 
-from samkit.optim import kernels
-from samkit.optim._validation import check_keyword_types, check_optimizer, check_positive
-
-Closure = Callable[[], Any]
-
-# Per-parameter state entries that only live between first_step and second_step; they are not
-# saved by state_dict (a checkpoint is always taken between full steps).
-_TRANSIENT_STATE = ("w_backup", "grad_first")
-
-# Attributes of torch.optim.Optimizer that its own __getstate__ leaves out (hooks, profiler names).
-_TORCH_INTERNAL_PREFIXES = ("_optimizer_", "_zero_grad_profile", "_warned_")
-
-
-def picklable_state(optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """``torch.optim.Optimizer.__getstate__``'s ``state`` plus the wrapper's own attributes,
-    without torch.optim's hooks and an LR scheduler's patched ``step``: what a wrapping
-    optimizer pickles, deep-copies and ``torch.save``-s."""
-    for key, value in optimizer.__dict__.items():
-        if key in state or key == "step" or key.startswith(_TORCH_INTERNAL_PREFIXES):
-            continue
-        state[key] = value
-    return state
+from samkit.optim import amp, kernels
+from samkit.optim.kind import StepForm
+from samkit.optim.wrapper import (  # noqa: F401  (re-exported: the names' old home)
+    _TRANSIENT_STATE,
+    Bucket,
+    Closure,
+    WrappingOptimizer,
+    _not_compiled,
+    _replicated_with_shards,
+    accepts_base_class,
+    picklable_state,
+)
 
 
-class Bucket:
-    """The tensors of one param group on one device with one dtype, for the foreach kernels."""
-
-    __slots__ = ("group", "params", "grads", "backups", "first_grads")
-
-    def __init__(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], backups, first_grads=None
-    ):
-        self.group = group
-        self.params = params
-        self.grads = grads
-        self.backups = backups
-        # the first-pass gradient g, kept only for optimizers with _keeps_first_grads
-        self.first_grads = first_grads
-
-
-def _replicated_with_shards(buckets: list[Bucket]) -> list[Bucket]:
-    """When some buckets hold local shards (FSDP2) and others plain tensors, the plain ones are
-    copies on every rank: tag them so the all-reduced norms count them once."""
-    sharded = [b for b in buckets if isinstance(b.grads, kernels.ShardedTensors)]
-    if not sharded or len(sharded) == len(buckets):
-        return buckets
-    import torch.distributed as dist
-
-    group = sharded[0].grads.group
-    replicas = dist.get_world_size(group)
-    for b in buckets:
-        if not isinstance(b.grads, kernels.ShardedTensors):
-            for name in ("params", "grads", "backups", "first_grads"):
-                value = getattr(b, name)
-                if value is not None:
-                    setattr(b, name, kernels.ShardedTensors(value, group, replicas))
-    return buckets
-
-
-def _not_compiled(fn: Callable) -> Callable:
-    """Run ``fn`` eagerly even inside a region compiled by ``torch.compile`` (a graph break).
-
-    The protocol methods move weights between ``w`` and ``w + ε`` and keep Python state between
-    calls; traced by Dynamo, that state is replayed wrongly (finding 8 of issue 12). Dynamo is
-    imported lazily: ``torch._dynamo.disable`` is applied on the first call made while compiling,
-    so importing samkit stays fast.
-    """
-    disabled: list[Callable] = []
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        compiler = getattr(torch, "compiler", None)
-        if compiler is not None and compiler.is_compiling():
-            if not disabled:  # pragma: no cover - only under torch.compile
-                from torch import _dynamo
-
-                disabled.append(_dynamo.disable(fn))
-            return disabled[0](*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _found_inf_stage(scaler, optimizer) -> Any:
-    """The GradScaler's stage for ``optimizer`` (READY, UNSCALED, STEPPED), or None."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is None or id(optimizer) not in states:
-        return None
-    return states[id(optimizer)]["stage"]
-
-
-def _reset_scaler_state(scaler, optimizer) -> None:
-    from torch.amp.grad_scaler import OptState
-
-    states = scaler._per_optimizer_states
-    if id(optimizer) in states:
-        states[id(optimizer)] = {"stage": OptState.READY, "found_inf_per_device": {}}
-
-
-def accepts_base_class(fn: Callable) -> Callable:
-    """Let ``fn(base_optimizer, ...)`` (an ``__init__`` or a factory) also be called as davda54/sam
-    and pytorch_optimizer spell it: ``fn(params, torch.optim.SGD, rho=0.05, lr=0.1, ...)``.
-
-    The keyword arguments that ``fn`` names go to ``fn``; the others build the base optimizer,
-    ``base_class(params, **others)``. Both forms give the same optimizer, step for step.
-    """
-    signature = inspect.signature(fn)
-    names = list(signature.parameters)
-    is_method = bool(names) and names[0] == "self"
-    own = set(names[2 if is_method else 1 :])
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        head, rest = (args[:1], args[1:]) if is_method else ((), args)
-        if "base_optimizer" in kwargs and not rest:
-            rest = (kwargs.pop("base_optimizer"),)
-        if not rest or isinstance(rest[0], Optimizer):
-            return fn(*head, *rest, **kwargs)
-        params, tail = rest[0], rest[1:]
-        base_class = kwargs.pop("base_optimizer_class", None)
-        if base_class is None and tail and isinstance(tail[0], type):
-            base_class, tail = tail[0], tail[1:]
-        if base_class is None:
-            return fn(*head, *rest, **kwargs)  # the usual "Invalid base_optimizer" error
-        if not (isinstance(base_class, type) and issubclass(base_class, Optimizer)):
-            raise ValueError(
-                f"Invalid base_optimizer_class: {base_class!r} (allowed: a torch.optim.Optimizer "
-                "subclass such as torch.optim.SGD)"
-            )
-        if "adaptive" in kwargs and "adaptive" not in own:
-            raise ValueError(
-                "Invalid argument adaptive: samkit has a class for adaptive SAM; use "
-                "samkit.ASAM(params, torch.optim.SGD, rho=0.5, ...) instead of adaptive=True"
-            )
-        mine = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
-        check_keyword_types(base_class.__name__, base_class, kwargs)  # nesterov="maybe"
-        base = base_class(params, **kwargs)
-        return fn(*head, base, *tail, **mine)
-
-    return wrapper
-
-
-class SharpnessAwareOptimizer(Optimizer):
-    """Base class: wraps a ``torch.optim.Optimizer`` instance and shares its ``param_groups``.
+class SharpnessAwareOptimizer(WrappingOptimizer):
+    """The two-pass family: wraps a ``torch.optim.Optimizer`` instance and shares its
+    ``param_groups``; each step runs a pass at ``w`` and, after the ascent, one at ``w + ε``.
 
     Args:
-        base_optimizer: the optimizer that takes the descent step (SGD, AdamW, ...), already
-            built over the model's parameters.
-        defaults: this optimizer's own per-group hyperparameters (``rho`` and friends). They
-            are added to every param group that lacks them, so a group may override them and a
-            schedule may change them between steps.
-        max_grad_norm: clip the direction the base optimizer steps with (after the variant's
-            rewrite of the gradient, after unscaling under AMP, on two-pass and one-pass steps
-            alike) to this Euclidean norm, as ``torch.nn.utils.clip_grad_norm_`` would. The norm
-            spans every param group; the limit is a per-group key (``group["max_grad_norm"]``,
-            None: that group is not clipped). Default None: no clipping.
-        skip_non_finite: without a GradScaler, check each pass for inf/NaN (one host sync per
-            pass): a non-finite step is skipped, ``w`` is kept and :attr:`skipped_steps` counts
-            it. With a scaler the scaler decides, as always. Default False.
+        base_optimizer, defaults, max_grad_norm, skip_non_finite: see
+            :class:`~samkit.optim.wrapper.WrappingOptimizer`.
 
     Use either ``loss = opt.step(closure)`` (the closure zeroes the gradients, runs the forward
     and backward pass and returns the loss; it is called twice) or the explicit form
     ``first_step()`` / ``second_step()``.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:  # SAM(params, torch.optim.SGD, rho=..., lr=...)
-            cls.__init__ = accepts_base_class(cls.__dict__["__init__"])
+    step_form = StepForm.TWO_PASS
+    _rewrite_hooks = ("_two_pass_", "_descent_", "_one_pass_descent_")
 
     def __init__(
         self,
-        base_optimizer: Optimizer,
+        base_optimizer,
         defaults: dict[str, Any],
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        if max_grad_norm is not None:
-            check_positive("max_grad_norm", max_grad_norm)
-        if not isinstance(skip_non_finite, bool):
-            raise ValueError(f"Invalid skip_non_finite: {skip_non_finite!r} (allowed: True, False)")
-        defaults = {**defaults, "max_grad_norm": max_grad_norm}
-        if not isinstance(base_optimizer, Optimizer):
-            raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} (allowed: an instance "
-                "of torch.optim.Optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1))"
-            )
-        if isinstance(base_optimizer, SharpnessAwareOptimizer):
-            raise ValueError("Invalid base_optimizer: it is already sharpness-aware")
-        clash = sorted(set(defaults) & set(base_optimizer.defaults))
-        if clash:
-            raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} already uses the "
-                f"hyperparameter name(s) {clash}, which {type(self).__name__} needs"
-            )
-        if not any(len(g["params"]) for g in base_optimizer.param_groups):
-            raise ValueError("Invalid base_optimizer: it has no parameters")
-        check_optimizer(base_optimizer, type(self).__name__)  # real float params, finite lr, ...
-        self.base_optimizer = base_optimizer
-        # Optimizer.__init__ adds our defaults to the base optimizer's group dicts in place
-        # (add_param_group keeps the dict); then both objects share the very same list.
-        super().__init__(base_optimizer.param_groups, defaults)
-        self.param_groups = base_optimizer.param_groups
-        self.defaults = {**base_optimizer.defaults, **defaults}
-        self._perturbed: list[Bucket] | None = None
-        self._first_pass_finite: Tensor | None = None
+        super().__init__(base_optimizer, defaults, max_grad_norm, skip_non_finite)
         self._one_pass_done = False  # the last first_step() took a one-pass step
-        self._zero_grad_calls = 0
         self._left_grads: list[tuple[Tensor, Any]] | None = None  # see second_step(zero_grad)
-        self.skip_non_finite = skip_non_finite
-        self.skipped_steps = 0  # steps skipped by skip_non_finite
         # An optional step schedule (AE-SAM, RST, see samkit.optim.schedules): an object with
         # use_sam(optimizer, buckets, scaler) -> bool, state_dict() and load_state_dict().
         self.schedule = None
+
+    @property
+    def accepts_schedule(self) -> bool:
+        """Can a step schedule decide this optimizer's steps (it does not decide them itself,
+        as LookSAM does)?"""
+        return "_two_pass_" not in self.descent_rewrites()
 
     # ------------------------------------------------------------------ the ascent direction
 
@@ -293,9 +129,6 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ composition hooks
 
-    # Keep a copy of the first-pass gradient g in bucket.first_grads (GSAM, LookSAM).
-    _keeps_first_grads = False
-
     def _two_pass_(self, buckets: list[Bucket], scaler: torch.amp.GradScaler | None) -> bool:
         """After the first pass: is this a sharpness-aware (two-pass) step?
 
@@ -305,11 +138,6 @@ class SharpnessAwareOptimizer(Optimizer):
         one forward-backward pass. The default asks :attr:`schedule`, if one is set.
         """
         return self.schedule is None or bool(self.schedule.use_sam(self, buckets, scaler))
-
-    def _descent_(self, buckets: list[Bucket]) -> None:
-        """Rewrite the second-pass gradients (``bucket.grads``, at ``w + ε``) in place before the
-        base step; ``w`` is already restored, so ``bucket.backups`` is scratch space. Default:
-        descend with the second-pass gradient unchanged."""
 
     def _one_pass_descent_(self, buckets: list[Bucket]) -> None:
         """Rewrite the first-pass gradients in place before a one-pass step's base step; the
@@ -322,14 +150,12 @@ class SharpnessAwareOptimizer(Optimizer):
         state: dict[str, Any] = {}
         if self.schedule is not None:
             state["schedule"] = self.schedule.state_dict()
-        if self.skipped_steps:
-            state["skipped_steps"] = self.skipped_steps
-        return state
+        return {**state, **super()._global_state_dict()}
 
     def _load_global_state_dict(self, state: dict[str, Any]) -> None:
         if self.schedule is not None and "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        super()._load_global_state_dict(state)
 
     @property
     def is_perturbed(self) -> bool:
@@ -338,62 +164,7 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed pass under :func:`samkit.disable_running_stats`."""
         return self._perturbed is not None
 
-    def step_rewrites(self) -> str | None:
-        """Why a step is more than "descend with the gradient at ``w + ε``", or None.
-
-        Not None for variants that override :meth:`_two_pass_`, :meth:`_descent_` or
-        :meth:`_one_pass_descent_`, or carry a :attr:`schedule` (they use the first-pass gradient
-        or skip passes): per-micro-batch and per-replica perturbation cannot take them.
-        """
-        base = SharpnessAwareOptimizer
-        custom = [
-            hook
-            for hook in ("_two_pass_", "_descent_", "_one_pass_descent_")
-            if getattr(type(self), hook) is not getattr(base, hook)
-        ]
-        if custom:
-            return f"rewrites its steps ({', '.join(custom)})"
-        return "has a step schedule" if self.schedule is not None else None
-
-    # ------------------------------------------------------------------ buckets
-
-    def _buckets(self) -> list[Bucket]:
-        self._fill_defaults()  # groups added to the base optimizer after wrapping
-        buckets = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = []
-            for p in params:
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
-                grads.append(p.grad)
-            backups = []
-            for p in params:
-                state = self.state[p]
-                if "w_backup" not in state:  # allocated once, reused every step
-                    state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                backups.append(state["w_backup"])
-            lists = [params, grads, backups]
-            if self._keeps_first_grads:
-                firsts = []
-                for p in params:
-                    state = self.state[p]
-                    if "grad_first" not in state:  # zero: a parameter without a first-pass grad
-                        state["grad_first"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                    firsts.append(state["grad_first"])
-                lists.append(firsts)
-            # FSDP2 (DTensor) parameters: the kernels work on the local shards, and the norms
-            # are all-reduced once (kernels.ShardedTensors); plain tensors pass through as is.
-            for info, parts in kernels.split_sharded(*lists):
-                for bucket_lists in kernels.group_by_device_and_dtype(*parts):
-                    if info is not None:
-                        bucket_lists = [kernels.ShardedTensors(t, *info) for t in bucket_lists]
-                    buckets.append(Bucket(group, *bucket_lists))
-        return _replicated_with_shards(buckets)
+    # ------------------------------------------------------------------ the protocol
 
     def _zero_stale_first_grads(self, buckets: list[Bucket]) -> None:
         """A parameter with no gradient at ``w`` but one at ``w + ε`` (mixture-of-experts
@@ -407,72 +178,6 @@ class SharpnessAwareOptimizer(Optimizer):
         ]
         if stale:
             torch._foreach_zero_(stale)
-
-    # ------------------------------------------------------------------ AMP and clipping
-
-    def _unscaled_by_user(self, scaler) -> bool:
-        """Did the user call ``scaler.unscale_`` on this optimizer or on the base since the
-        last ``scaler.update()`` (the gradients are then unscaled)?"""
-        return any(
-            getattr(_found_inf_stage(scaler, opt), "name", None) == "UNSCALED"
-            for opt in (self, self.base_optimizer)
-        )
-
-    def _clear_first_pass_unscale(self, scaler) -> None:
-        """Before a second pass: forget a ``scaler.unscale_`` of the first pass, so that the
-        second pass may be unscaled again (its non-finite flag is kept by first_step)."""
-        for opt in (self, self.base_optimizer):
-            _reset_scaler_state(scaler, opt)
-
-    def _unscale_(self, scaler) -> None:
-        """Unscale the gradients once, through the scaler's own record for the base optimizer
-        (so ``scaler.step`` will not unscale them again), unless the user already called
-        ``scaler.unscale_`` on this optimizer or on the base optimizer."""
-        from torch.amp.grad_scaler import OptState
-
-        states = scaler._per_optimizer_states
-        base = states[id(self.base_optimizer)]
-        if _found_inf_stage(scaler, self) == OptState.UNSCALED:
-            # scaler.unscale_(opt) on the wrapper: the gradients are unscaled, and its found-inf
-            # record becomes the base optimizer's (update() reads both; counting twice is fine)
-            if base["stage"] is OptState.READY:
-                base["stage"] = OptState.UNSCALED
-                base["found_inf_per_device"] = dict(states[id(self)]["found_inf_per_device"])
-        elif base["stage"] is OptState.READY:
-            scaler.unscale_(self.base_optimizer)
-
-    def _record_first_pass_non_finite(self, scaler) -> None:
-        """Add the first pass's non-finite flag to the scaler's found-inf record of the base
-        optimizer, so that ``scaler.step`` skips the step and ``update()`` lowers the scale
-        (no host sync, no gradient touched)."""
-        finite = self._first_pass_finite
-        if finite is None:
-            return
-        found = scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"]
-        flag = (~finite).to(torch.float32)
-        device = flag.device
-        # a maximum, not a sum: fused optimizers (Adam(fused=True)) skip only on found_inf == 1
-        found[device] = torch.maximum(found[device], flag) if device in found else flag
-
-    def _clip_(self, buckets: list[Bucket]) -> None:
-        r"""Clip the step direction: :math:`d \leftarrow d \min(1, c / (\|d\|_2 + 10^{-6}))` with
-        :math:`c` = ``group["max_grad_norm"]``, :math:`\|d\|` over every group (no host sync)."""
-        if not buckets or all(b.group.get("max_grad_norm") is None for b in buckets):
-            return
-        norm = kernels.global_sq_norm(b.grads for b in buckets).sqrt()
-        for b in buckets:
-            limit = b.group.get("max_grad_norm")
-            if limit is None:
-                continue
-            check_positive("max_grad_norm", limit)
-            coef = (float(limit) / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(b.grads, coef.to(b.grads[0].device))
-
-    def _all_finite(self, buckets: list[Bucket]) -> bool:
-        total = kernels.global_sq_norm(b.grads for b in buckets)
-        return total is None or bool(torch.isfinite(total))  # one host sync
-
-    # ------------------------------------------------------------------ the protocol
 
     @_not_compiled
     @torch.no_grad()
@@ -508,8 +213,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self._check_grads_cleared()
         self._one_pass_done = False
         buckets = self._buckets()
-        use_scaler = scaler is not None and scaler.is_enabled()
-        scaled = use_scaler and not self._unscaled_by_user(scaler)
+        use_scaler = amp.enabled(scaler)
+        scaled = use_scaler and not amp.unscaled_by_user(scaler, self, self.base_optimizer)
         self._first_pass_finite = None
         if use_scaler:
             self._first_pass_finite = self._sanitize_non_finite_(buckets)
@@ -520,24 +225,22 @@ class SharpnessAwareOptimizer(Optimizer):
             self._one_pass_done = True
             return False
         if buckets and not self._two_pass_(buckets, scaler if scaled else None):
-            if scaled:
-                self._unscale_(scaler)
-            self._one_pass_descent_(buckets)
-            self._clip_(buckets)
-            self._base_step(scaler, buckets)
+            # a one-pass step: descend with the first-pass gradient now (finite, or the scaler
+            # skips the step)
+            self._finish_step_(scaler, buckets, self._one_pass_descent_, check_finite=False)
             if zero_grad:
                 self.zero_grad()
             self._one_pass_done = True
             return False
-        if use_scaler and not scaled:
-            self._clear_first_pass_unscale(scaler)
+        if use_scaler and not scaled:  # the second pass may be unscaled again
+            amp.clear_unscale(scaler, self, self.base_optimizer)
         needs_unscaled = self._ascent_needs_unscaled_grads or bool(
             getattr(self.ascent, "needs_unscaled_grads", False)
         )
         if scaled and (self._keeps_first_grads or needs_unscaled):
             # the descent rule mixes g with the (unscaled) g_p: keep g in the same units;
             # the reciprocal in float64 as GradScaler.unscale_ does, no host sync
-            inv_scale = scaler._scale.double().reciprocal().float()
+            inv_scale = amp.inv_scale(scaler)
             for b in buckets:
                 torch._foreach_mul_(b.grads, inv_scale.to(b.grads[0].device))
         if self._keeps_first_grads:
@@ -556,37 +259,16 @@ class SharpnessAwareOptimizer(Optimizer):
     # Set by ascents that are not invariant to the loss scale (unnormalized SAM).
     _ascent_needs_unscaled_grads = False
 
-    @staticmethod
-    def _sanitize_non_finite_(buckets: list[Bucket]) -> Tensor | None:
-        """0-d bool: are all gradients finite? If not, zero them all so that ε = 0."""
-        total = kernels.global_sq_norm(b.grads for b in buckets)
-        if total is None:
-            return None
-        finite = torch.isfinite(total)
-        for b in buckets:
-            for g in b.grads:
-                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            flag = finite.to(device=b.grads[0].device, dtype=b.grads[0].dtype)
-            torch._foreach_mul_(b.grads, flag)
-        return finite
-
-    @_not_compiled
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put back the weights saved by :meth:`first_step`, bit for bit, without stepping."""
-        if self._perturbed is None:
-            if self._one_pass_done:
-                raise RuntimeError(
-                    "restore()/second_step() needs a first_step() before it that perturbed the "
-                    "weights, but the last first_step() returned False: it took a one-pass step "
-                    "(the base optimizer has already stepped) or skipped a non-finite step. Run "
-                    "the second pass and second_step() only when first_step() returns True: "
-                    "`if opt.first_step(): loss_fn(model(x), y).backward(); opt.second_step()`"
-                )
-            raise RuntimeError("restore()/second_step() needs a first_step() before it")
-        for b in self._perturbed:
-            kernels.restore_(b.params, b.backups)
-        self._perturbed = None
+    def _restore_error(self) -> str:
+        if self._one_pass_done:
+            return (
+                "restore()/second_step() needs a first_step() before it that perturbed the "
+                "weights, but the last first_step() returned False: it took a one-pass step "
+                "(the base optimizer has already stepped) or skipped a non-finite step. Run "
+                "the second pass and second_step() only when first_step() returns True: "
+                "`if opt.first_step(): loss_fn(model(x), y).backward(); opt.second_step()`"
+            )
+        return "restore()/second_step() needs a first_step() before it"
 
     @_not_compiled
     @torch.no_grad()
@@ -624,21 +306,11 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _descend_(self, scaler: torch.amp.GradScaler | None) -> None:
         """The tail of :meth:`second_step` with ``w`` restored and the step's direction in the
-        gradients: unscale once, the variant's descent rule, the clip to ``max_grad_norm``, the
-        base step (through the scaler; skipped as ``skip_non_finite`` says). Also used by
-        :func:`samkit.m_sharpness_step` with the averaged per-micro-batch gradients."""
-        use_scaler = scaler is not None and scaler.is_enabled()
-        buckets = self._buckets()  # the second pass's gradient tensors
-        if use_scaler:
-            self._unscale_(scaler)
-        if buckets and type(self)._descent_ is not SharpnessAwareOptimizer._descent_:
-            self._descent_(buckets)
-        self._clip_(buckets)
-        if not use_scaler and self.skip_non_finite and buckets and not self._all_finite(buckets):
-            self.skipped_steps += 1  # w is already restored: keep it
-            self._first_pass_finite = None
-        else:
-            self._base_step(scaler, buckets)
+        gradients (:meth:`~samkit.optim.wrapper.WrappingOptimizer._finish_step_`): unscale once,
+        the variant's descent rule, the clip to ``max_grad_norm``, the base step (through the
+        scaler; skipped as ``skip_non_finite`` says). Also used by :meth:`m_sharpness_step`
+        with the averaged per-micro-batch gradients."""
+        self._finish_step_(scaler)
 
     def _keep_grads(self) -> None:
         """Remember the gradients ``second_step(zero_grad=False)`` leaves (weak references: no
@@ -668,19 +340,8 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         self._left_grads = None
 
-    def _base_step(self, scaler: torch.amp.GradScaler | None, buckets=None) -> None:
-        """The base optimizer's step with the gradients as they are (through the scaler)."""
-        if scaler is not None and scaler.is_enabled():
-            self._unscale_(scaler)  # a no-op when already unscaled
-            self._record_first_pass_non_finite(scaler)
-            scaler.step(self.base_optimizer)
-        else:
-            self.base_optimizer.step()
-        self._first_pass_finite = None
-        self._opt_called = True  # tells LR schedulers that the optimizer stepped
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._zero_grad_calls = getattr(self, "_zero_grad_calls", 0) + 1
         self._left_grads = None
         super().zero_grad(set_to_none=set_to_none)
 
@@ -712,10 +373,7 @@ class SharpnessAwareOptimizer(Optimizer):
         calls = self._zero_grad_calls
         with torch.enable_grad():
             loss = closure()
-        if loss is None:
-            raise ValueError(
-                "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
-            )
+        self._checked_loss(loss)
         if (
             present
             and self._zero_grad_calls == calls
@@ -742,57 +400,91 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (whose groups hold our keys too) plus our own state."""
-        state = self.base_optimizer.state_dict()
-        own = super().state_dict()["state"]
-        own = {i: {k: v for k, v in s.items() if k not in _TRANSIENT_STATE} for i, s in own.items()}
-        state["sharpness_aware"] = {"state": {i: s for i, s in own.items() if s}}
-        extra = self._global_state_dict()
-        if extra:
-            state["sharpness_aware"]["global"] = extra
-        return state
+    def m_sharpness_step(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        micro_batches: Sequence[tuple[Tensor, Tensor]],
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:
+        r"""One step with a separate perturbation per micro-batch; returns the mean loss at ``w``.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        own = state_dict.pop("sharpness_aware", {"state": {}})
-        self.base_optimizer.load_state_dict(state_dict)
-        super().load_state_dict({"state": own["state"], "param_groups": state_dict["param_groups"]})
-        # Loading gives the base optimizer new group dicts: share them again and fill our
-        # keys into groups saved by an older version or by the plain base optimizer.
-        self.param_groups = self.base_optimizer.param_groups
-        self._fill_defaults()
-        self._perturbed = None
-        self._load_global_state_dict(own.get("global", {}))
+        .. math::
+            \epsilon_k = \mathrm{ascent}(w, \nabla L_{B_k}(w); \rho), \qquad
+            d = \sum_k \tfrac{|B_k|}{|B|} \nabla L_{B_k}(w + \epsilon_k), \qquad
+            w \leftarrow \mathrm{base\_step}\big(w, \mathrm{clip}(d)\big)
 
-    def _fill_defaults(self) -> None:
+        Each micro-batch takes the first half of the protocol (gradient at ``w``,
+        :meth:`first_step`, gradient at ``w + ε_k`` with BatchNorm running statistics untouched,
+        back to ``w`` bit for bit); its weighted second-pass gradient is added to one
+        accumulator. Then the descent tail runs once on the average: unscaled once
+        (``scaler``), clipped once to ``max_grad_norm`` (the step's direction, not each
+        micro-batch's), one base step (``scaler.step(base)`` with a scaler; skipped when any
+        pass of any micro-batch was non-finite, as :meth:`second_step` does). The gradients
+        are cleared afterwards. See :func:`samkit.m_sharpness_step`.
+        """
+        from samkit.step import check_micro_batches, step_closure
+
+        why = self.step_rewrites()
+        if why is not None:
+            raise ValueError(
+                f"Invalid optimizer: {type(self).__name__} {why}"
+                "; m_sharpness_step takes optimizers that always run two passes and descend with "
+                "the perturbed gradient (SAM, ASAM, USAM, FisherSAM, FriendlySAM, ...)"
+            )
+        sizes = check_micro_batches(micro_batches)
+        total = sum(sizes)
+        scaler = scaler if amp.enabled(scaler) else None
+        sums: dict[Tensor, Tensor] = {}
+        first_finite: list[Tensor] = []
+        mean = None
+        self.zero_grad()
+        for (x, y), n in zip(micro_batches, sizes, strict=True):
+            weight = n / total
+            closure = step_closure(self, model, loss_fn, [(x, y)], scaler=scaler)
+            with torch.enable_grad():
+                loss = closure()  # zeroes the gradients: the gradient of this micro-batch at w
+            loss = torch.as_tensor(loss).detach()
+            mean = loss * weight if mean is None else mean + loss * weight
+            if not self.first_step(zero_grad=True, scaler=scaler):
+                # only skip_non_finite says False here (step_rewrites is None): skipped
+                self.zero_grad()
+                return mean
+            if self._first_pass_finite is not None:  # under a scaler: kept for the base step
+                first_finite.append(self._first_pass_finite)
+                self._first_pass_finite = None
+            with torch.enable_grad():
+                closure()  # at w + eps_k, BatchNorm statistics untouched
+            self.restore()
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        if p in sums:
+                            sums[p].add_(p.grad, alpha=weight)
+                        else:
+                            sums[p] = p.grad.mul(weight)
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for p in group["params"]:
+                p.grad = sums.get(p)
+        if first_finite:
+            device = first_finite[0].device
+            self._first_pass_finite = torch.stack([f.to(device) for f in first_finite]).all()
+        with torch.no_grad():
+            self._descend_(scaler)
+        self.zero_grad()
+        return mean
+
+    # ------------------------------------------------------------------ state
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but torch.optim's hooks and an LR scheduler's patched ``step``: so that
-        ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` keep the base optimizer (which
-        shares the very same group dicts) and our own attributes."""
-        state = picklable_state(self, super().__getstate__())
+        state = super().__getstate__()
         state.pop("_left_grads", None)  # weak references to this step's gradients
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_perturbed", None)
-        self.__dict__.setdefault("_first_pass_finite", None)
         self.__dict__.setdefault("_one_pass_done", False)
-        self.__dict__.setdefault("_zero_grad_calls", 0)
         self.__dict__.setdefault("_left_grads", None)
-        self.__dict__.setdefault("skip_non_finite", False)
-        self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("schedule", None)
-        if "base_optimizer" in self.__dict__:
-            self.param_groups = self.base_optimizer.param_groups
-        self._fill_defaults()
-
-    def __repr__(self) -> str:
-        own = {k: v for k, v in self.defaults.items() if k not in self.base_optimizer.defaults}
-        args = ", ".join(f"{k}={v!r}" for k, v in own.items())
-        return f"{type(self).__name__}({self.base_optimizer!r}, {args})"

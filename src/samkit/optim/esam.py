@@ -4,56 +4,26 @@ r"""ESAM: efficient SAM by stochastic weight perturbation and sharpness-sensitiv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_non_negative, check_seed
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer
-from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.base import Bucket
+from samkit.optim.selecting import (  # noqa: F401  (re-exported: their old home)
+    ExampleLosses,
+    ExampleLossesClosure,
+    ExampleSelectingOptimizer,
+)
 
 SWP_NORMS = ("all", "perturbed")
 SDS_COUNTS = ("ceil", "official")
 
 
-class ExampleLossesClosure(Protocol):
-    """What :meth:`ESAM.step` needs for data selection: per-example losses, no backward."""
-
-    def losses(self, indices: Tensor | None, perturbed: bool) -> Tensor:
-        """The 1-d tensor of the batch's per-example losses (of ``batch[indices]`` when given),
-        with autograd as the caller's mode says. ``perturbed`` is True at ``w + ε``: BatchNorm
-        running statistics should then be left alone."""
-        ...
-
-
-class ExampleLosses:
-    """A per-example-loss closure for :meth:`ESAM.step` over one batch ``(x, y)``.
-
-    ``loss_fn(model(x), y)`` must return one loss per example, e.g.
-    ``functools.partial(F.cross_entropy, reduction="none")``. Perturbed passes run under
-    :func:`samkit.disable_running_stats`, so BatchNorm statistics are updated once per step::
-
-        losses = ExampleLosses(model, partial(F.cross_entropy, reduction="none"), x, y)
-        loss = opt.step(losses)
-    """
-
-    def __init__(
-        self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
-    ) -> None:
-        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
-
-    def losses(self, indices: Tensor | None, perturbed: bool) -> Tensor:
-        x, y = (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
-        with disable_running_stats(self.model) if perturbed else nullcontext():
-            return self.loss_fn(self.model(x), y)
-
-
-class ESAM(SharpnessAwareOptimizer):
+class ESAM(ExampleSelectingOptimizer):
     r"""ESAM: SAM with stochastic weight perturbation (SWP) and sharpness-sensitive data
     selection (SDS).
 
@@ -166,40 +136,6 @@ class ESAM(SharpnessAwareOptimizer):
             torch._foreach_mul_(b.grads, kernels.scale_for(scale, b.grads[0]))
             masks = [(1.0 / self.beta) if keep[index[p]] else 0.0 for p in b.params]
             torch._foreach_mul_(b.grads, masks)
-
-    def step(self, closure=None, scaler: torch.amp.GradScaler | None = None):
-        """An ESAM step; SDS when ``closure`` has a ``losses(indices, perturbed)`` method."""
-        if closure is None or not hasattr(closure, "losses"):
-            return super().step(closure, scaler)
-        use_scaler = scaler is not None and scaler.is_enabled()
-
-        def backward(loss: Tensor) -> None:
-            (scaler.scale(loss) if use_scaler else loss).backward()
-
-        # 1. per-example losses and the gradient at w
-        self.zero_grad()
-        with torch.enable_grad():
-            before = closure.losses(None, False)
-            if before.dim() != 1 or before.numel() == 0:
-                raise ValueError(
-                    f"Invalid closure: losses() returned shape {tuple(before.shape)} (allowed: "
-                    "one loss per example, e.g. a loss function with reduction='none')"
-                )
-            loss = before.mean()
-            backward(loss)
-        # 2. w -> w + eps (SWP); a schedule may make this a one-pass step
-        if not self.first_step(zero_grad=True, scaler=scaler):
-            return loss.detach()
-        # 3. select the examples whose loss rises most (one forward pass, no gradient)
-        indices = None
-        if self.selects_examples(before.numel()):
-            with torch.no_grad():
-                indices = self.select_examples(before, closure.losses(None, True))
-        # 4. the gradient at w + eps on the selected examples, then back to w and step
-        with torch.enable_grad():
-            backward(closure.losses(indices, True).mean())
-        self.second_step(zero_grad=False, scaler=scaler)  # kept, as step(closure) keeps them
-        return loss.detach()
 
     def kept_examples(self, batch_size: int) -> int:
         """How many examples SDS keeps of ``batch_size``: ⌈γ n⌉ (``sds_count="ceil"``), or as

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
-from samkit.optim._validation import check_non_negative
 from samkit.optim.ascents import FISHER_ASCENT
 from samkit.optim.base import SharpnessAwareOptimizer
 
@@ -48,17 +47,16 @@ class FisherSAM(SharpnessAwareOptimizer):
     def __init__(
         self,
         base_optimizer: Optimizer,
-        rho: float = 0.1,
-        eta: float = 1.0,
+        rho: float = FISHER_ASCENT.rho,
+        eta: float = FISHER_ASCENT.group_defaults["eta"],
         *,
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        check_non_negative("rho", rho)
-        check_non_negative("eta", eta)
+        groups, _ = self.ascent.resolve(rho=rho, eta=eta)  # the record's checks
         super().__init__(
             base_optimizer,
-            dict(rho=rho, eta=eta),
+            groups,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
-from samkit.optim._validation import check_non_negative
 from samkit.optim.ascents import FRIENDLY_ASCENT
 from samkit.optim.base import SharpnessAwareOptimizer
 
@@ -52,21 +51,19 @@ class FriendlySAM(SharpnessAwareOptimizer):
     def __init__(
         self,
         base_optimizer: Optimizer,
-        rho: float = 0.05,
-        sigma: float = 1.0,
-        lmbda: float = 0.6,
+        rho: float = FRIENDLY_ASCENT.rho,
+        sigma: float = FRIENDLY_ASCENT.group_defaults["sigma"],
+        lmbda: float = FRIENDLY_ASCENT.group_defaults["lmbda"],
         *,
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        check_non_negative("rho", rho)
-        check_non_negative("sigma", sigma)
-        check_non_negative("lmbda", lmbda)
-        if lmbda >= 1:
+        groups, _ = self.ascent.resolve(rho=rho, sigma=sigma, lmbda=lmbda)  # the record's checks
+        if lmbda >= 1:  # not in the record (its check sees options only): see CHANGELOG
             raise ValueError(f"Invalid lmbda: {lmbda!r} (allowed: 0 <= lmbda < 1)")
         super().__init__(
             base_optimizer,
-            dict(rho=rho, fsam_sigma=sigma, fsam_lambda=lmbda),
+            groups,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )

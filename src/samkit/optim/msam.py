@@ -8,15 +8,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer, _not_compiled
+from samkit.optim.onepass import OnePassOptimizer
+from samkit.optim.wrapper import Bucket
 
 # where the base optimizers keep the direction they step along (SGD: -lr v; Adam: m)
 _BUFFER_KEYS = ("momentum_buffer", "exp_avg")
 
 
-class MSAM(SharpnessAwareOptimizer):
+class MSAM(OnePassOptimizer):
     r"""Momentum-SAM: perturb along the negative momentum, one forward-backward pass per step.
 
     With the base optimizer's momentum buffer :math:`v_t` (SGD's ``momentum_buffer``, whose step
@@ -65,14 +65,15 @@ class MSAM(SharpnessAwareOptimizer):
             AdamW, ...).
         rho: the radius ρ of the step along the momentum (>= 0).
 
-        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`.
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.wrapper.WrappingOptimizer`.
 
     References:
         M. Becker, F. Altrock, B. Risse. Momentum-SAM: Sharpness Aware Minimization without
         Computational Overhead. arXiv:2401.12033, 2024.
     """
 
-    _one_pass_only = True  # every step is one pass: a step schedule would be ignored
+    direction_sign = -1.0  # against the momentum
+    _step_note = "perturbs along the momentum before its one pass (MSAM)"
 
     def __init__(
         self,
@@ -87,16 +88,6 @@ class MSAM(SharpnessAwareOptimizer):
             base_optimizer, dict(rho=rho), max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )  # fmt: skip
-        self.passes = 0  # forward-backward passes run by step()
-
-    @property
-    def is_perturbed(self) -> bool:
-        """Always False: MSAM's one pass per step is the step's pass (BatchNorm statistics and
-        metrics are taken there), even though it runs at :math:`\\tilde w`."""
-        return False
-
-    def step_rewrites(self) -> str | None:
-        return "perturbs along the momentum before its one pass (MSAM)"
 
     def _direction(self, p: Tensor) -> Tensor | None:
         state = self.base_optimizer.state.get(p, {})
@@ -105,57 +96,7 @@ class MSAM(SharpnessAwareOptimizer):
                 return state[key]
         return self.state[p].get("msam_last_grad")
 
-    @_not_compiled
-    @torch.no_grad()
-    def perturb(self) -> None:
-        r"""Move to :math:`\tilde w = w - \rho v / \|v\|` (the weights are saved for
-        :meth:`restore`). The explicit form of a step is ``opt.perturb()``, forward and backward,
-        ``opt.descend()``."""
-        if self._perturbed is not None:
-            raise RuntimeError("perturb() was called twice without descend() in between")
-        self._fill_defaults()
-        buckets = []
-        for group in self.param_groups:
-            check_non_negative("rho", group["rho"])
-            ps, vs, backups = [], [], []
-            for p in group["params"]:
-                v = self._direction(p) if p.requires_grad else None
-                if v is None:
-                    continue
-                state = self.state[p]
-                if "w_backup" not in state:
-                    state["w_backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                ps.append(p)
-                vs.append(v)
-                backups.append(state["w_backup"])
-            for lists in kernels.group_by_device_and_dtype(ps, vs, backups) if ps else []:
-                buckets.append(Bucket(group, *lists))
-        norm = kernels.global_sq_norm(b.grads for b in buckets)
-        for b in buckets:
-            coef = -kernels.safe_ratio(b.group["rho"], norm.sqrt().to(b.grads[0].device))
-            eps = torch._foreach_mul(b.grads, kernels.scale_for(coef, b.grads[0]))
-            kernels.perturb_(b.params, eps, b.backups)
-        self._perturbed = buckets
-
-    @_not_compiled
-    @torch.no_grad()
-    def descend(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Restore ``w`` and take the base step with the gradient of the pass at
-        :math:`\\tilde w` (unscaled, clipped, through ``scaler.step`` when a scaler is given)."""
-        self.restore()
-        buckets = self._buckets()
-        use_scaler = scaler is not None and scaler.is_enabled()
-        self._first_pass_finite = None
-        if use_scaler:
-            self._unscale_(scaler)
-        self._clip_(buckets)
-        if not use_scaler and self.skip_non_finite and buckets and not self._all_finite(buckets):
-            self.skipped_steps += 1
-            return
-        self._keep_last_grads(buckets)
-        self._base_step(scaler, buckets)
-
-    def _keep_last_grads(self, buckets: list[Bucket]) -> None:
+    def _before_base_step_(self, buckets: list[Bucket]) -> None:
         """For a base without a momentum buffer: keep the gradient as :math:`v` (a non-finite
         one leaves the old :math:`v`; no host sync)."""
         for b in buckets:
@@ -169,41 +110,6 @@ class MSAM(SharpnessAwareOptimizer):
                 finite = torch.isfinite(g).all()
                 mine["msam_last_grad"].copy_(torch.where(finite, g, mine["msam_last_grad"]))
 
-    def first_step(self, zero_grad: bool = True, scaler=None) -> bool:
-        raise RuntimeError(
-            "MSAM takes one pass per step: call opt.step(closure), or opt.perturb(), the "
-            "forward and backward pass, then opt.descend()"
-        )
-
-    def second_step(self, zero_grad: bool = False, scaler=None) -> None:
-        self.first_step()
-
-    @_not_compiled
-    def step(self, closure=None, scaler: torch.amp.GradScaler | None = None):
-        """One MSAM step: ``closure`` (zero_grad, forward, backward, return the loss) runs once,
-        at :math:`\\tilde w`; returns its loss."""
-        if closure is None:
-            raise ValueError(
-                "MSAM.step() needs a closure that zeroes the gradients, runs forward and "
-                "backward and returns the loss (it is called once); or call perturb(), the "
-                "pass, then descend()"
-            )
-        self.perturb()
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.restore()
-            raise
-        if loss is None:
-            self.restore()
-            raise ValueError(
-                "Invalid closure: it returned None (allowed: the loss, as a tensor or a number)"
-            )
-        self.passes += 1
-        self.descend(scaler)
-        return loss
-
     def _global_state_dict(self) -> dict[str, Any]:
         return {**super()._global_state_dict(), "msam_passes": self.passes}
 
@@ -211,6 +117,3 @@ class MSAM(SharpnessAwareOptimizer):
         super()._load_global_state_dict(state)
         self.passes = int(state.get("msam_passes", 0))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("passes", 0)

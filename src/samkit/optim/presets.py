@@ -12,8 +12,12 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from samkit.optim import davda54
 from samkit.optim.ascents import Ascent, get_ascent
 from samkit.optim.base import SharpnessAwareOptimizer
+
+# keyword arguments every sharpness-aware optimizer takes besides its ascent's and descent's
+COMMON_KEYS = ("max_grad_norm", "skip_non_finite")
 
 
 class SharpnessAware(SharpnessAwareOptimizer):
@@ -51,6 +55,36 @@ class SharpnessAware(SharpnessAwareOptimizer):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", ascent={self.ascent.name!r})"
+
+
+def _own_keys(tail: tuple, kwargs: dict[str, Any]) -> set[str]:
+    """The keys of ``SharpnessAware(params, torch.optim.SGD, [ascent], ...)`` that are not the
+    base optimizer's: ``ascent``, the chosen ascent's keys and :data:`COMMON_KEYS`."""
+    ascent = kwargs.get("ascent", tail[0] if tail else "sam")
+    return {"ascent", *COMMON_KEYS, *get_ascent(ascent).keys()}
+
+
+# davda54's form through the one adapter (samkit.optim.davda54), with the keys of the ascent
+# named in the call (the signature's **options would not name them)
+_init = SharpnessAware.__dict__["__init__"]
+_init = getattr(_init, "__wrapped__", _init)  # without the optimizer base's signature adapter
+SharpnessAware.__init__ = davda54.accepts_base_class(_init, _own_keys)
+del _init
+
+
+class AscentPreset:
+    """The registry's optimizer of an ascent that has no class of its own (a registered toy):
+    ``AscentPreset("signsam")(base, rho=...)`` is ``SharpnessAware(base, "signsam", rho=...)``,
+    davda54's form included."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SharpnessAware:
+        return SharpnessAware(*args, ascent=self.name, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AscentPreset({self.name!r})"
 
 
 def preset_class(name: str) -> type[SharpnessAwareOptimizer] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch.optim import Optimizer
 
-from samkit.optim._validation import check_non_negative
 from samkit.optim.ascents import SAM_ASCENT
 from samkit.optim.base import SharpnessAwareOptimizer
 
@@ -49,15 +48,15 @@ class SAM(SharpnessAwareOptimizer):
     def __init__(
         self,
         base_optimizer: Optimizer,
-        rho: float = 0.05,
+        rho: float = SAM_ASCENT.rho,
         *,
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        check_non_negative("rho", rho)
+        groups, _ = self.ascent.resolve(rho=rho)  # the record's checks
         super().__init__(
             base_optimizer,
-            dict(rho=rho),
+            groups,
             max_grad_norm=max_grad_norm,
             skip_non_finite=skip_non_finite,
         )

@@ -24,9 +24,9 @@ import torch
 
 from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative, check_seed
-from samkit.optim.ascents import ASCENTS
-from samkit.optim.base import Bucket, SharpnessAwareOptimizer, accepts_base_class
-from samkit.optim.presets import ascent_optimizer
+from samkit.optim.base import Bucket, SharpnessAwareOptimizer
+from samkit.optim.davda54 import accepts_base_class
+from samkit.optim.kind import DeclaresKind
 
 SCHEDULES: dict[str, type] = {}  # filled below: "ae" and "random" (alias "rst")
 
@@ -187,13 +187,11 @@ def with_schedule(optimizer: SharpnessAwareOptimizer, schedule) -> SharpnessAwar
 
     Raises ``ValueError`` for an optimizer that decides its steps itself (LookSAM).
     """
-    if not isinstance(optimizer, SharpnessAwareOptimizer):
+    if not isinstance(optimizer, DeclaresKind):
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} (allowed: a sharpness-aware optimizer)"
         )
-    if type(optimizer)._two_pass_ is not SharpnessAwareOptimizer._two_pass_ or getattr(
-        optimizer, "_one_pass_only", False
-    ):
+    if not optimizer.accepts_schedule:
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} schedules its own steps; a schedule "
             "would be ignored"
@@ -221,23 +219,24 @@ def make_schedule(name: str, **options: Any):
     return cls(**options)
 
 
-def _ascent(
-    name: str, base_optimizer, rho: float | None, ascent_options=None, **options
-) -> SharpnessAwareOptimizer:
-    if str(name).lower() not in ASCENTS:
-        raise ValueError(f"Invalid ascent: {name!r} (allowed: {', '.join(sorted(ASCENTS))})")
-    kw = dict(ascent_options or {})
+def _schedule_alias(name: str, base_optimizer, rho, ascent, ascent_options, schedule_options,
+                    **common) -> SharpnessAwareOptimizer:  # fmt: skip
+    from samkit.optim.registry import wrap_optimizer
+
+    options = dict(ascent_options or {})
     if rho is not None:
-        kw["rho"] = rho
-    return ascent_optimizer(name, base_optimizer, **kw, **options)
+        options["rho"] = rho
+    return wrap_optimizer(
+        name, base_optimizer, ascent=ascent, ascent_options=options,
+        schedule_options={k: v for k, v in schedule_options.items() if v is not None}, **common,
+    )  # fmt: skip
 
 
-@accepts_base_class
 def ae_sam(
     base_optimizer,
     rho: float | None = None,
-    c: float = 0.0,
-    delta: float = 0.9,
+    c: float | None = None,
+    delta: float | None = None,
     c_final: float | None = None,
     total_steps: int | None = None,
     ascent: str = "sam",
@@ -246,45 +245,43 @@ def ae_sam(
     max_grad_norm: float | None = None,
     skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
-    """AE-SAM: the ``ascent`` optimizer (SAM by default, its default ρ unless given; any
-    registered ascent, with ``ascent_options`` such as ``{"eta": 0.01}``) with an
-    :class:`AESchedule`."""
-    return with_schedule(
-        _ascent(
-            ascent,
-            base_optimizer,
-            rho,
-            ascent_options,
-            max_grad_norm=max_grad_norm,
-            skip_non_finite=skip_non_finite,
-        ),
-        AESchedule(c, delta, c_final, total_steps),
-    )
+    """AE-SAM over a base optimizer you built: an alias of the registry's ``aesam`` entry,
+    ``wrap_optimizer("aesam", base_optimizer, ...)`` (the one way AE-SAM is built; also
+    ``create_optimizer("aesam", ...)`` and ``create_optimizer("sam", ..., schedule="ae")``).
+
+    The ``ascent`` optimizer (SAM by default, any registered ascent with ``ascent_options`` such
+    as ``{"eta": 0.01}``) with an :class:`AESchedule`; a None argument takes the declared default
+    (the ascent's ρ, :class:`AESchedule`'s ``c``, ``delta``)."""
+    return _schedule_alias(
+        "aesam", base_optimizer, rho, ascent, ascent_options,
+        dict(c=c, delta=delta, c_final=c_final, total_steps=total_steps),
+        max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite,
+    )  # fmt: skip
 
 
-@accepts_base_class
 def rst_sam(
     base_optimizer,
     rho: float | None = None,
-    p: float = 0.5,
+    p: float | None = None,
     p_final: float | None = None,
     total_steps: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     ascent: str = "sam",
     *,
     ascent_options: dict[str, Any] | None = None,
     max_grad_norm: float | None = None,
     skip_non_finite: bool = False,
 ) -> SharpnessAwareOptimizer:
-    """RST: the ``ascent`` optimizer (SAM by default) with a :class:`RandomSchedule`."""
-    return with_schedule(
-        _ascent(
-            ascent,
-            base_optimizer,
-            rho,
-            ascent_options,
-            max_grad_norm=max_grad_norm,
-            skip_non_finite=skip_non_finite,
-        ),
-        RandomSchedule(p, p_final, total_steps, seed),
-    )
+    """RST over a base optimizer you built: an alias of the registry's ``rst`` entry,
+    ``wrap_optimizer("rst", base_optimizer, ...)``: the ``ascent`` optimizer (SAM by default)
+    with a :class:`RandomSchedule`; a None argument takes the declared default."""
+    return _schedule_alias(
+        "rst", base_optimizer, rho, ascent, ascent_options,
+        dict(p=p, p_final=p_final, total_steps=total_steps, seed=seed),
+        max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite,
+    )  # fmt: skip
+
+
+# davda54's form, ae_sam(params, torch.optim.SGD, c=0.5, lr=0.1), through the one adapter
+ae_sam = accepts_base_class(ae_sam)
+rst_sam = accepts_base_class(rst_sam)

@@ -100,8 +100,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from samkit.optim._validation import check_non_negative, check_optimizer, check_positive
-from samkit.optim.base import accepts_base_class, picklable_state
+from samkit.optim._validation import check_non_negative, check_positive
+from samkit.optim.lossterm import LossTermOptimizer
 
 Closure = Callable[[], Any]
 
@@ -146,14 +146,16 @@ def _plain_module(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-class TrajectoryLossOptimizer(Optimizer):
-    """One-pass optimizers whose closure adds a trajectory loss (the base of SAF and MESA).
+class TrajectoryLossOptimizer(LossTermOptimizer):
+    """Loss-term optimizers whose term is a trajectory loss (the base of SAF and MESA).
 
-    Wraps ``base_optimizer`` and shares its ``param_groups``. ``step(closure)`` runs the closure
-    once, clips to ``max_grad_norm`` (a per-group key, the norm over every group), takes the
-    base step and then :meth:`_after_step` (MESA's EMA update). Under AMP use the usual
-    ``scaler.step(opt)`` (or :func:`samkit.step.take_step`): the scaler unscales before
-    ``step`` runs, so the clip sees true gradients, and skips the step on inf/NaN.
+    Wraps ``base_optimizer`` and shares its ``param_groups`` (the one base,
+    :class:`~samkit.optim.wrapper.WrappingOptimizer`). ``step(closure)`` runs the closure once,
+    clips to ``max_grad_norm`` (a per-group key, the norm over every group), takes the base step
+    and then :meth:`_after_step_` (MESA's EMA update). Under AMP pass the scaler,
+    ``opt.step(closure, scaler=scaler)`` (as :func:`samkit.step.take_step` does), or use the
+    usual ``scaler.step(opt)``: either way the clip sees true gradients and a step with inf/NaN
+    is skipped.
 
     A step whose closure did not compute the trajectory loss (neither :meth:`loss_term` nor
     :meth:`trajectory_loss` was called since the last step) raises ``RuntimeError``: without it
@@ -171,11 +173,6 @@ class TrajectoryLossOptimizer(Optimizer):
 
     batch_needs: frozenset[str] = frozenset({"epoch"})
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:  # SAF(params, torch.optim.SGD, lr=...), as davda54/sam
-            cls.__init__ = accepts_base_class(cls.__dict__["__init__"])
-
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -185,56 +182,22 @@ class TrajectoryLossOptimizer(Optimizer):
         max_grad_norm: float | None = None,
         skip_non_finite: bool = False,
     ) -> None:
-        if not isinstance(base_optimizer, Optimizer):
-            raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} (allowed: an instance "
-                "of torch.optim.Optimizer, e.g. torch.optim.SGD(model.parameters(), lr=0.1))"
-            )
-        if isinstance(base_optimizer, TrajectoryLossOptimizer) or hasattr(
-            base_optimizer, "base_optimizer"
-        ):
-            raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} already wraps an "
-                "optimizer (allowed: a plain torch.optim optimizer)"
-            )
-        check_optimizer(base_optimizer, type(self).__name__)  # real float params, finite lr, ...
         check_non_negative("lam", lam)
         check_positive("temperature", temperature)
         _check_int("start_epoch", start_epoch, -1)
-        if max_grad_norm is not None:
-            check_positive("max_grad_norm", max_grad_norm)
-        if not isinstance(skip_non_finite, bool):
-            raise ValueError(f"Invalid skip_non_finite: {skip_non_finite!r} (allowed: True, False)")
-        defaults = {"max_grad_norm": max_grad_norm}
-        clash = sorted(set(defaults) & set(base_optimizer.defaults))
-        if clash:
-            raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} already uses the "
-                f"hyperparameter name(s) {clash}, which {type(self).__name__} needs"
-            )
-        self.base_optimizer = base_optimizer
-        super().__init__(base_optimizer.param_groups, defaults)
-        self.param_groups = base_optimizer.param_groups
-        self.defaults = {**base_optimizer.defaults, **defaults}
-        self._wrapping = True  # add_param_group goes to the base optimizer from now on
+        super().__init__(base_optimizer, {}, max_grad_norm, skip_non_finite)
         self.lam = float(lam)
         self.temperature = float(temperature)
         self.start_epoch = start_epoch
-        self.skip_non_finite = skip_non_finite
-        self.skipped_steps = 0
-        self.last_trajectory_loss: Tensor | None = None  # the last term (detached), for logs
-        self._terms = 0  # trajectory-loss calls since the last step
 
-    # ------------------------------------------------------------------ the loss term
+    @property
+    def last_trajectory_loss(self) -> Tensor | None:
+        """The last trajectory loss computed (detached), for logs."""
+        return self.last_term
 
     def active(self, epoch: int) -> bool:
         """Is the trajectory loss on in ``epoch`` (0-based)?"""
         return self.lam > 0 and epoch > self.start_epoch
-
-    def loss_term(self, output: Tensor, batch: Any) -> Tensor | None:
-        """The step engine's hook (:mod:`samkit.step`): the term for one micro-batch, from a
-        :class:`samkit.step.BatchInfo`; None when it is off."""
-        raise NotImplementedError
 
     def _require(self, what: str, value: Any, how: str) -> None:
         if value is None:
@@ -244,114 +207,16 @@ class TrajectoryLossOptimizer(Optimizer):
                 f"{what}=...)"
             )
 
-    def _counted(self, term: Tensor | None) -> Tensor | None:
-        self._terms += 1
-        if term is not None:
-            self.last_trajectory_loss = term.detach()
-        return term
+    def _term_missing(self) -> str:
+        return (
+            f"{type(self).__name__}.step(): the closure did not compute the trajectory loss, "
+            "so this step would be a plain base-optimizer step. Add "
+            "opt.trajectory_loss(output, ...) to the loss in the closure, or train through "
+            "samkit.step.StepEngine / the Trainer, which call opt.loss_term for you"
+        )
 
-    # ------------------------------------------------------------------ the step
-
-    def _after_step(self) -> None:
-        """Called after every base step that was taken."""
-
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-
-    def _clip_(self) -> None:
-        limits = [g.get("max_grad_norm") for g in self.param_groups]
-        if all(limit is None for limit in limits):
-            return
-        grads = self._grads()
-        if not grads:
-            return
-        device = grads[0].device
-        norms = [n.to(device, torch.float32) for n in torch._foreach_norm(grads)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        for group, limit in zip(self.param_groups, limits, strict=True):
-            if limit is None:
-                continue
-            check_positive("max_grad_norm", limit)
-            coef = (float(limit) / (total + 1e-6)).clamp(max=1.0)
-            gs = [p.grad for p in group["params"] if p.grad is not None]
-            if gs:
-                torch._foreach_mul_(gs, coef.to(gs[0].device))
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:
-        """Run ``closure`` (once; it must zero the gradients, add the trajectory loss, call
-        ``backward`` and return the loss), then the base step. Without a closure the gradients
-        are taken as they are (``scaler.step(opt)``); the closure must have run already.
-        Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._terms == 0:
-            raise RuntimeError(
-                f"{type(self).__name__}.step(): the closure did not compute the trajectory loss, "
-                "so this step would be a plain base-optimizer step. Add "
-                "opt.trajectory_loss(output, ...) to the loss in the closure, or train through "
-                "samkit.step.StepEngine / the Trainer, which call opt.loss_term for you"
-            )
-        self._terms = 0
-        self._clip_()
-        if self.skip_non_finite:
-            grads = self._grads()
-            if grads:
-                total = torch.stack([n.float().cpu() for n in torch._foreach_norm(grads)]).sum()
-                if not bool(torch.isfinite(total)):  # one host sync
-                    self.skipped_steps += 1
-                    return loss
-        self.base_optimizer.step()
-        self._after_step()
-        return loss
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (its defaults), with this optimizer's keys."""
-        if not self.__dict__.get("_wrapping", False):  # from torch.optim.Optimizer.__init__
-            return super().add_param_group(param_group)
-        self.base_optimizer.add_param_group(param_group)
-        self._fill_defaults()
-
-    def _fill_defaults(self) -> None:
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
-    # ------------------------------------------------------------------ state
-
-    def _own_state(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
-
-    def _load_own_state(self, state: dict[str, Any]) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus this optimizer's memory (``"trajectory"``)."""
-        state = self.base_optimizer.state_dict()
-        state["trajectory"] = self._own_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        own = state_dict.pop("trajectory", {})
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self._fill_defaults()
-        self._load_own_state(own)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return picklable_state(self, super().__getstate__())
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "base_optimizer" in self.__dict__:
-            self.param_groups = self.base_optimizer.param_groups
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.base_optimizer!r}, lam={self.lam}, "
-                f"temperature={self.temperature}, start_epoch={self.start_epoch})")
+    def _repr_args(self) -> str:
+        return f"lam={self.lam}, temperature={self.temperature}, start_epoch={self.start_epoch}"
 
 
 class SAF(TrajectoryLossOptimizer):
@@ -477,13 +342,13 @@ class SAF(TrajectoryLossOptimizer):
         self.recorded[rows, slot] = True
         return self._counted(term)
 
-    def _own_state(self) -> dict[str, Any]:
-        state = super()._own_state()
+    def _global_state_dict(self) -> dict[str, Any]:
+        state = super()._global_state_dict()
         state.update(logits=self.logits, recorded=self.recorded, num_examples=self.num_examples)
         return state
 
-    def _load_own_state(self, state: dict[str, Any]) -> None:
-        super()._load_own_state(state)
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        super()._load_global_state_dict(state)
         if state.get("logits") is not None:
             device = self.memory_device or state["logits"].device
             self.logits = state["logits"].to(device).clone()
@@ -601,7 +466,7 @@ class MESA(TrajectoryLossOptimizer):
         return self._counted(term)
 
     @torch.no_grad()
-    def _after_step(self) -> None:
+    def _after_step_(self) -> None:
         if self._model is None:
             return
         ema_state, state = self.ema_model.state_dict(), self._model.state_dict()
@@ -616,28 +481,18 @@ class MESA(TrajectoryLossOptimizer):
         if floats:  # e <- e + (1 - beta) (m - e) = beta e + (1 - beta) m
             torch._foreach_lerp_(floats, targets, 1.0 - self.ema_decay)
 
-    def _own_state(self) -> dict[str, Any]:
-        state = super()._own_state()
+    def _global_state_dict(self) -> dict[str, Any]:
+        state = super()._global_state_dict()
         if self.ema_model is not None:
             state["ema"] = {k: v.clone() for k, v in self.ema_model.state_dict().items()}
         elif self._pending_ema is not None:
             state["ema"] = self._pending_ema
         return state
 
-    def _load_own_state(self, state: dict[str, Any]) -> None:
-        super()._load_own_state(state)
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        super()._load_global_state_dict(state)
         if state.get("ema") is not None:
             if self.ema_model is not None:
                 self.ema_model.load_state_dict(state["ema"])
             else:
                 self._pending_ema = dict(state["ema"])
-
-
-def _register() -> None:
-    from samkit.optim.registry import register_optimizer
-
-    register_optimizer("saf", SAF, "SAF, Du et al. 2022: + KL to the logits of E epochs ago")
-    register_optimizer("mesa", MESA, "MESA, Du et al. 2022: + KL to an EMA model's outputs")
-
-
-_register()

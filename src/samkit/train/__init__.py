@@ -6,9 +6,7 @@ folder (checkpoints, logs).
 >>> record = Trainer(cfg).fit()
 """
 
-from samkit.train.callbacks import Callback, TrainState
-from samkit.train.checkpoint import load_checkpoint, save_checkpoint
-from samkit.train.config import (
+from samkit.config import (
     TrainConfig,
     apply_overrides,
     from_dict,
@@ -16,6 +14,8 @@ from samkit.train.config import (
     save_config,
     to_dict,
 )
+from samkit.train.callbacks import Callback, TrainState
+from samkit.train.checkpoint import load_checkpoint, save_checkpoint
 from samkit.train.edge import EdgeTracker, edge_for, read_edge_rows
 from samkit.train.loader import FullBatch, Minibatch
 from samkit.train.loadrun import load_run

@@ -79,15 +79,6 @@ DEFAULT_EVERY = 10
 DEFAULT_BUDGET = 0.25
 
 
-# --------------------------------------------------------------------------- which edge applies
-
-
-def _edge_name(info: dict[str, Any]) -> str:
-    if info["note"] or info["base"] == "unknown":
-        return "none"
-    return info["base"] if info["ascent"] is None else f"{info['ascent']}+{info['base']}"
-
-
 # --------------------------------------------------------------------------- the probe set
 
 
@@ -380,7 +371,7 @@ class EdgeTracker(Callback):
         if self._cold:  # outside the budget and the row's seconds
             self._warm_up(model, params, probe)
         start = time.perf_counter()
-        info = optimizer_kind(optimizer)
+        kind = optimizer_kind(optimizer)  # what the optimizer declares
 
         # 1. loss and gradient on the probe set
         loss, grad = self._loss_grad(model, params, probe)
@@ -394,14 +385,14 @@ class EdgeTracker(Callback):
         # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
         H = HessianOperator(model, self.loss_fn, _operator_data(probe), params=params,
                             seed=self.seed)
-        from samkit.optim.base import SharpnessAwareOptimizer
+        from samkit.optim.kind import BaseRule, EdgeRule
 
-        effective = self.effective is not False and isinstance(optimizer,
-                                                                SharpnessAwareOptimizer)
-        # SAM's and USAM's λ_max(H_eff) come from this run's space: the residual of
-        # f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one, so λ₁ is
-        # taken to tol/2 for H_eff's pair to meet tol
-        polynomial = effective and info["ascent"] in ("sam", "usam")
+        effective = self.effective is not False and kind.form.wraps
+        # an isotropic ascent's (SAM's, USAM's) λ_max(H_eff) comes from this run's space: the
+        # residual of f(θ) = θ + cθ² is at most (1 + 2cθ)/(1 + cθ) < 2 times θ's relative one,
+        # so λ₁ is taken to tol/2 for H_eff's pair to meet tol
+        polynomial = (effective and kind.edge is EdgeRule.CLOSED_FORM
+                      and kind.ascent.isotropic)
         top = self._top(H, self._vector, keep_basis=effective,
                         tol=self.tol / 2 if polynomial else self.tol)
         self._vector = top.vectors.detach().clone()
@@ -419,16 +410,16 @@ class EdgeTracker(Callback):
         if self.k > 1:
             row["eigenvalues"] = [float(v) for v in top.values]
         row["error_bound"] = float(top.error_bounds.max())
-        edge = edge_for(info, edge_norm)
+        edge = edge_for(kind, edge_norm)
         sharpness = lam
         P, plam = None, None  # Adam's preconditioner, once it exists
         use_pre = self.preconditioned is True or (
-            self.preconditioned == "auto" and info["base"] == "adam"
+            self.preconditioned == "auto" and kind.base.rule is BaseRule.ADAM
         )
         if use_pre:
             from samkit.curvature import adam_preconditioned
 
-            base = getattr(optimizer, "base_optimizer", optimizer)
+            base = optimizer.base_optimizer if kind.form.wraps else optimizer
             if all(len(base.state.get(p, {})) for p in params):
                 P = adam_preconditioned(H, base)
                 ptop = self._top(P, self._pvector)
@@ -441,37 +432,44 @@ class EdgeTracker(Callback):
                 plam, sharpness = None, None
             row["lambda1_precond"] = plam
 
-        # 3b. the effective Hessian of the sharpness-aware step against the base edge
-        if info["base"] == "adam" and P is None:  # Adam's edge is for P^-1 H_eff only
+        # 3b. the effective Hessian of the sharpness-aware step against the base edge; the
+        # ascent's form (rho M / c per coordinate) also gives its eps for step 4
+        Heff, why = self._effective_operator(H, optimizer, kind, grad)
+        adam = kind.base.rule is BaseRule.ADAM
+        if adam and P is None:  # Adam's edge is for P^-1 H_eff only
             lam_eff, eff_matvecs, eff_converged = None, 0, True
         else:
-            precond = P if info["base"] == "adam" else None
-            lam_eff, eff_matvecs, eff_converged = self._effective(H, optimizer, grad, precond,
-                                                                  top)
+            lam_eff, eff_matvecs, eff_converged = self._effective(
+                H, Heff, why, P if adam else None, top)
         matvecs += eff_matvecs
         converged = converged and eff_converged
-        base_edge = base_edge_for(info)
+        base_edge = base_edge_for(kind)
         row["lambda_eff"] = lam_eff
         row["base_edge"] = base_edge
         row["eff_ratio"] = (
             None if lam_eff is None or not base_edge else lam_eff / base_edge
         )
         row["edge"] = edge
-        row["edge_kind"] = _edge_name(info)
+        row["edge_kind"] = kind.label
         row["ratio"] = None if edge is None or edge == 0 or sharpness is None else sharpness / edge
-        row["gd_edge"] = float(stability.gd_edge(info["lr"])) if info["lr"] > 0 else None
-        row["lr"] = info["lr"]
-        rho = info["rho"] if info["rho"] is not None else self.rho
+        lr = kind.base.lr
+        row["gd_edge"] = float(stability.gd_edge(lr)) if lr > 0 else None
+        row["lr"] = lr
+        rho = kind.rho if kind.rho is not None else self.rho
         row["rho"] = rho
 
-        # 4. alignment of the plain and the SAM gradient with v₁
+        # 4. alignment of the plain and the sharpness-aware gradient with v₁: the gradient at
+        # w + eps, eps the optimizer's ascent's (eps = (rho M / c) g from its effective form); a
+        # step without a perturbation (plain, loss-term) is compared with SAM's at the tracker's
+        # rho; an ascent without a form (or a one-pass step) gives None
         row["align_grad"] = _alignment(grad, vec)
         row["align_sam_grad"] = None
-        if rho is not None and info["ascent"] in (None, "sam", "usam"):
-            if info["ascent"] == "usam":
-                eps = grad * rho
-            else:
-                eps = grad * (rho / grad_norm) if grad_norm > 0 else torch.zeros_like(grad)
+        eps = None
+        if Heff is not None:
+            eps = Heff.scale.to(grad.dtype) * grad
+        elif kind.ascent is None and not kind.form.perturbs and rho is not None:
+            eps = grad * (rho / grad_norm) if grad_norm > 0 else torch.zeros_like(grad)
+        if eps is not None:
             _, sam_grad = self._loss_grad(model, params, probe, shift=eps)
             row["align_sam_grad"] = _alignment(sam_grad, vec)
         row["converged"] = bool(converged)
@@ -630,30 +628,37 @@ class EdgeTracker(Callback):
                                         Batches(batches, params[0].device), self.seed, shift)
         return loss, _flat(grads).detach()
 
-    def _effective(self, H: Any, optimizer: Optimizer, grad: Tensor, P: Any, krylov: Any):
-        r"""λ_max of the effective Hessian (of :math:`D H_\mathrm{eff} D` with Adam's
-        preconditioner), its products and whether it converged; ``(None, 0, True)`` when the
-        optimizer declares no form or ``effective`` is off. ``krylov``: λ₁'s Lanczos run on
-        ``H`` (with its basis), whose space gives SAM's and USAM's pair for one product."""
-        from samkit.curvature import PreconditionedOperator, effective_hessian
-        from samkit.curvature.effective import effective_top_on_krylov, is_polynomial_in_h
+    def _effective_operator(self, H: Any, optimizer: Optimizer, kind: Any, grad: Tensor):
+        """The effective Hessian of the optimizer's ascent (its declared form) and ''; or None
+        and why there is none (no ascent, no form, a probe over other parameters)."""
+        from samkit.curvature import effective_hessian
         from samkit.optim.ascents import effective_note
-        from samkit.optim.base import SharpnessAwareOptimizer
 
-        if self.effective is False or not isinstance(optimizer, SharpnessAwareOptimizer):
-            return None, 0, True
-        if effective_note(optimizer):
-            if self.effective is True:
-                raise ValueError(
-                    f"Invalid optimizer for effective=True: {effective_note(optimizer)}"
-                )
-            return None, 0, True
+        if not kind.form.wraps:
+            return None, ""  # a plain optimizer: its effective Hessian is H itself
+        if kind.ascent is None:
+            return None, f"{kind.name} declares no ascent"
+        why = effective_note(optimizer)
+        if why:
+            return None, why
         try:
-            Heff = effective_hessian(H, optimizer, grad=grad)
-        except ValueError:
-            if self.effective is True:
-                raise
-            return None, 0, True  # e.g. a probe over other parameters than the optimizer's
+            return effective_hessian(H, optimizer, grad=grad), ""
+        except ValueError as e:  # e.g. a probe over other parameters than the optimizer's
+            return None, str(e)
+
+    def _effective(self, H: Any, Heff: Any, why: str, P: Any, krylov: Any):
+        r"""λ_max of the effective Hessian ``Heff`` (of :math:`D H_\mathrm{eff} D` with Adam's
+        preconditioner), its products and whether it converged; ``(None, 0, True)`` when the
+        optimizer has none (``why``) or ``effective`` is off (``effective=True`` raises then).
+        ``krylov``: λ₁'s Lanczos run on ``H`` (with its basis), whose space gives SAM's and
+        USAM's pair for one product."""
+        from samkit.curvature import PreconditionedOperator
+        from samkit.curvature.effective import effective_top_on_krylov, is_polynomial_in_h
+
+        if self.effective is False or Heff is None:
+            if self.effective is True and Heff is None and why:
+                raise ValueError(f"Invalid optimizer for effective=True: {why}")
+            return None, 0, True
         before = H.matvecs
         start = self._evector
         if P is None and krylov is not None and krylov.basis is not None:
@@ -756,10 +761,10 @@ def logged_metrics(row: dict[str, Any], prefix: str = "edge/") -> dict[str, floa
 
 def no_edge_reason(optimizer: Optimizer) -> str | None:
     """Why no closed-form edge applies to ``optimizer`` (None when one does)."""
-    info = optimizer_kind(optimizer)
-    if edge_for(info, 1.0) is not None:
+    kind = optimizer_kind(optimizer)
+    if edge_for(kind, 1.0) is not None:
         return None
-    return info["note"] or f"no closed-form edge for {type(optimizer).__name__}"
+    return kind.note or f"no closed-form edge for {kind.name}"
 
 
 def format_row(row: dict[str, Any]) -> str:

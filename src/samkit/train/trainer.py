@@ -63,16 +63,15 @@ from samkit.train.task import classification_loss as classification_loss
 def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
     """The keyword arguments for ``create_optimizer`` and notes about ignored fields.
 
-    ``momentum`` goes only to an SGD base; ``rho`` and ``eta`` only to optimizers that take them
-    (so one config can be trained with sgd, sam and asam).
+    From the registry's declarations (:func:`samkit.optim.registry.optimizer_options`):
+    ``momentum`` goes only to a base optimizer that declares it (SGD); ``rho`` and ``eta`` only
+    to optimizers that declare them (so one config can be trained with sgd, sam and asam).
     """
-    import inspect
-
     from samkit.optim import registry
 
     name = config.optimizer.lower()
     try:
-        entry = registry.optimizer_info(name)
+        registry.optimizer_info(name)
     except ValueError as err:
         import difflib
 
@@ -80,22 +79,22 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
         if not close:
             raise
         raise ValueError(f"{err}; did you mean {' or '.join(close)}?") from None
-    base_cls = registry.base_optimizer_class(config.base or entry.base)
-    base_keys = set(inspect.signature(base_cls).parameters)
-    own_keys = entry.wrapper_keys()
+    given = config.optimizer_kwargs
+    ascent = given.get("ascent") if isinstance(given.get("ascent"), str) else None
+    declared = registry.optimizer_options(name, base=config.base, ascent=ascent)
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     notes = []
-    if "momentum" in base_keys:
+    if "momentum" in declared["base"]:
         kwargs["momentum"] = config.momentum
     for key in ("rho", "eta"):
         value = getattr(config, key)
         if value is None:
             continue
-        if key in own_keys:
+        if any(key in declared[space] for space in ("ascent", "descent", "schedule")):
             kwargs[key] = value
         else:
             notes.append(f"{name} takes no {key}; {key}={value} is not used")
-    kwargs.update(config.optimizer_kwargs)
+    kwargs.update(given)
     return kwargs, notes
 
 

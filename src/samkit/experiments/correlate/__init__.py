@@ -12,7 +12,7 @@ models, following Keskar et al. (2017), Jiang et al. (2020) and Kwon et al. (202
    (models that miss it are reported and left out of the correlations); or, with
    ``stop_loss: null``, a fixed budget of ``train.epochs``;
 2. measure each model: train and test loss and error, the gap (test error - train error, or the
-   loss gap), sharpness and adaptive sharpness (:func:`samkit.sharpness.sharpness`) at
+   loss gap), sharpness and adaptive sharpness (:func:`samkit.sharpness`) at
    :math:`p = 2` and :math:`p = \infty` for a few radii ρ, and optionally the top Hessian
    eigenvalue λ₁ and the Hessian trace, all on a fixed set of training examples;
 3. rank-correlate every measure with the gap: Kendall's :math:`\tau_b` with its p-value, and the
