@@ -84,8 +84,8 @@ def load_run(run_dir, map_location: Any = "cpu") -> Run:
     import warnings
 
     from samkit._extras import require
+    from samkit.config import load_config
     from samkit.models import create_model
-    from samkit.train.config import load_config
 
     require("experiments", "yaml", what="samkit.load_run (a run's config.yaml)")
     run_dir = Path(run_dir)
