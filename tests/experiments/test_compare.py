@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from realdata import require_fashion_mnist
 
+from samkit.config import to_dict
 from samkit.experiments.compare import (
     DEFAULT,
     CompareResult,
@@ -20,7 +21,6 @@ from samkit.experiments.compare import (
 )
 from samkit.plots import curve, plot_learning_curves
 from samkit.train import TrainConfig, load_config
-from samkit.train.config import to_dict
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

@@ -48,7 +48,15 @@ def test_the_boundary_and_what_stays_allowed():
     with pytest.raises(ValueError, match="start_epoch"):
         check_loss_term_switches_on(saf, 3)  # epochs 0, 1, 2: never e > 2
     check_loss_term_switches_on(saf, 4)  # on in epoch 3
-    check_loss_term_switches_on(cfg(optimizer="saf", optimizer_kwargs={"start_epoch": -1}), 1)
+    # SAF also needs each example's logits of `lag` epochs before: on from epoch max(s + 1, lag)
+    early = cfg(optimizer="saf", optimizer_kwargs={"start_epoch": 0})
+    with pytest.raises(ValueError, match="Invalid lag for saf: 2 in a run of 2 epoch"):
+        check_loss_term_switches_on(early, 2)  # epoch 1 has no logits of epoch -1
+    check_loss_term_switches_on(early, 3)  # on in epoch 2
+    check_loss_term_switches_on(
+        cfg(optimizer="saf", optimizer_kwargs={"start_epoch": -1, "lag": 1}), 2)
+    with pytest.raises(ValueError, match="lag"):
+        check_loss_term_switches_on(cfg(optimizer="saf", optimizer_kwargs={"start_epoch": -1}), 1)
     check_loss_term_switches_on(cfg(optimizer="saf", optimizer_kwargs={"lam": 0}), 1)  # off
     check_loss_term_switches_on(cfg(optimizer="sgd"), 1)
     check_loss_term_switches_on(cfg(optimizer="sam"), 1)

@@ -2,8 +2,8 @@
 
 import pytest
 
+from samkit.config import FIELDS, field_help, from_dict, parse_override, resolved_dict
 from samkit.train import TrainConfig, apply_overrides, load_config, save_config
-from samkit.train.config import FIELDS, field_help, from_dict, parse_override, resolved_dict
 from samkit.train.schedule import LRSchedule
 
 

@@ -527,3 +527,13 @@ def test_a_step_asked_twice_is_left_out_once(monkeypatch):
     before = tracker.skipped
     assert not tracker.should_measure(3) and not tracker.should_measure(3)
     assert tracker.skipped == before + 1
+
+
+def test_a_row_without_a_ratio_prints():
+    """Adam before its preconditioner exists: an edge, no ratio (a verbose tracker printed it)."""
+    from samkit.train.edge import format_row
+
+    row = {"step": 0, "loss": 1.0, "grad_norm": 0.5, "lambda1": 3.0, "edge": 40.0,
+           "edge_kind": "adam", "ratio": None, "align_grad": 0.1, "matvecs": 20, "seconds": 0.1}
+    line = format_row(row)
+    assert "edge 40.000 (adam)" in line and "ratio" not in line

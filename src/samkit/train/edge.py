@@ -777,7 +777,8 @@ def format_row(row: dict[str, Any]) -> str:
         parts.append(f"lambda1(P^-1 H) {row['lambda1_precond']:.3f}")
     if row.get("edge") is not None:
         parts.append(f"edge {row['edge']:.3f} ({row['edge_kind']})")
-        parts.append(f"ratio {row['ratio']:.3f}")
+        if row.get("ratio") is not None:  # None: Adam before its preconditioner exists
+            parts.append(f"ratio {row['ratio']:.3f}")
     if row.get("lambda_eff") is not None:
         parts.append(f"lambda_eff {row['lambda_eff']:.3f}")
         if row.get("eff_ratio") is not None:

@@ -52,37 +52,42 @@ def plan(cfg: TrainConfig, n: int, loader: Any, world_size: int = 1) -> Plan:
 def check_loss_term_switches_on(config: TrainConfig, num_epochs: int) -> None:
     """Refuse SAF/MESA (an optimizer with a ``start_epoch``) whose loss term would never be on
     in a run of ``num_epochs`` epochs: the term is on in epochs ``e > start_epoch`` (0-based),
-    so with ``num_epochs <= start_epoch + 1`` the run is its base optimizer under another name
-    (and a grid over ``lam`` chooses among identical runs).
+    and SAF's also needs the logits of epoch ``e - lag`` (``e >= lag``), so when no epoch
+    qualifies the run is its base optimizer under another name (and a grid over ``lam``
+    chooses among identical runs). The keys and defaults are the registry's declarations.
 
     Raises:
-        ValueError: naming ``start_epoch``, the run's epochs and what to do.
+        ValueError: naming ``start_epoch`` (and ``lag``), the run's epochs and what to do.
     """
-    import inspect
-
     from samkit.optim import registry
 
     name = config.optimizer.lower()
     try:
-        entry = registry.optimizer_info(name)
+        declared = registry.optimizer_options(name)["descent"]
     except ValueError:
         return  # the optimizer's own error comes where it is built
-    if entry.wrapper is None:
+    if "start_epoch" not in declared:
         return
-    params = inspect.signature(entry.wrapper).parameters
-    if "start_epoch" not in params:
-        return
-    given = config.optimizer_kwargs
-    start = given.get("start_epoch", params["start_epoch"].default)
-    lam = given.get("lam", params["lam"].default if "lam" in params else 1.0)
-    if isinstance(start, bool) or not isinstance(start, int) or not isinstance(lam, (int, float)):
+    values = {**declared, **config.optimizer_kwargs}
+    start, lam, lag = values["start_epoch"], values.get("lam", 1.0), values.get("lag", 0)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, lag)) or \
+            not isinstance(lam, (int, float)):
         return  # the constructor names the bad value
-    if lam == 0 or num_epochs > start + 1:
+    first = max(start + 1, lag)  # the first epoch in which the term is on
+    if lam == 0 or num_epochs > first:
         return  # lam = 0 turns the term off on purpose
+    base = config.base or registry.optimizer_info(name).base
+    if lag > start + 1:
+        raise ValueError(
+            f"Invalid lag for {name}: {lag} in a run of {num_epochs} epoch(s): its loss term "
+            f"uses each example's logits of {lag} epochs before, so it is on only from epoch "
+            f"{lag} (0-based) and the run would be plain {base} under another "
+            f"name (allowed: lag < {num_epochs}; e.g. {name}:lag={max(1, num_epochs - 1)}, or "
+            f"more than {lag} epochs)")
     raise ValueError(
         f"Invalid start_epoch for {name}: {start} in a run of {num_epochs} epoch(s): its loss "
         f"term is on only in epochs e > start_epoch (0-based), so it would never switch on and "
-        f"the run would be plain {config.base or entry.base} under another name (allowed: "
+        f"the run would be plain {base} under another name (allowed: "
         f"start_epoch < {num_epochs - 1}; e.g. {name}:start_epoch={max(-1, num_epochs - 2)} in "
         f"--optimizers, --set optimizer_kwargs.start_epoch={max(-1, num_epochs - 2)}, or more "
         f"than {start + 1} epochs)"
