@@ -28,13 +28,16 @@ def quick(tmp_path, **kw):
 # ---------------------------------------------------------------------- counting
 
 
+LAG1 = {"saf": {"lag": 1}}  # SAF's term needs the logits of epoch e - lag: on from epoch 1
+
+
 @pytest.mark.parametrize("name, per_step", [("sgd", 1), ("sam", 2), ("saf", 1), ("mesa", 1)])
 def test_pass_meter_counts_forward_backward_passes(tmp_path, name, per_step):
     ticks = iter(range(10_000))
     meter = B.PassMeter(clock=lambda: float(next(ticks)))  # every step lasts 1 "second"
     trainer = Trainer(quick(tmp_path, optimizer=name, name=name,
-                            optimizer_kwargs={"start_epoch": -1} if name in ("saf", "mesa")
-                            else {}), callbacks=[meter], verbose=0)
+                            optimizer_kwargs={"start_epoch": -1, **LAG1.get(name, {})}
+                            if name in ("saf", "mesa") else {}), callbacks=[meter], verbose=0)
     record = trainer.fit()
     assert record["passes"] == per_step * trainer.step == meter.passes
     assert record["step_seconds"] == trainer.step
@@ -119,13 +122,13 @@ def test_equal_budget_steps_scale_with_the_cost_ratio():
 def test_compare_with_a_grid_and_an_equal_passes_row(tmp_path):
     cfg = quick(tmp_path, epochs=2)
     options = B.CompareOptions(equal_budget="sgd", budget="passes", val_fraction=0.2)
-    result = run_compare(cfg, ["sam:rho=0.01,0.2", "saf:start_epoch=-1"], [0, 1],
+    result = run_compare(cfg, ["sam:rho=0.01,0.2", "saf:start_epoch=-1,lag=1"], [0, 1],
                          name="c", verbose=0, options=options)
     # the grid's chosen candidate is the row; the other candidate is only in the selection
     assert set(result.selection) == {"sam:rho=0.01,0.2"}
     scores = result.selection["sam:rho=0.01,0.2"]
     chosen = max(scores, key=scores.get)
-    assert result.labels[:3] == [chosen, "saf:start_epoch=-1", "sgd"]
+    assert result.labels[:3] == [chosen, "saf:start_epoch=-1,lag=1", "sgd"]
     # every method trained on the same 80 %; validation accuracy in the records
     run = result.by_label(chosen)[0]
     assert all("val_acc" in r for r in run.epochs())
