@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ pytestmark = [
 # by Dynamo and AOTAutograd without inductor's codegen (samkit's side, the graph break around
 # the optimizer's protocol, is the same); every other run uses inductor.
 BACKEND = "aot_eager" if os.environ.get("ATEN_CPU_CAPABILITY") == "default" else "inductor"
+
+
+@pytest.fixture(autouse=True)
+def _inductor_cache_per_capability(monkeypatch):
+    """Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled under one
+    capability and loaded under another gave NaN losses here (avx2 after native); one cache
+    folder per capability."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR",
+                       os.path.join(tempfile.gettempdir(), f"samkit-inductor-{capability}"))
 
 
 def _setup(kind, compiled):
