@@ -103,7 +103,6 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self.held = False
-        self.took_over: dict[str, Any] | None = None  # what a dead owner's file said
         self._fd: int | None = None
         self._acquire()
 
@@ -122,9 +121,6 @@ class RunLock:
             if not same:
                 os.close(fd)
                 continue
-            previous = _read_owner(fd)
-            if previous:
-                self.took_over = previous
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
             self._fd, self.held = fd, True
