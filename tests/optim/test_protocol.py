@@ -466,10 +466,12 @@ def test_max_grad_norm_bounds_the_step_of_lr_1_sgd(name):
     x, y = data()
     opt = sharp(name, model, lr=1.0, max_grad_norm=0.01)
     for _ in range(6):  # one-pass steps included
-        w = [p.detach().clone() for p in model.parameters()]
+        with samkit.at_weights(opt):  # w (a one-pass optimizer holds w + eps between steps)
+            w = [p.detach().clone() for p in model.parameters()]
         opt.step(make_closure(opt, model, x, y))
-        steps = zip(model.parameters(), w, strict=True)
-        dw = torch.cat([(p.detach() - q).reshape(-1) for p, q in steps])
+        with samkit.at_weights(opt):
+            steps = zip(model.parameters(), w, strict=True)
+            dw = torch.cat([(p.detach() - q).reshape(-1) for p, q in steps])
         assert 0 < dw.norm() <= 0.01 * (1 + 1e-9)
 
 

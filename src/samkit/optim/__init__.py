@@ -13,7 +13,7 @@ from samkit.optim.kind import OptimizerKind, StepForm, kind_of
 from samkit.optim.looksam import LookSAM
 from samkit.optim.lossterm import LossTermOptimizer
 from samkit.optim.msam import MSAM
-from samkit.optim.onepass import OnePassOptimizer
+from samkit.optim.onepass import OnePassOptimizer, at_weights
 from samkit.optim.presets import SharpnessAware
 from samkit.optim.registry import (
     OptimizerInfo,
@@ -69,6 +69,7 @@ __all__ = [
     "TrajectoryLossOptimizer",
     "accumulation_closure",
     "ae_sam",
+    "at_weights",
     "create_optimizer",
     "describe_optimizers",
     "disable_running_stats",

@@ -30,22 +30,28 @@ class MSAM(OnePassOptimizer):
 
     (for SGD: :math:`v_{t+1} = \mu v_t + g_t`, :math:`w_{t+1} = w_t - \gamma v_{t+1}`). The
     momentum points down the loss, so :math:`-v_t` is an ascent direction found for free: the
-    step costs **one** forward-backward pass, at :math:`\tilde w_t`. ``step(closure)`` moves to
-    :math:`\tilde w_t`, runs the closure once and restores :math:`w_t` bit for bit before the
-    base step, so between steps the model holds the unperturbed weights: evaluation,
-    checkpoints and LR schedulers need nothing special. A zero (or absent) buffer gives
-    :math:`\epsilon = 0`, so the first step is a base step; ``rho=0`` is the base optimizer bit
-    for bit.
+    step costs **one** forward-backward pass, at :math:`\tilde w_t`. A zero (or absent) buffer
+    gives :math:`\epsilon = 0`, so the first step is a base step; ``rho=0`` is the base
+    optimizer bit for bit.
 
-    Differences from the official code (MarlonBecker/MSAM, ``optimizer/msam.py``), which keeps
-    the model at :math:`\tilde w` between steps and needs ``move_back_from_momentumAscent()``
-    before evaluation:
+    **Between steps the model holds** :math:`\tilde w_{t+1}`, as in the official code: a step
+    moves back by :math:`+\rho v_t/\|v_t\|`, takes the base step and moves on by
+    :math:`-\rho v_{t+1}/\|v_{t+1}\|` (two parameter-sized updates and a norm, no copy of the
+    weights). Evaluate, measure and save inside ``with opt.at_weights():``, which moves to
+    :math:`w` and back bit for bit; ``opt.restore()`` moves to :math:`w` for good (end of
+    training). samkit's trainer, callbacks, edge tracker and integrations do it for you; see
+    :mod:`samkit.optim.onepass` for checkpoints and resuming.
 
-    * the trajectory of :math:`w` is the same, but the returned loss is the loss at
+    Differences from the official code (MarlonBecker/MSAM, ``optimizer/msam.py``, whose
+    ``move_back_from_momentumAscent()`` plays the part of ``restore()``):
+
+    * the trajectory of :math:`w` is the same; the returned loss is the loss at
       :math:`\tilde w_t` (the one pass there is), as the official code logs it;
     * torch's SGD adds weight decay at :math:`w_t`, the official code at :math:`\tilde w_t`;
     * the norm :math:`\|v_t\|` spans every param group (the official code allows one group) and
       ``rho`` may differ per group; zero buffers give ε = 0 exactly (official: ``1e-12``);
+    * evaluating inside ``at_weights()`` returns to :math:`\tilde w` bit for bit (official: by
+      adding and subtracting, which may round);
     * over a base without a buffer (SGD with ``momentum=0``) :math:`v_t` is the last step's
       gradient (the official code's buffer with μ = 0), kept by MSAM (``state["msam_last_grad"]``).
 

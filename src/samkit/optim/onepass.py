@@ -4,23 +4,46 @@ from the optimizer's state (MSAM: its momentum), not from this step's gradient.
 A step of a :class:`OnePassOptimizer` is
 
 .. math::
-    \epsilon = \rho\, s\, \frac{d}{\|d\|_2}, \qquad
-    g = \nabla L(w + \epsilon), \qquad
-    w \leftarrow \mathrm{base\_step}(w, g)
+    g_t = \nabla L(w_t + \epsilon_t), \qquad
+    w_{t+1} = \mathrm{base\_step}(w_t, g_t), \qquad
+    \epsilon_{t+1} = \rho\, s\, \frac{d_{t+1}}{\|d_{t+1}\|_2}
 
-with the direction :math:`d` of :meth:`OnePassOptimizer._direction` (per parameter; None: not
-perturbed), the sign :math:`s` = :attr:`OnePassOptimizer.direction_sign` and the norm over every
-param group (a zero :math:`d` gives ε = 0). ``step(closure)`` moves to :math:`w + \epsilon`, runs
-the closure once and restores :math:`w` bit for bit before the base step (unscaled once under AMP,
-clipped to ``max_grad_norm``, non-finite steps skipped: the one base's tail), so between steps the
-model holds :math:`w`. The explicit form is ``perturb()``, the pass, ``descend()``.
+with the direction :math:`d` of :meth:`OnePassOptimizer._direction` (per parameter, read after
+the base step; None: not perturbed), the sign :math:`s` = :attr:`OnePassOptimizer.direction_sign`
+and the norm over every param group (a zero :math:`d` gives ε = 0; a group with ``rho=0`` is not
+moved at all).
+
+**The model holds the perturbed point between steps**, as the official MSAM code does: a step
+runs the closure at :math:`\tilde w_t = w_t + \epsilon_t`, moves back to :math:`w_t`
+(:math:`\tilde w_t - \epsilon_t`), takes the base step (unscaled once under AMP, clipped to
+``max_grad_norm``, non-finite steps skipped: the one base's tail) and moves on to
+:math:`\tilde w_{t+1}`. That is two parameter-sized updates and one norm per step, with no copy
+of the weights. So between steps ``model.parameters()`` are at :math:`\tilde w`, not :math:`w`:
+
+* evaluate, measure and save inside ``with opt.at_weights():`` (or :func:`at_weights`, which
+  takes any optimizer): it moves to :math:`w` and, on leaving, back to :math:`\tilde w` bit for
+  bit, so evaluating never changes the trajectory. The trainer, its callbacks, the edge tracker
+  and the Lightning and Hugging Face integrations do this for you;
+* ``opt.restore()`` moves to :math:`w` for good (the end of training); the next step moves to
+  :math:`\tilde w` again;
+* ``state_dict()`` also saves the perturbed point, so a run resumed from a checkpoint takes the
+  very same steps, whether the model was saved at :math:`w` (inside ``at_weights``) or at
+  :math:`\tilde w`: the first step after ``load_state_dict`` recognises either and continues
+  exactly; weights that match neither (a model loaded from elsewhere) are taken as :math:`w`.
+
+The first step (no direction yet), a step after ``restore()`` and the first step after loading
+weights that match neither point move to :math:`w + \epsilon` first. The explicit form is
+``perturb()`` (a no-op while the model holds :math:`\tilde w`), the pass, ``descend()``.
 
 The one pass is the step's own pass: ``is_perturbed`` stays False during it (BatchNorm running
-statistics are updated there; :attr:`weights_perturbed` says the weights are moved).
+statistics are updated there); :attr:`~OnePassOptimizer.weights_perturbed` says the weights are
+at :math:`\tilde w`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,7 +52,43 @@ from torch import Tensor
 from samkit.optim import kernels
 from samkit.optim._validation import check_non_negative
 from samkit.optim.kind import StepForm
-from samkit.optim.wrapper import Bucket, WrappingOptimizer, _not_compiled
+from samkit.optim.wrapper import WrappingOptimizer, _not_compiled
+
+__all__ = ["OnePassOptimizer", "at_weights"]
+
+
+def at_weights(optimizer: Any):
+    """A context manager in which the model is at its weights :math:`w`: ``optimizer.at_weights()``
+    for a samkit optimizer (a one-pass one holds :math:`w + \\epsilon` between steps), a no-op
+    for any other optimizer (a ``LightningOptimizer`` is unwrapped)::
+
+        with samkit.at_weights(opt):
+            accuracy = evaluate(model)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    """
+    method = getattr(optimizer, "at_weights", None)
+    if method is None:
+        inner = getattr(optimizer, "optimizer", None)  # LightningOptimizer
+        method = getattr(inner, "at_weights", None)
+    return method() if callable(method) else nullcontext()
+
+
+def _is_zero(rho: Any) -> bool:
+    return isinstance(rho, (int, float)) and rho == 0
+
+
+class _Held:
+    """The tensors one group moves: params, their directions, and the 0-d coefficient of ε."""
+
+    __slots__ = ("params", "dirs", "coef")
+
+    def __init__(self, params: list[Tensor], dirs: list[Tensor], coef: Tensor) -> None:
+        self.params, self.dirs, self.coef = params, dirs, coef
+
+    def move_(self, sign: float) -> None:
+        r""":math:`w \leftarrow w + \mathrm{sign}\cdot c\, d` (the same kernel both ways)."""
+        scale = kernels.scale_for(self.coef if sign > 0 else -self.coef, self.params[0])
+        torch._foreach_addcmul_(self.params, self.dirs, [scale] * len(self.params))
 
 
 class OnePassOptimizer(WrappingOptimizer):
@@ -47,51 +106,143 @@ class OnePassOptimizer(WrappingOptimizer):
                  skip_non_finite: bool = False) -> None:
         super().__init__(base_optimizer, defaults, max_grad_norm, skip_non_finite)
         self.passes = 0  # forward-backward passes run by step()
+        # per param group: the 0-d coefficient c of ε = c d the weights are moved by (None: the
+        # group is not moved); None: the weights are at w
+        self._held: list[Tensor | None] | None = None
+        self._at_w = False  # inside at_weights()
+        self._pending: dict[str, Any] | None = None  # a loaded perturbed point, not yet used
 
     def _direction(self, p: Tensor) -> Tensor | None:
         """The direction :math:`d` for parameter ``p`` (not modified), or None."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ where the weights are
+
+    @property
+    def weights_perturbed(self) -> bool:
+        """True while the model holds :math:`w + \\epsilon` (between steps, outside
+        :meth:`at_weights`)."""
+        return self._held is not None and not self._at_w
+
+    def _groups_held(self) -> Iterator[_Held]:
+        """The tensors moved by ε, per group and bucket (the same set at both moves: the
+        directions change only in the base step, which runs at :math:`w`)."""
+        for group, coef in zip(self.param_groups, self._held or (), strict=False):
+            if coef is None:
+                continue
+            ps, ds = [], []
+            for p in group["params"]:
+                d = self._direction(p) if p.requires_grad else None
+                if d is not None:
+                    ps.append(p)
+                    ds.append(d)
+            for params, dirs in kernels.group_by_device_and_dtype(ps, ds) if ps else ():
+                yield _Held(params, dirs, coef)
+
+    def _coefficients(self) -> list[Tensor | None]:
+        """Per group, :math:`c = s\\rho / \\|d\\|` (the norm over every group; None for
+        ``rho=0`` or no direction)."""
+        self._fill_defaults()
+        per_group: list[list[Tensor]] = []
+        for group in self.param_groups:
+            check_non_negative("rho", group["rho"])
+            per_group.append([d for p in group["params"] if p.requires_grad
+                              and (d := self._direction(p)) is not None])
+        buckets = [lst for dirs in per_group if dirs
+                   for lst in (b[0] for b in kernels.group_by_device_and_dtype(dirs))]
+        norm = kernels.global_sq_norm(buckets)
+        if norm is None:
+            return [None] * len(self.param_groups)
+        root = norm.sqrt()
+        # s / ||d||, and exactly 0 for a zero direction (then every entry of d is zero)
+        inv = torch.where(root > 0, root.clamp_min(torch.finfo(root.dtype).tiny).reciprocal(),
+                          0.0) * self.direction_sign
+        return [None if not dirs or _is_zero(g["rho"]) else inv * g["rho"]
+                for g, dirs in zip(self.param_groups, per_group, strict=True)]
+
+    @torch.no_grad()
+    def _move_to_perturbed(self) -> None:
+        self._held = self._coefficients()
+        for held in self._groups_held():
+            held.move_(+1.0)
+
+    @torch.no_grad()
+    def _move_to_weights(self) -> None:
+        for held in self._groups_held():
+            held.move_(-1.0)
+        self._held = None
+
+    def _check_not_at_w(self, what: str) -> None:
+        if self._at_w:
+            raise RuntimeError(f"{what} inside at_weights(): step after leaving it")
+
     @_not_compiled
     @torch.no_grad()
     def perturb(self) -> None:
-        r"""Move to :math:`w + \epsilon` (the weights are saved for :meth:`restore`)."""
-        if self._perturbed is not None:
-            raise RuntimeError("perturb() was called twice without descend() in between")
-        self._fill_defaults()
-        buckets = []
-        for group in self.param_groups:
-            check_non_negative("rho", group["rho"])
-            ps, ds, backups = [], [], []
-            for p in group["params"]:
-                d = self._direction(p) if p.requires_grad else None
-                if d is None:
-                    continue
-                ps.append(p)
-                ds.append(d)
-                backups.append(self._state_tensor(p, "w_backup", empty=True))
-            for lists in kernels.group_by_device_and_dtype(ps, ds, backups) if ps else []:
-                buckets.append(Bucket(group, *lists))
-        norm = kernels.global_sq_norm(b.grads for b in buckets)
-        for b in buckets:
-            coef = self.direction_sign * kernels.safe_ratio(
-                b.group["rho"], norm.sqrt().to(b.grads[0].device))
-            eps = torch._foreach_mul(b.grads, kernels.scale_for(coef, b.grads[0]))
-            kernels.perturb_(b.params, eps, b.backups)
-        self._perturbed = buckets
+        r"""Move to :math:`w + \epsilon` (a no-op while the model holds it)."""
+        self._check_not_at_w("perturb()")
+        if self._held is not None:
+            return
+        if self._pending is not None and self._resume_pending():
+            return
+        self._move_to_perturbed()
+
+    @_not_compiled
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Move the model to its weights :math:`w` and keep it there (e.g. at the end of
+        training); the next step moves to :math:`w + \\epsilon` again. A no-op at :math:`w`."""
+        self._check_not_at_w("restore()")
+        self._pending = None
+        if self._held is not None:
+            self._move_to_weights()
+
+    @contextmanager
+    def at_weights(self) -> Iterator[None]:
+        r"""Within the block the model is at its weights :math:`w`; on leaving it is back at
+        :math:`w + \epsilon`, bit for bit (through a scratch copy of the weights, allocated once),
+        so evaluating, measuring or saving in the block leaves the trajectory unchanged::
+
+            with opt.at_weights():
+                test_acc = evaluate(model)
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+
+        Steps are refused inside the block. Nested blocks and a model already at :math:`w`
+        need nothing."""
+        if self._held is None or self._at_w:
+            yield
+            return
+        saved = []
+        with torch.no_grad():
+            for held in self._groups_held():
+                scratch = [self._state_tensor(p, "w_backup", empty=True) for p in held.params]
+                torch._foreach_copy_(scratch, held.params)
+                held.move_(-1.0)
+                saved.append((held.params, scratch))
+        self._at_w = True
+        try:
+            yield
+        finally:
+            self._at_w = False
+            with torch.no_grad():
+                for params, scratch in saved:
+                    torch._foreach_copy_(params, scratch)
+
+    # ------------------------------------------------------------------ the step
 
     @_not_compiled
     @torch.no_grad()
     def descend(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Restore ``w`` and take the base step with the gradient of the pass at
+        """Move back to ``w``, take the base step with the gradient of the pass at
         :math:`w + \\epsilon` (unscaled, clipped, through ``scaler.step`` when a scaler is
-        given)."""
-        self.restore()
+        given) and move on to the next :math:`w + \\epsilon`."""
+        self._check_not_at_w("descend()")
+        if self._held is None:
+            raise RuntimeError("descend() needs a perturb() before it")
+        self._move_to_weights()
         self._first_pass_finite = None
         self._finish_step_(scaler)
-
-    def _restore_error(self) -> str:
-        return "descend()/restore() needs a perturb() before it"
+        self._move_to_perturbed()
 
     def first_step(self, zero_grad: bool = True, scaler=None) -> bool:
         raise RuntimeError(
@@ -105,7 +256,8 @@ class OnePassOptimizer(WrappingOptimizer):
     @_not_compiled
     def step(self, closure=None, scaler: torch.amp.GradScaler | None = None):
         """One step: ``closure`` (zero_grad, forward, backward, return the loss) runs once, at
-        :math:`w + \\epsilon`; returns its loss."""
+        :math:`w + \\epsilon`; returns its loss. The model is left at the next
+        :math:`w + \\epsilon` (see :meth:`at_weights`)."""
         if closure is None:
             raise ValueError(
                 f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs "
@@ -113,16 +265,85 @@ class OnePassOptimizer(WrappingOptimizer):
                 "perturb(), the pass, then descend()"
             )
         self.perturb()
-        try:
-            with torch.enable_grad():
-                loss = self._checked_loss(closure())
-        except BaseException:
-            self.restore()
-            raise
+        with torch.enable_grad():
+            loss = self._checked_loss(closure())
         self.passes += 1
         self.descend(scaler)
         return loss
 
+    # ------------------------------------------------------------------ state
+
+    def _flat_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's and our state; while the model holds :math:`w + \\epsilon` also that
+        point and its coefficients (so a resumed run continues bit for bit)."""
+        state = super().state_dict()
+        if self._held is not None:
+            index = {id(p): i for i, p in enumerate(self._flat_params())}
+            points = {}
+            for held in self._groups_held():
+                for p in held.params:
+                    src = self.state[p]["w_backup"] if self._at_w else p
+                    points[index[id(p)]] = src.detach().clone()
+            state[self._state_namespace].setdefault("global", {})["held"] = {
+                "coefs": [None if c is None else c.clone() for c in self._held],
+                "points": points,
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state; the model may then be loaded at :math:`w` or at
+        :math:`w + \\epsilon` (the first step tells them apart, see the module docstring)."""
+        self._check_not_at_w("load_state_dict()")
+        self.restore()  # the held point belongs to the state being replaced
+        super().load_state_dict(state_dict)
+
+    def _load_global_state_dict(self, state: dict[str, Any]) -> None:
+        super()._load_global_state_dict(state)
+        self._held = None
+        self._pending = state.get("held")
+
+    def _resume_pending(self) -> bool:
+        """Use the loaded perturbed point if the model is at it, or at the :math:`w` it was
+        saved with (moved there by :meth:`at_weights`'s kernel: the very same bits); False if
+        the weights are neither (they are then taken as :math:`w`)."""
+        pending, self._pending = self._pending, None
+        coefs = [None if c is None else c.to(self._device()) for c in pending["coefs"]]
+        coefs += [None] * (len(self.param_groups) - len(coefs))
+        points = pending["points"]
+        self._held = coefs
+        ids = {id(p): i for i, p in enumerate(self._flat_params())}
+        moves = []
+        for held in self._groups_held():
+            keys = [ids[id(p)] for p in held.params]
+            if any(k not in points for k in keys):
+                break
+            targets = [points[k].to(p.device, p.dtype) for k, p in zip(keys, held.params,
+                                                                         strict=True)]
+            moves.append((held, targets))
+        else:
+            at_point = all(torch.equal(p, t) for h, ts in moves
+                           for p, t in zip(h.params, ts, strict=True))
+            if at_point:
+                return True
+            saved_w = [[t.clone() for t in ts] for _, ts in moves]
+            for (h, _), w in zip(moves, saved_w, strict=True):
+                _Held(w, h.dirs, h.coef).move_(-1.0)
+            if all(torch.equal(p, t) for (h, _), ws in zip(moves, saved_w, strict=True)
+                   for p, t in zip(h.params, ws, strict=True)):
+                with torch.no_grad():
+                    for h, ts in moves:
+                        torch._foreach_copy_(h.params, ts)
+                return True
+        self._held = None
+        return False
+
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("passes", 0)
+        for key, value in (("passes", 0), ("_held", None), ("_at_w", False), ("_pending", None)):
+            self.__dict__.setdefault(key, value)

@@ -28,6 +28,7 @@ subclass with its own hooks only (``tests/optim/test_new_methods.py`` writes two
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -226,6 +227,16 @@ class WrappingOptimizer(Optimizer):
     def weights_perturbed(self) -> bool:
         """True while the weights are away from ``w`` (restored by :meth:`restore`)."""
         return self._perturbed is not None
+
+    def at_weights(self):
+        """A context manager in which the model is at its weights ``w`` (to evaluate, measure or
+        save). Between steps every optimizer but a one-pass one already holds ``w`` (this is
+        then a no-op); a one-pass optimizer holds ``w + ε`` and moves to ``w`` and back (see
+        :meth:`samkit.optim.onepass.OnePassOptimizer.at_weights`). Refused between the two
+        passes of a step."""
+        if self._perturbed is not None:
+            raise RuntimeError("at_weights() between the passes of a step: use it between steps")
+        return contextlib.nullcontext()
 
     def descent_rewrites(self) -> list[str]:
         """The hooks this optimizer overrides that rewrite its step direction (empty: it descends
