@@ -1,6 +1,7 @@
 """The trainer: exact resume (epoch boundary, Ctrl-C mid-epoch, extended budget), callbacks,
 run-directory rules, full-batch and steps budgets, accumulation, AMP, TensorBoard errors."""
 
+import contextlib
 import copy
 import json
 import math
@@ -366,3 +367,26 @@ def test_edge_tracker_in_the_trainer_measures_where_a_plain_loop_does(tmp_path):
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
         assert row["batch_grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert "batch_grad_norm" not in rows[2]  # the final weights: no next batch
+
+
+def test_msam_in_the_trainer_evaluates_and_saves_at_w_and_resumes_bit_for_bit(tmp_path):
+    """MSAM holds w + eps between steps: the trainer evaluates and checkpoints at w (inside
+    at_weights), leaves the model at w when fit returns, and a run stopped mid-epoch and resumed
+    takes the very same steps as an uninterrupted one."""
+    kw = dict(optimizer="msam", rho=1.0, epochs=2)
+    straight = Trainer(cfg(tmp_path, name="straight", **kw), verbose=0)
+    record = straight.fit()
+    assert not straight.optimizer.weights_perturbed  # left at w
+    assert straight.evaluate(straight.test_data) == (record["test_loss"], record["test_acc"])
+    saved = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    same(saved, straight.model.state_dict())
+    straight.optimizer.perturb()  # at w + eps the test loss differs: the record was at w
+    at_eps = straight.task.evaluate(straight.model, straight.test_data, 500, straight.device,
+                                    contextlib.nullcontext)
+    assert at_eps[0] != record["test_loss"]
+    first = Trainer(cfg(tmp_path, name="cut", **kw), callbacks=[StopAt(step=7)], verbose=0)
+    first.fit()
+    assert first.stopped and first.step == 7
+    Trainer(cfg(tmp_path, name="cut", **kw), resume=True, verbose=0).fit()
+    same(final_state(tmp_path / "straight"), final_state(tmp_path / "cut"))
+    assert epoch_records(tmp_path / "straight") == epoch_records(tmp_path / "cut")

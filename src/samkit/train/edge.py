@@ -345,7 +345,9 @@ class EdgeTracker(Callback):
         self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any = None,
         probe: Any = None,
     ) -> dict[str, Any]:
-        """Measure at the model's current weights and append a row (see the module docstring).
+        """Measure at the model's weights :math:`w` and append a row (see the module docstring);
+        under an optimizer that holds :math:`w + ε` between steps (MSAM), inside its
+        ``at_weights()``.
 
         Args:
             step: the step number written in the row.
@@ -359,6 +361,13 @@ class EdgeTracker(Callback):
                 probe set, for this row only: e.g. the step's own minibatch, as Long & Bartlett
                 measure their language model (the SAM-edge then uses its ‖g‖ too).
         """
+        from samkit.optim.onepass import at_weights
+
+        with at_weights(optimizer):
+            return self._record(step, model, optimizer, batch, probe)
+
+    def _record(self, step: int, model: nn.Module, optimizer: Optimizer, batch: Any,
+                probe: Any) -> dict[str, Any]:
         probe = self.probe if probe is None else _batches(probe)
         if probe is None or self.loss_fn is None:
             raise ValueError(

@@ -11,6 +11,11 @@ metric of a step, the evaluation: :mod:`samkit.train.task`; classification by de
 batch). The run folder (lock, ``run.json``, ``metrics.jsonl``, the checkpoint) is
 :mod:`samkit.train.runfiles`'s; ``Trainer(..., write=False)`` trains without one.
 
+Weights: an optimizer that holds :math:`w + ε` between steps (MSAM, see
+:mod:`samkit.optim.onepass`) is moved to :math:`w` (``at_weights``) for every evaluation, every
+checkpoint and the end-of-epoch and end-of-training callbacks, and left at :math:`w` when
+``fit`` returns (``trainer.model`` holds the trained weights).
+
 Reproducibility: the data order of epoch ``e`` and the augmentation of step ``t`` come from
 generators seeded by ``(seed, e)`` and ``(seed, t)``; the global RNGs (dropout) are saved in the
 checkpoint. So a resumed run, from an epoch boundary or from an interrupted step, takes the
@@ -284,6 +289,7 @@ class Trainer:
         try:
             self._call("on_train_start")
             self._loop()
+            self._release_weights()  # the model at w for what follows (and the caller)
             status = "finished"
             # while metrics.jsonl is open: what a callback logs at the end is kept (the edge
             # tracker's row at the final weights)
@@ -301,6 +307,7 @@ class Trainer:
             raise WriteFailed(f"{err}; {self._kept()}") from err
         finally:
             restore()
+            self._release_weights()
             self.progress.close()
             if self.files is not None:  # metrics.jsonl closed, run.json says how it ended
                 self.files.close(status, self.config.run_name, self.step, self.data_path,
@@ -312,6 +319,17 @@ class Trainer:
         return self.last_record or {}
 
     _writer = property(lambda self: None if self.files is None else self.files.writer)
+
+    def _at_weights(self):
+        """The model at its weights ``w`` within the block (:func:`samkit.optim.at_weights`)."""
+        from samkit.optim.onepass import at_weights
+
+        return at_weights(self.optimizer)
+
+    def _release_weights(self) -> None:
+        """Leave the model at ``w`` (an optimizer holding ``w + ε`` moves back for good)."""
+        if getattr(self.optimizer, "weights_perturbed", False):
+            self.optimizer.restore()
 
     def _kept(self) -> str:  # what a failed run leaves to resume from, in words
         return "nothing is kept" if self.files is None else self.files.kept()
@@ -414,8 +432,9 @@ class Trainer:
                     loss_sum.new_zeros(()), self._stop_requested, self.world_size)
             self._check_finite(loss_sum, True, epoch, weights=True)
             sums = self._add_sums(sums, loss_sum, correct, count, t0, cuda)
-            record = self._epoch_record(epoch, sums)
-            self._call("on_epoch_end", epoch, record)
+            with self._at_weights():  # evaluation and the epoch's callbacks at w
+                record = self._epoch_record(epoch, sums)
+                self._call("on_epoch_end", epoch, record)
             self.last_record = record
             self.log(record)
             self.progress.end_epoch(record)
@@ -429,7 +448,8 @@ class Trainer:
         """Checkpoint the position ``(epoch, batch)``: the next batch to take."""
         if not self.config.checkpoint and not self._stop_requested:
             return
-        runfiles.save(self, epoch, batch)
+        with self._at_weights():  # the model saved at w (the optimizer keeps w + ε exact)
+            runfiles.save(self, epoch, batch)
 
     def _check_finite(self, loss: Tensor, now: bool, epoch: int, weights: bool = False) -> None:
         """Stop the run (:class:`TrainingDiverged`, a ``diverged`` record logged) once the loss
@@ -466,9 +486,11 @@ class Trainer:
     def evaluate(self, split: Any) -> tuple[float, float]:
         """The task's loss and accuracy of the model on ``split`` (classification: mean
         cross-entropy without label smoothing, :func:`samkit.measures.evaluate`), under the
-        run's autocast."""
-        return self.task.evaluate(self.model, split, self.config.eval_batch_size, self.device,
-                                  lambda: self.engine.autocast_context(self.device))
+        run's autocast; at the weights ``w``, :func:`samkit.optim.at_weights`)."""
+        with self._at_weights():
+            autocast = self.engine.autocast_context
+            return self.task.evaluate(self.model, split, self.config.eval_batch_size,
+                                      self.device, lambda: autocast(self.device))
 
     # ------------------------------------------------------------------ logging and stopping
 
