@@ -183,3 +183,63 @@ def test_edge_tracker_callback_bad_arguments():
         EdgeTrackerCallback(None, nn.functional.mse_loss, every=0)
     with pytest.raises(ValueError, match="Invalid model"):
         EdgeTrackerCallback(None, nn.functional.mse_loss, model=3)
+
+
+class TinyMSAM(L.LightningModule):
+    """MSAM under automatic optimization, with a validation loop that records the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append([p.detach().clone() for p in self.net.parameters()])
+
+    def configure_optimizers(self):
+        return samkit.MSAM(torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+
+
+def test_at_weights_callback_validates_saves_and_ends_at_w_under_msam(tmp_path):
+    """Against samkit's own MSAM loop, step for step: the validation loop and the checkpoint see
+    w (not the held w + eps), the model ends at w, and the held point is back after validation."""
+    from samkit.integrations.lightning import AtWeightsCallback
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    module = TinyMSAM()
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=False, callbacks=[AtWeightsCallback()],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader, loader)
+
+    net = _net()
+    opt = samkit.MSAM(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+    at_w, held = [], []
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        held.append([p.detach().clone() for p in net.parameters()])
+        with opt.at_weights():
+            at_w.append([p.detach().clone() for p in net.parameters()])
+    assert len(module.seen) == 3  # one validation per epoch of one step
+    for seen, ref, moved in zip(module.seen, at_w, held, strict=True):
+        for p, q, r in zip(seen, ref, moved, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        assert not all(torch.allclose(p, r) for p, r in zip(seen, moved, strict=True))
+    for p, q in zip(module.net.parameters(), at_w[-1], strict=True):  # left at w
+        torch.testing.assert_close(p.detach(), q, rtol=1e-12, atol=1e-14)
+    saved = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["state_dict"]
+    for (name, p), q in zip(module.net.named_parameters(), at_w[-1], strict=True):
+        torch.testing.assert_close(saved[f"net.{name}"], q, rtol=1e-12, atol=1e-14)

@@ -32,6 +32,12 @@ Example::
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
             return {"optimizer": opt, "lr_scheduler": sched}
 
+An optimizer that holds ``w + ε`` between steps (MSAM: one pass per step, see
+:mod:`samkit.optim.onepass`) needs :class:`AtWeightsCallback` in the trainer's callbacks, so that
+validation, testing, prediction and checkpoints see the weights ``w``::
+
+    trainer = L.Trainer(callbacks=[AtWeightsCallback()], ...)
+
 With ``strategy="ddp"`` every pass is all-reduced: the ``synced`` mode of
 :mod:`samkit.distributed`. Gradient clipping (``gradient_clip_val``) and
 ``accumulate_grad_batches`` act on each pass as Lightning defines them; with
@@ -42,7 +48,7 @@ optimization) for exact accumulation.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 from torch import nn
@@ -50,7 +56,8 @@ from torch import nn
 from samkit.optim.batchnorm import disable_running_stats
 from samkit.optim.kind import form_of
 
-__all__ = ["EdgeTrackerCallback", "is_perturbed", "running_stats", "sharpness_aware_optimizers"]
+__all__ = ["AtWeightsCallback", "EdgeTrackerCallback", "is_perturbed", "running_stats",
+           "sharpness_aware_optimizers"]
 
 
 def sharpness_aware_optimizers(module: Any) -> list[Any]:
@@ -228,6 +235,68 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
+
+
+class AtWeightsCallback(_lightning_callback_base()):  # type: ignore[misc]
+    r"""Validation, testing, prediction and checkpoints at the weights :math:`w`, for samkit
+    optimizers that hold :math:`w + \epsilon` between steps (MSAM).
+
+    Validation, test and predict loops run inside the optimizers' ``at_weights()`` (moved to
+    :math:`w`, and back bit for bit afterwards); a checkpoint's ``state_dict`` is the model's at
+    :math:`w` (the optimizer's state keeps the held point, so a resumed fit continues exactly);
+    at the end of training the model is left at :math:`w`. With any other optimizer it does
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stack: ExitStack | None = None
+
+    @staticmethod
+    def _optimizers(trainer: Any) -> list[Any]:
+        return [_unwrap(opt) for opt in getattr(trainer, "optimizers", []) or []]
+
+    def _enter(self, trainer: Any) -> None:
+        from samkit.optim.onepass import at_weights
+
+        if self._stack is None:
+            stack = ExitStack()
+            for opt in self._optimizers(trainer):
+                stack.enter_context(at_weights(opt))
+            self._stack = stack
+
+    def _leave(self, *_: Any) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._enter(trainer)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._enter(trainer)
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._enter(trainer)
+
+    on_validation_end = on_test_end = on_predict_end = _leave
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        from samkit.optim.onepass import at_weights
+
+        if not any(getattr(o, "weights_perturbed", False) for o in self._optimizers(trainer)):
+            return
+        with ExitStack() as stack:
+            for opt in self._optimizers(trainer):
+                stack.enter_context(at_weights(opt))
+            checkpoint["state_dict"] = {k: v.detach().clone()
+                                        for k, v in pl_module.state_dict().items()}
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._leave()
+        for opt in self._optimizers(trainer):
+            if getattr(opt, "weights_perturbed", False):
+                opt.restore()
 
 
 def _warn_no_edge(optimizer: Any, prefix: str) -> None:
