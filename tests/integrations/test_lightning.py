@@ -235,11 +235,11 @@ def test_at_weights_callback_validates_saves_and_ends_at_w_under_msam(tmp_path):
             at_w.append([p.detach().clone() for p in net.parameters()])
     assert len(module.seen) == 3  # one validation per epoch of one step
     for seen, ref, moved in zip(module.seen, at_w, held, strict=True):
-        for p, q, r in zip(seen, ref, moved, strict=True):
+        for p, q in zip(seen, ref, strict=True):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
         assert not all(torch.allclose(p, r) for p, r in zip(seen, moved, strict=True))
     for p, q in zip(module.net.parameters(), at_w[-1], strict=True):  # left at w
         torch.testing.assert_close(p.detach(), q, rtol=1e-12, atol=1e-14)
     saved = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["state_dict"]
-    for (name, p), q in zip(module.net.named_parameters(), at_w[-1], strict=True):
+    for (name, _), q in zip(module.net.named_parameters(), at_w[-1], strict=True):
         torch.testing.assert_close(saved[f"net.{name}"], q, rtol=1e-12, atol=1e-14)

@@ -240,6 +240,9 @@ def test_saf_memory_is_n_lag_classes_and_mesa_one_model_copy():
     engine_run(mesa, model, data, epochs=1)
     assert mesa.memory_bytes() == sum(
         t.nelement() * t.element_size() for t in model.state_dict().values())
+    # nothing to clip or rewrite: the step's tail keeps no copy of the weights
+    for opt in (saf, mesa):
+        assert all(not opt.state[p] for g in opt.param_groups for p in g["params"])
 
 
 # ---------------------------------------------------------------------- optimizer properties

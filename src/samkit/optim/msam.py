@@ -102,13 +102,26 @@ class MSAM(OnePassOptimizer):
                 return state[key]
         return self.state[p].get("msam_last_grad")
 
+    def _before_base_step_needed(self) -> bool:
+        """Is there a parameter with a gradient and no buffer of the base (SGD without
+        momentum, or its first step)? Only then is the gradient kept as :math:`v`."""
+        return any(p.grad is not None and self._keeps_last_grad(group, p)
+                   for group in self.param_groups for p in group["params"])
+
+    def _keeps_last_grad(self, group: dict[str, Any], p: Tensor) -> bool:
+        """No buffer of the base for ``p``, and none coming: its group has no momentum (SGD's
+        ``momentum`` 0) and no ``betas`` (Adam's first moment appears in its first step)."""
+        state = self.base_optimizer.state.get(p, {})
+        if any(isinstance(state.get(k), Tensor) for k in _BUFFER_KEYS):
+            return False
+        return not group.get("momentum") and "betas" not in group
+
     def _before_base_step_(self, buckets: list[Bucket]) -> None:
         """For a base without a momentum buffer: keep the gradient as :math:`v` (a non-finite
         one leaves the old :math:`v`; no host sync)."""
         for b in buckets:
             for p, g in zip(b.params, b.grads, strict=True):
-                state = self.base_optimizer.state.get(p, {})
-                if any(isinstance(state.get(k), Tensor) for k in _BUFFER_KEYS):
+                if not self._keeps_last_grad(b.group, p):
                     continue
                 mine = self.state[p]
                 if "msam_last_grad" not in mine:

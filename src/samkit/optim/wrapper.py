@@ -48,6 +48,9 @@ Closure = Callable[[], Any]
 # (a checkpoint is always taken between full steps).
 _TRANSIENT_STATE = ("w_backup", "grad_first")
 
+# descent_rewrites() per class (hooks are class attributes: looked up once)
+_REWRITES: dict[type, tuple[str, ...]] = {}
+
 # Attributes of torch.optim.Optimizer that its own __getstate__ leaves out (hooks, profiler names).
 _TORCH_INTERNAL_PREFIXES = ("_optimizer_", "_zero_grad_profile", "_warned_")
 
@@ -242,7 +245,11 @@ class WrappingOptimizer(Optimizer):
         """The hooks this optimizer overrides that rewrite its step direction (empty: it descends
         with the gradient of its (last) pass)."""
         cls = type(self)
-        return [h for h in self._rewrite_hooks if getattr(cls, h) is not _default_hook(cls, h)]
+        found = _REWRITES.get(cls)
+        if found is None:  # the class's hooks are fixed: found once per class
+            found = _REWRITES[cls] = tuple(
+                h for h in cls._rewrite_hooks if getattr(cls, h) is not _default_hook(cls, h))
+        return list(found)
 
     def edge_note(self) -> str:
         """Why no closed-form edge applies to this optimizer whatever its ascent, or ''
@@ -365,6 +372,15 @@ class WrappingOptimizer(Optimizer):
         skipped for inf/NaN; only computed, at one host sync, when :meth:`_after_step_` is
         overridden, else assumed)."""
         use_scaler = amp.enabled(scaler)
+        if buckets is None and rewrite is None and not self._tail_needs_buckets(check_finite):
+            # nothing to rewrite, clip or check (SAF, MESA, MSAM over a momentum base): the
+            # base step straight away, without building the buckets
+            if use_scaler:
+                self._unscale_(scaler)
+            stepped = self._base_step(scaler)
+            if stepped:
+                self._after_step_()
+            return stepped
         if buckets is None:
             buckets = self._buckets()
         if use_scaler:
@@ -382,6 +398,19 @@ class WrappingOptimizer(Optimizer):
         if stepped:
             self._after_step_()
         return stepped
+
+    def _tail_needs_buckets(self, check_finite: bool) -> bool:
+        """Does the tail of a step need the gradients in buckets: a rewrite of the direction,
+        a clip, a non-finite check or a :meth:`_before_base_step_` that does something?"""
+        if self.descent_rewrites() or self._before_base_step_needed():
+            return True
+        if check_finite and self.skip_non_finite:
+            return True
+        return any(g.get("max_grad_norm") is not None for g in self.param_groups)
+
+    def _before_base_step_needed(self) -> bool:
+        """Has :meth:`_before_base_step_` work to do in this step (default: when overridden)?"""
+        return type(self)._before_base_step_ is not WrappingOptimizer._before_base_step_
 
     def _base_step(self, scaler: torch.amp.GradScaler | None) -> bool:
         """The base optimizer's step with the gradients as they are (through the scaler, with
