@@ -32,9 +32,10 @@ test: $(STAMP) data
 	$(PY) -m pytest -q
 
 # The fast loop: no process spawns, no torch.compile, no real data (-m "not slow"), on two
-# pytest-xdist workers (one torch and one BLAS thread each).
+# pytest-xdist workers (one torch and one BLAS thread each); the Lightning and Hugging Face tests
+# on one of them, so that only one worker pays for importing those libraries.
 fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q -n 2
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
