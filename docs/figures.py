@@ -88,7 +88,7 @@ def density_figure() -> None:
     density = spectral_density(H, num_probes=4, num_steps=80)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     plot_spectral_density(density, ax=ax)
-    ax.set_title(f"Hessian spectral density, MLP 64-64-10 on digits ({H.shape[0]:,} parameters)")
+    ax.set_title(f"Hessian spectral density: MLP on digits, {H.shape[0]:,} parameters")
     ax.set_xlabel("eigenvalue")
     fig.tight_layout()
     fig.savefig(OUT / "density.png", dpi=100)

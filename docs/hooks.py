@@ -21,8 +21,9 @@ def _mathml(latex: str, display: str, page) -> str:
     tex = html.unescape(latex).strip()
     try:
         return convert(tex, display=display)
-    except Exception as error:  # noqa: BLE001 - any conversion error names the formula
-        raise ValueError(f"{page.file.src_path}: cannot render the formula {tex!r}: {error}")
+    except Exception as error:  # any conversion error: name the formula and the page
+        raise ValueError(
+            f"{page.file.src_path}: cannot render the formula {tex!r}: {error}") from error
 
 
 def on_page_content(content: str, page, config, files) -> str:

@@ -288,9 +288,13 @@ def check_yaml_block(block: Block) -> None:
         pytest.fail(f"{block.where}: the yaml block does not load: {error}")
 
 
+FILE_SUFFIXES = {"md", "py", "yaml", "json", "png", "toml", "txt"}
+
+
 def missing_names(text: str) -> list[str]:
     """The ``samkit.a.b`` names of a text that cannot be imported or looked up."""
     names = sorted(set(re.findall(r"\bsamkit(?:\.[A-Za-z_]\w*)+", text)))
+    names = [n for n in names if n.rsplit(".", 1)[-1] not in FILE_SUFFIXES]  # samkit.md: a file
     missing = []
     for name in names:
         parts = name.split(".")

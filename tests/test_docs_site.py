@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +92,9 @@ def test_site_in_a_browser(site, tmp_path):
             browser.screenshot(shots / f"{name}.png")
         # the search works: type into the box, results appear
         browser.open(f"{base}/")
-        browser.evaluate("""(() => { const i = document.querySelector('input.md-search__input');
+        browser.evaluate("""(() => { const t = document.querySelector('#__search');
+            if (t) { t.checked = true; t.dispatchEvent(new Event('change', {bubbles: true})); }
+            const i = document.querySelector('input.md-search__input');
             i.focus(); i.value = 'Lanczos'; i.dispatchEvent(new Event('input', {bubbles: true}));
             i.dispatchEvent(new KeyboardEvent('keyup', {bubbles: true})); })()""")
         found = 0
