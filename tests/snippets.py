@@ -9,7 +9,8 @@ tests/test_readme.py (README.md) and tests/test_docs_pages.py (every docs/**/*.m
   ``pip install`` lines may install only samkit (from PyPI or ``.``) with extras pyproject.toml
   declares, ``python FILE`` lines must name a file of the repository. Any other command in a bash
   block fails the test until a check for it is added here.
-* A ``yaml`` block must load (``yaml.safe_load``); a ``text`` block is shown output, not run.
+* A ``yaml`` block must load (``yaml.safe_load``), a ``json`` block too (``json.loads``); a
+  ``text`` block is shown output, not run.
 * A value a ``python`` line states in its comment (``gd_edge(0.05)   # 40.0 = 2/eta``) is checked.
 * Every ``samkit.name`` a page mentions exists.
 
@@ -279,13 +280,19 @@ def check_stated_values(block: Block, namespace: dict) -> None:
         )
 
 
-def check_yaml_block(block: Block) -> None:
+def check_data_block(block: Block) -> None:
+    """A ``yaml`` or ``json`` block loads."""
+    import json
+
     import yaml
 
     try:
-        yaml.safe_load(block.code)
-    except yaml.YAMLError as error:
-        pytest.fail(f"{block.where}: the yaml block does not load: {error}")
+        if block.lang == "json":
+            json.loads(block.code)
+        else:
+            yaml.safe_load(block.code)
+    except (ValueError, yaml.YAMLError) as error:
+        pytest.fail(f"{block.where}: the {block.lang} block does not load: {error}")
 
 
 FILE_SUFFIXES = {"md", "py", "yaml", "json", "png", "toml", "txt"}

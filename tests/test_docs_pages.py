@@ -1,7 +1,7 @@
 """Every code block of every page of the documentation site (docs/**/*.md) works as written,
 by the rules of tests/snippets.py (shared with tests/test_readme.py): python blocks executed on
 their own, bash lines checked (samkit commands parsed by samkit's parser, make targets, pip
-extras, script paths), yaml blocks loaded, values stated in comments checked, and every
+extras, script paths), yaml and json blocks loaded, values stated in comments checked, and every
 ``samkit.name`` a page mentions exists. Pages added later are picked up by the glob."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from snippets import (
     ROOT,
     SHOWN_ONLY,
     check_bash_block,
-    check_yaml_block,
+    check_data_block,
     markdown_blocks,
     missing_names,
     python_param,
@@ -21,7 +21,7 @@ from snippets import (
 
 PAGES = sorted((ROOT / "docs").rglob("*.md"))
 BLOCKS = [b for page in PAGES for b in markdown_blocks(page)]
-KNOWN = ("python", "bash", "yaml", *SHOWN_ONLY)
+KNOWN = ("python", "bash", "yaml", "json", *SHOWN_ONLY)
 
 
 def _id(block) -> str:
@@ -50,9 +50,9 @@ def test_bash_block_commands_parse(block, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("block", [pytest.param(b, id=_id(b)) for b in BLOCKS
-                                   if b.lang == "yaml"])
-def test_yaml_block_loads(block):
-    check_yaml_block(block)
+                                   if b.lang in ("yaml", "json")])
+def test_data_block_loads(block):
+    check_data_block(block)
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, id=str(p.relative_to(ROOT))) for p in PAGES])
