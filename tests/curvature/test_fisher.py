@@ -14,6 +14,7 @@ from samkit.curvature import (
     EmpiricalFisherOperator,
     GGNOperator,
     MCFisherOperator,
+    block_spectra,
     top_eigenvalues,
 )
 
@@ -156,3 +157,16 @@ def test_bad_arguments():
     seq = nn.Sequential(model, nn.Unflatten(1, (3, 1)))
     with pytest.raises(ValueError, match=r"output shape \(12, 3, 1\) for the categorical"):
         MCFisherOperator(seq, CE, (x, y))
+
+
+def test_fisher_over_some_parameters_and_its_blocks():
+    # params given as a one-shot generator; the Fisher over a subset is its diagonal block
+    model, (x, y) = tiny_mlp(), mlp_data()
+    full = MCFisherOperator(model, CE, (x, y), samples=3)
+    sub = MCFisherOperator(model, CE, (x, y), samples=3, params=(p for p in model[2].parameters()))
+    assert sub.dim == 18 and torch.equal(sub.labels[0], full.labels[0])
+    torch.testing.assert_close(dense(sub), dense(full)[25:, 25:], rtol=1e-10, atol=1e-13)
+    table = block_spectra(full, blocks="module", k=2, tol=1e-10)
+    torch.testing.assert_close(table["2"].values,
+                               torch.linalg.eigvalsh(dense(sub)).flip(0)[:2],
+                               rtol=1e-8, atol=1e-12)

@@ -145,14 +145,14 @@ class BlockSpectra:
 # -- which parameters make a block -------------------------------------------------------------
 
 
-def _operator_params(H: Any) -> tuple[list[str], list[Tensor]]:
-    """The named parameters that index ``H``'s coordinates: a curvature operator's own, or its
-    base's for an operator built on one (the effective Hessian, the Adam-preconditioned one)."""
+def _curvature_operator(H: Any) -> CurvatureOperator:
+    """The curvature operator whose parameters index ``H``'s coordinates: ``H`` itself, or its
+    base for an operator built on one (the effective Hessian, the Adam-preconditioned one)."""
     for op in (H, getattr(H, "base", None)):
         if isinstance(op, CurvatureOperator):
             if [tuple(p.shape) for p in op.params] != [tuple(s) for s in H.shapes]:
                 break
-            return list(op.names), list(op.params)
+            return op
     raise ValueError(
         f"Invalid H: {type(H).__name__} (allowed: a curvature operator with parameters, such as "
         "HessianOperator, GGNOperator, a Fisher operator, or an operator built on one, such "
@@ -161,7 +161,7 @@ def _operator_params(H: Any) -> tuple[list[str], list[Tensor]]:
 
 
 def _blocks(
-    H: Any, blocks: Any, names: list[str], params: list[Tensor]
+    model: nn.Module, blocks: Any, names: list[str], params: list[Tensor]
 ) -> list[tuple[str, str, list[int]]]:
     """``(name, kind, indices into params)`` for each block, in order; empty blocks dropped."""
     index = {id(p): i for i, p in enumerate(params)}
@@ -191,7 +191,6 @@ def _blocks(
             )
         if blocks == "parameter":
             return [(n, "parameter", [i]) for i, n in enumerate(names)]
-        model = getattr(H, "model", None) or getattr(getattr(H, "base", None), "model", None)
         out, taken = [], set()
         for mname, module in model.named_modules():
             own = [index[id(p)] for p in module.parameters(recurse=False)
@@ -328,8 +327,9 @@ def block_spectra(
     k = check_int("k", k, 1)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and 0 < tol < 1):
         raise ValueError(f"Invalid tol: {tol!r} (allowed: a number > 0 and < 1)")
-    names, params = _operator_params(H)
-    chosen = _blocks(H, blocks, names, params)
+    owner = _curvature_operator(H)
+    names, params = list(owner.names), list(owner.params)
+    chosen = _blocks(owner.model, blocks, names, params)
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from samkit.curvature._data import Batches, LossFn, fixed_rng, untouched
+from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
 from samkit.curvature.operator import CurvatureOperator, Product
 from samkit.optim._validation import check_int
 
@@ -260,7 +260,8 @@ class MCFisherOperator(CurvatureOperator):
                 )
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
-        device = next(model.parameters()).device
+        params = None if params is None else list(params)  # read twice: here and by the base
+        device = resolve_params(model, params)[1][0].device
         self.samples = samples
         self.variance = None if variance is None else float(variance)
         generator = torch.Generator(device=device).manual_seed(int(seed))
