@@ -51,6 +51,19 @@ def dense(op, block: int = 256) -> torch.Tensor:
     return torch.cat([op @ eye[:, i:i + block] for i in range(0, d, block)], dim=1)
 
 
+class Lines(list):
+    """The table's lines, each printed as it is added (progress on a long run)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, more):
+        for line in more:
+            self.append(line)
+        return self
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--products", type=int, nargs="+", default=[12, 24, 48, 96, 192, 384])
@@ -66,7 +79,8 @@ def main() -> None:
     with torch.no_grad():
         loss = float(loss_fn(model(x), y))
         acc = float((model(x).argmax(1) == y).double().mean())
-    lines = [
+    lines = Lines()
+    lines += [
         f"digits MLP 64-32-10 tanh, {sum(p.numel() for p in model.parameters())} parameters, "
         f"{len(x)} images, {args.steps} Adam steps: train loss {loss:.4f}, accuracy {acc:.4f}; "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
@@ -103,7 +117,6 @@ def main() -> None:
             )
         lines.append("")
     text = "\n".join(lines)
-    print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
