@@ -66,8 +66,8 @@ class Lines(list):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--products", type=int, nargs="+", default=[12, 24, 48, 96, 192, 384])
-    parser.add_argument("--repeats", type=int, default=20, help="seeds per estimator and budget")
+    parser.add_argument("--products", type=int, nargs="+", default=[12, 24, 48, 96, 192])
+    parser.add_argument("--repeats", type=int, default=30, help="seeds per estimator and budget")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps before measuring")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
