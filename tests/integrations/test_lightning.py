@@ -204,23 +204,27 @@ def test_edge_tracker_callback_bad_arguments():
         EdgeTrackerCallback(None, nn.functional.mse_loss, model=3)
 
 
-class TinyMSAM(L.LightningModule):
-    """MSAM under automatic optimization, with a validation loop that records the weights."""
+def _tiny_msam_class():
+    class TinyMSAM(_lightning().LightningModule):
+        """MSAM under automatic optimization, with a validation loop that records the weights."""
 
-    def __init__(self):
-        super().__init__()
-        self.net = _net()
-        self.seen = []
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+            self.seen = []
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
 
-    def validation_step(self, batch, batch_idx):
-        self.seen.append([p.detach().clone() for p in self.net.parameters()])
+        def validation_step(self, batch, batch_idx):
+            self.seen.append([p.detach().clone() for p in self.net.parameters()])
 
-    def configure_optimizers(self):
-        return samkit.MSAM(torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9), rho=0.5)
+        def configure_optimizers(self):
+            return samkit.MSAM(torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9),
+                               rho=0.5)
+
+    return TinyMSAM
 
 
 def test_at_weights_callback_validates_saves_and_ends_at_w_under_msam(tmp_path):
@@ -230,8 +234,8 @@ def test_at_weights_callback_validates_saves_and_ends_at_w_under_msam(tmp_path):
 
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    module = TinyMSAM()
-    trainer = L.Trainer(
+    module = _tiny_msam_class()()
+    trainer = _lightning().Trainer(
         max_steps=3, accelerator="cpu", devices=1, logger=False, callbacks=[AtWeightsCallback()],
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         num_sanity_val_steps=0,
