@@ -175,14 +175,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (5)")
     ap.add_argument("--steps", type=int, default=5, help="steps per method per round (5)")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", choices=("both", "small", "large"), default="both",
+                    help="the MLP 784-256-256-10 (small), the 784-1000³-10 (large) or both")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time (default; on an idle machine) or process CPU time (on a "
                          "loaded one)")
     args = ap.parse_args()
     official = load_class(args.official_msam, "MSAM") if args.official_msam else None
     davda54 = load_class(args.davda54_sam, "SAM") if args.davda54_sam else None
+    chosen = {"both": SETTINGS, "small": SETTINGS[:1], "large": SETTINGS[1:]}[args.models]
     rows = [(label, bench(widths, threads, args, official, davda54))
-            for widths, threads, label in SETTINGS]
+            for widths, threads, label in chosen]
     names = list(rows[0][1])
     print(f"torch {torch.__version__}; median {args.clock} time per step over {args.rounds} "
           f"interleaved rounds of {args.steps} steps; ratios to SGD\n")

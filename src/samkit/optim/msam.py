@@ -105,8 +105,10 @@ class MSAM(OnePassOptimizer):
     def _before_base_step_needed(self) -> bool:
         """Is there a parameter with a gradient and no buffer of the base (SGD without
         momentum, or its first step)? Only then is the gradient kept as :math:`v`."""
-        return any(p.grad is not None and self._keeps_last_grad(group, p)
-                   for group in self.param_groups for p in group["params"])
+        return any(not group.get("momentum") and "betas" not in group  # else: a buffer
+                   and any(p.grad is not None and self._keeps_last_grad(group, p)
+                           for p in group["params"])
+                   for group in self.param_groups)
 
     def _keeps_last_grad(self, group: dict[str, Any], p: Tensor) -> bool:
         """No buffer of the base for ``p``, and none coming: its group has no momentum (SGD's

@@ -109,6 +109,7 @@ class OnePassOptimizer(WrappingOptimizer):
         # per param group: the 0-d coefficient c of ε = c d the weights are moved by (None: the
         # group is not moved); None: the weights are at w
         self._held: list[Tensor | None] | None = None
+        self._held_lists: list[_Held] | None = None  # what _held moved (see _groups_held)
         self._at_w = False  # inside at_weights()
         self._pending: dict[str, Any] | None = None  # a loaded perturbed point, not yet used
 
@@ -124,9 +125,14 @@ class OnePassOptimizer(WrappingOptimizer):
         :meth:`at_weights`)."""
         return self._held is not None and not self._at_w
 
-    def _groups_held(self) -> Iterator[_Held]:
-        """The tensors moved by ε, per group and bucket (the same set at both moves: the
-        directions change only in the base step, which runs at :math:`w`)."""
+    def _groups_held(self) -> list[_Held]:
+        """The tensors moved by ε, per group and bucket: found when the model moves out and kept
+        until it moves back (the directions change only in the base step, at :math:`w`)."""
+        if self._held_lists is None:
+            self._held_lists = list(self._find_held())
+        return self._held_lists
+
+    def _find_held(self) -> Iterator[_Held]:
         for group, coef in zip(self.param_groups, self._held or (), strict=False):
             if coef is None:
                 continue
@@ -145,24 +151,29 @@ class OnePassOptimizer(WrappingOptimizer):
         self._fill_defaults()
         per_group: list[list[Tensor]] = []
         for group in self.param_groups:
-            check_non_negative("rho", group["rho"])
+            rho = group["rho"]
+            if type(rho) is not float or not rho >= 0:  # noqa: E721 - the common case, fast
+                check_non_negative("rho", rho)
             per_group.append([d for p in group["params"] if p.requires_grad
                               and (d := self._direction(p)) is not None])
-        buckets = [lst for dirs in per_group if dirs
-                   for lst in (b[0] for b in kernels.group_by_device_and_dtype(dirs))]
-        norm = kernels.global_sq_norm(buckets)
-        if norm is None:
+        dirs_all = [d for dirs in per_group for d in dirs]
+        if not dirs_all:
             return [None] * len(self.param_groups)
-        root = norm.sqrt()
-        # s / ||d||, and exactly 0 for a zero direction (then every entry of d is zero)
-        inv = torch.where(root > 0, root.clamp_min(torch.finfo(root.dtype).tiny).reciprocal(),
-                          0.0) * self.direction_sign
-        return [None if not dirs or _is_zero(g["rho"]) else inv * g["rho"]
+        first = dirs_all[0]
+        if all(d.device == first.device and d.dtype == first.dtype for d in dirs_all):
+            sq = kernels.sq_norm(dirs_all)  # one bucket: the common case
+        else:
+            sq = kernels.global_sq_norm(
+                b[0] for b in kernels.group_by_device_and_dtype(dirs_all))
+        # 1/||d||; a zero d (all entries zero) gets a finite coefficient, so ε = 0 exactly
+        inv = sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt()
+        return [None if not dirs or _is_zero(g["rho"]) else inv * (self.direction_sign * g["rho"])
                 for g, dirs in zip(self.param_groups, per_group, strict=True)]
 
     @torch.no_grad()
     def _move_to_perturbed(self) -> None:
         self._held = self._coefficients()
+        self._held_lists = None
         for held in self._groups_held():
             held.move_(+1.0)
 
@@ -171,6 +182,7 @@ class OnePassOptimizer(WrappingOptimizer):
         for held in self._groups_held():
             held.move_(-1.0)
         self._held = None
+        self._held_lists = None
 
     def _check_not_at_w(self, what: str) -> None:
         if self._at_w:
@@ -303,6 +315,7 @@ class OnePassOptimizer(WrappingOptimizer):
     def _load_global_state_dict(self, state: dict[str, Any]) -> None:
         super()._load_global_state_dict(state)
         self._held = None
+        self._held_lists = None
         self._pending = state.get("held")
 
     def _resume_pending(self) -> bool:
@@ -314,6 +327,7 @@ class OnePassOptimizer(WrappingOptimizer):
         coefs += [None] * (len(self.param_groups) - len(coefs))
         points = pending["points"]
         self._held = coefs
+        self._held_lists = None
         ids = {id(p): i for i, p in enumerate(self._flat_params())}
         moves = []
         for held in self._groups_held():
@@ -338,6 +352,7 @@ class OnePassOptimizer(WrappingOptimizer):
                         torch._foreach_copy_(h.params, ts)
                 return True
         self._held = None
+        self._held_lists = None
         return False
 
     def _device(self) -> torch.device:
@@ -345,5 +360,6 @@ class OnePassOptimizer(WrappingOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for key, value in (("passes", 0), ("_held", None), ("_at_w", False), ("_pending", None)):
+        for key, value in (("passes", 0), ("_held", None), ("_at_w", False), ("_pending", None),
+                           ("_held_lists", None)):
             self.__dict__.setdefault(key, value)
