@@ -170,15 +170,13 @@ class OnePassOptimizer(WrappingOptimizer):
         return [None if not dirs or _is_zero(g["rho"]) else inv * (self.direction_sign * g["rho"])
                 for g, dirs in zip(self.param_groups, per_group, strict=True)]
 
-    @torch.no_grad()
-    def _move_to_perturbed(self) -> None:
+    def _move_to_perturbed(self) -> None:  # callers run it under no_grad
         self._held = self._coefficients()
         self._held_lists = None
         for held in self._groups_held():
             held.move_(+1.0)
 
-    @torch.no_grad()
-    def _move_to_weights(self) -> None:
+    def _move_to_weights(self) -> None:  # callers run it under no_grad
         for held in self._groups_held():
             held.move_(-1.0)
         self._held = None
@@ -251,6 +249,9 @@ class OnePassOptimizer(WrappingOptimizer):
         self._check_not_at_w("descend()")
         if self._held is None:
             raise RuntimeError("descend() needs a perturb() before it")
+        self._descend(scaler)
+
+    def _descend(self, scaler: torch.amp.GradScaler | None) -> None:
         self._move_to_weights()
         self._first_pass_finite = None
         self._finish_step_(scaler)
@@ -276,11 +277,16 @@ class OnePassOptimizer(WrappingOptimizer):
                 "forward and backward and returns the loss (it is called once); or call "
                 "perturb(), the pass, then descend()"
             )
-        self.perturb()
+        if self._held is None or self._at_w:  # the first step, after restore() or a load
+            self.perturb()
         with torch.enable_grad():
             loss = self._checked_loss(closure())
         self.passes += 1
-        self.descend(scaler)
+        if self._held is None or self._at_w:
+            self.descend(scaler)  # the closure called restore() or opened at_weights(): raises
+        else:
+            with torch.no_grad():
+                self._descend(scaler)
         return loss
 
     # ------------------------------------------------------------------ state
