@@ -1,0 +1,209 @@
+"""Edge tracker workers run in 2 gloo processes by torch.multiprocessing.spawn (CPU, float64).
+
+Imported by name (its folder is put on sys.path) so spawned children can unpickle them. Each
+worker trains with an :class:`~samkit.train.edge.EdgeTracker` whose probe set is sharded over
+the ranks, and saves, per rank, the tracker's rows, the rows it wrote (rank 0's file) and the
+weights and global batch of every measured step, for the test process to measure the same
+weights in one process over the union of the shards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from samkit_dist_workers import free_port
+from torch import nn
+
+
+def spawn(worker, out_dir, world: int = 2, *args) -> list[dict]:
+    """Run ``worker(rank, world, port, out_dir, *args)`` on ``world`` gloo processes; their
+    results, one dict per rank (one retry on a new port when a launch dies without a Python
+    error)."""
+    import torch.multiprocessing as mp
+
+    first = None
+    for _ in range(2):
+        try:
+            mp.spawn(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world,
+                     join=True)
+            break
+        except mp.ProcessExitedException as err:
+            if first is not None:
+                raise RuntimeError(f"2 launches failed; the first: {first}") from err
+            first = err
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world)]
+
+
+def data(n: int = 41, d: int = 5, k: int = 3, seed: int = 1):
+    """``n`` examples (41: uneven shards over 2 ranks)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def loss_fn(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def make_sam(params):
+    import samkit
+
+    return samkit.SAM(torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.05)
+
+
+def _run(rank: int, world: int, port: int, out_dir: str, body) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # a rank that waits for a collective the others never call fails instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = body(rank, world, out_dir)
+    except BaseException:
+        results = {"error": traceback.format_exc()}
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _read(path: str) -> list[dict]:
+    import json
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------- a plain DDP loop
+
+
+def loop_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _run(rank, world, port, out_dir, _loop_body)
+
+
+def _loop_body(rank: int, world: int, out_dir: str) -> dict:
+    """A DDP loop (synced SAM, 4 steps) with the tracker on this rank's shard of the probe set
+    and of every batch; the step's batch gives the SAM-edge's ‖g‖."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from samkit.distributed import ddp_closure, shard_batch
+    from samkit.train.edge import EdgeTracker
+
+    x, y = data()
+    xs, ys = shard_batch(x, y, rank, world)  # the probe set: 21 + 20 examples
+    model = DDP(make_mlp())
+    opt = make_sam(model.parameters())
+    path = os.path.join(out_dir, "loop.jsonl")
+    tracker = EdgeTracker((xs, ys), loss_fn, every=2, path=path, tol=1e-6, k=2)
+    snapshots = {}
+    for t in range(5):
+        gx, gy = x[8 * t: 8 * t + 9], y[8 * t: 8 * t + 9]  # the global batch (9: uneven)
+        bx, by = shard_batch(gx, gy, rank, world)
+        if tracker.should_measure(t):
+            snapshots[t] = {"weights": _weights(model.module), "batch": (gx, gy)}
+            tracker.record(t, model.module, opt, batch=(bx, by))
+
+        def closure(bx=bx, by=by):
+            opt.zero_grad()
+            loss = loss_fn(model(bx), by)
+            loss.backward()
+            return loss
+
+        opt.step(ddp_closure(closure, model, opt, "synced"))
+    dist.barrier()
+    return {"rows": tracker.rows, "file": _read(path), "snapshots": snapshots}
+
+
+# ---------------------------------------------------------------------- the Trainer
+
+
+def trainer_worker(rank: int, world: int, port: int, out_dir: str, budget) -> None:
+    _run(rank, world, port, out_dir, lambda r, w, o: _trainer_body(r, w, o, budget))
+
+
+def _snapshots():
+    from samkit.train.callbacks import Callback
+
+    class Snapshots(Callback):
+        """Keeps the weights and the global batch at every step (put it before the tracker:
+        it sees the weights the tracker measures); rank 1 is made slower."""
+
+        def __init__(self) -> None:
+            self.seen: dict = {}
+
+        def on_step_start(self, state, step):
+            x, y = state.batch
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (x, y))  # the global batch: the slices in order
+            self.seen[step] = {"weights": _weights(state.model),
+                               "batch": (torch.cat([p[0] for p in parts]),
+                                         torch.cat([p[1] for p in parts]))}
+
+        def on_step_end(self, state, step, loss):
+            if state.step % 3 == 0 and dist.get_rank() == 1:
+                time.sleep(0.05)  # rank 1 is slower: the clocks of the ranks differ
+
+        def on_train_end(self, state, metrics):
+            self.seen["final"] = {"weights": _weights(state.model), "batch": None}
+
+    return Snapshots()
+
+
+def trainer_data(n: int = 63):
+    """Train and test splits in float64 (63 training examples: uneven shards, a last batch of 3)."""
+    from samkit.data import DataSplit
+
+    x, y = data(n=n + 20, seed=3)
+    train = DataSplit(x[:n], y[:n], 3, (5,), "synthetic")
+    test = DataSplit(x[n:], y[n:], 3, (5,), "synthetic")
+    return train, test
+
+
+def trainer_config(out_dir: str, **changes):
+    from samkit.train import TrainConfig
+
+    base = dict(dataset="synthetic", model="mlp", optimizer="sam", rho=0.05, lr=0.1,
+                batch_size=20, lr_schedule="constant", epochs=2, threads=1, out_dir=out_dir,
+                log_every=1, name="edge")
+    return TrainConfig(**{**base, **changes})
+
+
+def _trainer_body(rank: int, world: int, out_dir: str, budget) -> dict:
+    from samkit.train import Trainer, read_metrics
+    from samkit.train.edge import EdgeTracker
+
+    snapshots = _snapshots()
+    kwargs = {"every": 2, "tol": 1e-6}
+    if budget is not None:
+        kwargs["budget"] = budget
+    tracker = EdgeTracker(**kwargs)
+    cfg = trainer_config(out_dir)
+    Trainer(cfg, callbacks=[snapshots, tracker], model=make_mlp(), data=trainer_data(),
+            verbose=0).fit()
+    dist.barrier()
+    run = os.path.join(out_dir, cfg.run_name)
+    return {
+        "rows": tracker.rows,
+        "skipped": tracker.skipped,
+        "file": _read(os.path.join(run, "edge.jsonl")),
+        "metrics": [r for r in read_metrics(run) if r.get("event") == "edge"],
+        "snapshots": snapshots.seen,
+    }

@@ -1,0 +1,94 @@
+"""The edge tracker in DDP training (2 gloo processes, float64): each rank holds its shard of the
+probe set and of every batch; every measurement answers for the union, is the same on every
+rank, equals one process at the same weights over all the data, and is written once (rank 0);
+under a budget every rank measures the same steps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from samkit.train.edge import EdgeTracker
+
+sys.path.insert(0, str(Path(__file__).parent))
+import samkit_edge_workers as W  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed+gloo"
+)
+
+# what a row measures (the cost keys, seconds and matvecs, are not compared)
+MEASURED = ("loss", "grad_norm", "batch_grad_norm", "lambda1", "eigenvalues", "edge", "ratio",
+            "lambda_eff", "eff_ratio", "align_grad", "align_sam_grad")
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return results
+
+
+def _reference(rows, snapshots, probe, **tracker_kwargs):
+    """One process over all the data, at the weights of every row, in the same order (the same
+    warm starts): the rows a single-process tracker records."""
+    tracker = EdgeTracker(probe, W.loss_fn, budget=None, **tracker_kwargs)
+    out = []
+    for row in rows:
+        snap = snapshots[row["step"]] if row["step"] in snapshots else snapshots["final"]
+        model = W.make_mlp()
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), snap["weights"], strict=True):
+                p.copy_(w)
+        out.append(tracker.record(row["step"], model, W.make_sam(model.parameters()),
+                                  batch=snap["batch"]))
+    return out
+
+
+def _same_rows(rows, reference):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, ref in zip(rows, reference, strict=True):
+        assert set(row) == set(ref)
+        for key in MEASURED:
+            if ref.get(key) is None:
+                assert row.get(key) is None, key
+            else:
+                torch.testing.assert_close(torch.tensor(row[key], dtype=torch.float64),
+                                           torch.tensor(ref[key], dtype=torch.float64),
+                                           rtol=1e-9, atol=1e-12, msg=f"{key} at {row['step']}")
+
+
+@pytest.mark.slow  # spawns processes
+def test_plain_ddp_loop_measures_the_union_of_the_shards(tmp_path):
+    results = _ok(W.spawn(W.loop_worker, tmp_path))
+    snapshots = results[0]["snapshots"]
+    rows = results[0]["rows"]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    reference = _reference(rows, snapshots, W.data(), every=2, tol=1e-6, k=2)
+    for res in results:  # every rank: one process over the union
+        _same_rows(res["rows"], reference)
+        assert res["rows"] == rows  # and exactly the same row on every rank
+    _same_rows(results[0]["file"], reference)  # written once: one row per measurement
+
+
+@pytest.mark.slow  # spawns processes
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_trainer_ddp_logs_one_process_lambda1_once(tmp_path, budget):
+    results = _ok(W.spawn(W.trainer_worker, tmp_path, 2, budget))
+    rows = results[0]["rows"]
+    steps = [r["step"] for r in rows]
+    if budget is None:
+        assert steps == [0, 2, 4, 6, 8]  # every due step (2 epochs of 4 steps), the final one
+    for res in results:  # the same decisions and the same rows on every rank
+        assert res["rows"] == rows
+        assert res["skipped"] == results[0]["skipped"]
+    train, _ = W.trainer_data()
+    reference = _reference(rows, results[0]["snapshots"], (train.x, train.y), every=2,
+                           tol=1e-6)
+    _same_rows(rows, reference)
+    # logged once: one row per measurement in edge.jsonl and in metrics.jsonl
+    _same_rows(results[0]["file"], reference)
+    assert [r["step"] for r in results[0]["metrics"]] == steps
