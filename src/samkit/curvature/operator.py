@@ -11,7 +11,7 @@ over the batches :math:`(x_b, y_b)` of ``data`` (:math:`n_b` examples each, :mat
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ from samkit.curvature._data import (
     resolve_params,
     untouched,
 )
+from samkit.curvature._dist import DataParallel, local_count, resolve_group, unwrap
 
 BACKENDS = ("auto", "func", "autograd")
 
@@ -167,6 +168,7 @@ def loss_and_gradient(
     batches: Iterable[tuple[Any, Any, int]],
     seed: int = 0,
     shift: Sequence[Tensor] | Tensor | None = None,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> tuple[float, list[Tensor]]:
     r"""The mean loss and its gradient over ``batches`` at :math:`w + \text{shift}`.
 
@@ -185,6 +187,10 @@ def loss_and_gradient(
     exactly (the weights are copied back bit for bit, also on error); ``.grad`` is not
     touched. The loss is accumulated in float64 and returned as a float, which may be NaN or
     inf: the callers decide what a non-finite loss means.
+
+    ``reduce`` (optional) maps the local ``[loss, *grads]`` to their mean over the ranks' data
+    (:meth:`samkit.curvature._dist.DataParallel.mean`: one all-reduce), so that every rank
+    returns the loss and gradient of the union.
     """
     params = list(params)
     backup = None
@@ -205,6 +211,8 @@ def loss_and_gradient(
                 torch._foreach_add_(params, [t.to(p) for t, p in zip(shift, params, strict=True)])
         with differentiable(params):
             loss, *grads = batch_mean(model, batches, seed, params[0].device, loss_grad)
+            if reduce is not None:
+                loss, *grads = reduce([loss, *grads])
     finally:
         if backup is not None:
             with torch.no_grad():
@@ -331,7 +339,20 @@ class CurvatureOperator(LinearOperator):
       per batch where the product has a batched form (column by column, with a warning, if it
       fails);
     * :meth:`loss_and_gradient` of the same loss (what :func:`samkit.sharpness` and the edge
-      tracker use).
+      tracker use);
+    * **a process group** (``process_group``): under data parallelism the operator is that of
+      the union of the ranks' data, :math:`A v = \sum_r \frac{n_r}{N} A_r v`, with
+      :math:`n_r` the examples of rank :math:`r` (uneven shards weighted by their size;
+      :math:`N` all-reduced once, at construction). Each product is the local one scaled by
+      :math:`n_r/N` and summed over the ranks by **one all-reduce**; :meth:`loss_and_gradient`
+      by one more. Every rank gets the same numbers (an all-reduce SUM hands every rank the
+      same result), and the algorithms on top (:func:`~samkit.curvature.top_eigenvalues`,
+      :func:`~samkit.curvature.hessian_trace`, :func:`~samkit.curvature.spectral_density`,
+      :func:`~samkit.curvature.effective_hessian`) draw their random vectors from generators
+      seeded alike on every rank, so they take the same decisions and return the same values
+      everywhere. Every rank must call the same products in the same order (they are
+      collectives). A ``DistributedDataParallel`` model is measured through its ``.module``
+      (DDP's hooks never run inside ``torch.autograd.grad``).
 
     A new curvature operator is a new :class:`Product` (see
     :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
@@ -349,9 +370,12 @@ class CurvatureOperator(LinearOperator):
         product: Product,
         fallback: Product | None = None,
         cache: bool = True,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+        model = unwrap(model)
+        group = resolve_group(process_group)
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
         for name, p in (("product", product), ("fallback", fallback)):
@@ -382,6 +406,12 @@ class CurvatureOperator(LinearOperator):
                 m.training for m in model.modules()
                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
             )
+        self.process_group = group
+        self.data_parallel: DataParallel | None = None
+        if group is not None:  # N and the check's decision, agreed by every rank at once
+            self.data_parallel = DataParallel(group, local_count(self.batches), self.device,
+                                              flags=[float(bool(check_deterministic))])
+            check_deterministic = self.data_parallel.flags[0] > 0
         if check_deterministic:
             self._check_deterministic()
 
@@ -464,6 +494,8 @@ class CurvatureOperator(LinearOperator):
             else:
                 out = batch_mean(self.model, self.batches, self.seed, self.device,
                                  lambda x, y: run(product.build(self, x, y), retain=False))
+        if self.data_parallel is not None:  # the mean over the ranks' data: one all-reduce
+            out = self.data_parallel.mean(out)
         if batched:
             return torch.cat([h.reshape(k, -1) for h in out], dim=1).T
         return torch.cat([h.reshape(-1) for h in out])
@@ -554,9 +586,11 @@ class CurvatureOperator(LinearOperator):
         self, shift: Sequence[Tensor] | Tensor | None = None
     ) -> tuple[float, list[Tensor]]:
         r""":math:`L(w + \text{shift})` and :math:`\nabla L(w + \text{shift})` over the
-        operator's data, batches and seeds (see :func:`loss_and_gradient`)."""
+        operator's data, batches and seeds (see :func:`loss_and_gradient`); under a process
+        group, over the union of the ranks' data (one all-reduce), the same on every rank."""
+        reduce = None if self.data_parallel is None else self.data_parallel.mean
         return loss_and_gradient(
-            self.model, self.loss_fn, self.params, self.batches, self.seed, shift
+            self.model, self.loss_fn, self.params, self.batches, self.seed, shift, reduce=reduce
         )
 
     def __repr__(self) -> str:
@@ -635,6 +669,12 @@ class HessianOperator(CurvatureOperator):
             a BatchNorm / dropout module is in training mode (an eval-mode model on one
             tensor batch is deterministic by construction). The check's products are not
             counted in ``matvecs``.
+        process_group: whose data the Hessian is of (torch.distributed's convention).
+            ``None`` (default): the default group when ``torch.distributed`` is initialized
+            with more than one rank (``data`` is then this rank's shard, and the operator is
+            that of the union of the shards, weighted by their sizes: one all-reduce per
+            product), else this process's data; a ``ProcessGroup``: that group; ``"local"``:
+            this process's data only, whatever the group.
 
     Example::
 
@@ -653,6 +693,8 @@ class HessianOperator(CurvatureOperator):
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        process_group: Any = None,
     ) -> None:
         if isinstance(backend, Product):
             product, fallback = backend, None
@@ -665,7 +707,8 @@ class HessianOperator(CurvatureOperator):
             )
         self.backend = backend if isinstance(backend, str) else product.name
         super().__init__(model, loss_fn, data, params, seed, check_deterministic,
-                         product=product, fallback=fallback, cache=cache)
+                         product=product, fallback=fallback, cache=cache,
+                         process_group=process_group)
 
 
 class MatrixOperator(LinearOperator):
