@@ -207,3 +207,101 @@ def _trainer_body(rank: int, world: int, out_dir: str, budget) -> dict:
         "metrics": [r for r in read_metrics(run) if r.get("event") == "edge"],
         "snapshots": snapshots.seen,
     }
+
+
+# ---------------------------------------------------------------------- Lightning under DDP
+
+
+def _elastic_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives a worker: Lightning and accelerate then join it."""
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "samkit-test",
+    })
+
+
+def _run_framework(rank: int, world: int, port: int, out_dir: str, body) -> None:
+    """Like :func:`_run`, but the framework initializes the process group."""
+    _elastic_env(rank, world, port)
+    torch.set_num_threads(1)
+    try:
+        results = body(rank, world, out_dir)
+    except BaseException:
+        results = {"error": traceback.format_exc()}
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _run_framework(rank, world, port, out_dir, _lightning_body)
+
+
+def _gathered(x, y):
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (x, y))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _lightning_body(rank: int, world: int, out_dir: str) -> dict:
+    import lightning as L
+
+    from samkit.distributed import shard_batch
+    from samkit.integrations.lightning import EdgeTrackerCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return loss_fn(self.net(x), y)
+
+        def configure_optimizers(self):
+            return make_sam(self.parameters())
+
+    class Snapshots(L.Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen[int(trainer.global_step)] = {"weights": _weights(module.net),
+                                                   "batch": _gathered(*batch)}
+
+        def on_train_end(self, trainer, module):
+            self.seen["final"] = {"weights": _weights(module.net), "batch": None}
+
+    class Recorder(L.pytorch.loggers.Logger):
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        name = property(lambda self: "recorder")
+        version = property(lambda self: 0)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            if "edge/lambda1" in metrics:
+                self.logged.append((step, metrics["edge/lambda1"]))
+
+    x, y = data(n=40, seed=5)  # the training set: 20 examples a rank, batches of 5 a rank
+    probe = shard_batch(*data(), rank, world)  # this rank's shard of the probe set (21 / 20)
+    path = os.path.join(out_dir, "lightning.jsonl")
+    snapshots = Snapshots()
+    edge = EdgeTrackerCallback(probe, loss_fn, every=2, budget=None, model=lambda m: m.net,
+                               tol=1e-6, path=path)
+    logger = Recorder()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=world, strategy="ddp",
+                        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out_dir,
+                        callbacks=[snapshots, edge])
+    trainer.fit(Module(), loader)
+    dist.barrier()
+    return {"rows": edge.tracker.rows, "file": _read(path), "logged": logger.logged,
+            "snapshots": snapshots.seen, "backend": dist.get_backend()}

@@ -91,3 +91,19 @@ def test_trainer_ddp_logs_one_process_lambda1_once(tmp_path, budget):
     # logged once: one row per measurement in edge.jsonl and in metrics.jsonl
     _same_rows(results[0]["file"], reference)
     assert [r["step"] for r in results[0]["metrics"]] == steps
+
+
+@pytest.mark.slow  # spawns processes
+def test_lightning_ddp_callback_logs_one_process_lambda1_once(tmp_path):
+    pytest.importorskip("lightning", reason="lightning is not installed")
+    results = _ok(W.spawn(W.lightning_worker, tmp_path))
+    rows = results[0]["rows"]
+    assert results[0]["backend"] == "gloo"
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]  # due steps, the last: the final weights
+    reference = _reference(rows, results[0]["snapshots"], W.data(), tol=1e-6)
+    for res in results:
+        _same_rows(res["rows"], reference)
+        assert res["rows"] == rows
+    _same_rows(results[0]["file"], reference)
+    assert [s for s, _ in results[0]["logged"]] == [0, 2, 4, 6]  # once: by rank 0
+    assert results[1]["logged"] == []
