@@ -305,3 +305,63 @@ def _lightning_body(rank: int, world: int, out_dir: str) -> dict:
     dist.barrier()
     return {"rows": edge.tracker.rows, "file": _read(path), "logged": logger.logged,
             "snapshots": snapshots.seen, "backend": dist.get_backend()}
+
+
+# ---------------------------------------------------------------------- Hugging Face under DDP
+
+
+def gpt2():
+    """A tiny GPT-2 from a local config (no downloads), float64, eager attention (double
+    backward)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def token_data(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 32, (n, 8), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def huggingface_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    _run_framework(rank, world, port, out_dir, _huggingface_body)
+
+
+def _huggingface_body(rank: int, world: int, out_dir: str) -> dict:
+    import transformers
+
+    from samkit.integrations.huggingface import EdgeTrackerCallback, SAMTrainer
+
+    class Snapshots(transformers.TrainerCallback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.seen[int(state.global_step)] = {"weights": _weights(model), "batch": None}
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.seen["final"] = {"weights": _weights(model), "batch": None}
+
+    probe = token_data(7, seed=1)
+    shard = probe[:4] if rank == 0 else probe[4:]  # this rank's shard of the probe set
+    path = os.path.join(out_dir, "huggingface.jsonl")
+    snapshots = Snapshots()
+    edge = EdgeTrackerCallback(shard, every=2, budget=None, tol=1e-6, path=path)
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=2, max_steps=4, learning_rate=0.1,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        use_cpu=True, seed=0, dataloader_num_workers=0, ddp_backend="gloo")
+    trainer = SAMTrainer(model=gpt2(), args=args, train_dataset=token_data(8), sam="sam",
+                         sam_kwargs={"rho": 0.05}, callbacks=[snapshots, edge])
+    trainer.train()
+    dist.barrier()
+    return {"rows": edge.tracker.rows, "file": _read(path), "snapshots": snapshots.seen,
+            "world_zero": trainer.state.is_world_process_zero, "world": args.world_size,
+            "lr": trainer.sam_optimizer.param_groups[0]["lr"]}
