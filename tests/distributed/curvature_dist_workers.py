@@ -176,4 +176,30 @@ def _body(rank: int, world: int) -> dict:
     # DDP, float32
     _section(results, "ddp32", lambda: measure(DDP(make_mlp(torch.float32)),
                                                shard(rank, world, torch.float32)))
+    # FSDP2 (fully_shard per layer and at the root), float64
+    fsdp = make_fsdp(world)
+    _section(results, "fsdp", lambda: measure(fsdp, batches))
+
+    def fsdp_layout() -> dict:
+        H = HessianOperator(fsdp, loss_fn, batches)
+        top = top_eigenvalues(H, k=2, tol=1e-10)
+        v = torch.randn(H.local_dim, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+        return {"dim": H.dim, "local_dim": H.local_dim, "vectors": tuple(top.vectors.shape),
+                "reduces": _count_allreduces(lambda: H @ v),
+                "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()]}
+
+    _section(results, "fsdp_layout", fsdp_layout)
     return results
+
+
+def make_fsdp(world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
