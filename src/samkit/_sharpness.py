@@ -324,7 +324,7 @@ def sharpness(
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
     model = unwrap(model)
-    process_group = resolve_group(process_group)
+    asked, process_group = process_group, resolve_group(process_group)
     check_non_negative("rho", rho)
     check_choice("p", p, P_NORMS)
     check_non_negative("eta", eta)
@@ -341,13 +341,15 @@ def sharpness(
     names, ps = resolve_params(model, params)
     swap = contextlib.nullcontext()
     if has_dtensors(ps):  # FSDP2: the ascent on the full weights, the model seen unsharded
-        if process_group is None:
+        if isinstance(asked, str):
             raise ValueError(
                 "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the group "
                 "of its mesh; its weights are sharded over the ranks)"
             )
-        full = FullWeights(model, names, ps, Sharding(ps))
+        sharding = Sharding(ps)
+        full = FullWeights(model, names, ps, sharding)
         swap, ps = full.swapped(refresh=False), full.leaves
+        process_group = sharding.group if process_group is None else process_group
     device = ps[0].device
     batches = Batches(data, device)
     generator = torch.Generator().manual_seed(int(seed))

@@ -432,12 +432,13 @@ class CurvatureOperator(LinearOperator):
         self.full_weights: FullWeights | None = None
         sharding = None
         if has_dtensors(self.model_params):  # FSDP2: products on the full weights, vectors
-            if group is None:  # sharded like the parameters
+            if isinstance(process_group, str):  # sharded like the parameters
                 raise ValueError(
                     "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the "
                     "group of its mesh; its weights are sharded over the ranks)"
                 )
             sharding = Sharding(self.model_params)
+            group = sharding.group if group is None else group  # a mesh of one rank too
             self.full_weights = FullWeights(model, self.names, self.model_params, sharding)
             self.params = self.full_weights.leaves
         super().__init__(
