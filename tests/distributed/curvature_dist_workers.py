@@ -190,7 +190,25 @@ def _body(rank: int, world: int) -> dict:
                 "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()]}
 
     _section(results, "fsdp_layout", fsdp_layout)
+    _section(results, "fsdp_extra", lambda: extra(fsdp, batches))
     return results
+
+
+def extra(model: nn.Module, batches, params=None) -> dict:
+    """Power iteration and the effective Hessian's Rayleigh-Ritz on a Lanczos basis (what the
+    edge tracker uses)."""
+    import samkit
+    from samkit.curvature import HessianOperator, effective_hessian, top_eigenvalues
+    from samkit.curvature.effective import effective_top_on_krylov
+
+    params = list(model.parameters()) if params is None else params
+    H = HessianOperator(model, loss_fn, batches)
+    power = top_eigenvalues(H, k=2, method="power", tol=1e-6, seed=5)
+    krylov = top_eigenvalues(H, k=1, tol=1e-10, keep_basis=True)
+    heff = effective_hessian(H, samkit.SAM(torch.optim.SGD(params, lr=0.1), rho=0.05))
+    rr = effective_top_on_krylov(heff, krylov, tol=1e-8)
+    return {"power": (power.values, power.matvecs), "rayleigh_ritz": rr.values,
+            "rr_residual": rr.residuals}
 
 
 def make_fsdp(world: int) -> nn.Module:

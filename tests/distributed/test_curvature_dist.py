@@ -163,3 +163,15 @@ def test_fsdp_vectors_are_sharded_like_the_parameters(spawned):
         assert layout["reduces"] == 1  # one all-reduce per product (and one all-gather)
         local.append(layout["local_dim"])
     assert sum(local) == d and max(local) < d  # the memory per rank falls with the world size
+
+
+@pytest.mark.slow  # spawns processes
+def test_fsdp_power_iteration_and_rayleigh_ritz_equal_one_process(spawned):
+    world, results = spawned
+    want = W.extra(W.make_mlp(), W.union(world))
+    for r, res in enumerate(results):
+        got = part(res, "fsdp_extra", r)
+        _close(got["power"][0], want["power"][0], 1e-9, f"rank {r}: power iteration")
+        assert got["power"][1] == want["power"][1]  # the same iterations
+        _close(got["rayleigh_ritz"], want["rayleigh_ritz"], 1e-10, f"rank {r}: Rayleigh-Ritz")
+        _close(got["rr_residual"], want["rr_residual"], 1e-3, f"rank {r}: its residual")

@@ -223,8 +223,10 @@ def effective_top_on_krylov(Heff: EffectiveHessian, krylov: Any, tol: float) -> 
     if krylov.basis is None or krylov.image is None:
         raise ValueError("Invalid krylov: run top_eigenvalues(..., keep_basis=True) on H first")
     q, g = krylov.basis, krylov.image
-    if q.shape[0] != Heff.dim:
-        raise ValueError(f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.dim}")
+    if q.shape[0] != Heff.local_dim:
+        raise ValueError(
+            f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.local_dim}"
+        )
     # the (m, m) projection in the operator's dtype (its rounding is inside the bound below;
     # the residual that certifies the pair is computed from a product)
     projected = Heff.reduce_sum(q.T @ g + g.T @ (Heff.scale[:, None] * g)).double()

@@ -390,7 +390,23 @@ class CurvatureOperator(LinearOperator):
       seeded alike on every rank, so they take the same decisions and return the same values
       everywhere. Every rank must call the same products in the same order (they are
       collectives). A ``DistributedDataParallel`` model is measured through its ``.module``
-      (DDP's hooks never run inside ``torch.autograd.grad``).
+      (DDP's hooks never run inside ``torch.autograd.grad``);
+    * **FSDP2** (``fully_shard``, parameters ``DTensor`` shards ``Shard(0)`` on a 1-d mesh):
+      ``torch.autograd.grad`` does not reach the shards (FSDP2 computes with separate unsharded
+      tensors and hands their gradients to the shards in its backward hooks), so the products
+      run on the full weights: all-gathered into plain tensors (:class:`FullWeights`,
+      refreshed at every product where the shards changed), the model run with FSDP's forward
+      hooks off, the exact product taken by the same :class:`Product`. Vectors are held like
+      the parameters: each rank its rows of every parameter (``local_dim`` of ``dim``
+      entries; ``A @ v`` gathers ``v`` once, all-reduces the product once and keeps this
+      rank's rows), so a Lanczos basis takes ``1/world`` of the memory per rank.
+
+    Attributes (besides those of :class:`LinearOperator`): ``model`` (a DDP wrapper's module),
+    ``model_params`` (the model's own parameter tensors, the shards under FSDP2: what
+    optimizers hold), ``params`` (the tensors differentiated: ``model_params``, or the full
+    weights under FSDP2), ``names``, ``process_group`` (the resolved group, ``None`` for this
+    process's data), ``data_parallel`` (:class:`~samkit.curvature._dist.DataParallel`, or
+    ``None``), ``full_weights`` (FSDP2 only).
 
     A new curvature operator is a new :class:`Product` (see
     :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
@@ -652,7 +668,9 @@ class CurvatureOperator(LinearOperator):
     ) -> tuple[float, list[Tensor]]:
         r""":math:`L(w + \text{shift})` and :math:`\nabla L(w + \text{shift})` over the
         operator's data, batches and seeds (see :func:`loss_and_gradient`); under a process
-        group, over the union of the ranks' data (one all-reduce), the same on every rank."""
+        group, over the union of the ranks' data (one all-reduce), the same on every rank.
+        The gradient is shaped like :attr:`params`: in full under FSDP2 (and ``shift``, if
+        given, too)."""
         reduce = None if self.data_parallel is None else self.data_parallel.mean
         with ExitStack() as stack:
             if self.full_weights is not None:
@@ -743,7 +761,9 @@ class HessianOperator(CurvatureOperator):
             with more than one rank (``data`` is then this rank's shard, and the operator is
             that of the union of the shards, weighted by their sizes: one all-reduce per
             product), else this process's data; a ``ProcessGroup``: that group; ``"local"``:
-            this process's data only, whatever the group.
+            this process's data only, whatever the group. A ``DistributedDataParallel``
+            model is measured through its module; an FSDP2 model with vectors sharded like
+            its parameters (see :class:`CurvatureOperator`).
 
     Example::
 
