@@ -94,7 +94,7 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
     for adaptive in (False, True):
         for p in (2, math.inf):
             res = samkit.sharpness(model, loss_fn, batches, rho=0.1, p=p, adaptive=adaptive,
-                                   steps=3, starts=3, seed=4, **group)
+                                   steps=2, starts=2, seed=4, **group)
             out[("sharpness", adaptive, p)] = (res.value, res.base_loss, res.start_values)
     return out
 
@@ -191,6 +191,9 @@ def _body(rank: int, world: int) -> dict:
 
     _section(results, "fsdp_layout", fsdp_layout)
     _section(results, "fsdp_extra", lambda: extra(fsdp, batches))
+    # FSDP2, float32
+    _section(results, "fsdp32", lambda: measure(make_fsdp(world, torch.float32),
+                                                shard(rank, world, torch.float32)))
     return results
 
 
@@ -211,12 +214,12 @@ def extra(model: nn.Module, batches, params=None) -> dict:
             "rr_residual": rr.residuals}
 
 
-def make_fsdp(world: int) -> nn.Module:
+def make_fsdp(world: int, dtype=torch.float64) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = make_mlp()
+    model = make_mlp(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)

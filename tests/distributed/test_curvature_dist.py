@@ -99,7 +99,7 @@ def test_ddp_answers_for_the_union(spawned):
 
 @pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("kind,dtype", [("ddp", torch.float64), ("ddp32", torch.float32),
-                                        ("fsdp", torch.float64)])
+                                        ("fsdp", torch.float64), ("fsdp32", torch.float32)])
 def test_every_measurement_equals_one_process_over_the_union(spawned, kind, dtype):
     world, results = spawned
     want = reference(world, dtype)
@@ -111,7 +111,7 @@ def test_every_measurement_equals_one_process_over_the_union(spawned, kind, dtyp
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("kind", ["ddp", "ddp32", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "ddp32", "fsdp", "fsdp32"])
 def test_every_rank_returns_the_same_numbers(spawned, kind):
     world, results = spawned
     first = part(results[0], kind, 0)
