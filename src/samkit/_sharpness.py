@@ -20,6 +20,7 @@ function of :math:`\delta` at :math:`w` and at :math:`Aw`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from samkit.curvature._data import Batches, LossFn, resolve_params
-from samkit.curvature._dist import DataParallel, local_count, resolve_group, unwrap
+from samkit.curvature._dist import (
+    DataParallel,
+    FullWeights,
+    Sharding,
+    has_dtensors,
+    local_count,
+    resolve_group,
+    unwrap,
+)
 from samkit.curvature.operator import loss_and_gradient
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_int, check_non_negative
@@ -315,7 +324,7 @@ def sharpness(
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
     model = unwrap(model)
-    process_group = resolve_group(process_group)
+    asked, process_group = process_group, resolve_group(process_group)
     check_non_negative("rho", rho)
     check_choice("p", p, P_NORMS)
     check_non_negative("eta", eta)
@@ -329,7 +338,18 @@ def sharpness(
     starts = check_int("starts", starts, 1, none=True)
     budget = check_int("budget", budget, 2, none=True)
     rho, eta = float(rho), float(eta)
-    _, ps = resolve_params(model, params)
+    names, ps = resolve_params(model, params)
+    swap = contextlib.nullcontext()
+    if has_dtensors(ps):  # FSDP2: the ascent on the full weights, the model seen unsharded
+        if isinstance(asked, str):
+            raise ValueError(
+                "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the group "
+                "of its mesh; its weights are sharded over the ranks)"
+            )
+        sharding = Sharding(ps)
+        full = FullWeights(model, names, ps, sharding)
+        swap, ps = full.swapped(refresh=False), full.leaves
+        process_group = sharding.group if process_group is None else process_group
     device = ps[0].device
     batches = Batches(data, device)
     generator = torch.Generator().manual_seed(int(seed))
@@ -347,25 +367,26 @@ def sharpness(
     per_start = [0.0] * starts  # sums of n * (best L(w + ε) - L(w)) per start
     total = 0
     evaluations = 0
-    try:
-        for group in groups:
-            n = sum(b[2] for b in group) if isinstance(group, list) else 1
-            objective = _Objective(model, loss_fn, ps, group, int(seed), reduce)
-            base, best, bests = _maximize(
-                objective, ps, backup, scale, rho, p, steps, generator, starts, budget
-            )
-            evaluations += objective.evaluations
-            if m is None:
-                n = 1
-            weighted[0] += n * base
-            weighted[1] += n * best
-            bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
-            for i, b in enumerate(bests[:starts]):
-                per_start[i] += n * (b - base)
-            total += n
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(ps, backup)
+    with swap:
+        try:
+            for group in groups:
+                n = sum(b[2] for b in group) if isinstance(group, list) else 1
+                objective = _Objective(model, loss_fn, ps, group, int(seed), reduce)
+                base, best, bests = _maximize(
+                    objective, ps, backup, scale, rho, p, steps, generator, starts, budget
+                )
+                evaluations += objective.evaluations
+                if m is None:
+                    n = 1
+                weighted[0] += n * base
+                weighted[1] += n * best
+                bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
+                for i, b in enumerate(bests[:starts]):
+                    per_start[i] += n * (b - base)
+                total += n
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(ps, backup)
     if parallel is not None and m is not None:  # the micro-batches of every rank
         sums = torch.tensor([*weighted, *per_start, total, evaluations], dtype=torch.float64)
         sums = parallel.sum([sums])[0].tolist()

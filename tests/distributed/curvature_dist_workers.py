@@ -94,7 +94,7 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
     for adaptive in (False, True):
         for p in (2, math.inf):
             res = samkit.sharpness(model, loss_fn, batches, rho=0.1, p=p, adaptive=adaptive,
-                                   steps=3, starts=3, seed=4, **group)
+                                   steps=2, starts=2, seed=4, **group)
             out[("sharpness", adaptive, p)] = (res.value, res.base_loss, res.start_values)
     return out
 
@@ -176,4 +176,51 @@ def _body(rank: int, world: int) -> dict:
     # DDP, float32
     _section(results, "ddp32", lambda: measure(DDP(make_mlp(torch.float32)),
                                                shard(rank, world, torch.float32)))
+    # FSDP2 (fully_shard per layer and at the root), float64
+    fsdp = make_fsdp(world)
+    _section(results, "fsdp", lambda: measure(fsdp, batches))
+
+    def fsdp_layout() -> dict:
+        H = HessianOperator(fsdp, loss_fn, batches)
+        top = top_eigenvalues(H, k=2, tol=1e-10)
+        v = torch.randn(H.local_dim, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+        return {"dim": H.dim, "local_dim": H.local_dim, "vectors": tuple(top.vectors.shape),
+                "reduces": _count_allreduces(lambda: H @ v),
+                "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()]}
+
+    _section(results, "fsdp_layout", fsdp_layout)
+    _section(results, "fsdp_extra", lambda: extra(fsdp, batches))
+    # FSDP2, float32
+    _section(results, "fsdp32", lambda: measure(make_fsdp(world, torch.float32),
+                                                shard(rank, world, torch.float32)))
     return results
+
+
+def extra(model: nn.Module, batches, params=None) -> dict:
+    """Power iteration and the effective Hessian's Rayleigh-Ritz on a Lanczos basis (what the
+    edge tracker uses)."""
+    import samkit
+    from samkit.curvature import HessianOperator, effective_hessian, top_eigenvalues
+    from samkit.curvature.effective import effective_top_on_krylov
+
+    params = list(model.parameters()) if params is None else params
+    H = HessianOperator(model, loss_fn, batches)
+    power = top_eigenvalues(H, k=2, method="power", tol=1e-6, seed=5)
+    krylov = top_eigenvalues(H, k=1, tol=1e-10, keep_basis=True)
+    heff = effective_hessian(H, samkit.SAM(torch.optim.SGD(params, lr=0.1), rho=0.05))
+    rr = effective_top_on_krylov(heff, krylov, tol=1e-8)
+    return {"power": (power.values, power.matvecs), "rayleigh_ritz": rr.values,
+            "rr_residual": rr.residuals}
+
+
+def make_fsdp(world: int, dtype=torch.float64) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_mlp(dtype)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)

@@ -98,7 +98,8 @@ def test_ddp_answers_for_the_union(spawned):
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("kind,dtype", [("ddp", torch.float64), ("ddp32", torch.float32)])
+@pytest.mark.parametrize("kind,dtype", [("ddp", torch.float64), ("ddp32", torch.float32),
+                                        ("fsdp", torch.float64), ("fsdp32", torch.float32)])
 def test_every_measurement_equals_one_process_over_the_union(spawned, kind, dtype):
     world, results = spawned
     want = reference(world, dtype)
@@ -110,7 +111,7 @@ def test_every_measurement_equals_one_process_over_the_union(spawned, kind, dtyp
 
 
 @pytest.mark.slow  # spawns processes
-@pytest.mark.parametrize("kind", ["ddp", "ddp32"])
+@pytest.mark.parametrize("kind", ["ddp", "ddp32", "fsdp", "fsdp32"])
 def test_every_rank_returns_the_same_numbers(spawned, kind):
     world, results = spawned
     first = part(results[0], kind, 0)
@@ -147,3 +148,30 @@ def test_local_is_each_ranks_own_shard_and_a_group_is_the_union(spawned):
     # the shards disagree with each other and with the union (the finding)
     union = float(reference(world)["top"][0][0])
     assert len({float(res["local_top"][0]) for res in results} | {union}) == world + 1
+
+
+@pytest.mark.slow  # spawns processes
+def test_fsdp_vectors_are_sharded_like_the_parameters(spawned):
+    world, results = spawned
+    d = sum(p.numel() for p in W.make_mlp().parameters())
+    local = []
+    for r, res in enumerate(results):
+        layout = part(res, "fsdp_layout", r)
+        assert layout["dim"] == d
+        assert layout["local_dim"] == sum(math.prod(s) for s in layout["shards"])
+        assert layout["vectors"] == (layout["local_dim"], 2)  # the eigenvectors: this rank's rows
+        assert layout["reduces"] == 1  # one all-reduce per product (and one all-gather)
+        local.append(layout["local_dim"])
+    assert sum(local) == d and max(local) < d  # the memory per rank falls with the world size
+
+
+@pytest.mark.slow  # spawns processes
+def test_fsdp_power_iteration_and_rayleigh_ritz_equal_one_process(spawned):
+    world, results = spawned
+    want = W.extra(W.make_mlp(), W.union(world))
+    for r, res in enumerate(results):
+        got = part(res, "fsdp_extra", r)
+        _close(got["power"][0], want["power"][0], 1e-9, f"rank {r}: power iteration")
+        assert got["power"][1] == want["power"][1]  # the same iterations
+        _close(got["rayleigh_ritz"], want["rayleigh_ritz"], 1e-10, f"rank {r}: Rayleigh-Ritz")
+        _close(got["rr_residual"], want["rr_residual"], 1e-3, f"rank {r}: its residual")

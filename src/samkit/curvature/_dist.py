@@ -16,7 +16,9 @@ union, the same on every rank: one all-reduce per product, one per loss-and-grad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -144,3 +146,170 @@ def local_count(batches: Any) -> int:
     if batches.single is not None:
         return batch_size(*batches.single)
     return sum(n for _, _, n in batches)
+
+
+class Sharding:
+    r"""How the flat vectors of an operator on FSDP2 parameters are split over the ranks.
+
+    FSDP2 (``fully_shard`` on a 1-D mesh) holds each parameter as a ``DTensor`` placed
+    ``Shard(0)``: rank :math:`r` keeps a contiguous block of its rows, in rank order. A vector
+    on the parameters is held the same way: on each rank, the concatenation of its blocks of
+    every parameter (:attr:`local_dim` entries; :attr:`dim` in all), so the memory of a
+    Lanczos basis per rank falls with the world size. A dot product is the sum over the ranks
+    of the local dots (:meth:`sum`: one all-reduce); :meth:`gather` rebuilds the full vector
+    (one all-gather), :meth:`local` cuts this rank's part out of a full one.
+
+    Attributes:
+        group: the mesh's process group.
+        world, rank: its size and this process's rank in it.
+        dim, local_dim: the entries of a full vector, and of this rank's part.
+        full_shapes: the parameters' global shapes.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        dist = _dist()
+        meshes = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, DTensor):
+                raise ValueError(
+                    f"Invalid params: entry {i} is a plain tensor among FSDP2 shards (allowed: "
+                    "every parameter sharded by fully_shard, or none)"
+                )
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise ValueError(
+                    f"Invalid params: entry {i} is placed {tuple(p.placements)} on a "
+                    f"{p.device_mesh.ndim}-d mesh (allowed: fully_shard's Shard(0) on a 1-d "
+                    "mesh)"
+                )
+            meshes.add(id(p.device_mesh.get_group()))
+        if len(meshes) != 1:
+            raise ValueError("Invalid params: they are sharded over different meshes "
+                             "(allowed: one mesh)")
+        self.group = params[0].device_mesh.get_group()
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.full_shapes = [torch.Size(p.shape) for p in params]
+        self.full_numels = [s.numel() for s in self.full_shapes]
+        local = [tuple(p.to_local().shape) for p in params]
+        shapes: list[Any] = [None] * self.world
+        dist.all_gather_object(shapes, local, group=self.group)
+        # numels[r][i]: entries of parameter i on rank r, in rank order along dim 0
+        self.numels = [[math.prod(s) for s in rank_shapes] for rank_shapes in shapes]
+        for i, full in enumerate(self.full_numels):
+            if sum(n[i] for n in self.numels) != full:
+                raise ValueError(
+                    f"Invalid params: the shards of entry {i} hold "
+                    f"{sum(n[i] for n in self.numels)} entries, not {full} (allowed: "
+                    "fully_shard's row blocks)"
+                )
+        self.local_shapes = [torch.Size(s) for s in local]
+        self.local_dim = sum(self.numels[self.rank])
+        self.dim = sum(self.full_numels)
+        self._padded = max(sum(n) for n in self.numels)
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (one all-reduce; a new tensor)."""
+        t = t.clone()
+        _dist().all_reduce(t, op=_dist().ReduceOp.SUM, group=self.group)
+        return t
+
+    def gather(self, v: Tensor) -> Tensor:
+        """The full ``(dim,)`` or ``(dim, k)`` vector from this rank's ``(local_dim, ...)``
+        part (one all-gather)."""
+        pad = v.new_zeros((self._padded, *v.shape[1:]))
+        pad[: v.shape[0]] = v
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        _dist().all_gather(parts, pad, group=self.group)
+        pieces = []
+        starts = [0] * self.world
+        for i in range(len(self.full_numels)):
+            for r in range(self.world):
+                n = self.numels[r][i]
+                pieces.append(parts[r][starts[r] : starts[r] + n])
+                starts[r] += n
+        return torch.cat(pieces)
+
+    def local(self, v: Tensor) -> Tensor:
+        """This rank's ``(local_dim, ...)`` part of a full ``(dim, ...)`` vector (no
+        communication)."""
+        pieces = []
+        start = 0
+        for i, full in enumerate(self.full_numels):
+            offset = start + sum(self.numels[r][i] for r in range(self.rank))
+            pieces.append(v[offset : offset + self.numels[self.rank][i]])
+            start += full
+        return torch.cat(pieces)
+
+
+def _is_fsdp_hook(hook: Any) -> bool:
+    return str(getattr(hook, "__module__", "")).startswith("torch.distributed.fsdp")
+
+
+class FullWeights:
+    r"""An FSDP2 model seen as a plain replicated module: inside :meth:`swapped`, each sharded
+    parameter is replaced on its module(s) by a full plain tensor (:attr:`leaves`, all-gathered
+    from the shards) and FSDP's forward hooks are off, so ``model(x)`` is the plain forward
+    pass and ``torch.autograd.grad`` (double backward included) differentiates the leaves.
+
+    The leaves are refreshed from the shards at every :meth:`swapped` (one all-gather of the
+    weights, as FSDP's own forward does; copied only where they changed, so a cached graph
+    stays valid while the weights do). Memory: one full copy of the weights per rank while the
+    operator lives.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], params: Sequence[Tensor],
+                 sharding: Sharding) -> None:
+        self.model, self.sharding = model, sharding
+        self.params = list(params)
+        where: dict[int, list[tuple[nn.Module, str]]] = {id(p): [] for p in self.params}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in where:
+                owner, _, leaf = name.rpartition(".")
+                where[id(p)].append((model.get_submodule(owner) if owner else model, leaf))
+        self.places = [where[id(p)] for p in self.params]
+        full = self._gather()
+        self.leaves = [nn.Parameter(t.clone(), requires_grad=p.requires_grad)
+                       for t, p in zip(full, self.params, strict=True)]
+        self.names = list(names)
+
+    def _gather(self) -> list[Tensor]:
+        with torch.no_grad():
+            local = torch.cat([p.to_local().reshape(-1) for p in self.params])
+            flat = self.sharding.gather(local)
+        return [t.view(s) for t, s in zip(torch.split(flat, self.sharding.full_numels),
+                                          self.sharding.full_shapes, strict=True)]
+
+    def refresh(self) -> None:
+        """Copy the shards' current values into the leaves (where they changed)."""
+        with torch.no_grad():
+            for leaf, t in zip(self.leaves, self._gather(), strict=True):
+                if not torch.equal(leaf, t):
+                    leaf.copy_(t)
+
+    @contextmanager
+    def swapped(self, refresh: bool = True) -> Iterator[None]:
+        """Context: the leaves on the modules, FSDP's forward hooks off; restored on exit."""
+        if refresh:
+            self.refresh()
+        hooks = []
+        saved = [(m, leaf, m._parameters[leaf]) for places in self.places for m, leaf in places]
+        try:
+            for m in self.model.modules():
+                pre, post = m._forward_pre_hooks, m._forward_hooks
+                if any(_is_fsdp_hook(h) for h in (*pre.values(), *post.values())):
+                    hooks.append((m, pre, post))
+                    m._forward_pre_hooks = type(pre)(
+                        (k, h) for k, h in pre.items() if not _is_fsdp_hook(h))
+                    m._forward_hooks = type(post)(
+                        (k, h) for k, h in post.items() if not _is_fsdp_hook(h))
+            for places, t in zip(self.places, self.leaves, strict=True):
+                for m, leaf in places:
+                    m._parameters[leaf] = t
+            yield
+        finally:
+            for m, leaf, p in saved:
+                m._parameters[leaf] = p
+            for m, pre, post in hooks:
+                m._forward_pre_hooks, m._forward_hooks = pre, post
