@@ -377,7 +377,9 @@ class EdgeTracker(Callback):
         Args:
             step: the step number written in the row.
             model: the network, in the mode the measurement should use (the tracker never
-                changes it; in training mode dropout masks are fixed per measurement).
+                changes it; in training mode dropout masks are fixed per measurement); a
+                ``DistributedDataParallel`` model is measured through its module. FSDP2
+                (``fully_shard``) models are refused.
             optimizer: the optimizer in use: its kind and current hyperparameters decide the edge.
             batch: in minibatch runs, the step's ``(x, y)``: the SAM-edge then uses the gradient
                 norm on this batch (the ‖g‖ the SAM step normalizes by), recorded as
@@ -392,7 +394,15 @@ class EdgeTracker(Callback):
                 "EdgeTracker has no probe set or loss_fn: pass EdgeTracker(probe=(x, y), "
                 "loss_fn=...) outside a trainer"
             )
+        from samkit.curvature._dist import has_dtensors, unwrap
+
+        model = unwrap(model)  # a DDP model is measured through its module (no DDP hooks)
         params = self._params(model)
+        if has_dtensors(params):
+            raise ValueError(
+                "Invalid model: FSDP2 (fully_shard) parameters; the edge tracker measures "
+                "plain and DDP models (its gradient and alignments are taken on full "
+                "parameters); measure an FSDP2 model with samkit.curvature's operators")
         if self._cold:  # outside the budget and the row's seconds
             self._warm_up(model, params, probe)
         start = time.perf_counter()
