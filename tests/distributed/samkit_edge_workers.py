@@ -365,3 +365,30 @@ def _huggingface_body(rank: int, world: int, out_dir: str) -> dict:
     return {"rows": edge.tracker.rows, "file": _read(path), "snapshots": snapshots.seen,
             "world_zero": trainer.state.is_world_process_zero, "world": args.world_size,
             "lr": trainer.sam_optimizer.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------------- resume under DDP
+
+
+def resume_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _run(rank, world, port, out_dir, _resume_body)
+
+
+def _resume_body(rank: int, world: int, out_dir: str) -> dict:
+    """The Trainer with the tracker: 2 epochs at once, and 1 epoch then resumed to 2."""
+    from samkit.train import Trainer
+    from samkit.train.edge import EdgeTracker
+
+    def fit(name, epochs, resume=False):
+        tracker = EdgeTracker(every=3, tol=1e-6)
+        cfg = trainer_config(out_dir, name=name, epochs=epochs)
+        Trainer(cfg, callbacks=[tracker], model=make_mlp(), data=trainer_data(), verbose=0,
+                resume=resume).fit()
+        dist.barrier()  # rank 0 has written the checkpoint and the rows
+        return tracker.rows, _read(os.path.join(out_dir, cfg.run_name, "edge.jsonl"))
+
+    full, full_file = fit("full", 2)
+    fit("resumed", 1)
+    resumed, resumed_file = fit("resumed", 2, resume=True)
+    return {"full": full, "full_file": full_file, "resumed": resumed,
+            "resumed_file": resumed_file}

@@ -138,3 +138,14 @@ def test_huggingface_ddp_callback_logs_one_process_lambda1_once(tmp_path):
         _same_rows(res["rows"], reference, rtol=1e-5)
         assert res["rows"] == rows
     _same_rows(results[0]["file"], reference, rtol=1e-5)  # written once
+
+
+@pytest.mark.slow  # spawns processes
+def test_trainer_ddp_resume_keeps_the_rows_of_an_uninterrupted_run(tmp_path):
+    results = _ok(W.spawn(W.resume_worker, tmp_path))
+    full = results[0]["full"]
+    assert [r["step"] for r in full] == [0, 3, 6]  # 3 in the first epoch, 6 after the resume
+    _same_rows(results[0]["full_file"], full)
+    for res in results:  # every rank: the rows kept up to the checkpoint, then the same steps
+        _same_rows(res["resumed"], full)
+    _same_rows(results[0]["resumed_file"], full)
