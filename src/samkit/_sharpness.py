@@ -305,8 +305,11 @@ def sharpness(
             their sizes): every loss-and-gradient of the ascent is all-reduced once, the random
             starts are drawn alike on every rank, so every rank takes the same steps and
             returns the same result. With ``m``, each rank maximizes over its own
-            micro-batches and the size-weighted means are all-reduced once at the end. A
-            ``DistributedDataParallel`` model is measured through its ``.module``.
+            micro-batches and the size-weighted means are all-reduced once at the end (the
+            random starts of each rank's micro-batches come from ``seed``, so with
+            ``starts > 1`` they are not the draws one process over all the micro-batches
+            would make). A ``DistributedDataParallel`` model is measured through its
+            ``.module``; an FSDP2 model on its full weights (all-gathered once).
 
     Returns:
         A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,

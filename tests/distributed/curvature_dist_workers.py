@@ -96,6 +96,10 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
             res = samkit.sharpness(model, loss_fn, batches, rho=0.1, p=p, adaptive=adaptive,
                                    steps=2, starts=2, seed=4, **group)
             out[("sharpness", adaptive, p)] = (res.value, res.base_loss, res.start_values)
+    # m-sharpness: each rank maximizes over its micro-batches, the means are all-reduced (one
+    # start: the SAM start, which draws nothing at random)
+    res = samkit.sharpness(model, loss_fn, batches, rho=0.1, m=4, steps=2, starts=1, **group)
+    out["m_sharpness"] = (res.value, res.base_loss, res.perturbed_loss, res.evaluations)
     return out
 
 

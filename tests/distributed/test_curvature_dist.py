@@ -75,7 +75,7 @@ def _close(got, want, tol, what):
 
 
 KEYS = ["top", "trace", "density", "ggn", "loss", "grad_norm", "eff_sam", "eff_asam", "adam",
-        *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)]]
+        *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)], "m_sharpness"]
 
 
 def _values(res: dict, key):
