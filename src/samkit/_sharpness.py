@@ -55,7 +55,7 @@ class SharpnessResult:
     Attributes:
         value: :math:`\max L(w + \epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
         base_loss: :math:`L(w)`.
-        perturbed_loss: :math:`L(w + \\epsilon)` at the best ε found.
+        perturbed_loss: :math:`L(w + \epsilon)` at the best ε found.
         steps: the projected-gradient steps taken after the first (SAM/ASAM) ascent step, per
             maximization.
         evaluations: the loss-and-gradient passes over the data, in all.
@@ -305,8 +305,11 @@ def sharpness(
             their sizes): every loss-and-gradient of the ascent is all-reduced once, the random
             starts are drawn alike on every rank, so every rank takes the same steps and
             returns the same result. With ``m``, each rank maximizes over its own
-            micro-batches and the size-weighted means are all-reduced once at the end. A
-            ``DistributedDataParallel`` model is measured through its ``.module``.
+            micro-batches and the size-weighted means are all-reduced once at the end (the
+            random starts of each rank's micro-batches come from ``seed``, so with
+            ``starts > 1`` they are not the draws one process over all the micro-batches
+            would make). A ``DistributedDataParallel`` model is measured through its
+            ``.module``; an FSDP2 model on its full weights (all-gathered once).
 
     Returns:
         A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,

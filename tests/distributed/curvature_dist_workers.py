@@ -96,6 +96,10 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
             res = samkit.sharpness(model, loss_fn, batches, rho=0.1, p=p, adaptive=adaptive,
                                    steps=2, starts=2, seed=4, **group)
             out[("sharpness", adaptive, p)] = (res.value, res.base_loss, res.start_values)
+    # m-sharpness: each rank maximizes over its micro-batches, the means are all-reduced (one
+    # start: the SAM start, which draws nothing at random)
+    res = samkit.sharpness(model, loss_fn, batches, rho=0.1, m=4, steps=2, starts=1, **group)
+    out["m_sharpness"] = (res.value, res.base_loss, res.perturbed_loss, res.evaluations)
     return out
 
 
@@ -198,8 +202,8 @@ def _body(rank: int, world: int) -> dict:
 
 
 def extra(model: nn.Module, batches, params=None) -> dict:
-    """Power iteration and the effective Hessian's Rayleigh-Ritz on a Lanczos basis (what the
-    edge tracker uses)."""
+    """Power iteration, the effective Hessian's Rayleigh-Ritz on a Lanczos basis (what the
+    edge tracker uses) and Lanczos with thick restarts (a basis of 10 vectors)."""
     import samkit
     from samkit.curvature import HessianOperator, effective_hessian, top_eigenvalues
     from samkit.curvature.effective import effective_top_on_krylov
@@ -210,8 +214,9 @@ def extra(model: nn.Module, batches, params=None) -> dict:
     krylov = top_eigenvalues(H, k=1, tol=1e-10, keep_basis=True)
     heff = effective_hessian(H, samkit.SAM(torch.optim.SGD(params, lr=0.1), rho=0.05))
     rr = effective_top_on_krylov(heff, krylov, tol=1e-8)
+    restarted = top_eigenvalues(H, k=2, tol=1e-9, min_dim=6, max_basis=10, seed=6)
     return {"power": (power.values, power.matvecs), "rayleigh_ritz": rr.values,
-            "rr_residual": rr.residuals}
+            "rr_residual": rr.residuals, "restarted": (restarted.values, restarted.matvecs)}
 
 
 def make_fsdp(world: int, dtype=torch.float64) -> nn.Module:

@@ -75,7 +75,7 @@ def _close(got, want, tol, what):
 
 
 KEYS = ["top", "trace", "density", "ggn", "loss", "grad_norm", "eff_sam", "eff_asam", "adam",
-        *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)]]
+        *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)], "m_sharpness"]
 
 
 def _values(res: dict, key):
@@ -166,7 +166,7 @@ def test_fsdp_vectors_are_sharded_like_the_parameters(spawned):
 
 
 @pytest.mark.slow  # spawns processes
-def test_fsdp_power_iteration_and_rayleigh_ritz_equal_one_process(spawned):
+def test_fsdp_power_restarts_and_rayleigh_ritz_equal_one_process(spawned):
     world, results = spawned
     want = W.extra(W.make_mlp(), W.union(world))
     for r, res in enumerate(results):
@@ -175,3 +175,5 @@ def test_fsdp_power_iteration_and_rayleigh_ritz_equal_one_process(spawned):
         assert got["power"][1] == want["power"][1]  # the same iterations
         _close(got["rayleigh_ritz"], want["rayleigh_ritz"], 1e-10, f"rank {r}: Rayleigh-Ritz")
         _close(got["rr_residual"], want["rr_residual"], 1e-3, f"rank {r}: its residual")
+        _close(got["restarted"][0], want["restarted"][0], 1e-9, f"rank {r}: thick restarts")
+        assert got["restarted"][1] == want["restarted"][1]
