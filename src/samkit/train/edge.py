@@ -701,7 +701,13 @@ class EdgeTracker(Callback):
             return loss, grad
         import torch.distributed as dist
 
-        n = float(sum(_examples(x, y) for x, y in batches))
+        sizes = [_examples(x, y) for x, y in batches]
+        if None in sizes:
+            raise ValueError(
+                "Invalid probe: the number of examples of a batch cannot be told (allowed "
+                "under a process group: batches whose y, or x, has the examples along its "
+                "first dimension; the ranks' losses are weighted by them)")
+        n = float(sum(sizes))
         packed = torch.cat([grad.to(torch.float64) * n,
                             torch.tensor([loss * n, n], dtype=torch.float64, device=grad.device)])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
