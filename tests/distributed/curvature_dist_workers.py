@@ -198,6 +198,17 @@ def _body(rank: int, world: int) -> dict:
     # FSDP2, float32
     _section(results, "fsdp32", lambda: measure(make_fsdp(world, torch.float32),
                                                 shard(rank, world, torch.float32)))
+
+    def autograd_through_fsdp() -> list:
+        """What ``torch.autograd.grad`` gives for FSDP2's sharded parameters (last: FSDP's
+        own forward leaves its backward state pending on this fresh model)."""
+        model = make_fsdp(world)
+        x, y = batches[0]
+        grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()),
+                                    allow_unused=True)
+        return [g is None for g in grads]
+
+    _section(results, "autograd_through_fsdp", autograd_through_fsdp)
     return results
 
 
