@@ -160,7 +160,8 @@ def test_fsdp_vectors_are_sharded_like_the_parameters(spawned):
         assert layout["dim"] == d
         assert layout["local_dim"] == sum(math.prod(s) for s in layout["shards"])
         assert layout["vectors"] == (layout["local_dim"], 2)  # the eigenvectors: this rank's rows
-        assert layout["reduces"] == 1  # one all-reduce per product (and one all-gather)
+        assert layout["reduces"] == 1  # one all-reduce per product
+        assert layout["gathers"] == 2  # and all-gathers of the vector and of the weights
         local.append(layout["local_dim"])
     assert sum(local) == d and max(local) < d  # the memory per rank falls with the world size
 
