@@ -121,19 +121,20 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _count_allreduces(fn) -> int:
+def _count_allreduces(fn, collective: str = "all_reduce") -> int:
+    """How many times ``fn()`` calls ``torch.distributed.<collective>``."""
     calls = []
-    original = dist.all_reduce
+    original = getattr(dist, collective)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    dist.all_reduce = counting
+    setattr(dist, collective, counting)
     try:
         fn()
     finally:
-        dist.all_reduce = original
+        setattr(dist, collective, original)
     return len(calls)
 
 
@@ -191,6 +192,7 @@ def _body(rank: int, world: int) -> dict:
                         dtype=torch.float64)
         return {"dim": H.dim, "local_dim": H.local_dim, "vectors": tuple(top.vectors.shape),
                 "reduces": _count_allreduces(lambda: H @ v),
+                "gathers": _count_allreduces(lambda: H @ v, "all_gather"),
                 "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()]}
 
     _section(results, "fsdp_layout", fsdp_layout)
@@ -198,6 +200,17 @@ def _body(rank: int, world: int) -> dict:
     # FSDP2, float32
     _section(results, "fsdp32", lambda: measure(make_fsdp(world, torch.float32),
                                                 shard(rank, world, torch.float32)))
+
+    def autograd_through_fsdp() -> list:
+        """What ``torch.autograd.grad`` gives for FSDP2's sharded parameters (last: FSDP's
+        own forward leaves its backward state pending on this fresh model)."""
+        model = make_fsdp(world)
+        x, y = batches[0]
+        grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()),
+                                    allow_unused=True)
+        return [g is None for g in grads]
+
+    _section(results, "autograd_through_fsdp", autograd_through_fsdp)
     return results
 
 

@@ -398,8 +398,8 @@ class CurvatureOperator(LinearOperator):
       refreshed at every product where the shards changed), the model run with FSDP's forward
       hooks off, the exact product taken by the same :class:`Product`. Vectors are held like
       the parameters: each rank its rows of every parameter (``local_dim`` of ``dim``
-      entries; ``A @ v`` gathers ``v`` once, all-reduces the product once and keeps this
-      rank's rows), so a Lanczos basis takes ``1/world`` of the memory per rank.
+      entries; ``A @ v`` all-gathers the weights and ``v``, all-reduces the product once and
+      keeps this rank's rows), so a Lanczos basis takes ``1/world`` of the memory per rank.
 
     Attributes (besides those of :class:`LinearOperator`): ``model`` (a DDP wrapper's module),
     ``model_params`` (the model's own parameter tensors, the shards under FSDP2: what
