@@ -149,3 +149,38 @@ def test_trainer_ddp_resume_keeps_the_rows_of_an_uninterrupted_run(tmp_path):
     for res in results:  # every rank: the rows kept up to the checkpoint, then the same steps
         _same_rows(res["resumed"], full)
     _same_rows(results[0]["resumed_file"], full)
+
+
+@pytest.mark.slow  # spawns processes
+def test_torchrun_samkit_train_edge_every_logs_once(tmp_path):
+    """torchrun --nproc-per-node 2 -m samkit train --edge-every: one row per measurement in
+    edge.jsonl and metrics.jsonl, λ₁ as in one process (float32 training: to 1e-5)."""
+    import os
+    import subprocess
+
+    from samkit.cli import main
+    from samkit.train import read_metrics
+    from samkit.train.edge import read_edge_rows
+
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "sam",
+            "--subset", "200", "--batch-size", "50", "--epochs", "1", "--edge-every", "2",
+            "--threads", "1", "--out-dir", str(tmp_path), "--set", "model_kwargs.width=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):  # one retry on a new port (see samkit_dist_workers.spawn)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(W.free_port()), "-m", "samkit", *args, "--name", "ddp",
+               *(["--overwrite"] if attempt else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        text = done.stdout + done.stderr
+        if done.returncode == 0 or "samkit: error" in text or "]: Traceback" in text:
+            break
+    assert done.returncode == 0, text
+    assert main([*args, "--name", "one", "-q"]) == 0
+    ddp, one = read_edge_rows(tmp_path / "ddp"), read_edge_rows(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 2, 4]
+    logged = [r for r in read_metrics(tmp_path / "ddp") if r.get("event") == "edge"]
+    assert [r["step"] for r in logged] == [0, 2, 4]
+    for a, b in zip(ddp, one, strict=True):
+        for key in ("lambda1", "edge", "grad_norm", "batch_grad_norm"):
+            if b.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
