@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from samkit.curvature.operator import as_operator
+from samkit.curvature.operator import as_operator, local_part, reduce_sum
 from samkit.optim._validation import check_int
 
 
@@ -58,8 +58,8 @@ def hessian_trace(H, samples: int = 100, seed: int = 0) -> TraceResult:
     draws = torch.empty(samples, dtype=torch.float64, device=op.device)
     for i in range(samples):
         v = torch.randint(0, 2, (d,), generator=generator, device=op.device).to(op.dtype)
-        v.mul_(2).sub_(1)
-        draws[i] = torch.dot(v, op @ v).to(torch.float64)
+        v = local_part(op, v.mul_(2).sub_(1))  # this rank's part of it (FSDP2)
+        draws[i] = reduce_sum(op, torch.dot(v, op @ v)).to(torch.float64)
     draws = draws.cpu()
     mean = float(draws.mean())
     stderr = float(draws.std(correction=1)) / math.sqrt(samples)
