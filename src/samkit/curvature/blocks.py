@@ -236,10 +236,15 @@ def _restricted(H: CurvatureOperator, chosen: list[int]) -> CurvatureOperator:
     product, the other parameters held fixed. Its products are those of :math:`A_{bb}`
     directly (the backward passes stop at the block's parameters). The product strategies are
     copied (they hold per-instance state: the batched flag) and the graph cache starts empty."""
+    if H.full_weights is not None:
+        raise ValueError("Invalid operator: an FSDP2 model's Hessian (per-block spectra need "
+                         "the full parameters of each block; allowed: a model that is not "
+                         "sharded, alone or under DDP)")
     sub = copy.copy(H)
     LinearOperator.__init__(sub, [H.params[i].shape for i in chosen], H.dtype, H.device)
     sub.names = [H.names[i] for i in chosen]
-    sub.params = [H.params[i] for i in chosen]
+    sub.params = sub.model_params = [H.params[i] for i in chosen]
+    sub.full_numels = [H.full_numels[i] for i in chosen]
     sub.product = copy.copy(H.product)
     sub.fallback = copy.copy(H.fallback)
     sub.clear_cache()
