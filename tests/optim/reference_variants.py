@@ -124,7 +124,8 @@ def global_norm(ts):
 
 
 class HeavyBallRef:
-    """torch.optim.SGD's update, per tensor: d += wd w; b = d (first step) or mu b + d; w -= lr b."""
+    """torch.optim.SGD's update, per tensor: d += wd w; b = d (first step) or mu b + d;
+    w -= lr b."""
 
     def __init__(self, lr, momentum=0.0, weight_decay=0.0):
         self.lr, self.mu, self.wd = lr, momentum, weight_decay
@@ -175,7 +176,8 @@ def wsam_step(ws, grads, base, rho, gamma, decouple):
 class BSAMRef:
     """bSAM (Moellenhoff & Khan 2023), the official code's build_bsam_optimizer, per tensor:
     theta = w + xi / sqrt(N s); g = grad(theta); eps = rho g / s; g_e = grad(w + eps);
-    m = b1 m + (1 - b1)(g_e + delta w); w -= lr m / s; s = b2 s + (1 - b2)(sqrt(s)|g| + delta + damp).
+    m = b1 m + (1 - b1)(g_e + delta w); w -= lr m / s;
+    s = b2 s + (1 - b2)(sqrt(s)|g| + delta + damp).
     The noise xi: torch.randn per tensor, in order, from a generator seeded with ``seed``."""
 
     def __init__(self, ws, lr, rho, num_data, beta1, beta2, delta, damping, s0, seed):
@@ -193,7 +195,8 @@ class BSAMRef:
         self.m = [self.b1 * m + (1 - self.b1) * (e + self.delta * w)
                   for m, e, w in zip(self.m, ge, ws, strict=True)]
         new = [w - self.lr * m / s for w, m, s in zip(ws, self.m, self.s, strict=True)]
-        self.s = [self.b2 * s + (1 - self.b2) * (torch.sqrt(s) * t.abs() + self.delta + self.damping)
+        self.s = [self.b2 * s
+                  + (1 - self.b2) * (torch.sqrt(s) * t.abs() + self.delta + self.damping)
                   for s, t in zip(self.s, g, strict=True)]
         return new
 

@@ -33,7 +33,8 @@ def mlp():
 
 def data(n=24, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=g)
 
 
 def grad_fn(x, y):

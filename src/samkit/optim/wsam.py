@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.optim import Optimizer
-
 import torch
+from torch.optim import Optimizer
 
 from samkit.optim import descents, kernels
 from samkit.optim._validation import check_non_negative, check_positive
