@@ -325,6 +325,7 @@ def test_bsam_state_dict_carries_the_noise_generator_and_the_precision():
     (lambda: samkit.create_optimizer("sam", mlp(), lr=0.1, schedule="periodic", interval=2.5),
      "Invalid interval: 2.5"),
     (lambda: samkit.create_optimizer("bsam", mlp(), lr=0.1, schedule="ae"), "Invalid schedule"),
+    (lambda: samkit.create_optimizer("bsam", mlp(), base="sgd", lr=0.1), "Invalid base for bsam"),
 ])
 def test_bad_arguments_raise_clear_errors(build_bad, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -144,6 +144,8 @@ class OptimizerInfo:
         schedule: a fixed step schedule (``"ae"`` for AE-SAM, ``"random"`` for RST), or None.
         schedulable: ``schedule=`` may add a step schedule (False: the entry decides its steps
             itself, or is not sharpness-aware).
+        own_base: the entry steps only with its declared base (bSAM's :class:`BSAMBase`);
+            ``base=`` naming another is refused.
     """
 
     name: str
@@ -157,6 +159,7 @@ class OptimizerInfo:
     descent: Mapping[str, Any] = field(default_factory=_frozen)
     schedule: str | None = None
     schedulable: bool = False
+    own_base: bool = False
 
     @property
     def sharpness_aware(self) -> bool:
@@ -169,6 +172,9 @@ class OptimizerInfo:
         ``descent``, ``schedule``), for the given base, ``ascent=`` and ``schedule=`` (the
         entry's own when None). Raises ``ValueError`` for an ascent or schedule it cannot take."""
         out: dict[str, dict[str, Any]] = {n: {} for n in NAMESPACES}
+        if self.own_base and base is not None and base.lower() != self.base:
+            raise ValueError(f"Invalid base for {self.name}: {base!r} (allowed: {self.base!r}, "
+                             f"{self.name}'s own base)")  # fmt: skip
         out["base"] = dict(base_info(base or self.base).defaults)
         record = self.ascent_record(ascent)
         if record is not None:
@@ -349,7 +355,8 @@ def describe_optimizer(name: str) -> str:
     ascent = f"ascent {entry.ascent}" if entry.ascent else "ascent"
     if entry.ascent_choice:
         ascent = f"ascent= {entry.ascent} (any of list_ascents())"
-    parts = [f"base {entry.base} (base=: {', '.join(sorted(BASES))})"]
+    parts = [f"base {entry.base} (its own)" if entry.own_base else
+             f"base {entry.base} (base=: {', '.join(sorted(BASES))})"]
     if ns["ascent"]:
         parts.append(f"{ascent}: {_keys_text(ns['ascent'])}")
     parts += [f"{k} excluded: {why}" for k, why in entry.excluded.items()]
@@ -688,7 +695,7 @@ def _register_variants() -> None:
     )  # fmt: skip
     register_optimizer(
         "bsam", BSAM, "bSAM, Moellenhoff & Khan 2023: Bayes posterior, eps = rho g/s", base="bsam",
-        ascent_keys={"rho": 0.01, "num_data": 50_000, "seed": 0},
+        ascent_keys={"rho": 0.01, "num_data": 50_000, "seed": 0}, own_base=True,
     )  # fmt: skip
     register_optimizer(
         "looksam", LookSAM, "LookSAM, Liu et al. 2022: full SAM step every k",
