@@ -50,7 +50,7 @@ class BSAMBase(Optimizer):
           ``grad * weight_decay`` (not ``grad + weight_decay * w``), its precision increment is
           squared and fed the perturbed gradient, its noise has standard deviation
           :math:`1/(N s)` (not :math:`1/\sqrt{N s}`), and its weights are never moved back from
-          the perturbed point; see ``tests/optim/test_new_variants.py``.
+          the perturbed point (read from its source; samkit follows the official code).
 
     Args:
         params: the parameters or param groups.
@@ -215,6 +215,10 @@ class BSAM(SharpnessAwareOptimizer):
         * The first (noisy) pass is the step's own pass: it updates BatchNorm statistics; the
           pass at :math:`w + \epsilon` does not (:attr:`is_perturbed`).
         * A step schedule cannot be attached (the precision needs every step's noisy gradient).
+        * The official runs split each batch into 8 parts (``--batchsplit 8``: m-sharpness),
+          each with its own noise sample and ε, and average the parts' :math:`\sqrt{s}|g|` and
+          :math:`g_\epsilon`; here the batch is perturbed as a whole (the float64 test checks
+          the official update with one part).
 
     Args:
         base_optimizer: a :class:`BSAMBase` over the model's parameters (``create_optimizer``
@@ -326,8 +330,8 @@ class BSAM(SharpnessAwareOptimizer):
         self.add_noise()
 
     def step_rewrites(self) -> str | None:
-        return ("takes its first pass at a posterior sample (before_first_pass()), and its "
-                "base step also reads that pass's gradient")
+        return ("moves to a posterior sample for its first pass (before_first_pass()) and "
+                "updates its precision")
 
     def _drop_noise(self) -> None:
         for ps, bs in self._noise or ():
