@@ -45,7 +45,7 @@ class BSAMBase(Optimizer):
 
     Notes:
         * β₁ is called ``momentum`` so that a config's ``momentum`` reaches it (the official
-          code's ``--beta1``, "momentum for gradient"; 0.9 in every run of the paper).
+          code's ``--beta1``, "momentum for gradient"; 0.9 in every bSAM run of its README).
         * pytorch_optimizer's ``BSAM`` (4.1.0) differs: its momentum averages
           ``grad * weight_decay`` (not ``grad + weight_decay * w``), its precision increment is
           squared and fed the perturbed gradient, its noise has standard deviation

@@ -194,7 +194,8 @@ class PeriodicSchedule:
     overflowed under AMP counts like any other (the scaler skips it).
 
     Args:
-        interval: :math:`k`, an integer >= 1.
+        interval: :math:`k`, an integer >= 1 (default 2, the smallest that skips second passes;
+            Composer's default is 1, i.e. SAM at every step).
 
     References:
         MosaicML Composer, ``composer.algorithms.sam.SAMOptimizer`` (``interval``), 2022;
