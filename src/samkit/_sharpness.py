@@ -45,7 +45,7 @@ class SharpnessResult:
     Attributes:
         value: :math:`\max L(w + \epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
         base_loss: :math:`L(w)`.
-        perturbed_loss: :math:`L(w + \\epsilon)` at the best ε found.
+        perturbed_loss: :math:`L(w + \epsilon)` at the best ε found.
         steps: the projected-gradient steps taken after the first (SAM/ASAM) ascent step, per
             maximization.
         evaluations: the loss-and-gradient passes over the data, in all.
