@@ -335,9 +335,14 @@ class ForwardOverReverse(Product):
 
     def build(self, op: CurvatureOperator, x: Any, y: Any) -> Any:
         model, loss_fn, names = op.model, op.loss_fn, op.names
+        # the parameters outside ``params`` enter as constants (else the product would carry
+        # an autograd graph through them)
+        chosen = set(names)
+        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
 
         def loss_of(ps: tuple[Tensor, ...]) -> Tensor:
-            return loss_fn(functional_call(model, dict(zip(names, ps, strict=True)), (x,)), y)
+            weights = {**fixed, **dict(zip(names, ps, strict=True))}
+            return loss_fn(functional_call(model, weights, (x,)), y)
 
         return torch.func.grad(loss_of), tuple(p.detach() for p in op.params)
 
