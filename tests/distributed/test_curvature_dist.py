@@ -74,7 +74,7 @@ def _close(got, want, tol, what):
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}\n got {got}\nwant {want}"
 
 
-KEYS = ["top", "trace", "density", "ggn", "loss", "grad_norm", "eff_sam", "eff_asam", "adam",
+KEYS = ["top", "trace", "density", "ggn", "efisher", "mcfisher", "hutchpp", "blocks", "loss", "grad_norm", "eff_sam", "eff_asam", "adam",
         *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)], "m_sharpness"]
 
 
