@@ -150,7 +150,7 @@ def _curvature_operator(H: Any) -> CurvatureOperator:
     base for an operator built on one (the effective Hessian, the Adam-preconditioned one)."""
     for op in (H, getattr(H, "base", None)):
         if isinstance(op, CurvatureOperator):
-            if [tuple(p.shape) for p in op.params] != [tuple(s) for s in H.shapes]:
+            if [tuple(s) for s in op.shapes] != [tuple(s) for s in H.shapes]:
                 break
             return op
     raise ValueError(
@@ -345,7 +345,9 @@ def block_spectra(
         raise ValueError(f"Invalid tol: {tol!r} (allowed: a number > 0 and < 1)")
     owner = _curvature_operator(H)
     names, params = list(owner.names), list(owner.params)
-    chosen = _blocks(owner.model, blocks, names, params)
+    # blocks name the model's own tensors (the shards under FSDP2, whose products run on
+    # full copies, owner.params): matched by position
+    chosen = _blocks(owner.model, blocks, names, list(owner.model_params))
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())
