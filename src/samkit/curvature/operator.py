@@ -414,7 +414,9 @@ class CurvatureOperator(LinearOperator):
     ``None``), ``full_weights`` (FSDP2 only).
 
     A new curvature operator is a new :class:`Product` (see
-    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
+    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden, except
+    :meth:`_read_data` by an operator on data derived from the given ones
+    (:class:`~samkit.curvature.MCFisherOperator`'s sampled labels).
     """
 
     def __init__(
