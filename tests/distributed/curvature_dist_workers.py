@@ -2,7 +2,8 @@
 
 Imported by name (its folder is on sys.path) so that spawned children can unpickle the worker.
 :func:`measure` runs every measurement of the issue (λ1..λ3, trace, density moments, GGN,
-effective Hessian of SAM and ASAM, the Adam-preconditioned Hessian, sharpness plain / adaptive
+the empirical and Monte-Carlo Fisher, Hutch++, per-module spectra, effective Hessian of SAM
+and ASAM, the Adam-preconditioned Hessian, sharpness plain / adaptive
 with p = 2 and ∞, the loss and gradient); the workers run it on a DDP-wrapped and an FSDP2
 model with uneven shards, the test process on one process over the union of the shards.
 """
@@ -58,14 +59,19 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
     ``model.parameters()``)."""
     import samkit
     from samkit.curvature import (
+        EmpiricalFisherOperator,
         GGNOperator,
         HessianOperator,
+        MCFisherOperator,
         adam_preconditioned,
+        block_spectra,
         effective_hessian,
         hessian_trace,
+        hutchpp_trace,
         spectral_density,
         top_eigenvalues,
     )
+    from samkit.curvature.operator import local_part, reduce_sum
 
     params = list(model.parameters()) if params is None else params
     dtype = params[0].dtype
@@ -79,6 +85,19 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
     out["density"] = torch.tensor([sd.moment(p) for p in range(1, 5)], dtype=torch.float64)
     out["ggn"] = top_eigenvalues(GGNOperator(model, loss_fn, batches, **group), k=2,
                                  tol=tol).values
+    # the Fisher operators (the Monte-Carlo one's labels drawn per example of the union),
+    # Hutch++ and the per-module spectra
+    v = torch.randn(H.dim, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    v = local_part(H, v.to(dtype))
+    for name, F in (("efisher", EmpiricalFisherOperator(model, loss_fn, batches, **group)),
+                    ("mcfisher", MCFisherOperator(model, loss_fn, batches, samples=3, seed=7,
+                                                  likelihood="categorical",
+                                                  **group))):
+        fv = F @ v
+        product = reduce_sum(F, torch.stack([torch.dot(v, fv), fv.pow(2).sum()]))
+        out[name] = (top_eigenvalues(F, k=1, tol=tol).values, product)
+    out["hutchpp"] = hutchpp_trace(H, matvecs=12, seed=3).samples
+    out["blocks"] = torch.cat([b.values for b in block_spectra(H, k=2, tol=tol)])
     loss, grads = H.loss_and_gradient()
     out["loss"] = loss
     out["grad_norm"] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
@@ -186,14 +205,25 @@ def _body(rank: int, world: int) -> dict:
     _section(results, "fsdp", lambda: measure(fsdp, batches))
 
     def fsdp_layout() -> dict:
+        import samkit
+        from samkit.curvature import block_spectra, effective_hessian
+
         H = HessianOperator(fsdp, loss_fn, batches)
         top = top_eigenvalues(H, k=2, tol=1e-10)
+        heff = effective_hessian(H, samkit.SAM(torch.optim.SGD(fsdp.parameters(), lr=0.1),
+                                               rho=0.05))
+        try:  # the blocks of an operator built on an FSDP2 one: refused
+            block_spectra(heff, k=1)
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
         v = torch.randn(H.local_dim, generator=torch.Generator().manual_seed(0),
                         dtype=torch.float64)
         return {"dim": H.dim, "local_dim": H.local_dim, "vectors": tuple(top.vectors.shape),
                 "reduces": _count_allreduces(lambda: H @ v),
                 "gathers": _count_allreduces(lambda: H @ v, "all_gather"),
-                "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()]}
+                "shards": [tuple(p.to_local().shape) for p in fsdp.parameters()],
+                "blocks_refused": refused}
 
     _section(results, "fsdp_layout", fsdp_layout)
     _section(results, "fsdp_extra", lambda: extra(fsdp, batches))

@@ -74,7 +74,8 @@ def _close(got, want, tol, what):
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}\n got {got}\nwant {want}"
 
 
-KEYS = ["top", "trace", "density", "ggn", "loss", "grad_norm", "eff_sam", "eff_asam", "adam",
+KEYS = ["top", "trace", "density", "ggn", "efisher", "mcfisher", "hutchpp", "blocks", "loss",
+        "grad_norm", "eff_sam", "eff_asam", "adam",
         *[("sharpness", a, p) for a in (False, True) for p in (2, math.inf)], "m_sharpness"]
 
 
@@ -162,6 +163,7 @@ def test_fsdp_vectors_are_sharded_like_the_parameters(spawned):
         assert layout["vectors"] == (layout["local_dim"], 2)  # the eigenvectors: this rank's rows
         assert layout["reduces"] == 1  # one all-reduce per product
         assert layout["gathers"] == 2  # and all-gathers of the vector and of the weights
+        assert "not for an operator built on one" in layout["blocks_refused"]
         local.append(layout["local_dim"])
     assert sum(local) == d and max(local) < d  # the memory per rank falls with the world size
 

@@ -414,7 +414,9 @@ class CurvatureOperator(LinearOperator):
     ``None``), ``full_weights`` (FSDP2 only).
 
     A new curvature operator is a new :class:`Product` (see
-    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
+    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden, except
+    :meth:`_read_data` by an operator on data derived from the given ones
+    (:class:`~samkit.curvature.MCFisherOperator`'s sampled labels).
     """
 
     def __init__(
@@ -467,8 +469,9 @@ class CurvatureOperator(LinearOperator):
             self.params[0].dtype, self.params[0].device, sharding,
         )
         self.full_numels = [p.numel() for p in self.params]
-        self.batches = Batches(data, self.device)
         self.seed = int(seed)
+        self.process_group = group
+        self.batches = self._read_data(data)
         bad = [n for n, p in zip(self.names, self.params, strict=True)
                if not bool(torch.isfinite(p).all())]
         if bad:
@@ -480,7 +483,6 @@ class CurvatureOperator(LinearOperator):
                 m.training for m in model.modules()
                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
             )
-        self.process_group = group
         self.data_parallel: DataParallel | None = None
         if group is not None:  # N and the check's decision, agreed by every rank at once
             self.data_parallel = DataParallel(group, local_count(self.batches), self.device,
@@ -505,6 +507,12 @@ class CurvatureOperator(LinearOperator):
         return self.product.batched_error
 
     # -- shared machinery ---------------------------------------------------------------------
+
+    def _read_data(self, data: Any) -> Batches:
+        """The batches the products run over (called once by the constructor, after the
+        model, parameters, seed and process group are set): ``data`` as it is. An operator
+        on data derived from ``data`` (the Monte-Carlo Fisher's sampled labels) overrides it."""
+        return Batches(data, self.device)
 
     @contextmanager
     def _differentiable(self) -> Iterator[None]:
