@@ -21,7 +21,7 @@ from samkit.experiments.correlate.config import (
     with_fallback,
 )
 from samkit.experiments.correlate.report import format_table
-from samkit.experiments.correlate.stats import verdict
+from samkit.experiments.correlate.stats import verdicts
 from samkit.experiments.correlate.study import run_correlate
 
 
@@ -130,7 +130,8 @@ def cmd_correlate(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     print()
     print(format_table(result))
     print()
-    print(verdict(result))
+    for line in verdicts(result):
+        print(f"- {line}")
     print(f"\n{len(result.rows)} models, {len(result.included)} correlated, "
           f"{result.wall_time:.0f} s; report: {result.run_dir / 'report.md'}")
     for note in result.notes:

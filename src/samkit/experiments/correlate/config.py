@@ -118,6 +118,8 @@ class CorrelateConfig:
         (), "add a copy of every model with layer 1 x alpha, layer 2 / alpha")
     seed: int = setting(
         0, "seeds the measure subset, the sharpness starts and the trace vectors")
+    resamples: int = setting(
+        2000, "bootstrap resamples of the models for every confidence interval")
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
@@ -170,6 +172,8 @@ class CorrelateConfig:
             raise ValueError(f"Invalid eta: {self.eta} (allowed: a finite number >= 0)")
         if self.starts is not None and (isinstance(self.starts, bool) or self.starts < 1):
             raise ValueError(f"Invalid starts: {self.starts} (allowed: an integer >= 1, or null)")
+        if isinstance(self.resamples, bool) or self.resamples < 100:
+            raise ValueError(f"Invalid resamples: {self.resamples} (allowed: an integer >= 100)")
         if isinstance(self.avg_samples, bool) or self.avg_samples < 2:
             raise ValueError(f"Invalid avg_samples: {self.avg_samples} (allowed: an integer >= 2)")
         from samkit.measures import PRESETS
