@@ -118,8 +118,15 @@ def comparison(result: CorrelateResult) -> list[dict[str, Any]]:
     for c in result.correlations:
         if c.measure.family in ("sharpness", "adaptive"):
             by_group.setdefault(c.measure.group, {}).setdefault(c.measure.family, []).append(c)
+    from samkit.measures import KINDS
+
+    def order(group: str) -> tuple:  # worst p=2, p=∞, average Gaussian, uniform; loss first
+        m = by_group[group].get("adaptive", by_group[group].get("sharpness"))[0].measure
+        return (KINDS.index(m.kind), m.p or 0, m.quantity != "loss")
+
     out = []
-    for group, families in by_group.items():
+    for group in sorted(by_group, key=order):
+        families = by_group[group]
         if set(families) != {"sharpness", "adaptive"}:
             continue
         entry: dict[str, Any] = {"group": group}
