@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.samkit-installed
 
-.PHONY: demo test fast lint bench clean data
+.PHONY: demo test fast lint bench clean data docs figures
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,experiments,curvature,lightning,huggingface]"
+	$(PY) -m pip install --quiet -e ".[dev,experiments,curvature,lightning,huggingface,docs]"
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package where we can install it (root on Debian); otherwise the
@@ -32,9 +32,10 @@ test: $(STAMP) data
 	$(PY) -m pytest -q
 
 # The fast loop: no process spawns, no torch.compile, no real data (-m "not slow"), on two
-# pytest-xdist workers (one torch and one BLAS thread each).
+# pytest-xdist workers (one torch and one BLAS thread each); the Lightning and Hugging Face tests
+# on one of them, so that only one worker pays for importing those libraries.
 fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q -n 2
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,5 +43,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
 
+# The documentation site into site/, warnings as errors (a broken link, a missing API object, a
+# docstring that does not parse, a page missing from the nav fail it). Open site/index.html or
+# `$(VENV)/bin/mkdocs serve`. `make figures` remakes docs/assets/figures/ from real runs.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=src $(VENV)/bin/mkdocs build --strict --quiet
+
+figures: $(STAMP) data
+	$(PY) docs/figures.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

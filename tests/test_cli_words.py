@@ -33,10 +33,16 @@ def default_run_name(argv: list[str]) -> str:
 
 
 def readme_commands(command: str) -> list[list[str]]:
+    """The ``samkit COMMAND`` lines of the README and of the documentation's pages (the
+    command-line examples moved there), each once, in order."""
     lines = []
-    for line in README.read_text().splitlines():
-        if line.startswith(f"samkit {command}"):
-            lines.append(shlex.split(line.split("#", 1)[0])[1:])
+    pages = [README, *sorted((README.parent / "docs").rglob("*.md"))]
+    for page in pages:
+        for line in page.read_text().splitlines():
+            if line.startswith(f"samkit {command}"):
+                argv = shlex.split(line.split("#", 1)[0])[1:]
+                if argv not in lines:
+                    lines.append(argv)
     return lines
 
 

@@ -20,6 +20,7 @@ function of :math:`\delta` at :math:`w` and at :math:`Aw`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from samkit.curvature._data import Batches, LossFn, resolve_params
+from samkit.curvature._dist import (
+    DataParallel,
+    FullWeights,
+    Sharding,
+    has_dtensors,
+    local_count,
+    resolve_group,
+    unwrap,
+)
 from samkit.curvature.operator import loss_and_gradient
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_int, check_non_negative
@@ -45,7 +55,7 @@ class SharpnessResult:
     Attributes:
         value: :math:`\max L(w + \epsilon) - L(w)` found (>= 0: ε = 0 is in the ball).
         base_loss: :math:`L(w)`.
-        perturbed_loss: :math:`L(w + \\epsilon)` at the best ε found.
+        perturbed_loss: :math:`L(w + \epsilon)` at the best ε found.
         steps: the projected-gradient steps taken after the first (SAM/ASAM) ascent step, per
             maximization.
         evaluations: the loss-and-gradient passes over the data, in all.
@@ -70,16 +80,17 @@ class SharpnessResult:
 class _Objective:
     """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches: the
     operator base's :func:`~samkit.curvature.operator.loss_and_gradient` (size-weighted, frozen
-    parameters in ``params`` differentiated too), counted, and a non-finite loss refused."""
+    parameters in ``params`` differentiated too), counted, and a non-finite loss refused.
+    ``reduce``: the mean over the ranks' data (one all-reduce per evaluation), or ``None``."""
 
-    def __init__(self, model, loss_fn, params, batches, seed):
+    def __init__(self, model, loss_fn, params, batches, seed, reduce=None):
         self.model, self.loss_fn, self.params = model, loss_fn, params
-        self.batches, self.seed = batches, seed
+        self.batches, self.seed, self.reduce = batches, seed, reduce
         self.evaluations = 0
 
     def __call__(self) -> tuple[float, list[Tensor]]:
         value, grads = loss_and_gradient(
-            self.model, self.loss_fn, self.params, self.batches, self.seed
+            self.model, self.loss_fn, self.params, self.batches, self.seed, reduce=self.reduce
         )
         self.evaluations += 1
         if not math.isfinite(value):
@@ -236,6 +247,8 @@ def sharpness(
     seed: int = 0,
     starts: int | None = None,
     budget: int | None = None,
+    *,
+    process_group: Any = None,
 ) -> SharpnessResult:
     r"""Sharpness :math:`\max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w+\epsilon) - L(w)`.
 
@@ -290,6 +303,19 @@ def sharpness(
             one-step SAM / ASAM estimate). Cost: about ``starts * (steps + 2)`` evaluations.
         budget: the most loss-and-gradient evaluations per maximization (``None``: no cap);
             the starts run in order until it is spent.
+        process_group: whose data the loss is over (torch.distributed's convention).
+            ``None`` (default): the default group when ``torch.distributed`` is initialized
+            with more than one rank, else this process's data; a ``ProcessGroup``: that
+            group; ``"local"``: this process's data only. Under a group ``data`` is this
+            rank's shard and the sharpness is that of the union of the shards (weighted by
+            their sizes): every loss-and-gradient of the ascent is all-reduced once, the random
+            starts are drawn alike on every rank, so every rank takes the same steps and
+            returns the same result. With ``m``, each rank maximizes over its own
+            micro-batches and the size-weighted means are all-reduced once at the end (the
+            random starts of each rank's micro-batches come from ``seed``, so with
+            ``starts > 1`` they are not the draws one process over all the micro-batches
+            would make). A ``DistributedDataParallel`` model is measured through its
+            ``.module``; an FSDP2 model on its full weights (all-gathered once).
 
     Returns:
         A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,
@@ -306,6 +332,8 @@ def sharpness(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+    model = unwrap(model)
+    asked, process_group = process_group, resolve_group(process_group)
     check_non_negative("rho", rho)
     check_choice("p", p, P_NORMS)
     check_non_negative("eta", eta)
@@ -319,10 +347,27 @@ def sharpness(
     starts = check_int("starts", starts, 1, none=True)
     budget = check_int("budget", budget, 2, none=True)
     rho, eta = float(rho), float(eta)
-    _, ps = resolve_params(model, params)
+    names, ps = resolve_params(model, params)
+    swap = contextlib.nullcontext()
+    if has_dtensors(ps):  # FSDP2: the ascent on the full weights, the model seen unsharded
+        if isinstance(asked, str):
+            raise ValueError(
+                "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the group "
+                "of its mesh; its weights are sharded over the ranks)"
+            )
+        sharding = Sharding(ps)
+        full = FullWeights(model, names, ps, sharding)
+        swap, ps = full.swapped(refresh=False), full.leaves
+        process_group = sharding.group if process_group is None else process_group
     device = ps[0].device
     batches = Batches(data, device)
     generator = torch.Generator().manual_seed(int(seed))
+    parallel = None
+    if process_group is not None:
+        parallel = DataParallel(process_group, local_count(batches), device)
+    # one maximization over the union: every evaluation all-reduced; m-sharpness: local
+    # maximizations, their sums all-reduced at the end
+    reduce = parallel.mean if parallel is not None and m is None else None
 
     backup = [w.detach().clone() for w in ps]
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
@@ -331,25 +376,31 @@ def sharpness(
     per_start = [0.0] * starts  # sums of n * (best L(w + ε) - L(w)) per start
     total = 0
     evaluations = 0
-    try:
-        for group in groups:
-            n = sum(b[2] for b in group) if isinstance(group, list) else 1
-            objective = _Objective(model, loss_fn, ps, group, int(seed))
-            base, best, bests = _maximize(
-                objective, ps, backup, scale, rho, p, steps, generator, starts, budget
-            )
-            evaluations += objective.evaluations
-            if m is None:
-                n = 1
-            weighted[0] += n * base
-            weighted[1] += n * best
-            bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
-            for i, b in enumerate(bests[:starts]):
-                per_start[i] += n * (b - base)
-            total += n
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(ps, backup)
+    with swap:
+        try:
+            for group in groups:
+                n = sum(b[2] for b in group) if isinstance(group, list) else 1
+                objective = _Objective(model, loss_fn, ps, group, int(seed), reduce)
+                base, best, bests = _maximize(
+                    objective, ps, backup, scale, rho, p, steps, generator, starts, budget
+                )
+                evaluations += objective.evaluations
+                if m is None:
+                    n = 1
+                weighted[0] += n * base
+                weighted[1] += n * best
+                bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
+                for i, b in enumerate(bests[:starts]):
+                    per_start[i] += n * (b - base)
+                total += n
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(ps, backup)
+    if parallel is not None and m is not None:  # the micro-batches of every rank
+        sums = torch.tensor([*weighted, *per_start, total, evaluations], dtype=torch.float64)
+        sums = parallel.sum([sums])[0].tolist()
+        weighted, per_start = sums[:2], sums[2 : 2 + starts]
+        total, evaluations = sums[-2], int(sums[-1])
     base_loss, perturbed_loss = weighted[0] / total, weighted[1] / total
     values = tuple(max(v / total, 0.0) for v in per_start) if rho > 0 else (0.0,)
     return SharpnessResult(

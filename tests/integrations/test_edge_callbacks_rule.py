@@ -19,6 +19,10 @@ KEYS = ("edge/lambda1", "edge/edge", "edge/ratio", "edge/grad_norm")
 # --------------------------------------------------------------------------- Lightning
 
 
+# one xdist worker imports Lightning and transformers (make fast: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("integrations")
+
+
 def _lightning():
     return pytest.importorskip("lightning", reason="lightning is not installed")
 

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-pytest.importorskip("accelerate", reason="accelerate is not installed")
+import samkit
 
-import samkit  # noqa: E402
-from samkit.integrations.huggingface import SAMTrainer  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers is imported when a test first needs it, not at collection, and one xdist worker
+# runs these tests (make fast: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("integrations")
+
+
+@functools.cache
+def _transformers():
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    return pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def SAMTrainer(*args, **kwargs):  # noqa: N802 (the class, imported on first use)
+    from samkit.integrations.huggingface import SAMTrainer
+
+    return SAMTrainer(*args, **kwargs)
 
 
 def _model():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
+    config = _transformers().GPT2Config(
         vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    return transformers.GPT2LMHeadModel(config)
+    return _transformers().GPT2LMHeadModel(config)
 
 
 def _dataset(n=8):
@@ -37,7 +50,7 @@ def _args(tmp_path, **kw):
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
         use_cpu=True, seed=0, dataloader_num_workers=0,
     )
-    return transformers.TrainingArguments(**{**base, **kw})
+    return _transformers().TrainingArguments(**{**base, **kw})
 
 
 @pytest.mark.parametrize("kind", ["sam", "asam"])
@@ -93,14 +106,18 @@ def test_sam_trainer_gradient_accumulation_and_bad_arguments(tmp_path):
 # --------------------------------------------------------------------------- EdgeTrackerCallback
 
 
-class _Seen(transformers.TrainerCallback):
-    """What the reporting integrations see: every on_log's logs."""
+@functools.cache
+def _seen_class():
+    class _Seen(_transformers().TrainerCallback):
+        """What the reporting integrations see: every on_log's logs."""
 
-    def __init__(self):
-        self.logs = []
+        def __init__(self):
+            self.logs = []
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs or {}))
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    return _Seen
 
 
 def _top_by_scipy(model, batch):
@@ -129,11 +146,11 @@ def _eager_model():
     # Hessian-vector products differentiate twice: eager attention (PyTorch's fused CPU
     # attention has no double backward)
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
+    config = _transformers().GPT2Config(
         vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )
-    return transformers.GPT2LMHeadModel(config)
+    return _transformers().GPT2LMHeadModel(config)
 
 
 def test_edge_tracker_callback_under_sam_trainer(tmp_path, monkeypatch):
@@ -143,7 +160,7 @@ def test_edge_tracker_callback_under_sam_trainer(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = _dataset()
     probe = data[:4]
-    seen = _Seen()
+    seen = _seen_class()()
     edge = EdgeTrackerCallback(probe, every=2, budget=None, tol=1e-5, max_iter=200)
     model = _eager_model()
     batch = {k: torch.stack([d[k] for d in probe]) for k in probe[0]}
@@ -169,7 +186,7 @@ def test_edge_tracker_callback_plain_trainer_and_bad_probe(tmp_path):
     from samkit.integrations.huggingface import EdgeTrackerCallback
 
     edge = EdgeTrackerCallback(_dataset()[:4], every=3, budget=None)
-    trainer = transformers.Trainer(model=_eager_model(), args=_args(tmp_path, max_steps=3),
+    trainer = _transformers().Trainer(model=_eager_model(), args=_args(tmp_path, max_steps=3),
                                    train_dataset=_dataset(), callbacks=[edge])
     trainer.train()  # not attached: the rows go to log_history
     history = [h for h in trainer.state.log_history if "edge/lambda1" in h]

@@ -3,14 +3,23 @@ step equals samkit's own, in float64."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import samkit
 
-L = pytest.importorskip("lightning", reason="lightning is not installed (pip install lightning)")
-from samkit.integrations.lightning import is_perturbed, running_stats  # noqa: E402
+# Lightning is imported when a test first needs it, not at collection (it costs ~6 s per pytest
+# worker), and one xdist worker runs these tests (make fast: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("integrations")
+
+
+@functools.cache
+def _lightning():
+    return pytest.importorskip("lightning",
+                               reason="lightning is not installed (pip install lightning)")
 
 
 def _data():
@@ -29,30 +38,36 @@ def _optimizer(params, kind):
     return samkit.SAM(base, rho=0.1) if kind == "sam" else samkit.ASAM(base, rho=0.5)
 
 
-class Tiny(L.LightningModule):
-    def __init__(self, kind):
-        super().__init__()
-        self.net = _net()
-        self.kind = kind
-        self.passes = []
+@functools.cache
+def _tiny_class():
+    from samkit.integrations.lightning import is_perturbed, running_stats
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self.passes.append(is_perturbed(self))
-        with running_stats(self):
-            loss = nn.functional.cross_entropy(self.net(x), y)
-        return loss
+    class Tiny(_lightning().LightningModule):
+        def __init__(self, kind):
+            super().__init__()
+            self.net = _net()
+            self.kind = kind
+            self.passes = []
 
-    def configure_optimizers(self):
-        return _optimizer(self.parameters(), self.kind)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.passes.append(is_perturbed(self))
+            with running_stats(self):
+                loss = nn.functional.cross_entropy(self.net(x), y)
+            return loss
+
+        def configure_optimizers(self):
+            return _optimizer(self.parameters(), self.kind)
+
+    return Tiny
 
 
 @pytest.mark.parametrize("kind", ["sam", "asam"])
 def test_automatic_optimization_runs_the_closure_twice(kind, tmp_path):
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    module = Tiny(kind)
-    trainer = L.Trainer(
+    module = _tiny_class()(kind)
+    trainer = _lightning().Trainer(
         max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
@@ -87,26 +102,30 @@ class _Null:
 # --------------------------------------------------------------------------- EdgeTrackerCallback
 
 
-class _Recorder(L.pytorch.loggers.Logger):
-    """A logger that keeps what it is given."""
+@functools.cache
+def _recorder_class():
+    class _Recorder(_lightning().pytorch.loggers.Logger):
+        """A logger that keeps what it is given."""
 
-    def __init__(self):
-        super().__init__()
-        self.logged = []
+        def __init__(self):
+            super().__init__()
+            self.logged = []
 
-    @property
-    def name(self):
-        return "recorder"
+        @property
+        def name(self):
+            return "recorder"
 
-    @property
-    def version(self):
-        return 0
+        @property
+        def version(self):
+            return 0
 
-    def log_hyperparams(self, *args, **kwargs):
-        pass
+        def log_hyperparams(self, *args, **kwargs):
+            pass
 
-    def log_metrics(self, metrics, step=None):
-        self.logged.append((step, dict(metrics)))
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((step, dict(metrics)))
+
+    return _Recorder
 
 
 def _dense_top(net, x, y):
@@ -139,13 +158,13 @@ def test_edge_tracker_callback_logs_lambda1_edge_ratio(on_batch, tmp_path):
 
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    module = Tiny("sam")
+    module = _tiny_class()("sam")
     probe = None if on_batch else (x, y)
     callback = EdgeTrackerCallback(probe, nn.functional.cross_entropy, every=2, budget=None,
                                    model=lambda m: m.net, tol=1e-8, max_iter=200,
                                    path=tmp_path / "edge.jsonl")
-    logger = _Recorder()
-    trainer = L.Trainer(
+    logger = _recorder_class()()
+    trainer = _lightning().Trainer(
         max_steps=4, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[callback],

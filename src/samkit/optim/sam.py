@@ -24,6 +24,8 @@ class SAM(SharpnessAwareOptimizer):
         base_optimizer: the optimizer that takes the descent step, e.g.
             ``torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)``.
         rho: the radius ρ of the neighbourhood (>= 0; ``rho=0`` is exactly the base optimizer).
+        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
+            (clip the base step's direction; skip non-finite steps without a scaler).
 
     Example::
 
@@ -34,9 +36,6 @@ class SAM(SharpnessAwareOptimizer):
             loss.backward()
             return loss
         loss = opt.step(closure)
-
-        max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`
-            (clip the base step's direction; skip non-finite steps without a scaler).
 
     References:
         P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
