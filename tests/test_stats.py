@@ -13,6 +13,7 @@ from samkit.stats import (
     bootstrap_interval,
     granulated_kendall,
     kendall_difference_interval,
+    kendall_group_difference_interval,
     kendall_interval,
     kendall_tau,
     not_distinguishable,
@@ -219,3 +220,26 @@ def test_bootstrap_input_errors_and_degenerate_cases():
     r = kendall_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
     assert r.dropped > 0 and r.resamples + r.dropped == 2000
     assert math.isnan(kendall_interval([1.0, 2.0], [1.0, 2.0]).low)
+
+
+def test_group_difference_selects_inside_every_resample():
+    rng = np.random.default_rng(7)
+    gap = rng.normal(size=50)
+    good = [gap + s * rng.normal(size=50) for s in (0.3, 0.5, 1.0)]
+    noise = [rng.normal(size=50) for _ in range(3)]
+    best = kendall_group_difference_interval(good, noise, gap, reduce="max")
+    mean = kendall_group_difference_interval(good, noise, gap, reduce="mean")
+    taus_g = [kendall_tau(x, gap).tau for x in good]
+    taus_n = [kendall_tau(x, gap).tau for x in noise]
+    assert best.estimate == pytest.approx(max(taus_g) - max(taus_n))
+    assert mean.estimate == pytest.approx(np.mean(taus_g) - np.mean(taus_n))
+    assert verdict(best) == BETTER and verdict(mean) == BETTER
+    # one measure per family: the plain paired difference
+    one = kendall_group_difference_interval([good[0]], [noise[0]], gap)
+    ref = kendall_difference_interval(good[0], noise[0], gap)
+    assert (one.estimate, one.low, one.high) == pytest.approx((ref.estimate, ref.low, ref.high))
+    # the same family against itself: the best-of-three difference is 0 in every resample
+    same = kendall_group_difference_interval(good, good, gap)
+    assert (same.low, same.high) == (0.0, 0.0) and verdict(same) == not_distinguishable()
+    with pytest.raises(ValueError, match="reduce"):
+        kendall_group_difference_interval(good, noise, gap, reduce="min")
