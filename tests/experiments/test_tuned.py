@@ -167,3 +167,33 @@ def test_the_flag_reaches_the_options():
     assert options.tune_seed == 100 and seeds == [0, 1]
     args = build_parser().parse_args(["compare"])
     assert compare.inputs_from_args(args)[3].tune_seed is None
+
+
+def test_every_pair_has_its_interval(tmp_path):
+    result = CompareResult("c", tmp_path, TrainConfig(dataset="digits"), ["a", "b", "c"],
+                           [0, 1, 2, 3])
+    a = [0.80, 0.81, 0.82, 0.83]
+    for s in range(4):
+        result.runs += [RunSummary("a", s, tmp_path, _records(a[s])),
+                        RunSummary("b", s, tmp_path, _records(a[s] + 0.05 + 0.001 * s)),
+                        RunSummary("c", s, tmp_path, _records(a[s] + 0.02 - 0.001 * s))]
+    rows = tuned.paired_rows(result, every_pair=True)
+    assert [(r["method"], r["reference"]) for r in rows] == [("b", "a"), ("c", "a"), ("c", "b")]
+    c_b = rows[-1]
+    assert c_b["interval"]["estimate"] == pytest.approx(-0.033)  # -0.03 - 0.002 s
+    assert c_b["verdict"] == "worse"
+    assert [r["method"] for r in tuned.paired_rows(result)] == ["b", "c"]  # against the first
+
+
+def test_a_plain_comparison_reports_every_paired_difference(tmp_path):
+    base = quick(tmp_path)
+    result = run_compare(base, ["sgd", "sam:rho=0.05", "asam:rho=0.5"], seeds=[0, 1],
+                         name="plain", verbose=0)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    pairs = [(d["method"], d["reference"]) for d in summary["differences"]]
+    sgd, sam, asam = result.labels
+    assert pairs == [(sam, sgd), (asam, sgd), (asam, sam)]
+    final = {(r.label, r.seed): r.final_acc for r in result.runs}
+    d = np.array([final[asam, s] - final[sam, s] for s in (0, 1)])
+    assert summary["differences"][-1]["interval"]["estimate"] == pytest.approx(d.mean())
+    assert "Paired differences in final test accuracy" in (result.run_dir / "report.md").read_text()

@@ -404,6 +404,10 @@ def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged
         add_equal_budget_row(result, base, baseline, data, seeds, run_dir, resume, overwrite,
                              verbose, val, total, diverged_error)
     result.wall_time = time.perf_counter() - start
+    if len(seeds) > 1:  # every difference the table shows, with its interval and verdict
+        from samkit.experiments.tuned import paired_rows
+
+        result.differences = paired_rows(result, every_pair=True)
     write_report(result, command=command)
     return result
 

@@ -58,10 +58,9 @@ def format_tuning(result: CompareResult) -> str:
 
 
 def format_differences(result: CompareResult) -> str:
-    """Each method's paired difference to the first row (final test accuracy, by seed)."""
-    lines = ["Paired differences in final test accuracy (method minus the first row, paired by "
-             "seed; 95 % paired t interval over the seeds; the verdict follows from the "
-             "interval):", "",
+    """The paired differences in final test accuracy (by seed) of ``result.differences``."""
+    lines = ["Paired differences in final test accuracy (paired by seed; 95 % paired t interval "
+             "over the seeds; the verdict follows from the interval):", "",
              "| difference | seeds | mean (points) | 95 % interval (points) | verdict |",
              "|---|---|---|---|---|"]
     for d in result.differences:

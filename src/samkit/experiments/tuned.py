@@ -55,35 +55,37 @@ def split_for_tuning(train: Any, fraction: float, data_seed: int) -> tuple[Any, 
     return B.carve_validation(train, fraction, data_seed)
 
 
-def paired_rows(result: CompareResult) -> list[dict[str, Any]]:
+def paired_rows(result: CompareResult, every_pair: bool = False) -> list[dict[str, Any]]:
     """For each method after the first: the per-seed final test accuracies of both, the paired
     difference (method - first) with its 95 % paired t interval and the verdict, over the seeds
-    on which both runs finished (a diverged run's seed is left out, and said)."""
+    on which both runs finished (a diverged run's seed is left out, and said). With
+    ``every_pair``, every later method against every earlier one (so that each difference a
+    reader may take from the table has its interval)."""
+    pairs = [(result.labels[i], later) for i in range(len(result.labels) if every_pair else 1)
+             for later in result.labels[i + 1:]]
+    return [_paired_row(result, first, label) for first, label in pairs]
+
+
+def _paired_row(result: CompareResult, first: str, label: str) -> dict[str, Any]:
     from samkit.stats import paired_difference, verdict
 
-    if len(result.labels) < 2:
-        return []
-    first = result.labels[0]
     ref = {r.seed: r.final_acc for r in result.by_label(first)}
-    rows = []
-    for label in result.labels[1:]:
-        mine = {r.seed: r.final_acc for r in result.by_label(label)}
-        seeds = [s for s in result.seeds if s in ref and s in mine
-                 and math.isfinite(ref[s]) and math.isfinite(mine[s])]
-        row: dict[str, Any] = {
-            "method": label, "reference": first, "seeds": seeds,
-            "left_out": [s for s in result.seeds if s not in seeds],
-            "method_acc": [mine[s] for s in seeds], "reference_acc": [ref[s] for s in seeds],
-        }
-        if len(seeds) >= 2:
-            interval = paired_difference(row["method_acc"], row["reference_acc"])
-            row["interval"] = interval.to_dict()
-            row["verdict"] = verdict(interval)
-        else:
-            row["interval"] = None
-            row["verdict"] = f"no interval: {len(seeds)} paired seed(s), at least 2 needed"
-        rows.append(row)
-    return rows
+    mine = {r.seed: r.final_acc for r in result.by_label(label)}
+    seeds = [s for s in result.seeds if s in ref and s in mine
+             and math.isfinite(ref[s]) and math.isfinite(mine[s])]
+    row: dict[str, Any] = {
+        "method": label, "reference": first, "seeds": seeds,
+        "left_out": [s for s in result.seeds if s not in seeds],
+        "method_acc": [mine[s] for s in seeds], "reference_acc": [ref[s] for s in seeds],
+    }
+    if len(seeds) >= 2:
+        interval = paired_difference(row["method_acc"], row["reference_acc"])
+        row["interval"] = interval.to_dict()
+        row["verdict"] = verdict(interval)
+    else:
+        row["interval"] = None
+        row["verdict"] = f"no interval: {len(seeds)} paired seed(s), at least 2 needed"
+    return row
 
 
 def train_tuned(result: CompareResult, run, base: TrainConfig, optimizers: list[str],
