@@ -46,6 +46,9 @@ from samkit.optim import list_optimizers
 OPTIMIZERS = [
     "sgd", "sam", "asam", "aesam", "rst", "looksam", "msam:rho=1",
     "saf:lam=6", "mesa:lam=6,ema_decay=0.987",
+    # issue 23: WSAM, GCSAM at their defaults; SAM every 2nd step (Composer's interval);
+    # bSAM at the paper's lr 0.5 (its averaged momentum: SGD's 0.05 / (1 - 0.9)), N = the subset
+    "wsam", "gcsam", "periodicsam:interval=2", "bsam:lr=0.5,num_data=10000",
 ]
 GOAL_TIME = 1.15  # x SGD's training time
 

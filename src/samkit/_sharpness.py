@@ -20,6 +20,7 @@ function of :math:`\delta` at :math:`w` and at :math:`Aw`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from samkit.curvature._data import Batches, LossFn, resolve_params
+from samkit.curvature._dist import (
+    DataParallel,
+    FullWeights,
+    Sharding,
+    has_dtensors,
+    local_count,
+    resolve_group,
+    unwrap,
+)
 from samkit.curvature.operator import loss_and_gradient
 from samkit.optim import kernels
 from samkit.optim._validation import check_choice, check_int, check_non_negative
@@ -70,16 +80,17 @@ class SharpnessResult:
 class _Objective:
     """:math:`L` and :math:`\\nabla L` at the current weights over a group of batches: the
     operator base's :func:`~samkit.curvature.operator.loss_and_gradient` (size-weighted, frozen
-    parameters in ``params`` differentiated too), counted, and a non-finite loss refused."""
+    parameters in ``params`` differentiated too), counted, and a non-finite loss refused.
+    ``reduce``: the mean over the ranks' data (one all-reduce per evaluation), or ``None``."""
 
-    def __init__(self, model, loss_fn, params, batches, seed):
+    def __init__(self, model, loss_fn, params, batches, seed, reduce=None):
         self.model, self.loss_fn, self.params = model, loss_fn, params
-        self.batches, self.seed = batches, seed
+        self.batches, self.seed, self.reduce = batches, seed, reduce
         self.evaluations = 0
 
     def __call__(self) -> tuple[float, list[Tensor]]:
         value, grads = loss_and_gradient(
-            self.model, self.loss_fn, self.params, self.batches, self.seed
+            self.model, self.loss_fn, self.params, self.batches, self.seed, reduce=self.reduce
         )
         self.evaluations += 1
         if not math.isfinite(value):
@@ -139,9 +150,11 @@ def _maximize(
     generator: torch.Generator,
     starts: int = 1,
     budget: int | None = None,
+    best: list[Tensor] | None = None,
 ) -> tuple[float, float, list[float]]:
     """Projected ascent in δ from ``starts`` points; returns (L(w), best L(w + T δ), the best
-    L(w + T δ) of each start)."""
+    L(w + T δ) of each start). ``best``, when given, receives the best δ found (zeros when none
+    raised the loss)."""
 
     def at(delta: list[Tensor]) -> tuple[float, list[Tensor]]:
         with torch.no_grad():
@@ -155,6 +168,8 @@ def _maximize(
     with torch.no_grad():
         torch._foreach_copy_(params, backup)  # start at w (a previous group may have moved it)
     base, base_grad = objective()
+    if best is not None:
+        best[:] = [torch.zeros_like(w) for w in params]
     if rho == 0:
         return base, base, [base]
     limit = math.inf if budget is None else budget
@@ -199,6 +214,8 @@ def _maximize(
                     fx, gx = best_f, best_g
                 since, successes, best_at_check = 0, 0, best_f
         per_start.append(best_f)
+        if best is not None and best_f > best_all:
+            best[:] = best_x
         best_all = max(best_all, best_f)
     return base, best_all, per_start
 
@@ -230,6 +247,8 @@ def sharpness(
     seed: int = 0,
     starts: int | None = None,
     budget: int | None = None,
+    *,
+    process_group: Any = None,
 ) -> SharpnessResult:
     r"""Sharpness :math:`\max_{\|T_w^{-1}\epsilon\|_p \le \rho} L(w+\epsilon) - L(w)`.
 
@@ -284,6 +303,19 @@ def sharpness(
             one-step SAM / ASAM estimate). Cost: about ``starts * (steps + 2)`` evaluations.
         budget: the most loss-and-gradient evaluations per maximization (``None``: no cap);
             the starts run in order until it is spent.
+        process_group: whose data the loss is over (torch.distributed's convention).
+            ``None`` (default): the default group when ``torch.distributed`` is initialized
+            with more than one rank, else this process's data; a ``ProcessGroup``: that
+            group; ``"local"``: this process's data only. Under a group ``data`` is this
+            rank's shard and the sharpness is that of the union of the shards (weighted by
+            their sizes): every loss-and-gradient of the ascent is all-reduced once, the random
+            starts are drawn alike on every rank, so every rank takes the same steps and
+            returns the same result. With ``m``, each rank maximizes over its own
+            micro-batches and the size-weighted means are all-reduced once at the end (the
+            random starts of each rank's micro-batches come from ``seed``, so with
+            ``starts > 1`` they are not the draws one process over all the micro-batches
+            would make). A ``DistributedDataParallel`` model is measured through its
+            ``.module``; an FSDP2 model on its full weights (all-gathered once).
 
     Returns:
         A :class:`SharpnessResult` with ``value``, ``base_loss``, ``perturbed_loss``,
@@ -300,6 +332,8 @@ def sharpness(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+    model = unwrap(model)
+    asked, process_group = process_group, resolve_group(process_group)
     check_non_negative("rho", rho)
     check_choice("p", p, P_NORMS)
     check_non_negative("eta", eta)
@@ -313,10 +347,27 @@ def sharpness(
     starts = check_int("starts", starts, 1, none=True)
     budget = check_int("budget", budget, 2, none=True)
     rho, eta = float(rho), float(eta)
-    _, ps = resolve_params(model, params)
+    names, ps = resolve_params(model, params)
+    swap = contextlib.nullcontext()
+    if has_dtensors(ps):  # FSDP2: the ascent on the full weights, the model seen unsharded
+        if isinstance(asked, str):
+            raise ValueError(
+                "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the group "
+                "of its mesh; its weights are sharded over the ranks)"
+            )
+        sharding = Sharding(ps)
+        full = FullWeights(model, names, ps, sharding)
+        swap, ps = full.swapped(refresh=False), full.leaves
+        process_group = sharding.group if process_group is None else process_group
     device = ps[0].device
     batches = Batches(data, device)
     generator = torch.Generator().manual_seed(int(seed))
+    parallel = None
+    if process_group is not None:
+        parallel = DataParallel(process_group, local_count(batches), device)
+    # one maximization over the union: every evaluation all-reduced; m-sharpness: local
+    # maximizations, their sums all-reduced at the end
+    reduce = parallel.mean if parallel is not None and m is None else None
 
     backup = [w.detach().clone() for w in ps]
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
@@ -325,25 +376,31 @@ def sharpness(
     per_start = [0.0] * starts  # sums of n * (best L(w + ε) - L(w)) per start
     total = 0
     evaluations = 0
-    try:
-        for group in groups:
-            n = sum(b[2] for b in group) if isinstance(group, list) else 1
-            objective = _Objective(model, loss_fn, ps, group, int(seed))
-            base, best, bests = _maximize(
-                objective, ps, backup, scale, rho, p, steps, generator, starts, budget
-            )
-            evaluations += objective.evaluations
-            if m is None:
-                n = 1
-            weighted[0] += n * base
-            weighted[1] += n * best
-            bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
-            for i, b in enumerate(bests[:starts]):
-                per_start[i] += n * (b - base)
-            total += n
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(ps, backup)
+    with swap:
+        try:
+            for group in groups:
+                n = sum(b[2] for b in group) if isinstance(group, list) else 1
+                objective = _Objective(model, loss_fn, ps, group, int(seed), reduce)
+                base, best, bests = _maximize(
+                    objective, ps, backup, scale, rho, p, steps, generator, starts, budget
+                )
+                evaluations += objective.evaluations
+                if m is None:
+                    n = 1
+                weighted[0] += n * base
+                weighted[1] += n * best
+                bests = bests + [bests[-1]] * (starts - len(bests))  # a budget cut the starts
+                for i, b in enumerate(bests[:starts]):
+                    per_start[i] += n * (b - base)
+                total += n
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(ps, backup)
+    if parallel is not None and m is not None:  # the micro-batches of every rank
+        sums = torch.tensor([*weighted, *per_start, total, evaluations], dtype=torch.float64)
+        sums = parallel.sum([sums])[0].tolist()
+        weighted, per_start = sums[:2], sums[2 : 2 + starts]
+        total, evaluations = sums[-2], int(sums[-1])
     base_loss, perturbed_loss = weighted[0] / total, weighted[1] / total
     values = tuple(max(v / total, 0.0) for v in per_start) if rho > 0 else (0.0,)
     return SharpnessResult(
@@ -358,4 +415,330 @@ def sharpness(
     )
 
 
-__all__ = ["SharpnessResult", "sharpness"]
+
+# --------------------------------------------------------------------------------------------
+# m-sharpness with the error increase, and average-case sharpness
+# --------------------------------------------------------------------------------------------
+
+DISTRIBUTIONS = ("gaussian", "uniform")
+
+
+def _loss_and_error(model, loss_fn, batches, seed: int, error: bool) -> tuple[float, float]:
+    """The size-weighted mean loss and (with ``error``) classification error over ``batches``
+    at the current weights, without gradients (the same batch seeds as the ascent)."""
+    from samkit.curvature._data import batch_mean
+
+    def fn(x, y):
+        out = model(x)
+        loss = loss_fn(out, y).detach().to(torch.float64)
+        if not error:
+            return [loss]
+        if not (isinstance(y, Tensor) and not y.is_floating_point()
+                and out.dim() == y.dim() + 1 and out.shape[:-1] == y.shape):
+            raise ValueError(
+                f"Invalid data for error=True: outputs of shape {tuple(out.shape)} and targets "
+                f"{getattr(y, 'dtype', type(y).__name__)} of shape "
+                f"{tuple(getattr(y, 'shape', ()))} (allowed: class scores N×C or N×T×C and "
+                "integer labels N or N×T)"
+            )
+        wrong = (out.argmax(-1) != y).to(torch.float64).mean()
+        return [loss, wrong]
+
+    with torch.no_grad():
+        values = batch_mean(model, batches, seed, next(iter(model.parameters())).device, fn)
+    loss = float(values[0])
+    if not math.isfinite(loss):
+        raise ValueError(f"Invalid loss: {loss} at the weights being evaluated (not finite)")
+    return loss, (float(values[1]) if error else math.nan)
+
+
+def _set_weights(params, backup, scale, delta) -> None:
+    """``w = w_0 + T δ`` (``T = I`` when ``scale`` is None)."""
+    with torch.no_grad():
+        torch._foreach_copy_(params, backup)
+        if scale is None:
+            torch._foreach_add_(params, delta)
+        else:
+            torch._foreach_addcmul_(params, scale, delta)
+
+
+@dataclass(frozen=True)
+class MSharpnessResult:
+    r"""The outcome of :func:`m_sharpness`: means over the micro-batches of ``m`` examples,
+    weighted by their size.
+
+    Attributes:
+        value: the loss increase :math:`\frac{1}{N}\sum_B n_B \max_\delta [L_B(w + T\delta) -
+            L_B(w)]`.
+        error_increase: the classification error at each micro-batch's maximizer minus the
+            error at :math:`w`, averaged the same way (NaN unless ``error=True``). The
+            maximizer is that of the loss, not of the error.
+        base_loss, perturbed_loss: the size-weighted means of :math:`L_B(w)` and of the best
+            :math:`L_B(w + T\delta_B)`.
+        base_error, perturbed_error: the same for the error (NaN unless ``error=True``).
+        m: the micro-batch size.
+        batches: the number of micro-batches.
+        batch_values: each micro-batch's loss increase.
+        evaluations: the loss-and-gradient passes, in all.
+    """
+
+    value: float
+    error_increase: float
+    base_loss: float
+    perturbed_loss: float
+    base_error: float
+    perturbed_error: float
+    m: int
+    batches: int
+    batch_values: tuple[float, ...]
+    evaluations: int
+
+
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    rho: float,
+    m: int,
+    p: float = 2,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    normalization: str = "elementwise",
+    steps: int = 10,
+    starts: int | None = None,
+    params: Iterable[Tensor] | None = None,
+    seed: int = 0,
+    error: bool = False,
+) -> MSharpnessResult:
+    r"""m-sharpness: the worst-case (adaptive) sharpness of each micro-batch of ``m`` examples,
+    averaged over the micro-batches, with the error increase beside the loss increase.
+
+    .. math::
+        S^{(m)}_\rho(w) = \frac{1}{N}\sum_{B} n_B
+            \max_{\|\delta\|_p \le \rho} \big[L_B(w + T_w\delta) - L_B(w)\big]
+
+    over the micro-batches :math:`B` of ``m`` consecutive examples of every batch of ``data``
+    (the last may be smaller), each maximized separately by the projected ascent of
+    :func:`sharpness` (same starts, steps, step-size rule and random stream: ``value`` equals
+    ``sharpness(..., m=m).value``). With ``error=True`` the classification error is evaluated at
+    :math:`w` and at each micro-batch's maximizer :math:`w + T_w\delta_B` (of the loss), and
+    ``error_increase`` is the mean of the differences: the second quantity Andriushchenko et al.
+    (2023) report.
+
+    Their setting (``tml-epfl/sharpness-vs-generalization``, ``eval_sharpness.py``): ``m = 128``
+    on a fixed set of 1,024 training examples, ``adaptive=True`` with :math:`T_w = |w|`
+    (``eta = 0``) on every parameter, 20 Auto-PGD iterations (``steps=19``: the first step and
+    19 more), one start (``starts=1``).
+
+    Args:
+        model, loss_fn, data, rho, p, adaptive, eta, normalization, steps, starts, params,
+        seed: as in :func:`sharpness`.
+        m: the micro-batch size (>= 1).
+        error: also the error increase (``model(x)`` must give class scores and ``y`` integer
+            labels).
+
+    References:
+        P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
+        Efficiently Improving Generalization. ICLR 2021 (m-sharpness).
+        M. Andriushchenko, F. Croce, M. Müller, M. Hein, N. Flammarion. A Modern Look at the
+        Relationship between Sharpness and Generalization. ICML 2023.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+    check_non_negative("rho", rho)
+    check_choice("p", p, P_NORMS)
+    check_non_negative("eta", eta)
+    check_choice("normalization", normalization, kernels.NORMALIZATIONS)
+    if not isinstance(adaptive, bool) or not isinstance(error, bool):
+        raise ValueError(f"Invalid adaptive / error: {adaptive!r} / {error!r} (allowed: True or "
+                         "False)")
+    m = check_int("m", m, 1)
+    steps = check_int("steps", steps, 0)
+    if starts is None:
+        starts = 1 if steps == 0 else DEFAULT_STARTS
+    starts = check_int("starts", starts, 1)
+    rho, eta = float(rho), float(eta)
+    _, ps = resolve_params(model, params)
+    batches = Batches(data, ps[0].device)
+    generator = torch.Generator().manual_seed(int(seed))
+    backup = [w.detach().clone() for w in ps]
+    scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
+    sums = [0.0, 0.0, 0.0, 0.0]  # n * L(w), n * L(w + Tδ), n * err(w), n * err(w + Tδ)
+    values: list[float] = []
+    total = evaluations = 0
+    try:
+        for group in _micro_batches(batches, m):
+            n = group[0][2]
+            objective = _Objective(model, loss_fn, ps, group, int(seed))
+            best: list[Tensor] = []
+            base, top, _ = _maximize(objective, ps, backup, scale, rho, p, steps, generator,
+                                     starts, None, best)
+            evaluations += objective.evaluations
+            e0 = e1 = math.nan
+            if error:
+                _set_weights(ps, backup, None, [torch.zeros_like(w) for w in ps])
+                e0 = _loss_and_error(model, loss_fn, group, int(seed), True)[1]
+                _set_weights(ps, backup, scale, best)
+                e1 = _loss_and_error(model, loss_fn, group, int(seed), True)[1]
+            for i, v in enumerate((base, top, e0, e1)):
+                sums[i] += n * v
+            values.append(max(top - base, 0.0))
+            total += n
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(ps, backup)
+    base_loss, perturbed_loss, base_error, perturbed_error = (v / total for v in sums)
+    return MSharpnessResult(
+        value=max(perturbed_loss - base_loss, 0.0),
+        error_increase=perturbed_error - base_error,
+        base_loss=base_loss,
+        perturbed_loss=perturbed_loss,
+        base_error=base_error,
+        perturbed_error=perturbed_error,
+        m=m,
+        batches=len(values),
+        batch_values=tuple(values),
+        evaluations=evaluations,
+    )
+
+
+@dataclass(frozen=True)
+class AverageSharpnessResult:
+    r"""The outcome of :func:`average_sharpness`.
+
+    Attributes:
+        value: the mean loss increase :math:`\frac1S\sum_s L(w + \epsilon_s) - L(w)`.
+        stderr: its standard error over the samples, :math:`\mathrm{sd}_s / \sqrt{S}`.
+        error_increase: the mean error increase (NaN unless ``error=True``).
+        base_loss, perturbed_loss: :math:`L(w)` and the mean :math:`L(w + \epsilon_s)`.
+        base_error, perturbed_error: the same for the error (NaN unless ``error=True``).
+        samples: :math:`S`.
+    """
+
+    value: float
+    stderr: float
+    error_increase: float
+    base_loss: float
+    perturbed_loss: float
+    base_error: float
+    perturbed_error: float
+    samples: int
+
+
+def average_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    sigma: float,
+    samples: int = 20,
+    distribution: str = "gaussian",
+    adaptive: bool = False,
+    eta: float = 0.01,
+    normalization: str = "elementwise",
+    params: Iterable[Tensor] | None = None,
+    seed: int = 0,
+    error: bool = False,
+) -> AverageSharpnessResult:
+    r"""Average-case (adaptive) sharpness: the expected loss increase under random perturbations
+    of the weights, estimated from ``samples`` seeded draws.
+
+    .. math::
+        S^{\mathrm{avg}}_\sigma(w) = \mathbb{E}_{\epsilon}\,L(w + \epsilon) - L(w),
+        \qquad \epsilon = \sigma\,T_w z,
+
+    with :math:`z \sim \mathcal{N}(0, I)` (``"gaussian"``) or :math:`z_i \sim U[-1, 1]`
+    (``"uniform"``), :math:`T_w = I` (plain) or ASAM's :math:`T_w` (``adaptive``: element-wise
+    :math:`|w| + \eta`, or filter-wise), on every perturbed parameter, biases included. σ is the
+    standard deviation (Gaussian) or the half-width (uniform) *per entry*, not a norm of the
+    whole perturbation. On a quadratic with Hessian :math:`H` the expectation is exact to second
+    order:
+
+    .. math::
+        S^{\mathrm{avg}}_\sigma = \tfrac{\sigma^2}{2}\,\mathrm{tr}(T_w H T_w)\ \text{(Gaussian)},
+        \qquad \tfrac{\sigma^2}{6}\,\mathrm{tr}(T_w H T_w)\ \text{(uniform)}.
+
+    Every draw is evaluated on all of ``data`` (size-weighted mean over its batches); averaging
+    per batch first, as Andriushchenko et al. do, has the same expectation. With ``error=True``
+    the classification error is averaged the same way.
+
+    Their setting (``tml-epfl/sharpness-vs-generalization``, ``sharpness.eval_average_sharpness``
+    with ``random_init_lw``): ``adaptive=True`` with :math:`T_w = |w|` (``eta=0``),
+    ``samples=20``, Gaussian (their ``avg_l2``) or uniform (``avg_linf``), 1,024 training
+    examples.
+
+    Args:
+        model, loss_fn, data, params, seed: as in :func:`sharpness` (``seed`` also seeds the
+            draws: the same seed gives the same perturbations).
+        sigma: σ (>= 0).
+        samples: :math:`S` (>= 2, for the standard error).
+        distribution: ``"gaussian"`` or ``"uniform"``.
+        adaptive, eta, normalization: :math:`T_w` as in :func:`sharpness`.
+        error: also the error increase.
+
+    The weights are restored bit for bit at the end (also on error).
+
+    References:
+        N. S. Keskar, D. Mudigere, J. Nocedal, M. Smelyanskiy, P. T. P. Tang. On Large-Batch
+        Training for Deep Learning: Generalization Gap and Sharp Minima. ICLR 2017.
+        Y. Jiang, B. Neyshabur, H. Mobahi, D. Krishnan, S. Bengio. Fantastic Generalization
+        Measures and Where to Find Them. ICLR 2020. M. Andriushchenko, F. Croce, M. Müller,
+        M. Hein, N. Flammarion. A Modern Look at the Relationship between Sharpness and
+        Generalization. ICML 2023.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+    check_non_negative("sigma", sigma)
+    samples = check_int("samples", samples, 2)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_non_negative("eta", eta)
+    check_choice("normalization", normalization, kernels.NORMALIZATIONS)
+    if not isinstance(adaptive, bool) or not isinstance(error, bool):
+        raise ValueError(f"Invalid adaptive / error: {adaptive!r} / {error!r} (allowed: True or "
+                         "False)")
+    _, ps = resolve_params(model, params)
+    batches = Batches(data, ps[0].device)
+    generator = torch.Generator().manual_seed(int(seed))
+    backup = [w.detach().clone() for w in ps]
+    scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
+    losses, errors = [], []
+    try:
+        base_loss, base_error = _loss_and_error(model, loss_fn, batches, int(seed), error)
+        for _ in range(samples):
+            if distribution == "gaussian":
+                z = [torch.randn(w.shape, generator=generator, dtype=torch.float64)
+                     for w in ps]
+            else:
+                z = [torch.rand(w.shape, generator=generator, dtype=torch.float64).mul_(2).sub_(1)
+                     for w in ps]
+            delta = [t.mul_(float(sigma)).to(w) for t, w in zip(z, ps, strict=True)]
+            _set_weights(ps, backup, scale, delta)
+            loss, err = _loss_and_error(model, loss_fn, batches, int(seed), error)
+            losses.append(loss)
+            errors.append(err)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(ps, backup)
+    increase = [v - base_loss for v in losses]
+    mean = math.fsum(increase) / samples
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in increase) / (samples - 1))
+    perturbed_error = math.fsum(errors) / samples if error else math.nan
+    return AverageSharpnessResult(
+        value=mean,
+        stderr=sd / math.sqrt(samples),
+        error_increase=perturbed_error - base_error,
+        base_loss=base_loss,
+        perturbed_loss=math.fsum(losses) / samples,
+        base_error=base_error,
+        perturbed_error=perturbed_error,
+        samples=samples,
+    )
+
+
+__all__ = [
+    "AverageSharpnessResult",
+    "MSharpnessResult",
+    "SharpnessResult",
+    "average_sharpness",
+    "m_sharpness",
+    "sharpness",
+]

@@ -1,17 +1,32 @@
 r"""Measures of a trained classifier: evaluation, sharpness at several radii, λ₁, the Hessian
 trace, and function-preserving rescalings (the scale-invariance check of adaptive sharpness).
 
-A *measure* is one number per model: plain sharpness :math:`\max_{\|\epsilon\|_p \le \rho}
-L(w + \epsilon) - L(w)` and adaptive sharpness (the same over :math:`\|T_w^{-1}\epsilon\|_p \le
-\rho`, :math:`T_w = \mathrm{diag}(|w| + \eta)`) by :func:`samkit.sharpness`, the top Hessian
-eigenvalue by Lanczos and the Hessian trace by Hutchinson (:mod:`samkit.curvature`).
+A *measure* is one number per model:
+
+- **worst-case** plain sharpness :math:`\max_{\|\epsilon\|_p \le \rho} L(w + \epsilon) - L(w)`
+  and adaptive sharpness (the same over :math:`\|T_w^{-1}\epsilon\|_p \le \rho`,
+  :math:`T_w = \mathrm{diag}(|w| + \eta)`) by :func:`samkit.sharpness`, or, with ``m``, its
+  m-sharpness form (:func:`m_sharpness`: the maximum per micro-batch of ``m`` examples,
+  averaged over the micro-batches);
+- **average-case** plain and adaptive sharpness :math:`\mathbb{E}\,L(w + \sigma T_w z) - L(w)`,
+  :math:`z` Gaussian or uniform (:func:`average_sharpness`, ``avg_samples`` seeded draws);
+- optionally, beside each sharpness (the loss increase), the **error increase** (the
+  classification error at the perturbed weights minus that at :math:`w`), and **logit
+  normalization** (:class:`LogitNormalization`: the measures of the model whose logits are
+  centred and scaled to unit norm, as Andriushchenko et al. 2023 offer);
+- the top Hessian eigenvalue by Lanczos and the Hessian trace by Hutchinson
+  (:mod:`samkit.curvature`).
 
 The settings (radii, steps, m, eta, seed, ...) come from any object with the attributes of
-``samkit.experiments.correlate.CorrelateConfig``; the library imports no runner.
+``samkit.experiments.correlate.CorrelateConfig``; the library imports no runner. Two published
+settings are named in :data:`PRESETS` (Kwon et al. 2021 and Andriushchenko et al. 2023).
 
 References:
     J. Kwon, J. Kim, H. Park, I. K. Choi. ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks. ICML 2021.
+    M. Andriushchenko, F. Croce, M. Müller, M. Hein, N. Flammarion. A Modern Look at the
+    Relationship between Sharpness and Generalization. ICML 2023
+    (code: github.com/tml-epfl/sharpness-vs-generalization).
 """
 
 from __future__ import annotations
@@ -25,6 +40,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from samkit._sharpness import (
+    AverageSharpnessResult,
+    MSharpnessResult,
+    average_sharpness,
+    m_sharpness,
+)
 
 
 class MeasureSettings(Protocol):
@@ -40,22 +62,107 @@ class MeasureSettings(Protocol):
     trace_samples: int
     measure_examples: int
     seed: int
+    starts: int | None
+    avg_sigmas: tuple
+    avg_sigmas_uniform: tuple
+    adaptive_avg_sigmas: tuple
+    adaptive_avg_sigmas_uniform: tuple
+    avg_samples: int
+    normalize_logits: bool
+    error_increase: bool
+
+
+# The measure settings of two studies, for ``samkit correlate --measures NAME``: the values of
+# the study keys each sets (the rest keep their values). The radii for our MLP on Fashion-MNIST
+# are ours, not the papers' (theirs are for ResNets and ViTs on CIFAR-10): chosen from the values
+# of two trained models of the default grid, so that the loss increases span about 0.001 to 3
+# (neither lost in rounding nor saturated), before any τ was computed. What follows the papers
+# is the form of the measures.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Kwon et al. 2021 (ASAM), Section 3 / Figure 1: worst-case sharpness and adaptive sharpness
+    # (T_w = |w| + η, element-wise) at p = 2 and p = ∞ over the whole measured set (no m), the
+    # loss increase. samkit's maximizer: 8 starts, 10 ascent steps after the SAM/ASAM step.
+    "kwon2021": {
+        "measure_examples": 1000, "m": None, "steps": 10, "starts": None, "eta": 0.0,
+        "rhos_l2": (0.05, 0.1, 0.2), "rhos_linf": (0.0005, 0.001, 0.002),
+        "adaptive_rhos_l2": (0.5, 1.0, 2.0), "adaptive_rhos_linf": (0.005, 0.01, 0.02),
+        "avg_sigmas": (), "avg_sigmas_uniform": (), "adaptive_avg_sigmas": (),
+        "adaptive_avg_sigmas_uniform": (), "avg_samples": 20, "normalize_logits": False,
+        "error_increase": False,
+    },
+    # Andriushchenko et al. 2023, tml-epfl/sharpness-vs-generalization (eval_sharpness.py,
+    # sharpness.py, sh/eval_sharpness_final.sh): 1,024 fixed training examples in batches of
+    # 128, worst-case sharpness per batch (m = 128) by Auto-PGD with 20 iterations and one start
+    # (no random init), averaged over the batches; average-case sharpness with 20 samples,
+    # Gaussian (their avg_l2) and uniform (avg_linf); adaptive scaling T_w = |w| (η = 0) on
+    # every parameter; the loss and the error increase. Logit normalization is their option
+    # (--normalize_logits), off here as in their default.
+    "andriushchenko2023": {
+        "measure_examples": 1024, "m": 128, "steps": 19, "starts": 1, "eta": 0.0,
+        "rhos_l2": (0.05, 0.1, 0.2), "rhos_linf": (0.00025, 0.0005, 0.001),
+        "adaptive_rhos_l2": (1.0, 2.0, 4.0), "adaptive_rhos_linf": (0.01, 0.02, 0.04),
+        "avg_sigmas": (0.01, 0.02, 0.04), "avg_sigmas_uniform": (0.02, 0.04, 0.08),
+        "adaptive_avg_sigmas": (0.2, 0.4, 0.8), "adaptive_avg_sigmas_uniform": (0.4, 0.8, 1.6),
+        "avg_samples": 20, "normalize_logits": False, "error_increase": True,
+    },
+}
+PRESET_SOURCES = {
+    "kwon2021": "Kwon et al. 2021, ASAM (ICML), Section 3",
+    "andriushchenko2023": "Andriushchenko et al. 2023, A Modern Look at the Relationship "
+                          "between Sharpness and Generalization (ICML); "
+                          "tml-epfl/sharpness-vs-generalization",
+}
+
+
+class LogitNormalization(nn.Module):
+    r"""``model`` with its logits centred and scaled to unit norm (Andriushchenko et al. 2023's
+    ``LogitNormalizationWrapper``): :math:`	ilde z = (z - ar z) / \max(\|z - ar z\|_2,
+    10^{-10})` over the class dimension. The prediction (argmax) is unchanged; the loss no
+    longer falls by scaling the logits up, so the sharpness of the cross-entropy is not driven
+    by the logits' scale."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        z = self.model(x)
+        z = z - z.mean(dim=-1, keepdim=True)
+        return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-10)
 
 
 def _fmt_num(value: float) -> str:
     return f"{value:g}"
 
 
+KINDS = ("worst", "average_gaussian", "average_uniform")
+KIND_LABELS = {"worst": "worst-case", "average_gaussian": "average-case Gaussian",
+               "average_uniform": "average-case uniform"}
+
+
 @dataclass(frozen=True)
 class Measure:
     """One measure: ``key`` (also the cache key's start), a readable ``label``, its ``family``
-    (sharpness, adaptive, lambda_max, trace) and for sharpness ``p`` and ``rho``."""
+    (sharpness, adaptive, lambda_max, trace), for sharpness its ``kind`` (worst, or
+    average_gaussian / average_uniform), ``p`` (worst case) and ``rho`` (the radius, or σ for
+    the average case), and ``quantity``: ``loss`` (the loss increase) or ``error`` (the error
+    increase beside it)."""
 
     key: str
     label: str
     family: str
     p: float | None = None
     rho: float | None = None
+    kind: str = "worst"
+    quantity: str = "loss"
+
+    @property
+    def group(self) -> str:
+        """What adaptive and plain sharpness are compared within: kind, p and quantity, e.g.
+        ``worst p=2 loss``."""
+        p = "" if self.p is None else (" p=2" if self.p == 2 else " p=∞")
+        return f"{KIND_LABELS.get(self.kind, self.kind)}{p}" + (
+            " (error increase)" if self.quantity == "error" else "")
 
 
 def measures(config: MeasureSettings) -> list[Measure]:
@@ -76,6 +183,23 @@ def measures(config: MeasureSettings) -> list[Measure]:
                 f"p={psym} ρ={_fmt_num(rho)}",
                 family, p, float(rho),
             ))
+    for family, kind, sigmas in (
+        ("sharpness", "average_gaussian", getattr(config, "avg_sigmas", ())),
+        ("sharpness", "average_uniform", getattr(config, "avg_sigmas_uniform", ())),
+        ("adaptive", "average_gaussian", getattr(config, "adaptive_avg_sigmas", ())),
+        ("adaptive", "average_uniform", getattr(config, "adaptive_avg_sigmas_uniform", ())),
+    ):
+        dist = "gauss" if kind == "average_gaussian" else "unif"
+        for sigma in sigmas:
+            out.append(Measure(
+                f"{'adaptive_' if family == 'adaptive' else ''}avg_{dist}_sigma{_fmt_num(sigma)}",
+                f"{'adaptive ' if family == 'adaptive' else ''}average sharpness "
+                f"{'Gaussian' if dist == 'gauss' else 'uniform'} σ={_fmt_num(sigma)}",
+                family, None, float(sigma), kind,
+            ))
+    if getattr(config, "error_increase", False):
+        out += [Measure(f"{m.key}_err", f"{m.label} (error increase)", m.family, m.p, m.rho,
+                        m.kind, "error") for m in list(out)]
     if config.lambda_max:
         out.append(Measure("lambda_max", "λ₁ (top Hessian eigenvalue)", "lambda_max"))
     if config.trace:
@@ -84,33 +208,65 @@ def measures(config: MeasureSettings) -> list[Measure]:
 
 
 def cache_key(measure: Measure, config: MeasureSettings) -> str:
-    """Everything the value depends on besides the weights: a changed setting is a new key."""
+    """Everything the value depends on besides the weights: a changed setting is a new key.
+    (The keys of the original settings are unchanged, so older caches stay valid.)"""
     n = config.measure_examples
     if measure.family in ("sharpness", "adaptive"):
-        key = f"{measure.key}|steps={config.steps}|m={config.m}|n={n}|seed={config.seed}"
-        return key + (f"|eta={_fmt_num(config.eta)}" if measure.family == "adaptive" else "")
+        base = measure.key[:-4] if measure.quantity == "error" else measure.key
+        if measure.kind == "worst":
+            key = f"{base}|steps={config.steps}|m={config.m}|n={n}|seed={config.seed}"
+            starts = getattr(config, "starts", None)
+            key += "" if starts is None else f"|starts={starts}"
+        else:
+            key = f"{base}|samples={config.avg_samples}|n={n}|seed={config.seed}"
+        key += f"|eta={_fmt_num(config.eta)}" if measure.family == "adaptive" else ""
+        key += "|logitnorm" if getattr(config, "normalize_logits", False) else ""
+        # with the error increase the value is the pair [loss increase, error increase]
+        return key + ("|with_error" if getattr(config, "error_increase", False) else "")
     if measure.family == "lambda_max":
         return f"lambda_max|tol=0.001|n={n}|seed={config.seed}"
     return f"trace|samples={config.trace_samples}|n={n}|seed={config.seed}"
 
 
 def measure_one(model: nn.Module, loss_fn: Callable, data, measure: Measure,
-                config: MeasureSettings) -> float:
-    """The value of ``measure`` for ``model`` (in eval mode) on ``data``."""
+                config: MeasureSettings) -> float | list[float]:
+    """The value of ``measure`` for ``model`` (in eval mode) on ``data``: a float, or for a
+    sharpness measure under ``config.error_increase`` the pair ``[loss increase, error
+    increase]``. With ``config.normalize_logits`` the sharpness measures are those of
+    :class:`LogitNormalization` (model) (λ₁ and the trace are not)."""
     if measure.family in ("sharpness", "adaptive"):
         from samkit._sharpness import sharpness
 
-        return sharpness(
-            model, loss_fn, data, rho=measure.rho, p=measure.p,
-            adaptive=measure.family == "adaptive", eta=config.eta, steps=config.steps,
-            m=config.m, seed=config.seed,
-        ).value
+        error = bool(getattr(config, "error_increase", False))
+        net = LogitNormalization(model) if getattr(config, "normalize_logits", False) else model
+        adaptive = measure.family == "adaptive"
+        if measure.kind != "worst":
+            r: Any = average_sharpness(
+                net, loss_fn, data, sigma=measure.rho, samples=config.avg_samples,
+                distribution=measure.kind.split("_")[1], adaptive=adaptive, eta=config.eta,
+                seed=config.seed, error=error)
+        elif error or config.m is not None:
+            r = m_sharpness(
+                net, loss_fn, data, rho=measure.rho, m=config.m or _batch_len(data), p=measure.p,
+                adaptive=adaptive, eta=config.eta, steps=config.steps,
+                starts=getattr(config, "starts", None), seed=config.seed, error=error)
+        else:
+            r = sharpness(
+                net, loss_fn, data, rho=measure.rho, p=measure.p, adaptive=adaptive,
+                eta=config.eta, steps=config.steps, starts=getattr(config, "starts", None),
+                seed=config.seed)
+        return [r.value, r.error_increase] if error else r.value
     from samkit.curvature import HessianOperator, hessian_trace, top_eigenvalues
 
     H = HessianOperator(model, loss_fn, data)
     if measure.family == "lambda_max":
         return float(top_eigenvalues(H, k=1, tol=1e-3, seed=config.seed).values[0])
     return hessian_trace(H, samples=config.trace_samples, seed=config.seed).mean
+
+
+def _batch_len(data) -> int:
+    """The examples in one ``(x, y)`` batch (m-sharpness over all of it: one micro-batch)."""
+    return max(1, len(data[1]))
 
 
 class Cache(Protocol):
@@ -121,9 +277,9 @@ def measure_model(
     model: nn.Module, data, config: MeasureSettings, cache: Cache | None = None,
     prefix: str = "",
 ) -> dict[str, float]:
-    """Every measure of ``config`` for ``model`` on ``data`` (one ``(x, y)`` batch), with the
-    cross-entropy, in eval mode (dropout off); cached in ``cache`` under ``prefix +
-    cache_key``. The model's mode is restored."""
+    """Every measure of ``config`` for ``model`` on ``data`` (one ``(x, y)`` batch) with the
+    cross-entropy (an error increase under ``<key>_err``), in eval mode (dropout off); cached in
+    ``cache`` under ``prefix + cache_key``. The model's mode is restored."""
     import samkit.measures as this  # look measure_one up at call time (tests count the calls)
 
     training = model.training
@@ -131,10 +287,16 @@ def measure_model(
     out = {}
     try:
         for measure in measures(config):
+            if measure.quantity == "error":  # filled with its loss increase below
+                continue
             key = prefix + cache_key(measure, config)
             compute = lambda m=measure: this.measure_one(  # noqa: E731
                 model, F.cross_entropy, data, m, config)
-            out[measure.key] = float(cache.get(key, compute) if cache else compute())
+            value = cache.get(key, compute) if cache else compute()
+            if isinstance(value, list):
+                out[measure.key], out[f"{measure.key}_err"] = float(value[0]), float(value[1])
+            else:
+                out[measure.key] = float(value)
     finally:
         model.train(training)
     return out
@@ -196,3 +358,11 @@ def evaluate(model: nn.Module, split, batch_size: int = 1000, device: Any = None
     finally:
         model.train(was_training)
     return float(loss_sum) / max(count, 1), float(correct) / max(count, 1)
+
+
+__all__ = [
+    "KINDS", "PRESETS", "PRESET_SOURCES", "AverageSharpnessResult", "Cache",
+    "LogitNormalization", "MSharpnessResult", "Measure", "MeasureSettings", "average_sharpness",
+    "cache_key", "evaluate", "m_sharpness", "measure_model", "measure_one", "measures",
+    "rescale_relu",
+]

@@ -123,6 +123,21 @@ def test_mc_fisher_is_the_second_moment_at_its_sampled_labels(likelihood):
     torch.testing.assert_close(dense(F1), dense(E), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+def test_mc_labels_depend_on_the_example_not_on_how_the_data_are_split(likelihood):
+    # example j takes row j of one draw for all N: one batch, two batches and (under a process
+    # group) the ranks' shards in rank order all get the same labels, so the same operator
+    model = tiny_mlp()
+    loss_fn = CE if likelihood == "categorical" else MSE
+    x, y = mlp_data() if likelihood == "categorical" else regression_data()
+    whole = MCFisherOperator(model, loss_fn, (x, y), samples=3, seed=2)
+    split = MCFisherOperator(model, loss_fn, chunks(x, y, [5, 7]), samples=3, seed=2)
+    assert torch.equal(torch.cat(split.labels), whole.labels[0])
+    torch.testing.assert_close(dense(split), dense(whole), rtol=1e-12, atol=1e-14)
+    if likelihood == "categorical":  # the draw follows softmax(f): every class of 3 turns up
+        assert set(whole.labels[0].unique().tolist()) == {0, 1, 2}
+
+
 def test_mc_labels_are_seeded_and_fixed_at_construction():
     model, (x, y) = tiny_mlp(), mlp_data()
     a = MCFisherOperator(model, CE, (x, y), samples=4, seed=3)

@@ -109,10 +109,12 @@ def test_a_schedule_by_name_takes_its_options_and_refuses_a_plain_optimizer():
 
 
 def test_the_registry_holds_all_four_kinds():
-    assert {"sam", "asam", "usam", "fishersam", "friendlysam"} <= set(registry.list_ascents())
-    assert registry.list_descents() == {"gsam": "gsam", "looksam": "looksam"}
-    assert {"ae", "random"} <= set(registry.list_schedules())
-    assert {"sam", "gsam", "looksam", "aesam", "rst"} <= set(samkit.list_optimizers())
+    assert {"sam", "asam", "usam", "fishersam", "friendlysam", "gcsam"} <= set(
+        registry.list_ascents())
+    assert registry.list_descents() == {"gsam": "gsam", "looksam": "looksam", "wsam": "wsam"}
+    assert {"ae", "random", "periodic"} <= set(registry.list_schedules())
+    assert {"sam", "gsam", "looksam", "aesam", "rst", "wsam", "bsam", "periodicsam"} <= set(
+        samkit.list_optimizers())
     with pytest.raises(ValueError, match="Invalid ascent: 'nope'"):
         samkit.create_optimizer("gsam", [Problem().w1], lr=0.1, ascent="nope")
     with pytest.raises(ValueError, match="rho_t"):

@@ -61,6 +61,7 @@ def test_the_explicit_loop_equals_the_closure_loop_bit_for_bit(name):
 
         closure_opt.step(closure)
 
+        explicit_opt.before_first_pass()  # a no-op but for bSAM (w -> a posterior sample)
         F.cross_entropy(explicit_model(x), y).backward()
         if explicit_opt.first_step():  # False: a one-pass step (LookSAM, AE-SAM, RST)
             F.cross_entropy(explicit_model(x), y).backward()

@@ -115,7 +115,10 @@ def test_a_new_method_declares_its_kind(name):
 @pytest.mark.parametrize("name", ALL)
 def test_a_new_method_decreases_the_loss(name):
     model = mlp()
-    losses = train(samkit.create_optimizer(name, model, lr=0.2, momentum=0.9), model, 30)
+    # bSAM's base averages its momentum ((1 - beta1) g): the step of SGD's lr 0.2 with an
+    # undamped momentum 0.9 needs lr 0.2 / (1 - 0.9) there
+    lr = 2.0 if samkit.optim.registry.optimizer_info(name).base == "bsam" else 0.2
+    losses = train(samkit.create_optimizer(name, model, lr=lr, momentum=0.9), model, 30)
     assert losses[-1] < 0.7 * losses[0]
 
 

@@ -409,6 +409,7 @@ SHARP_SETTINGS = {
     "rst": dict(p=0.5, seed=2),
     "aesam": dict(c=0.0, delta=0.7),
     "esam": dict(beta=0.5, seed=1),
+    "periodicsam": dict(interval=2),
 }
 RHO_KEY = {"gsam": "rho_max"}
 
@@ -492,8 +493,9 @@ def test_the_davda54_constructor_equals_the_wrapper(name):
     entry = samkit.optim.registry.optimizer_info(name)
     own = {**SHARP_SETTINGS.get(name, {}), RHO_KEY.get(name, "rho"): 0.1}
     m1, m2 = mlp(), mlp()
-    a = entry.wrapper(m1.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **own)
-    b = entry.wrapper(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), **own)
+    base = samkit.optim.registry.base_optimizer_class(entry.base)  # bSAM: its own base
+    a = entry.wrapper(m1.parameters(), base, lr=0.1, momentum=0.9, **own)
+    b = entry.wrapper(base(m2.parameters(), lr=0.1, momentum=0.9), **own)
     assert type(a) is type(b)
     _, _, la = run(name, 5, model=m1, opt=a)
     _, _, lb = run(name, 5, model=m2, opt=b)

@@ -24,7 +24,8 @@ from samkit.optim import (
 )
 
 F = nn.functional
-VARIANTS = ["gsam", "looksam", "esam", "aesam", "rst", "friendlysam", "fishersam"]
+VARIANTS = ["gsam", "looksam", "esam", "aesam", "rst", "friendlysam", "fishersam", "wsam",
+            "gcsam", "bsam", "periodicsam"]
 # settings that exercise every branch within a few steps (one-pass steps included)
 SETTINGS = {
     "gsam": dict(rho_max=0.2, rho_min=0.02, alpha=0.3),
@@ -34,6 +35,10 @@ SETTINGS = {
     "rst": dict(p=0.5, seed=2, rho=0.2),
     "friendlysam": dict(rho=0.2, lmbda=0.5),
     "fishersam": dict(rho=0.2, eta=3.0),
+    "wsam": dict(rho=0.2, gamma=0.8),
+    "gcsam": dict(rho=0.2),
+    "bsam": dict(rho=0.05, num_data=100, seed=3),  # momentum = its beta1
+    "periodicsam": dict(rho=0.2, interval=3),
 }
 
 
@@ -294,7 +299,8 @@ def test_every_variant_is_registered_and_builds_on_any_base():
     names = samkit.list_optimizers()
     for name in VARIANTS:
         assert name in names
-        for base in ("sgd", "adamw"):
+        own = samkit.optim.registry.optimizer_info(name).base
+        for base in ("sgd", "adamw") if own == "sgd" else (own,):  # bSAM: its own base only
             opt = samkit.create_optimizer(name, mlp(), base=base, lr=1e-3)
             assert isinstance(opt, samkit.optim.WrappingOptimizer) and opt.kind.form.wraps
             assert opt.param_groups is opt.base_optimizer.param_groups

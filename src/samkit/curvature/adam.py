@@ -32,9 +32,11 @@ class PreconditionedOperator(LinearOperator):
     """
 
     def __init__(self, base: LinearOperator, scale: Tensor) -> None:
-        super().__init__(base.shapes, base.dtype, base.device)
-        if scale.shape != (base.dim,):
-            raise ValueError(f"Invalid scale: shape {tuple(scale.shape)}, not ({base.dim},)")
+        super().__init__(base.shapes, base.dtype, base.device, base.sharding)
+        if scale.shape != (base.local_dim,):
+            raise ValueError(
+                f"Invalid scale: shape {tuple(scale.shape)}, not ({base.local_dim},)"
+            )
         self.base = base
         self.scale = scale.to(base.device, base.dtype)
 
@@ -70,7 +72,7 @@ def adam_preconditioned(H: HessianOperator, adam_optimizer: Optimizer) -> Precon
         )
     group_of = {id(p): g for g in adam_optimizer.param_groups for p in g["params"]}
     scales = []
-    for name, p in zip(H.names, H.params, strict=True):
+    for name, p in zip(H.names, H.model_params, strict=True):  # the optimizer's own tensors
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"Invalid adam_optimizer: it does not hold the parameter {name!r}")
@@ -88,7 +90,10 @@ def adam_preconditioned(H: HessianOperator, adam_optimizer: Optimizer) -> Precon
             )
         step = float(state["step"])
         beta2 = float(group["betas"][1])
-        v_hat = state[key].detach().to(torch.float64) / (1.0 - beta2**step)
+        v_sq = state[key].detach()
+        if H.sharding is not None:  # FSDP2: this rank's block, like the operator's vectors
+            v_sq = v_sq.to_local()
+        v_hat = v_sq.to(torch.float64) / (1.0 - beta2**step)
         p_diag = v_hat.sqrt() + float(group["eps"])
         scales.append(p_diag.rsqrt().reshape(-1))
     return PreconditionedOperator(H, torch.cat(scales))

@@ -150,7 +150,7 @@ def _curvature_operator(H: Any) -> CurvatureOperator:
     base for an operator built on one (the effective Hessian, the Adam-preconditioned one)."""
     for op in (H, getattr(H, "base", None)):
         if isinstance(op, CurvatureOperator):
-            if [tuple(p.shape) for p in op.params] != [tuple(s) for s in H.shapes]:
+            if [tuple(s) for s in op.shapes] != [tuple(s) for s in H.shapes]:
                 break
             return op
     raise ValueError(
@@ -235,11 +235,15 @@ def _restricted(H: CurvatureOperator, chosen: list[int]) -> CurvatureOperator:
     """``H`` with respect to ``H.params[chosen]`` only: the same model, loss, data, seeds and
     product, the other parameters held fixed. Its products are those of :math:`A_{bb}`
     directly (the backward passes stop at the block's parameters). The product strategies are
-    copied (they hold per-instance state: the batched flag) and the graph cache starts empty."""
+    copied (they hold per-instance state: the batched flag) and the graph cache starts empty.
+    Under a process group the products stay those of the union (one all-reduce each); for an
+    FSDP2 operator the block's vectors are held whole on every rank (the block's entries of
+    the full weights the products run on), not in shards."""
     sub = copy.copy(H)
     LinearOperator.__init__(sub, [H.params[i].shape for i in chosen], H.dtype, H.device)
     sub.names = [H.names[i] for i in chosen]
     sub.params = [H.params[i] for i in chosen]
+    sub.full_numels = [p.numel() for p in sub.params]
     sub.product = copy.copy(H.product)
     sub.fallback = copy.copy(H.fallback)
     sub.clear_cache()
@@ -252,6 +256,12 @@ class _Embedded(LinearOperator):
     with the block's vector padded by zeros (``A.matvecs`` counts it), then cut back."""
 
     def __init__(self, A: Any, shapes: list[torch.Size], index: Tensor) -> None:
+        if getattr(A, "sharding", None) is not None:
+            raise ValueError(
+                f"Invalid H: {type(A).__name__} on an FSDP2 model holds sharded vectors; "
+                "block_spectra supports them for a curvature operator itself (HessianOperator, "
+                "GGNOperator, a Fisher operator), not for an operator built on one"
+            )
         super().__init__(shapes, A.dtype, A.device)
         self.A, self.index = A, index
 
@@ -292,6 +302,12 @@ def block_spectra(
     product of the whole operator with a vector that is zero off the block. Either way
     ``H.matvecs`` grows by the block products used.
 
+    Under a process group (DDP, FSDP2: see :class:`~samkit.curvature.CurvatureOperator`)
+    each block is that of the union of the ranks' data, and every rank returns the same
+    table; an FSDP2 operator's blocks hold their vectors whole on every rank (a block's size
+    per rank, not its shard). An operator built on an FSDP2 one is not supported
+    (``ValueError``).
+
     Args:
         H: the operator.
         blocks: how to split the parameters of ``H``:
@@ -329,7 +345,9 @@ def block_spectra(
         raise ValueError(f"Invalid tol: {tol!r} (allowed: a number > 0 and < 1)")
     owner = _curvature_operator(H)
     names, params = list(owner.names), list(owner.params)
-    chosen = _blocks(owner.model, blocks, names, params)
+    # blocks name the model's own tensors (the shards under FSDP2, whose products run on
+    # full copies, owner.params): matched by position
+    chosen = _blocks(owner.model, blocks, names, list(owner.model_params))
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from samkit.curvature.eigen import _BlockLanczos
-from samkit.curvature.operator import as_operator
+from samkit.curvature.operator import as_operator, local_part
 from samkit.optim._validation import check_int
 
 
@@ -97,7 +97,7 @@ def spectral_density(H, num_probes: int = 1, num_steps: int = 80, seed: int = 0)
     matvecs = 0
     for p in range(num_probes):
         v = torch.randint(0, 2, (d,), generator=generator, device=op.device).to(op.dtype)
-        v.mul_(2).sub_(1)
+        v = local_part(op, v.mul_(2).sub_(1))  # this rank's part of it (FSDP2)
         run = _BlockLanczos(op, v[:, None], generator, max_basis=m, fill=False)
         while run.m < m and not run.exhausted:
             run.step()

@@ -53,9 +53,11 @@ class EffectiveHessian(LinearOperator):
     """
 
     def __init__(self, base: LinearOperator, scale: Tensor, note: str = "") -> None:
-        super().__init__(base.shapes, base.dtype, base.device)
-        if scale.shape != (base.dim,):
-            raise ValueError(f"Invalid scale: shape {tuple(scale.shape)}, not ({base.dim},)")
+        super().__init__(base.shapes, base.dtype, base.device, base.sharding)
+        if scale.shape != (base.local_dim,):
+            raise ValueError(
+                f"Invalid scale: shape {tuple(scale.shape)}, not ({base.local_dim},)"
+            )
         self.base = base
         self.scale = scale.to(base.device, base.dtype)
         self.note = note
@@ -132,7 +134,9 @@ def effective_hessian(
         raise ValueError(
             f"Invalid optimizer: {type(optimizer).__name__} has no effective form: {why}"
         )
-    position = {id(p): i for i, p in enumerate(H.params)}
+    # the optimizer holds the model's parameters (FSDP2: the shards); H differentiates
+    # H.params (FSDP2: the full weights), in the same order
+    position = {id(p): i for i, p in enumerate(H.model_params)}
     groups_params, seen = [], set()
     for group in optimizer.param_groups:
         ps = [p for p in group["params"] if p.requires_grad]
@@ -147,21 +151,32 @@ def effective_hessian(
         groups_params.append(ps)
     if len(seen) != len(H.params):
         raise ValueError("Invalid H: it differentiates parameters the optimizer does not step")
+    shapes = [p.shape for p in H.params]
     if grad is None:
         flat_grads = _gradient(H)
-    elif isinstance(grad, Tensor):
-        flat_grads = H.unflatten(grad.detach().to(H.device, H.dtype).reshape(-1))
-    else:
+    elif isinstance(grad, Tensor) and grad.numel() == H.dim:
+        flat = grad.detach().to(H.device, H.dtype).reshape(-1)
+        flat_grads = [t.view(s) for t, s in
+                      zip(torch.split(flat, H.full_numels), shapes, strict=True)]
+    elif isinstance(grad, (list, tuple)) and [tuple(g.shape) for g in grad] == [
+        tuple(s) for s in shapes
+    ]:
         flat_grads = [g.detach().to(H.device, H.dtype) for g in grad]
-        H.flatten(flat_grads)  # checks the shapes
+    else:
+        given = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+        raise ValueError(
+            f"Invalid grad: {given} (allowed: a flat ({H.dim},) tensor or a list of tensors "
+            "shaped like the parameters, in full also for an FSDP2 model)"
+        )
     grads = [[flat_grads[position[id(p)]] for p in ps] for ps in groups_params]
+    full = [[H.params[position[id(p)]] for p in ps] for ps in groups_params]
     with torch.no_grad():
-        diag = optimizer.ascent.effective(optimizer, groups_params, grads)
+        diag = optimizer.ascent.effective(optimizer, full, grads)
     ordered: list[Tensor | None] = [None] * len(H.params)
     flat_params = [p for ps in groups_params for p in ps]
     for p, d in zip(flat_params, diag, strict=True):
         ordered[position[id(p)]] = d.reshape(-1)
-    scale = torch.cat([d.to(H.device, H.dtype) for d in ordered])
+    scale = H.local_part(torch.cat([d.to(H.device, H.dtype) for d in ordered]))
     note = f"{optimizer.ascent.name}: H + (rho/c) H M H"
     rewrites = kind.descent.rewrites
     if rewrites:
@@ -208,11 +223,13 @@ def effective_top_on_krylov(Heff: EffectiveHessian, krylov: Any, tol: float) -> 
     if krylov.basis is None or krylov.image is None:
         raise ValueError("Invalid krylov: run top_eigenvalues(..., keep_basis=True) on H first")
     q, g = krylov.basis, krylov.image
-    if q.shape[0] != Heff.dim:
-        raise ValueError(f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.dim}")
+    if q.shape[0] != Heff.local_dim:
+        raise ValueError(
+            f"Invalid krylov: basis of dimension {q.shape[0]}, not {Heff.local_dim}"
+        )
     # the (m, m) projection in the operator's dtype (its rounding is inside the bound below;
     # the residual that certifies the pair is computed from a product)
-    projected = (q.T @ g + g.T @ (Heff.scale[:, None] * g)).double()
+    projected = Heff.reduce_sum(q.T @ g + g.T @ (Heff.scale[:, None] * g)).double()
     projected = 0.5 * (projected + projected.T)
     theta, s = torch.linalg.eigh(projected)
     value, coeffs = float(theta[-1]), s[:, -1:].to(q.dtype)
@@ -221,10 +238,10 @@ def effective_top_on_krylov(Heff: EffectiveHessian, krylov: Any, tol: float) -> 
     before = Heff.base.matvecs
     heff_u = hu + Heff.base @ (Heff.scale[:, None] * hu)
     products = Heff.base.matvecs - before
-    residual = float(torch.linalg.vector_norm(heff_u - value * u))
+    residual = float(Heff.reduce_sum((heff_u - value * u).pow(2).sum()).sqrt())
     eps = torch.finfo(q.dtype).eps
     bound = residual + math.sqrt(q.shape[1]) * eps * float(theta.abs().max())
-    norm = float(torch.linalg.vector_norm(u))
+    norm = float(Heff.reduce_sum(u.pow(2).sum()).sqrt())
     return EigenResult(
         values=torch.tensor([value], dtype=torch.float64),
         vectors=u / max(norm, torch.finfo(q.dtype).tiny),

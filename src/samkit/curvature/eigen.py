@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from samkit.curvature.operator import LinearOperator, as_operator
+from samkit.curvature.operator import (
+    LinearOperator,
+    as_operator,
+    local_dim,
+    local_part,
+    reduce_sum,
+)
 from samkit.optim._validation import check_int
 
 METHODS = ("lanczos", "power")
@@ -75,6 +81,21 @@ class EigenResult:
     image: Tensor | None = None
 
 
+# -- vectors held whole or in parts (FSDP2) -------------------------------------------------------
+
+
+def _random(op, generator: torch.Generator) -> Tensor:
+    """A standard normal vector, drawn in full (``d`` entries) and cut to this rank's part: the
+    same vector and the same generator state on every rank and at every world size."""
+    v = torch.randn(op.shape[0], generator=generator, device=op.device, dtype=op.dtype)
+    return local_part(op, v)
+
+
+def _norms(op, w: Tensor) -> Tensor:
+    """Column norms (or the norm) of local parts, over the ranks."""
+    return reduce_sum(op, w.pow(2).sum(dim=0)).sqrt()
+
+
 # -- argument checks ------------------------------------------------------------------------------
 
 
@@ -89,10 +110,11 @@ def _check_tol(tol) -> float:
 
 
 def _initial(op: LinearOperator, init, generator: torch.Generator) -> Tensor:
-    """The start vector(s), ``(d,)`` or ``(d, j)``, on the operator's device and dtype."""
-    d = op.shape[0]
+    """The start vector(s), ``(d,)`` or ``(d, j)`` (this rank's part of them for a sharded
+    operator), on the operator's device and dtype."""
+    d = local_dim(op)
     if init is None:
-        return torch.randn(d, generator=generator, device=op.device, dtype=op.dtype)
+        return _random(op, generator)
     if isinstance(init, EigenResult):
         init = init.vectors
     if isinstance(init, (list, tuple)):
@@ -104,7 +126,7 @@ def _initial(op: LinearOperator, init, generator: torch.Generator) -> Tensor:
             "tensors shaped like the parameters, or an EigenResult)"
         )
     init = init.detach().to(op.device, op.dtype)
-    norms = torch.linalg.vector_norm(init, dim=0)
+    norms = _norms(op, init)
     if not bool(torch.all(torch.isfinite(norms)) and torch.all(norms > 0)):
         raise ValueError("Invalid init: a zero or non-finite start vector")
     return init / norms
@@ -116,8 +138,10 @@ def _initial(op: LinearOperator, init, generator: torch.Generator) -> Tensor:
 class _Basis:
     """Orthonormal rows kept in blocks, so memory grows with the iterations actually used."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, block: int = 32):
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, block: int = 32,
+                 reduce=None):
         self.dim, self.dtype, self.device, self.block = dim, dtype, device, block
+        self.reduce = reduce or (lambda t: t)  # local dots summed over the ranks (FSDP2)
         self.blocks: list[Tensor] = []
         self.size = 0
 
@@ -150,8 +174,9 @@ class _Basis:
         total = torch.zeros(shape, dtype=w.dtype, device=w.device)
         if not views:
             return total
+        sizes = [b.shape[0] for b in views]
         for _ in range(2):
-            coeffs = [b @ w for b in views]
+            coeffs = list(torch.split(self.reduce(torch.cat([b @ w for b in views])), sizes))
             for b, h in zip(views, coeffs, strict=True):
                 if w.dim() == 1:
                     w.addmv_(b.T, h, alpha=-1)
@@ -190,7 +215,8 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def _orthonormal_block(
-    basis: _Basis, w: Tensor, norm_t: float, generator: torch.Generator, fill: bool = True
+    basis: _Basis, w: Tensor, norm_t: float, generator: torch.Generator, fill: bool = True,
+    op=None,
 ) -> tuple[Tensor, np.ndarray]:
     """Orthonormalize the columns of ``w`` ``(d, p)`` (already orthogonal to ``basis``) among
     themselves: ``w = Q R``. A column that is (numerically) in the span of the basis and the
@@ -198,8 +224,11 @@ def _orthonormal_block(
     ``fill``, it is replaced by a random unit vector orthogonal to everything, so the space
     keeps growing; without ``fill`` it is dropped (``Q`` has fewer columns). Returns ``Q``
     ``(d, q)`` and ``R`` ``(p, p)`` (float64, host; row ``i`` belongs to the ``i``-th kept
-    column)."""
-    d, p = w.shape
+    column). ``op`` (the operator) says how vectors are held: whole, or in parts over the
+    ranks (FSDP2; the dots are then summed over the ranks, random columns drawn in full)."""
+    local, p = w.shape
+    d = op.shape[0] if op is not None else local
+    reduce = (lambda t: reduce_sum(op, t)) if op is not None else (lambda t: t)
     eps = torch.finfo(w.dtype).eps
     tiny = torch.finfo(w.dtype).tiny
     r = np.zeros((p, p))
@@ -209,10 +238,10 @@ def _orthonormal_block(
         row = len(cols)
         for _ in range(2):
             for j, q in enumerate(cols):
-                h = torch.dot(q, col)
+                h = reduce(torch.dot(q, col))
                 col.sub_(q * h)
                 r[j, i] += float(h)
-        norm = float(torch.linalg.vector_norm(col))
+        norm = float(reduce(torch.dot(col, col)).sqrt())
         if norm > 100 * eps * max(norm_t, tiny) * math.sqrt(d):
             r[row, i] = norm
             cols.append(col / norm)
@@ -220,17 +249,20 @@ def _orthonormal_block(
         if not fill:
             continue
         for _ in range(3):  # a random direction orthogonal to the basis and the block
-            col = torch.randn(d, generator=generator, device=w.device, dtype=w.dtype)
+            if op is not None:
+                col = _random(op, generator)
+            else:
+                col = torch.randn(d, generator=generator, device=w.device, dtype=w.dtype)
             basis.orthogonalize_(col)
             for _ in range(2):
                 for q in cols:
-                    col.sub_(q * torch.dot(q, col))
-            norm = float(torch.linalg.vector_norm(col))
+                    col.sub_(q * reduce(torch.dot(q, col)))
+            norm = float(reduce(torch.dot(col, col)).sqrt())
             if norm > 1e-3:
                 break
         cols.append(col / max(norm, tiny))
     if not cols:
-        return w.new_zeros(d, 0), r
+        return w.new_zeros(local, 0), r
     return torch.stack(cols, dim=1), r
 
 
@@ -255,8 +287,8 @@ class _BlockLanczos:
         self.counter = _Counter(op)
         self.d, self.dtype, self.device = d, op.dtype, op.device
         self.p = start.shape[1]
-        self.basis = _Basis(d, op.dtype, op.device)
-        q0, _ = _orthonormal_block(self.basis, start, 1.0, generator)
+        self.basis = _Basis(local_dim(op), op.dtype, op.device, reduce=lambda t: reduce_sum(op, t))
+        q0, _ = _orthonormal_block(self.basis, start, 1.0, generator, op=op)
         for i in range(q0.shape[1]):
             self.basis.append(q0[:, i])
         size = max_basis + 2 * self.p
@@ -287,7 +319,8 @@ class _BlockLanczos:
         self.norm_t = max(self.norm_t, float(np.abs(self.c[:m, :m]).max()))
         room = min(self.p, self.d - n)
         if room > 0:
-            qn, r = _orthonormal_block(self.basis, w, self.norm_t, self.generator, self.fill)
+            qn, r = _orthonormal_block(self.basis, w, self.norm_t, self.generator, self.fill,
+                                       op=self.op)
             rows = min(room, qn.shape[1])
             self.c[n : n + rows, m - pb : m] = r[:rows]
             for i in range(rows):
@@ -357,7 +390,7 @@ def _block_lanczos_top(
     p = min(p, d)
     cols = cols[:p]
     while len(cols) < p:
-        cols.append(torch.randn(d, generator=generator, device=device, dtype=dtype))
+        cols.append(_random(op, generator))
     run = _BlockLanczos(op, torch.stack(cols, dim=1), generator, max_basis)
     counter = run.counter
     reached = False  # min_dim products (Krylov directions) have been explored
@@ -410,9 +443,7 @@ def _block_lanczos_top(
     sel = state["idx"]
     s = torch.as_tensor(state["s"][:, sel], dtype=dtype, device=device)
     vectors = basis.combine(s, state["m"])
-    vectors = vectors / torch.linalg.vector_norm(vectors, dim=0).clamp_min(
-        torch.finfo(dtype).tiny
-    )
+    vectors = vectors / _norms(op, vectors).clamp_min(torch.finfo(dtype).tiny)
     basis_q = image = None
     if keep_basis:  # A Q_m = Q_n C[:n, :m] (the recurrence, restarts included)
         basis_q = basis.rows(0, m)
@@ -451,6 +482,14 @@ class _Counter:
     def __init__(self, op):
         self.op, self.count = op, 0
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.local_dim = local_dim(op)
+        self.sharding = getattr(op, "sharding", None)
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return reduce_sum(self.op, t)
+
+    def local_part(self, v: Tensor) -> Tensor:
+        return local_part(self.op, v)
 
     def __matmul__(self, v: Tensor) -> Tensor:
         if v.dim() == 2:
@@ -463,9 +502,11 @@ class _Counter:
 
 
 def _power_top(op, k, tol, which, max_iter, generator, init) -> EigenResult:
-    d = op.shape[0]
     starts = _initial(op, init, generator) if init is not None else None
     counter = _Counter(op)
+    def reduce(t: Tensor) -> Tensor:
+        return reduce_sum(op, t)
+
     tiny = torch.finfo(op.dtype).tiny
     found: list[tuple[float, Tensor, float, float, bool]] = []
 
@@ -474,7 +515,7 @@ def _power_top(op, k, tol, which, max_iter, generator, init) -> EigenResult:
             return starts[:, i].clone()
         if starts is not None and starts.dim() == 1 and i == 0:
             return starts.clone()
-        return torch.randn(d, generator=generator, device=op.device, dtype=op.dtype)
+        return _random(op, generator)
 
     def run(v: Tensor, shift: float) -> tuple[float, Tensor, float, float, bool]:
         """Power iteration on (I - QQ')(A + shift I)(I - QQ'); returns (theta, vector, true
@@ -483,16 +524,16 @@ def _power_top(op, k, tol, which, max_iter, generator, init) -> EigenResult:
         theta, res, true_res = 0.0, math.inf, math.inf
         for _ in range(max_iter):
             if q is not None:
-                v = v - q @ (q.T @ v)
-            v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
+                v = v - q @ reduce(q.T @ v)
+            v = v / _norms(op, v).clamp_min(tiny)
             w = counter @ v
             if shift:
                 w = w + shift * v
-            t = torch.dot(v, w)
-            r_true = torch.linalg.vector_norm(w - t * v)
+            t = reduce(torch.dot(v, w))
+            r_true = _norms(op, w - t * v)
             if q is not None:
-                w = w - q @ (q.T @ w)
-            r = torch.linalg.vector_norm(w - t * v)
+                w = w - q @ reduce(q.T @ w)
+            r = _norms(op, w - t * v)
             theta, res, true_res = float(t) - shift, float(r), float(r_true)  # host sync
             if res <= tol * max(abs(theta), tiny):
                 return theta, v, true_res, res, True

@@ -44,12 +44,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from samkit.curvature._data import Batches, LossFn, fixed_rng, resolve_params, untouched
+from samkit.curvature._data import Batches, LossFn, fixed_rng, untouched
 from samkit.curvature.operator import CurvatureOperator, Product
 from samkit.optim._validation import check_int
 
@@ -128,6 +129,11 @@ class EmpiricalFisherOperator(CurvatureOperator):
     :class:`~samkit.curvature.CurvatureOperator` (arguments as for
     :class:`~samkit.curvature.HessianOperator`).
 
+    ``process_group`` (as for :class:`~samkit.curvature.HessianOperator`): under data
+    parallelism :math:`N` counts the examples of all ranks and the sum runs over all of them,
+    :math:`F_\mathrm{emp} = \sum_r \frac{n_r}{N} F_{\mathrm{emp},r}` (one all-reduce per
+    product), the same on every rank; DDP and FSDP2 models as for the Hessian.
+
     Example::
 
         F = EmpiricalFisherOperator(model.eval(), nn.CrossEntropyLoss(), (x, y))
@@ -147,9 +153,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        process_group: Any = None,
     ) -> None:
         super().__init__(model, loss_fn, data, params, seed, check_deterministic,
-                         product=FisherProduct(sampled=False), cache=cache)
+                         product=FisherProduct(sampled=False), cache=cache,
+                         process_group=process_group)
 
 
 def _likelihood(loss_fn: Any, likelihood: str | None) -> str:
@@ -211,14 +220,26 @@ class MCFisherOperator(CurvatureOperator):
     ``nn.MSELoss()``: Gaussian). The labels of batch ``b`` are drawn from the model's output at
     construction (the model in the mode the caller set, batch ``b`` with the random generator
     at ``seed + b`` in training mode, like every product), by a generator seeded with
-    ``seed``: the same labels on every run and every process, kept in :attr:`labels` (one
-    ``(n_b, S, ...)`` tensor per batch). The data are read once here and kept with the labels
+    ``seed`` that draws once for every example (``S`` uniforms each, the categorical label
+    being the inverse of the softmax's distribution function at them; ``S`` standard normal
+    outputs each for the Gaussian), example :math:`j` taking row :math:`j`: the same labels on
+    every run and every process, kept in :attr:`labels` (one ``(n_b, S, ...)`` tensor per
+    batch). The data are read once here and kept with the labels
     (a ``DataLoader`` becomes a list of its batches); the operator stays the Fisher of the
     weights at construction's labels, so build a new one after the weights change.
 
     The examples must not interact (``model.eval()`` with BatchNorm); the output must be one
     tensor with the batch on dimension 0. Data, weighting, the cache and the determinism check
     as for :class:`~samkit.curvature.HessianOperator`.
+
+    ``process_group`` (as for :class:`~samkit.curvature.HessianOperator`): under data
+    parallelism the operator is the Monte-Carlo Fisher of the union of the ranks' data (one
+    all-reduce per product, one more at construction for the ranks' example counts). The
+    examples of the union are numbered rank by rank (then batch by batch) and each rank takes
+    its rows of the one draw for all :math:`N` examples, so the labels, and every number, are
+    those of one process over the union with its batches in rank order (the same ``seed``;
+    with dropout in training mode the masks follow each rank's own batch numbers, as for every
+    operator), on every rank.
 
     Args:
         samples: label sets per example (>= 1); the product's cost hardly depends on it (one
@@ -248,6 +269,8 @@ class MCFisherOperator(CurvatureOperator):
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        process_group: Any = None,
     ) -> None:
         samples = check_int("samples", samples, 1)
         self.likelihood = _likelihood(loss_fn, likelihood)
@@ -258,26 +281,50 @@ class MCFisherOperator(CurvatureOperator):
                     f"Invalid variance: {variance!r} (allowed: a finite number > 0, with the "
                     "gaussian likelihood only)"
                 )
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
-        params = None if params is None else list(params)  # read twice: here and by the base
-        device = resolve_params(model, params)[1][0].device
         self.samples = samples
         self.variance = None if variance is None else float(variance)
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-        sampled, self.labels = [], []
-        for b, (x, _, _) in enumerate(Batches(data, device)):
-            with torch.no_grad(), untouched(model), fixed_rng(device, int(seed) + b,
-                                                              model.training):
-                f = model(x)
-            yhat = self._draw(f, generator)
+        self.labels: list[Tensor] = []
+        super().__init__(model, loss_fn, data, params, seed, check_deterministic,
+                         product=FisherProduct(sampled=True), cache=cache,
+                         process_group=process_group)
+
+    def _read_data(self, data: Any) -> Batches:
+        """``data`` with its labels replaced by ``samples`` labels per example drawn from the
+        model's outputs (in full weights under FSDP2; no collective per batch): example
+        :math:`j` of the union (ranks in order, then batches, then rows) takes row :math:`j`
+        of one draw for all :math:`N` examples from a generator seeded with ``seed``."""
+        batches = Batches(data, self.device)
+        xs, outs = [], []
+        with torch.no_grad(), ExitStack() as stack:
+            if self.full_weights is not None:
+                stack.enter_context(self.full_weights.swapped())
+            for b, (x, _, _) in enumerate(batches):
+                with untouched(self.model), fixed_rng(self.device, self.seed + b,
+                                                      self.model.training):
+                    f = self.model(x)
+                self._check_output(f)
+                xs.append(x)
+                outs.append(f.detach())
+        n = sum(f.shape[0] for f in outs)
+        offset, total = _n_before(self.process_group, n, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        if self.likelihood == "categorical":
+            noise = torch.rand((total, self.samples), generator=generator, device=self.device,
+                               dtype=torch.float64)
+        else:
+            noise = torch.randn((total, self.samples, *outs[0].shape[1:]), generator=generator,
+                                device=self.device, dtype=outs[0].dtype)
+        noise = noise[offset : offset + n]
+        sampled = []
+        start = 0
+        for x, f in zip(xs, outs, strict=True):
+            yhat = self._draw(f, noise[start : start + f.shape[0]])
+            start += f.shape[0]
             self.labels.append(yhat)
             sampled.append((x, yhat))
-        super().__init__(model, loss_fn, sampled, params, seed, check_deterministic,
-                         product=FisherProduct(sampled=True), cache=cache)
+        return Batches(sampled, self.device)
 
-    def _draw(self, f: Any, generator: torch.Generator) -> Tensor:
-        """``samples`` labels per example, ``(n, S, ...)``, from the predictive distribution."""
+    def _check_output(self, f: Any) -> None:
         if not isinstance(f, Tensor) or f.dim() == 0:
             raise ValueError(
                 f"Invalid model: its output is a {type(f).__name__} (allowed: one tensor with a "
@@ -285,20 +332,36 @@ class MCFisherOperator(CurvatureOperator):
             )
         if not bool(torch.isfinite(f).all()):
             raise ValueError("Invalid model: its output holds NaN or inf (allowed: finite)")
-        n, S = f.shape[0], self.samples
+        if self.likelihood == "categorical" and f.dim() != 2:
+            raise ValueError(
+                f"Invalid model: output shape {tuple(f.shape)} for the categorical "
+                "likelihood (allowed: (n, C) logits)"
+            )
+
+    def _draw(self, f: Tensor, noise: Tensor) -> Tensor:
+        """``samples`` labels per example, ``(n, S, ...)``, from the predictive distribution,
+        given this batch's rows of the draw: uniforms ``(n, S)`` (categorical: the inverse of
+        the softmax's distribution function) or standard normals ``(n, S, ...)``."""
         if self.likelihood == "categorical":
-            if f.dim() != 2:
-                raise ValueError(
-                    f"Invalid model: output shape {tuple(f.shape)} for the categorical "
-                    "likelihood (allowed: (n, C) logits)"
-                )
-            probs = torch.softmax(f.to(torch.float64), dim=1)
-            return torch.multinomial(probs, S, replacement=True, generator=generator)
-        per_example = f[0].numel() if n else 1
+            cdf = torch.cumsum(torch.softmax(f.to(torch.float64), dim=1), dim=1)
+            labels = torch.searchsorted(cdf, noise.contiguous(), right=True)
+            return labels.clamp_(max=f.shape[1] - 1)
+        per_example = f[0].numel() if f.shape[0] else 1
         variance = per_example / 2 if self.variance is None else self.variance
-        noise = torch.randn((n, S, *f.shape[1:]), generator=generator, device=f.device,
-                            dtype=f.dtype)
-        return f.detach()[:, None] + variance**0.5 * noise
+        return f[:, None] + variance**0.5 * noise
+
+
+def _n_before(group: Any, n: int, device: torch.device) -> tuple[int, int]:
+    """The examples of the ranks before this one in ``group`` and of all of them (one
+    all-reduce of a vector of the ranks' counts); ``(0, n)`` without a group."""
+    if group is None:
+        return 0, n
+    import torch.distributed as dist
+
+    counts = torch.zeros(dist.get_world_size(group), dtype=torch.float64, device=device)
+    counts[dist.get_rank(group)] = n
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return int(counts[: dist.get_rank(group)].sum()), int(counts.sum())
 
 
 __all__ = ["EmpiricalFisherOperator", "FisherProduct", "MCFisherOperator"]

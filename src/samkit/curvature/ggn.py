@@ -46,7 +46,9 @@ class GGNOperator(CurvatureOperator):
     Data, weighting, model state (BatchNorm untouched, fixed dropout masks in training
     mode), the cache, the determinism check and :meth:`loss_and_gradient` are those of
     :class:`CurvatureOperator`, which it uses with the product :class:`GaussNewtonProduct`;
-    see :class:`HessianOperator` for the arguments.
+    see :class:`HessianOperator` for the arguments (``process_group`` included: under data
+    parallelism :math:`G` is that of the union of the ranks' data, one all-reduce per
+    product).
 
     Example::
 
@@ -63,9 +65,12 @@ class GGNOperator(CurvatureOperator):
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        process_group: Any = None,
     ) -> None:
         super().__init__(model, loss_fn, data, params, seed, check_deterministic,
-                         product=GaussNewtonProduct(), cache=cache)
+                         product=GaussNewtonProduct(), cache=cache,
+                         process_group=process_group)
 
 
 class GaussNewtonProduct(Product):

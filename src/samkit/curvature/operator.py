@@ -11,8 +11,8 @@ over the batches :math:`(x_b, y_b)` of ``data`` (:math:`n_b` examples each, :mat
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +28,15 @@ from samkit.curvature._data import (
     resolve_params,
     untouched,
 )
+from samkit.curvature._dist import (
+    DataParallel,
+    FullWeights,
+    Sharding,
+    has_dtensors,
+    local_count,
+    resolve_group,
+    unwrap,
+)
 
 BACKENDS = ("auto", "func", "autograd")
 
@@ -39,12 +48,24 @@ class LinearOperator:
     column) or a list of tensors shaped like the parameters (the result then has the same form).
     ``matvecs`` counts the products (one per vector) since construction; it may be reset to 0.
     Subclasses implement :meth:`_matvec` on one flat vector in the operator's dtype and device.
+
+    With a ``sharding`` (:class:`~samkit.curvature._dist.Sharding`, an operator on FSDP2
+    parameters) the operator is :math:`d \times d` (``shape``, ``dim``) but each rank holds
+    its ``local_dim`` entries of a vector (its blocks of every parameter, ``shapes`` being the
+    local blocks' shapes): ``A @ v`` takes and returns local parts, :meth:`reduce_sum` sums a
+    local dot over the ranks. Without one, ``local_dim == dim`` and both are the identity.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device):
+    def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device,
+                 sharding: Sharding | None = None):
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [s.numel() for s in self.shapes]
-        self.dim = sum(self.numels)
+        self.local_dim = sum(self.numels)
+        self.sharding = sharding
+        if sharding is not None and sharding.local_dim != self.local_dim:
+            raise ValueError(f"Invalid sharding: {sharding.local_dim} local entries, not "
+                             f"{self.local_dim}")
+        self.dim = self.local_dim if sharding is None else sharding.dim
         self._dtype = dtype
         self._device = torch.device(device)
         self.matvecs = 0
@@ -63,6 +84,17 @@ class LinearOperator:
 
     def _matvec(self, v: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """A local partial sum (a dot product of local parts) summed over the ranks that hold
+        the vectors' parts (one all-reduce); ``t`` itself when the vectors are whole."""
+        return t if self.sharding is None else self.sharding.sum(t)
+
+    def local_part(self, v: Tensor) -> Tensor:
+        """This rank's part of a full ``(dim, ...)`` vector; ``v`` itself when the vectors are
+        whole. Random vectors are drawn in full and cut, so that they are the same vectors
+        at every world size."""
+        return v if self.sharding is None else self.sharding.local(v)
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate parameter-shaped tensors into one flat vector (dtype and device of ``A``)."""
@@ -88,17 +120,19 @@ class LinearOperator:
                 f"Invalid vector: {type(v).__name__} (allowed: a tensor of shape ({self.dim},) or "
                 f"({self.dim}, k), or a list of tensors shaped like the parameters)"
             )
-        if v.dim() in (1, 2) and v.shape[0] == self.dim and v.dtype != self.dtype:
+        d = self.local_dim
+        if v.dim() in (1, 2) and v.shape[0] == d and v.dtype != self.dtype:
             raise TypeError(
                 f"Invalid vector: dtype {v.dtype} (allowed: the operator's dtype {self.dtype}; "
                 "cast it explicitly, samkit does not cast silently)"
             )
-        if v.dim() == 1 and v.shape[0] == self.dim:
+        if v.dim() == 1 and v.shape[0] == d:
             return self._apply(v.to(self.device))
-        if v.dim() == 2 and v.shape[0] == self.dim:
+        if v.dim() == 2 and v.shape[0] == d:
             return self._matmat(v.to(self.device))
         raise ValueError(
-            f"Invalid vector: shape {tuple(v.shape)} (allowed: ({self.dim},) or ({self.dim}, k))"
+            f"Invalid vector: shape {tuple(v.shape)} (allowed: ({d},) or ({d}, k)"
+            + (", this rank's part of a sharded vector)" if self.sharding is not None else ")")
         )
 
     matvec = __matmul__
@@ -124,6 +158,11 @@ class LinearOperator:
 
         from samkit._extras import require
 
+        if self.sharding is not None:
+            raise ValueError(
+                f"Invalid operator for to_scipy(): {type(self).__name__} holds sharded vectors "
+                "(FSDP2); use samkit's top_eigenvalues, which works on the shards"
+            )
         require("curvature", "scipy", what=f"{type(self).__name__}.to_scipy()")
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
@@ -167,6 +206,7 @@ def loss_and_gradient(
     batches: Iterable[tuple[Any, Any, int]],
     seed: int = 0,
     shift: Sequence[Tensor] | Tensor | None = None,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> tuple[float, list[Tensor]]:
     r"""The mean loss and its gradient over ``batches`` at :math:`w + \text{shift}`.
 
@@ -185,6 +225,10 @@ def loss_and_gradient(
     exactly (the weights are copied back bit for bit, also on error); ``.grad`` is not
     touched. The loss is accumulated in float64 and returned as a float, which may be NaN or
     inf: the callers decide what a non-finite loss means.
+
+    ``reduce`` (optional) maps the local ``[loss, *grads]`` to their mean over the ranks' data
+    (:meth:`samkit.curvature._dist.DataParallel.mean`: one all-reduce), so that every rank
+    returns the loss and gradient of the union.
     """
     params = list(params)
     backup = None
@@ -205,6 +249,8 @@ def loss_and_gradient(
                 torch._foreach_add_(params, [t.to(p) for t, p in zip(shift, params, strict=True)])
         with differentiable(params):
             loss, *grads = batch_mean(model, batches, seed, params[0].device, loss_grad)
+            if reduce is not None:
+                loss, *grads = reduce([loss, *grads])
     finally:
         if backup is not None:
             with torch.no_grad():
@@ -336,10 +382,41 @@ class CurvatureOperator(LinearOperator):
       per batch where the product has a batched form (column by column, with a warning, if it
       fails);
     * :meth:`loss_and_gradient` of the same loss (what :func:`samkit.sharpness` and the edge
-      tracker use).
+      tracker use);
+    * **a process group** (``process_group``): under data parallelism the operator is that of
+      the union of the ranks' data, :math:`A v = \sum_r \frac{n_r}{N} A_r v`, with
+      :math:`n_r` the examples of rank :math:`r` (uneven shards weighted by their size;
+      :math:`N` all-reduced once, at construction). Each product is the local one scaled by
+      :math:`n_r/N` and summed over the ranks by **one all-reduce**; :meth:`loss_and_gradient`
+      by one more. Every rank gets the same numbers (an all-reduce SUM hands every rank the
+      same result), and the algorithms on top (:func:`~samkit.curvature.top_eigenvalues`,
+      :func:`~samkit.curvature.hessian_trace`, :func:`~samkit.curvature.spectral_density`,
+      :func:`~samkit.curvature.effective_hessian`) draw their random vectors from generators
+      seeded alike on every rank, so they take the same decisions and return the same values
+      everywhere. Every rank must call the same products in the same order (they are
+      collectives). A ``DistributedDataParallel`` model is measured through its ``.module``
+      (DDP's hooks never run inside ``torch.autograd.grad``);
+    * **FSDP2** (``fully_shard``, parameters ``DTensor`` shards ``Shard(0)`` on a 1-d mesh):
+      ``torch.autograd.grad`` does not reach the shards (FSDP2 computes with separate unsharded
+      tensors and hands their gradients to the shards in its backward hooks), so the products
+      run on the full weights: all-gathered into plain tensors (:class:`FullWeights`,
+      refreshed at every product where the shards changed), the model run with FSDP's forward
+      hooks off, the exact product taken by the same :class:`Product`. Vectors are held like
+      the parameters: each rank its rows of every parameter (``local_dim`` of ``dim``
+      entries; ``A @ v`` all-gathers the weights and ``v``, all-reduces the product once and
+      keeps this rank's rows), so a Lanczos basis takes ``1/world`` of the memory per rank.
+
+    Attributes (besides those of :class:`LinearOperator`): ``model`` (a DDP wrapper's module),
+    ``model_params`` (the model's own parameter tensors, the shards under FSDP2: what
+    optimizers hold), ``params`` (the tensors differentiated: ``model_params``, or the full
+    weights under FSDP2), ``names``, ``process_group`` (the resolved group, ``None`` for this
+    process's data), ``data_parallel`` (:class:`~samkit.curvature._dist.DataParallel`, or
+    ``None``), ``full_weights`` (FSDP2 only).
 
     A new curvature operator is a new :class:`Product` (see
-    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden.
+    :class:`~samkit.curvature.GGNOperator`); nothing else is overridden, except
+    :meth:`_read_data` by an operator on data derived from the given ones
+    (:class:`~samkit.curvature.MCFisherOperator`'s sampled labels).
     """
 
     def __init__(
@@ -354,9 +431,12 @@ class CurvatureOperator(LinearOperator):
         product: Product,
         fallback: Product | None = None,
         cache: bool = True,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (allowed: a torch.nn.Module)")
+        model = unwrap(model)
+        group = resolve_group(process_group)
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
         for name, p in (("product", product), ("fallback", fallback)):
@@ -370,12 +450,28 @@ class CurvatureOperator(LinearOperator):
         self.cache = bool(cache)
         self._graph: Any = None
         self._graph_key: tuple | None = None
-        self.names, self.params = resolve_params(model, params)
+        self.names, self.model_params = resolve_params(model, params)
+        self.params = self.model_params
+        self.full_weights: FullWeights | None = None
+        sharding = None
+        if has_dtensors(self.model_params):  # FSDP2: products on the full weights, vectors
+            if isinstance(process_group, str):  # sharded like the parameters
+                raise ValueError(
+                    "Invalid process_group: 'local' for an FSDP2 model (allowed: None or the "
+                    "group of its mesh; its weights are sharded over the ranks)"
+                )
+            sharding = Sharding(self.model_params)
+            group = sharding.group if group is None else group  # a mesh of one rank too
+            self.full_weights = FullWeights(model, self.names, self.model_params, sharding)
+            self.params = self.full_weights.leaves
         super().__init__(
-            [p.shape for p in self.params], self.params[0].dtype, self.params[0].device
+            [p.shape for p in self.params] if sharding is None else sharding.local_shapes,
+            self.params[0].dtype, self.params[0].device, sharding,
         )
-        self.batches = Batches(data, self.device)
+        self.full_numels = [p.numel() for p in self.params]
         self.seed = int(seed)
+        self.process_group = group
+        self.batches = self._read_data(data)
         bad = [n for n, p in zip(self.names, self.params, strict=True)
                if not bool(torch.isfinite(p).all())]
         if bad:
@@ -387,6 +483,11 @@ class CurvatureOperator(LinearOperator):
                 m.training for m in model.modules()
                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
             )
+        self.data_parallel: DataParallel | None = None
+        if group is not None:  # N and the check's decision, agreed by every rank at once
+            self.data_parallel = DataParallel(group, local_count(self.batches), self.device,
+                                              flags=[float(bool(check_deterministic))])
+            check_deterministic = self.data_parallel.flags[0] > 0
         if check_deterministic:
             self._check_deterministic()
 
@@ -407,9 +508,21 @@ class CurvatureOperator(LinearOperator):
 
     # -- shared machinery ---------------------------------------------------------------------
 
-    def _differentiable(self):
-        """Every chosen parameter differentiable inside the block, frozen ones included."""
-        return differentiable(self.params)
+    def _read_data(self, data: Any) -> Batches:
+        """The batches the products run over (called once by the constructor, after the
+        model, parameters, seed and process group are set): ``data`` as it is. An operator
+        on data derived from ``data`` (the Monte-Carlo Fisher's sampled labels) overrides it."""
+        return Batches(data, self.device)
+
+    @contextmanager
+    def _differentiable(self) -> Iterator[None]:
+        """Every chosen parameter differentiable inside the block, frozen ones included; for an
+        FSDP2 model, its full weights in place of the shards (:class:`FullWeights`)."""
+        with ExitStack() as stack:
+            if self.full_weights is not None:
+                stack.enter_context(self.full_weights.swapped())
+            stack.enter_context(differentiable(self.params))
+            yield
 
     @contextmanager
     def _batch_context(self, b: int) -> Iterator[None]:
@@ -447,13 +560,17 @@ class CurvatureOperator(LinearOperator):
         """:math:`A v` for a flat ``(d,)`` vector, or :math:`A V` for a ``(d, k)`` block in one
         batched product per batch: every batch once, through :attr:`product`."""
         product = self.product
+        if self.sharding is not None:  # the full vector(s) from the ranks' parts
+            V = self.sharding.gather(V)
+        shapes = [p.shape for p in self.params]
         if batched:
             k = V.shape[1]
             vt = V.T.contiguous()  # (k, d): row j is column j
             vs = [t.view(k, *s) for t, s in
-                  zip(torch.split(vt, self.numels, dim=1), self.shapes, strict=True)]
+                  zip(torch.split(vt, self.full_numels, dim=1), shapes, strict=True)]
         else:
-            vs = self.unflatten(V)
+            vs = [t.view(s) for t, s in
+                  zip(torch.split(V, self.full_numels), shapes, strict=True)]
 
         def run(built: Any, retain: bool) -> list[Tensor]:
             try:
@@ -469,9 +586,11 @@ class CurvatureOperator(LinearOperator):
             else:
                 out = batch_mean(self.model, self.batches, self.seed, self.device,
                                  lambda x, y: run(product.build(self, x, y), retain=False))
+        if self.data_parallel is not None:  # the mean over the ranks' data: one all-reduce
+            out = self.data_parallel.mean(out)
         if batched:
-            return torch.cat([h.reshape(k, -1) for h in out], dim=1).T
-        return torch.cat([h.reshape(-1) for h in out])
+            return self.local_part(torch.cat([h.reshape(k, -1) for h in out], dim=1).T)
+        return self.local_part(torch.cat([h.reshape(-1) for h in out]))
 
     def _run(self, V: Tensor, batched: bool = False) -> Tensor:
         """:meth:`_products`, switching to the fallback product (with a warning, for good) the
@@ -533,12 +652,14 @@ class CurvatureOperator(LinearOperator):
         """Two products of one random vector must agree (curvlinops' check): otherwise the
         operator is not one fixed matrix and no eigenvalue of it means anything."""
         g = torch.Generator(device=self.device).manual_seed(self.seed + 7919)
-        v = torch.randn(self.dim, generator=g, device=self.device, dtype=self.dtype)
+        v = self.local_part(torch.randn(self.dim, generator=g, device=self.device,
+                                        dtype=self.dtype))
         a = self._run(v)
         b = self._run(v)
         self.clear_cache()
-        scale = float(torch.linalg.vector_norm(a)) + torch.finfo(self.dtype).tiny
-        diff = float(torch.linalg.vector_norm(a - b)) / scale
+        sq = self.reduce_sum(torch.stack([a.pow(2).sum(), (a - b).pow(2).sum()]))
+        scale = float(sq[0].sqrt()) + torch.finfo(self.dtype).tiny
+        diff = float(sq[1].sqrt()) / scale
         if not diff <= 1e3 * torch.finfo(self.dtype).eps:
             modes = sorted({type(m).__name__ for m in self.model.modules() if m.training and
                             isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))})
@@ -559,10 +680,18 @@ class CurvatureOperator(LinearOperator):
         self, shift: Sequence[Tensor] | Tensor | None = None
     ) -> tuple[float, list[Tensor]]:
         r""":math:`L(w + \text{shift})` and :math:`\nabla L(w + \text{shift})` over the
-        operator's data, batches and seeds (see :func:`loss_and_gradient`)."""
-        return loss_and_gradient(
-            self.model, self.loss_fn, self.params, self.batches, self.seed, shift
-        )
+        operator's data, batches and seeds (see :func:`loss_and_gradient`); under a process
+        group, over the union of the ranks' data (one all-reduce), the same on every rank.
+        The gradient is shaped like :attr:`params`: in full under FSDP2 (and ``shift``, if
+        given, too)."""
+        reduce = None if self.data_parallel is None else self.data_parallel.mean
+        with ExitStack() as stack:
+            if self.full_weights is not None:
+                stack.enter_context(self.full_weights.swapped())
+            return loss_and_gradient(
+                self.model, self.loss_fn, self.params, self.batches, self.seed, shift,
+                reduce=reduce,
+            )
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", backend={self.backend_in_use!r})"
@@ -640,6 +769,14 @@ class HessianOperator(CurvatureOperator):
             a BatchNorm / dropout module is in training mode (an eval-mode model on one
             tensor batch is deterministic by construction). The check's products are not
             counted in ``matvecs``.
+        process_group: whose data the Hessian is of (torch.distributed's convention).
+            ``None`` (default): the default group when ``torch.distributed`` is initialized
+            with more than one rank (``data`` is then this rank's shard, and the operator is
+            that of the union of the shards, weighted by their sizes: one all-reduce per
+            product), else this process's data; a ``ProcessGroup``: that group; ``"local"``:
+            this process's data only, whatever the group. A ``DistributedDataParallel``
+            model is measured through its module; an FSDP2 model with vectors sharded like
+            its parameters (see :class:`CurvatureOperator`).
 
     Example::
 
@@ -658,6 +795,8 @@ class HessianOperator(CurvatureOperator):
         cache: bool = True,
         seed: int = 0,
         check_deterministic: bool | None = None,
+        *,
+        process_group: Any = None,
     ) -> None:
         if isinstance(backend, Product):
             product, fallback = backend, None
@@ -670,7 +809,8 @@ class HessianOperator(CurvatureOperator):
             )
         self.backend = backend if isinstance(backend, str) else product.name
         super().__init__(model, loss_fn, data, params, seed, check_deterministic,
-                         product=product, fallback=fallback, cache=cache)
+                         product=product, fallback=fallback, cache=cache,
+                         process_group=process_group)
 
 
 class MatrixOperator(LinearOperator):
@@ -691,6 +831,25 @@ class MatrixOperator(LinearOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         return self.matrix @ v
+
+
+def local_dim(op: Any) -> int:
+    """The entries of a vector of ``op`` held on this rank (``d`` unless ``op`` is sharded)."""
+    return int(getattr(op, "local_dim", op.shape[0]))
+
+
+def reduce_sum(op: Any, t: Tensor) -> Tensor:
+    """A partial sum over this rank's part of ``op``'s vectors (a local dot) summed over the
+    ranks (:meth:`LinearOperator.reduce_sum`); ``t`` itself for whole vectors."""
+    f = getattr(op, "reduce_sum", None)
+    return t if f is None else f(t)
+
+
+def local_part(op: Any, v: Tensor) -> Tensor:
+    """This rank's part of a full vector of ``op`` (:meth:`LinearOperator.local_part`);
+    ``v`` itself for whole vectors."""
+    f = getattr(op, "local_part", None)
+    return v if f is None else f(v)
 
 
 def as_operator(A: Any) -> Any:

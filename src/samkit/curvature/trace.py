@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from samkit.curvature.operator import as_operator
+from samkit.curvature.eigen import _orthonormal_block
+from samkit.curvature.operator import as_operator, local_part, reduce_sum
 from samkit.optim._validation import check_int
 
 
@@ -58,8 +59,8 @@ def hessian_trace(H, samples: int = 100, seed: int = 0) -> TraceResult:
     draws = torch.empty(samples, dtype=torch.float64, device=op.device)
     for i in range(samples):
         v = torch.randint(0, 2, (d,), generator=generator, device=op.device).to(op.dtype)
-        v.mul_(2).sub_(1)
-        draws[i] = torch.dot(v, op @ v).to(torch.float64)
+        v = local_part(op, v.mul_(2).sub_(1))  # this rank's part of it (FSDP2)
+        draws[i] = reduce_sum(op, torch.dot(v, op @ v)).to(torch.float64)
     draws = draws.cpu()
     mean = float(draws.mean())
     stderr = float(draws.std(correction=1)) / math.sqrt(samples)
@@ -100,6 +101,11 @@ def hutchpp_trace(H, matvecs: int = 99, seed: int = 0) -> TraceResult:
         seed: seeds the vectors, drawn on the operator's device from one generator (the
             sketch first, then the Hutchinson vectors): the same vectors on every process.
 
+    Under a process group (an operator of the union of the ranks' data: DDP, FSDP2) the
+    estimate is that of the union, the same on every rank; an FSDP2 operator's blocks are held
+    in shards like its vectors (each drawn in full and cut), :math:`Q` orthonormalized with
+    the dots summed over the ranks.
+
     References:
         R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff. Hutch++: Optimal Stochastic Trace
         Estimation. SIAM Symposium on Simplicity in Algorithms (SOSA), 2021.
@@ -113,15 +119,22 @@ def hutchpp_trace(H, matvecs: int = 99, seed: int = 0) -> TraceResult:
 
     def rademacher(cols: int) -> Tensor:
         v = torch.randint(0, 2, (d, cols), generator=generator, device=op.device).to(op.dtype)
-        return v.mul_(2).sub_(1)
+        return local_part(op, v.mul_(2).sub_(1))  # drawn in full, this rank's rows kept
 
     sketch = rademacher(s)
     probes = rademacher(r)
-    Q, _ = torch.linalg.qr(op @ sketch)  # (d, s): orthonormal, spans H S
-    head = torch.sum(Q * (op @ Q), dtype=torch.float64)  # tr(Q^T H Q)
-    probes = probes - Q @ (Q.T @ probes)
-    probes = probes - Q @ (Q.T @ probes)  # twice: orthogonal to Q to rounding
-    tail = torch.sum(probes * (op @ probes), dim=0, dtype=torch.float64)
+    Y = op @ sketch
+    # Q: an orthonormal basis of H S (Gram-Schmidt twice, the dots summed over the ranks for
+    # sharded vectors; columns in the span of the ones before are dropped)
+    norm = float(reduce_sum(op, Y.pow(2).sum(dim=0)).max().sqrt())
+    Q, _ = _orthonormal_block(None, Y, norm, generator, fill=False, op=op)
+    if Q.shape[1]:
+        head = reduce_sum(op, torch.sum(Q * (op @ Q), dtype=torch.float64))  # tr(Q^T H Q)
+        for _ in range(2):  # twice: orthogonal to Q to rounding
+            probes = probes - Q @ reduce_sum(op, Q.T @ probes)
+    else:
+        head = torch.zeros((), dtype=torch.float64, device=op.device)
+    tail = reduce_sum(op, torch.sum(probes * (op @ probes), dim=0, dtype=torch.float64))
     draws = (head + tail).cpu()
     mean = float(draws.mean())
     stderr = float(draws.std(correction=1)) / math.sqrt(r)

@@ -52,6 +52,11 @@ class CompareOptions:
         1, "runs trained at once, each in its own process with the config's threads (2 on 2 "
         "cores with threads 1 halves the wall time; the results are the same)",
         flag=("--jobs", "-j"))
+    tune_seed: int | None = setting(
+        None, "the tuned protocol: each grid's value is chosen by validation accuracy on runs "
+        "with this seed (never one of the test seeds), then every method trains at its chosen "
+        "value on the whole training set with the test seeds; the report adds each method's "
+        "paired difference to the first with its 0.95 confidence interval (None: off)")
 
     def __post_init__(self) -> None:
         if isinstance(self.equal_budget, str) and self.equal_budget.lower() in ("none", ""):
@@ -63,6 +68,10 @@ class CompareOptions:
                 f"Invalid val_fraction: {self.val_fraction!r} (allowed: a number in (0, 1))")
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
             raise ValueError(f"Invalid jobs: {self.jobs!r} (allowed: an integer >= 1)")
+        if self.tune_seed is not None:
+            from samkit.optim._validation import check_seed
+
+            check_seed("tune_seed", self.tune_seed)
 
 
 # ------------------------------------------------------------------------- counting

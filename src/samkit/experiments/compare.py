@@ -134,6 +134,10 @@ class CompareResult:
     # grid search: spec -> {candidate: mean final validation accuracy}
     selection: dict[str, dict[str, float]] = field(default_factory=dict)
     equal_budget_label: str | None = None
+    # --tune-seed: every tuning run (samkit.experiments.tuned), and each method's paired
+    # difference to the first (with its interval and verdict)
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+    differences: list[dict[str, Any]] = field(default_factory=list)
 
     def by_label(self, label: str) -> list[RunSummary]:
         return [r for r in self.runs if r.label == label]
@@ -329,6 +333,10 @@ def run_compare(
     if not seeds:
         raise ValueError("Invalid seeds: the list is empty (e.g. 0 1 2)")
     options = options or CompareOptions()
+    if options.tune_seed is not None:
+        from samkit.experiments.tuned import check_tune_seed
+
+        check_tune_seed(options.tune_seed, seeds)  # before anything is loaded or trained
     name = name or default_name(base, optimizers, seeds, options)
     run_dir = experiment.run_dir_of(base.out_dir, name)
     candidates = {spec: B.expand_spec(spec) for spec in optimizers}
@@ -349,6 +357,11 @@ def run_compare(
         data = experiment.load_data(base, resolve_device(base.device))
         run.start()  # --overwrite: the old comparison goes once the data have loaded
         save_config(base, run_dir / "config.yaml")
+        if options.tune_seed is not None:
+            from samkit.experiments.tuned import train_tuned
+
+            return train_tuned(result, run, base, list(optimizers), list(seeds), data, resume,
+                               overwrite, verbose, command, TrainingDiverged)
         return _train_all(result, runs, data, resume, overwrite, verbose, command,
                           TrainingDiverged, candidates, optimizers, seeds, base, run_dir, grid)
 
@@ -391,6 +404,10 @@ def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged
         add_equal_budget_row(result, base, baseline, data, seeds, run_dir, resume, overwrite,
                              verbose, val, total, diverged_error)
     result.wall_time = time.perf_counter() - start
+    if len(seeds) > 1:  # every difference the table shows, with its interval and verdict
+        from samkit.experiments.tuned import paired_rows
+
+        result.differences = paired_rows(result, every_pair=True)
     write_report(result, command=command)
     return result
 
@@ -490,6 +507,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "  samkit compare --label-noise 0\n"
         "  samkit compare --optimizers sgd sam:rho=0.1 asam:rho=1.0 --seeds 0 1 --epochs 5\n"
         "  samkit compare --optimizers sgd sam:rho=0.02,0.05,0.1 saf --val-fraction 0.1\n"
+        "  samkit compare --optimizers sam:rho=0.02,0.05,0.1 asam:rho=0.5,1,2 --tune-seed 100 \\\n"
+        "      --seeds 0 1 2 3 4 --equal-budget none   # tuned on seed 100, paired intervals\n"
         "  samkit compare --equal-budget sgd --equal-by passes\n"
         "  samkit compare --config configs/fashion-mnist-mlp.yaml --set model=cnn\n",
     )
@@ -509,7 +528,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs")
+OPTION_KEYS = ("equal_budget", "budget", "val_fraction", "jobs", "tune_seed")
 
 
 def inputs_from_args(args: argparse.Namespace

@@ -42,6 +42,39 @@ def format_table(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
+def format_tuning(result: CompareResult) -> str:
+    """The tuning stage of ``--tune-seed``: every candidate's final validation accuracy."""
+    seed = result.options.tune_seed
+    lines = [f"Tuning (seed {seed}, not a test seed; trained without the validation split): "
+             "final validation accuracy per candidate, the chosen one in bold:", "",
+             "| method | candidate | val acc (%) | val loss | train loss |",
+             "|---|---|---|---|---|"]
+    for t in result.tuning:
+        acc = "diverged" if t["diverged"] else _num(100 * t["val_acc"], 2)
+        cand = f"**{t['candidate']}**" if t["chosen"] else t["candidate"]
+        lines.append(f"| {t['method']} | {cand} | {acc} | {_num(t['val_loss'], 4)} | "
+                     f"{_num(t['train_loss'], 4)} |")
+    return "\n".join(lines)
+
+
+def format_differences(result: CompareResult) -> str:
+    """The paired differences in final test accuracy (by seed) of ``result.differences``."""
+    lines = ["Paired differences in final test accuracy (paired by seed; 95 % paired t interval "
+             "over the seeds; the verdict follows from the interval):", "",
+             "| difference | seeds | mean (points) | 95 % interval (points) | verdict |",
+             "|---|---|---|---|---|"]
+    for d in result.differences:
+        iv = d["interval"]
+        mean, ci = "-", "-"
+        if iv is not None:
+            mean = f"{100 * iv['estimate']:+.2f}"
+            ci = f"[{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"
+        left = f" (left out: {', '.join(map(str, d['left_out']))})" if d["left_out"] else ""
+        lines.append(f"| {d['method']} − {d['reference']} | {len(d['seeds'])}{left} | {mean} | "
+                     f"{ci} | {d['verdict']} |")
+    return "\n".join(lines)
+
+
 def _count(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:,.0f}"
 
@@ -138,10 +171,15 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
             f"- `{run.run_dir.name}`: final {100 * run.final_acc:.2f}%, best "
             f"{100 * run.best_acc:.2f}%, {run.time_per_epoch:.2f} s/epoch"
         )
-    for spec, scores in result.selection.items():
-        lines += ["", f"Grid `{spec}`: mean final validation accuracy per candidate "
-                  "(the best one is the method's row):", ""]
-        lines += [f"- `{c}`: {100 * v:.2f} %" for c, v in scores.items()]
+    if result.tuning:
+        lines += ["", format_tuning(result)]
+    else:
+        for spec, scores in result.selection.items():
+            lines += ["", f"Grid `{spec}`: mean final validation accuracy per candidate "
+                      "(the best one is the method's row):", ""]
+            lines += [f"- `{c}`: {100 * v:.2f} %" for c, v in scores.items()]
+    if result.differences:
+        lines += ["", format_differences(result)]
     if result.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in result.notes]
     path = atomic_write_text(result.run_dir / "report.md", "\n".join(lines) + "\n")
@@ -164,6 +202,8 @@ def write_report(result: CompareResult, command: str | None = None) -> Path:
             for r in result.runs
         ],
         "notes": result.notes,
+        "tuning": result.tuning,
+        "differences": result.differences,
     }
     experiment.write_json(result.run_dir / "summary.json", summary)
     return path

@@ -129,6 +129,12 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
     The rows stay in :attr:`tracker` (``.rows``, ``.cost_summary()``) and, with ``path``, in
     a JSON-lines file. The tracker's state (warm-start vector, cost) is saved in checkpoints.
 
+    Under ``strategy="ddp"`` (one process per device, ``torch.distributed`` initialized by
+    Lightning) each rank passes its shard of the probe set (or measures on its part of the
+    step's batch): every row is that of the union of the shards, the same on every rank
+    (the tracker's ``process_group``, see :class:`~samkit.train.edge.EdgeTracker`); the
+    loggers get it once, from global rank 0, and only rank 0 writes ``path``.
+
     Args:
         probe: ``(x, y)`` (or a list of batches) to measure on; ``None``: the step's batch.
         loss_fn: ``loss_fn(model(x), y)``, the mean loss over a batch.
@@ -209,8 +215,9 @@ class EdgeTrackerCallback(_lightning_callback_base()):  # type: ignore[misc]
         from samkit.train.edge import logged_metrics
 
         metrics = logged_metrics(row, self.prefix)
-        for logger in getattr(trainer, "loggers", []) or []:
-            logger.log_metrics(metrics, step=int(row["step"]))
+        if getattr(trainer, "is_global_zero", True):  # under DDP the same row on every rank:
+            for logger in getattr(trainer, "loggers", []) or []:  # logged once
+                logger.log_metrics(metrics, step=int(row["step"]))
         callback_metrics = getattr(trainer, "callback_metrics", None)
         if isinstance(callback_metrics, dict):
             import torch

@@ -4,9 +4,11 @@ from samkit.optim.accumulation import accumulation_closure, m_sharpness_step
 from samkit.optim.asam import ASAM
 from samkit.optim.base import SharpnessAwareOptimizer
 from samkit.optim.batchnorm import disable_running_stats
+from samkit.optim.bsam import BSAM, BSAMBase
 from samkit.optim.esam import ESAM, ExampleLosses
 from samkit.optim.fishersam import FisherSAM
 from samkit.optim.friendlysam import FriendlySAM
+from samkit.optim.gcsam import GCSAM
 from samkit.optim.groups import param_groups
 from samkit.optim.gsam import GSAM
 from samkit.optim.kind import OptimizerKind, StepForm, kind_of
@@ -32,8 +34,10 @@ from samkit.optim.registry import (
 from samkit.optim.sam import SAM
 from samkit.optim.schedules import (
     AESchedule,
+    PeriodicSchedule,
     RandomSchedule,
     ae_sam,
+    periodic_sam,
     rst_sam,
     with_schedule,
 )
@@ -41,9 +45,15 @@ from samkit.optim.selecting import ExampleSelectingOptimizer
 from samkit.optim.trajectory import MESA, SAF, TrajectoryLossOptimizer
 from samkit.optim.usam import USAM
 from samkit.optim.wrapper import WrappingOptimizer
+from samkit.optim.wsam import WSAM
 
 __all__ = [
     "ASAM",
+    "BSAM",
+    "BSAMBase",
+    "GCSAM",
+    "PeriodicSchedule",
+    "WSAM",
     "ESAM",
     "GSAM",
     "MESA",
@@ -82,6 +92,7 @@ __all__ = [
     "optimizer_info",
     "optimizer_options",
     "param_groups",
+    "periodic_sam",
     "register_ascent",
     "register_optimizer",
     "rst_sam",

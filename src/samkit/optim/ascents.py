@@ -224,6 +224,26 @@ def friendly_direction(optimizer, buckets, options) -> None:
     _scale_by_rho_over(buckets, kernels.global_sq_norm(b.grads for b in buckets).sqrt())
 
 
+def centralize_(tensors) -> None:
+    r"""Gradient centralization in place (Yong et al. 2020): every tensor with more than one
+    dimension loses its mean over all dimensions but the first, :math:`g_i \leftarrow g_i -
+    \mathrm{mean}(g_i)` for each output unit / filter :math:`i`; biases and other 1-d tensors
+    are left alone."""
+    for t in tensors:
+        if t.dim() > 1:
+            t.sub_(t.mean(dim=tuple(range(1, t.dim())), keepdim=True))
+
+
+def gcsam_direction(optimizer, buckets, options) -> None:
+    r"""GCSAM: :math:`\epsilon = \rho\, \Phi(g) / \|\Phi(g)\|_2`, :math:`\Phi` the gradient
+    centralization of :func:`centralize_` (the norm of the centralized gradient, over every
+    param group)."""
+    _check_rho(buckets)
+    for b in buckets:
+        centralize_(b.grads)
+    _scale_by_rho_over(buckets, kernels.global_sq_norm(b.grads for b in buckets).sqrt())
+
+
 # ------------------------------------------------------------------------ the edges
 
 
@@ -347,6 +367,13 @@ FRIENDLY_ASCENT = Ascent(
     effective_note="FriendlySAM's eps = rho (g - sigma m)/||g - sigma m|| depends on the running "
     "mean m, not on g alone: not of the form rho M g / c",
 )  # fmt: skip
+GCSAM_ASCENT = Ascent(
+    "gcsam", gcsam_direction, "GCSAM, Hassan et al. 2025: eps along the centralized g",
+    rho=0.05,
+    edge_note="no closed-form edge for GCSAM (eps = rho P g/||P g||, P a projection)",
+    effective_note="GCSAM's eps = rho P g / ||P g|| has a non-diagonal projection P (the mean "
+    "removal per output unit): not of the form rho M g / c with a diagonal M",
+)  # fmt: skip
 
 
 def effective_note(optimizer) -> str:
@@ -385,5 +412,6 @@ def get_ascent(name: str | Ascent) -> Ascent:
     return ascent
 
 
-for _ascent in (SAM_ASCENT, USAM_ASCENT, ASAM_ASCENT, FISHER_ASCENT, FRIENDLY_ASCENT):
+for _ascent in (SAM_ASCENT, USAM_ASCENT, ASAM_ASCENT, FISHER_ASCENT, FRIENDLY_ASCENT,
+                GCSAM_ASCENT):
     add_ascent(_ascent)

@@ -166,6 +166,12 @@ class SharpnessAwareOptimizer(WrappingOptimizer):
 
     # ------------------------------------------------------------------ the protocol
 
+    def before_first_pass(self) -> None:
+        """Called before the first forward pass of a step (``step(closure)`` calls it; the
+        explicit form calls it before its first forward pass). A no-op for every optimizer
+        whose first pass is at ``w``; bSAM moves the weights to a posterior sample here
+        (:meth:`samkit.optim.BSAM.add_noise`), and :meth:`first_step` moves them back."""
+
     def _zero_stale_first_grads(self, buckets: list[Bucket]) -> None:
         """A parameter with no gradient at ``w`` but one at ``w + ε`` (mixture-of-experts
         routing) must see g = 0 in the descent rule, not last step's g."""
@@ -371,6 +377,7 @@ class SharpnessAwareOptimizer(WrappingOptimizer):
                 b[0] for b in kernels.group_by_device_and_dtype(local)
             )
         calls = self._zero_grad_calls
+        self.before_first_pass()
         with torch.enable_grad():
             loss = closure()
         self._checked_loss(loss)

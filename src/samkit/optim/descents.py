@@ -6,7 +6,9 @@ of ``(optimizer, buckets)`` so that any ascent can be combined with them:
 
 * :func:`gap_descent` (GSAM): :math:`g_p - \alpha g_\perp`;
 * :func:`looksam_descent`, :func:`looksam_one_pass_descent` (LookSAM): keep the component
-  :math:`g_v` of :math:`g_s` orthogonal to :math:`g` on full steps, reuse it in between.
+  :math:`g_v` of :math:`g_s` orthogonal to :math:`g` on full steps, reuse it in between;
+* :func:`weighted_descent` (WSAM): :math:`g + \alpha (g_p - g)` fed to the base optimizer, or
+  (decoupled) the base step with :math:`g` and the sharpness term applied after it.
 
 :data:`DESCENTS` names them with the preset that carries each (``gsam``, ``looksam``), so the
 registry lists all four kinds (ascents, descents, schedules, presets).
@@ -81,6 +83,34 @@ def looksam_one_pass_descent(optimizer, buckets) -> None:
         torch._foreach_add_(b.grads, torch._foreach_mul(_gv(optimizer, b.params), scale))
 
 
+def weighted_descent(optimizer, buckets) -> None:
+    r"""WSAM, with :math:`\alpha = \gamma / (1 - \gamma)` = ``group["wsam_alpha"]`` and
+    :math:`g` in ``bucket.first_grads``, :math:`g_p` in ``bucket.grads``:
+
+    * coupled: :math:`g_p \leftarrow g + \alpha (g_p - g) = \alpha g_p + (1 - \alpha) g`;
+    * decoupled (``group["wsam_decouple"]``): :math:`g_p \leftarrow g` and
+      ``bucket.first_grads`` :math:`\leftarrow g - g_p` (the negated sharpness gradient, applied
+      after the base step by :func:`weighted_after_step`)."""
+    for b in buckets:
+        alpha = float(b.group["wsam_alpha"])
+        if b.group["wsam_decouple"]:
+            torch._foreach_sub_(b.first_grads, b.grads)  # g - g_p
+            torch._foreach_add_(b.grads, b.first_grads)  # g_p + (g - g_p) = g
+        else:
+            torch._foreach_mul_(b.grads, alpha)
+            torch._foreach_add_(b.grads, b.first_grads, alpha=1.0 - alpha)
+
+
+def weighted_after_step(optimizer, buckets) -> None:
+    r"""WSAM's decoupled sharpness step, after the base step:
+    :math:`w \leftarrow w - \gamma_t \alpha (g_p - g)` (:math:`\gamma_t` the group's current
+    ``lr``), on the groups with ``wsam_decouple``."""
+    for b in buckets:
+        if b.group["wsam_decouple"]:
+            step = float(b.group["lr"]) * float(b.group["wsam_alpha"])
+            torch._foreach_add_(b.params, b.first_grads, alpha=step)  # first_grads = g - g_p
+
+
 @dataclass(frozen=True)
 class Descent:
     """A descent rule by name: its hooks and the preset that carries it (with its own
@@ -98,5 +128,9 @@ DESCENTS: dict[str, Descent] = {
     "looksam": Descent(
         "looksam", "LookSAM's reuse of g_v between full steps", "looksam",
         looksam_descent, looksam_one_pass_descent,
+    ),  # fmt: skip
+    "wsam": Descent(
+        "wsam", "WSAM's weighted sharpness: g + gamma/(1-gamma) (g_p - g), decoupled or not",
+        "wsam", weighted_descent,
     ),  # fmt: skip
 }

@@ -92,11 +92,12 @@ def preset_class(name: str) -> type[SharpnessAwareOptimizer] | None:
     from samkit.optim.asam import ASAM
     from samkit.optim.fishersam import FisherSAM
     from samkit.optim.friendlysam import FriendlySAM
+    from samkit.optim.gcsam import GCSAM
     from samkit.optim.sam import SAM
     from samkit.optim.usam import USAM
 
     classes = {"sam": SAM, "asam": ASAM, "usam": USAM, "fishersam": FisherSAM,
-               "friendlysam": FriendlySAM}  # fmt: skip
+               "friendlysam": FriendlySAM, "gcsam": GCSAM}  # fmt: skip
     cls = classes.get(str(name).lower())
     # a class whose ascent was replaced by a registry entry of the same name is not used
     return cls if cls is not None and cls.ascent is get_ascent(name) else None

@@ -49,6 +49,7 @@ from samkit.optim import descents as _descents
 from samkit.optim._validation import check_keyword_types, check_non_negative, check_optimizer
 from samkit.optim.asam import ASAM
 from samkit.optim.ascents import Ascent
+from samkit.optim.bsam import BSAM, BSAMBase
 from samkit.optim.groups import param_groups
 from samkit.optim.presets import COMMON_KEYS, AscentPreset, ascent_optimizer
 from samkit.optim.sam import SAM
@@ -92,6 +93,10 @@ BASES: dict[str, BaseInfo] = {
     # decoupled_weight_decay: torch >= 2.6 (an older torch refuses it by name)
     "adam": BaseInfo("adam", torch.optim.Adam, _frozen({**_ADAM, "decoupled_weight_decay": False})),
     "adamw": BaseInfo("adamw", torch.optim.AdamW, _frozen({**_ADAM, "weight_decay": 0.01})),
+    # bSAM's own base (samkit.optim.bsam): momentum is its beta1
+    "bsam": BaseInfo("bsam", BSAMBase, _frozen({
+        "lr": REQUIRED, "momentum": 0.9, "beta2": 0.999, "weight_decay": 0.0, "damping": 0.1,
+        "init_precision": 1.0})),
 }  # fmt: skip
 BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {n: b.cls for n, b in BASES.items()}
 
@@ -112,6 +117,9 @@ SCHEDULE_INFO: dict[str, ScheduleInfo] = {
     "random": ScheduleInfo("random", "RST: SAM with probability p", _frozen(
         {"p": 0.5, "p_final": None, "total_steps": None, "seed": 0})),
 }  # fmt: skip
+SCHEDULE_INFO["periodic"] = ScheduleInfo(
+    "periodic", "Composer's interval: SAM every k-th step, base steps between",
+    _frozen({"interval": 2}))
 SCHEDULE_INFO["rst"] = SCHEDULE_INFO["random"]  # the alias schedules.SCHEDULES has
 
 
@@ -136,6 +144,8 @@ class OptimizerInfo:
         schedule: a fixed step schedule (``"ae"`` for AE-SAM, ``"random"`` for RST), or None.
         schedulable: ``schedule=`` may add a step schedule (False: the entry decides its steps
             itself, or is not sharpness-aware).
+        own_base: the entry steps only with its declared base (bSAM's :class:`BSAMBase`);
+            ``base=`` naming another is refused.
     """
 
     name: str
@@ -149,6 +159,7 @@ class OptimizerInfo:
     descent: Mapping[str, Any] = field(default_factory=_frozen)
     schedule: str | None = None
     schedulable: bool = False
+    own_base: bool = False
 
     @property
     def sharpness_aware(self) -> bool:
@@ -161,6 +172,9 @@ class OptimizerInfo:
         ``descent``, ``schedule``), for the given base, ``ascent=`` and ``schedule=`` (the
         entry's own when None). Raises ``ValueError`` for an ascent or schedule it cannot take."""
         out: dict[str, dict[str, Any]] = {n: {} for n in NAMESPACES}
+        if self.own_base and base is not None and base.lower() != self.base:
+            raise ValueError(f"Invalid base for {self.name}: {base!r} (allowed: {self.base!r}, "
+                             f"{self.name}'s own base)")  # fmt: skip
         out["base"] = dict(base_info(base or self.base).defaults)
         record = self.ascent_record(ascent)
         if record is not None:
@@ -341,7 +355,8 @@ def describe_optimizer(name: str) -> str:
     ascent = f"ascent {entry.ascent}" if entry.ascent else "ascent"
     if entry.ascent_choice:
         ascent = f"ascent= {entry.ascent} (any of list_ascents())"
-    parts = [f"base {entry.base} (base=: {', '.join(sorted(BASES))})"]
+    parts = [f"base {entry.base} (its own)" if entry.own_base else
+             f"base {entry.base} (base=: {', '.join(sorted(BASES))})"]
     if ns["ascent"]:
         parts.append(f"{ascent}: {_keys_text(ns['ascent'])}")
     parts += [f"{k} excluded: {why}" for k, why in entry.excluded.items()]
@@ -655,13 +670,15 @@ def _register_variants() -> None:
     from samkit.optim.esam import ESAM
     from samkit.optim.fishersam import FisherSAM
     from samkit.optim.friendlysam import FriendlySAM
+    from samkit.optim.gcsam import GCSAM
     from samkit.optim.gsam import GSAM
     from samkit.optim.looksam import LookSAM
     from samkit.optim.msam import MSAM
-    from samkit.optim.schedules import ae_sam, rst_sam
+    from samkit.optim.schedules import ae_sam, periodic_sam, rst_sam
     from samkit.optim.trajectory import MESA, SAF
+    from samkit.optim.wsam import WSAM
 
-    for cls, name in ((FisherSAM, "fishersam"), (FriendlySAM, "friendlysam")):
+    for cls, name in ((FisherSAM, "fishersam"), (FriendlySAM, "friendlysam"), (GCSAM, "gcsam")):
         register_optimizer(name, cls, _ascents.get_ascent(name).description, ascent=name,
                            schedulable=True)  # fmt: skip
     register_optimizer(
@@ -670,6 +687,15 @@ def _register_variants() -> None:
         ascent_keys={"rho_max": 0.05, "rho_min": 0.0, "lr_max": None, "lr_min": 0.0},
         excluded={"rho": "GSAM's radius is rho_t, between rho_min and rho_max: set those"},
         descent={"alpha": 0.1},
+    )  # fmt: skip
+    register_optimizer(
+        "wsam", WSAM, "WSAM, Yue et al. 2023: sharpness weighted by gamma/(1-gamma)",
+        ascent="sam", ascent_choice=True, schedulable=True, ascent_keys={"rho": 0.05},
+        descent={"gamma": 0.9, "decouple": True},
+    )  # fmt: skip
+    register_optimizer(
+        "bsam", BSAM, "bSAM, Moellenhoff & Khan 2023: Bayes posterior, eps = rho g/s", base="bsam",
+        ascent_keys={"rho": 0.01, "num_data": 50_000, "seed": 0}, own_base=True,
     )  # fmt: skip
     register_optimizer(
         "looksam", LookSAM, "LookSAM, Liu et al. 2022: full SAM step every k",
@@ -685,6 +711,10 @@ def _register_variants() -> None:
                        ascent="sam", ascent_choice=True, schedule="ae")  # fmt: skip
     register_optimizer("rst", rst_sam, "RST, Zhao et al. 2022: SAM with probability p, else SGD",
                        ascent="sam", ascent_choice=True, schedule="random")  # fmt: skip
+    register_optimizer(
+        "periodicsam", periodic_sam, "SAM every k-th step, base steps between (Composer)",
+        ascent="sam", ascent_choice=True, schedule="periodic",
+    )  # fmt: skip
     register_optimizer("msam", MSAM, "MSAM, Becker et al. 2024: eps along -momentum, one pass",
                        ascent_keys={"rho": 0.3})  # fmt: skip
     register_optimizer(

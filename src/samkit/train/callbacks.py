@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 _FIELDS = (
     "model", "optimizer", "loss_fn", "step", "epoch", "batch", "train_data", "test_data",
-    "config", "run_dir", "resumed", "log", "request_stop", "evaluate", "print",
+    "config", "run_dir", "resumed", "full_batch", "log", "request_stop", "evaluate", "print",
 )
 
 
@@ -54,6 +54,8 @@ class TrainState:
         config: the run's :class:`~samkit.train.TrainConfig`.
         run_dir: the run directory.
         resumed: whether the run continues from a checkpoint.
+        full_batch: whether every step trains on the whole training split (under DDP each
+            rank's ``batch`` is then its slice of it).
 
     Methods: ``log(record)``, ``request_stop()``, ``evaluate(split=None)`` (loss and accuracy,
     the test split by default), ``print(line)`` (a progress line, on rank 0 only).
@@ -107,6 +109,10 @@ class TrainState:
     @property
     def resumed(self) -> bool:
         return self._trainer.resume
+
+    @property
+    def full_batch(self) -> bool:
+        return self._trainer.loader.full_batch(len(self._trainer.train_data.y))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append ``record`` to metrics.jsonl (and TensorBoard)."""

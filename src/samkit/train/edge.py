@@ -28,13 +28,23 @@ Each measurement is one JSON row (``edge.jsonl`` in a trainer run) and the track
 seconds and Hessian-vector products, in total and per row, its share of the run and the due
 steps it left out to stay within the budget.
 
+**Under data parallelism** (torchrun, DDP, ``torch.distributed`` initialized with more than one
+process): each rank holds its shard of the probe set (and of the step's batch), and every
+measurement answers for the union of the shards, weighted by their sizes (``process_group``:
+the curvature operators' process group, one all-reduce per Hessian-vector product), the same
+row on every rank, equal to one process over all the data. Every rank decides the same due
+steps under a budget (the decision is taken from the largest clock of the ranks, one
+all-reduce at a due step), and only rank 0 writes the rows (the file, ``verbose`` lines). In a
+trainer run the probe set is sharded over the ranks by itself.
+
 Two ways to use it::
 
     # 1. a trainer callback: measures before steps 0, every, 2·every, ... (the same point as
     #    the plain loop below, with the step's batch) and at the final weights
     Trainer(cfg, callbacks=[EdgeTracker(every=10)]).fit()     # runs/<name>/edge.jsonl
 
-    # 2. a plain loop: measure at w_t, before step t (the gradient norm SAM's step t uses)
+    # 2. a plain loop: measure at w_t, before step t (the gradient norm SAM's step t uses);
+    #    under torchrun (x, y) is this rank's shard of the probe set
     tracker = EdgeTracker((x, y), loss_fn, every=10, path="edge.jsonl")
     for t in range(steps):
         tracker.maybe_record(t, model, opt)
@@ -183,6 +193,17 @@ class EdgeTracker(Callback):
             the tracker takes one gradient and one Hessian-vector product untimed for the
             budget (allocation, autograd graphs, compiled kernels, caches), kept as
             ``warmup_seconds``; the run's seconds in the budget leave it out too.
+        process_group: whose data the probe set is (the curvature operators' convention).
+            ``None`` (the default): the default group when ``torch.distributed`` is initialized
+            with more than one process, else this process alone; a ``ProcessGroup``: that
+            group; ``"local"``: this process's data only. Under a group ``probe`` (and
+            ``batch``) are this rank's shards: every row is that of the union of the ranks'
+            shards (weighted by their sizes), the same on every rank; the ranks measure the
+            same due steps (under a budget: from the largest clock of the ranks) and the
+            group's rank 0 alone writes the rows to ``path`` and prints them. Every rank of
+            the group must call :meth:`should_measure` and :meth:`record` at the same steps
+            (they are collectives). In a trainer run the probe set (``None``: drawn from the
+            training set) is split over the ranks of the group, as ``tensor_split`` does.
 
     Attributes:
         rows: the recorded rows (dicts), in order.
@@ -211,6 +232,7 @@ class EdgeTracker(Callback):
         verbose: bool = False,
         effective: bool | str = "auto",
         budget: float | None | str = "auto",
+        process_group: Any = None,
     ) -> None:
         if budget == "auto":  # the rule: an explicit every alone means every `every` steps
             budget = DEFAULT_BUDGET if every is None else None
@@ -237,6 +259,7 @@ class EdgeTracker(Callback):
                              "in (0, 1])")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r} (allowed: a callable (output, y))")
+        _check_group(process_group)
         self.probe = None if probe is None else _batches(probe)
         self.loss_fn = loss_fn
         self.every = every
@@ -252,6 +275,7 @@ class EdgeTracker(Callback):
         self.verbose = verbose
         self.effective = effective
         self.budget = None if budget is None else float(budget)
+        self.process_group = process_group  # resolved at each use (the group may come later)
         self.rows: list[dict[str, Any]] = []
         self.seconds = 0.0
         self.matvecs = 0
@@ -300,27 +324,30 @@ class EdgeTracker(Callback):
         if self.budget is None or not self.rows or self._last_end is None:
             return True
         b = self.budget
+        # the rows (their seconds) are the same on every rank; the clocks are not: every
+        # rank decides from the largest of the ranks' (one all-reduce), so all decide alike
+        since, run = _largest(self._group(), [now - self._last_end, self.run_seconds()])
         last = float(self.rows[-1].get("seconds", 0.0))
         estimate = max(float(r.get("seconds", 0.0)) for r in self.rows[-3:])
-        paced = now - self._last_end >= last * (1.0 - b) / b
-        within = self.seconds + estimate <= b * (self.run_seconds() + estimate)
+        paced = since >= last * (1.0 - b) / b
+        within = self.seconds + estimate <= b * (run + estimate)
         if paced and within:
             return True
         if self._skipped_step != step:  # a step may be asked twice (epoch end, step start)
             self.skipped += 1
             self._skipped_step = step
             if self.skipped == 1:
-                self.note = self._projection(step, last)
-                if self.verbose and self.note:
+                self.note = self._projection(step, last, run)
+                if self.verbose and self.note and self._writes():
                     print(self.note, flush=True)
         return False
 
-    def _projection(self, step: int, cost: float) -> str | None:
+    def _projection(self, step: int, cost: float, run: float) -> str | None:
         """What the budget does to ``every``, told at the first due step it leaves out: a
         measurement's cost in seconds and in training steps, the spacing the budget allows."""
         first, _ = self._steps_seen or (step, step)
         steps = step - first
-        train = self.run_seconds() - self.seconds
+        train = run - self.seconds
         if steps <= 0 or train <= 0 or self.budget is None:
             return None
         per_step = train / steps
@@ -352,7 +379,9 @@ class EdgeTracker(Callback):
         Args:
             step: the step number written in the row.
             model: the network, in the mode the measurement should use (the tracker never
-                changes it; in training mode dropout masks are fixed per measurement).
+                changes it; in training mode dropout masks are fixed per measurement); a
+                ``DistributedDataParallel`` model is measured through its module. FSDP2
+                (``fully_shard``) models are refused.
             optimizer: the optimizer in use: its kind and current hyperparameters decide the edge.
             batch: in minibatch runs, the step's ``(x, y)``: the SAM-edge then uses the gradient
                 norm on this batch (the ‖g‖ the SAM step normalizes by), recorded as
@@ -374,26 +403,31 @@ class EdgeTracker(Callback):
                 "EdgeTracker has no probe set or loss_fn: pass EdgeTracker(probe=(x, y), "
                 "loss_fn=...) outside a trainer"
             )
-        from samkit.curvature import HessianOperator
+        from samkit.curvature._dist import has_dtensors, unwrap
 
+        model = unwrap(model)  # a DDP model is measured through its module (no DDP hooks)
         params = self._params(model)
+        if has_dtensors(params):
+            raise ValueError(
+                "Invalid model: FSDP2 (fully_shard) parameters; the edge tracker measures "
+                "plain and DDP models (its gradient and alignments are taken on full "
+                "parameters); measure an FSDP2 model with samkit.curvature's operators")
         if self._cold:  # outside the budget and the row's seconds
             self._warm_up(model, params, probe)
         start = time.perf_counter()
         kind = optimizer_kind(optimizer)  # what the optimizer declares
 
-        # 1. loss and gradient on the probe set
+        # 1. loss and gradient on the probe set (under a process group: over the union of the
+        #    ranks' shards, the same on every rank)
         loss, grad = self._loss_grad(model, params, probe)
         grad_norm = float(grad.norm())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             row = {"step": int(step), "loss": loss, "grad_norm": grad_norm, "diverged": True}
             return self._append(row, start, 0)
 
-        # 2. λ₁ and v₁ by Lanczos, started from the last v₁
-        # one batch is passed as (x, y): the operator then caches its gradient graph
-        # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
-        H = HessianOperator(model, self.loss_fn, _operator_data(probe), params=params,
-                            seed=self.seed)
+        # 2. λ₁ and v₁ by Lanczos, started from the last v₁, on the Hessian of the probe set
+        #    (of the union of the shards: one all-reduce per product)
+        H = self._operator(model, params, probe)
         from samkit.optim.kind import BaseRule, EdgeRule
 
         effective = self.effective is not False and kind.form.wraps
@@ -527,15 +561,23 @@ class EdgeTracker(Callback):
             self.loss_fn = state.loss_fn
         if self.probe is None:
             self.probe = self._default_probe(state.train_data)
+            group = self._group()
+            if group is not None:  # this rank's shard of the probe set
+                self.probe = _shard(self.probe, *_rank_world(group))
         if self.path is None:
             self.path = Path(state.run_dir) / "edge.jsonl"
         self._clock = time.perf_counter()
-        if state.resumed and self.path.exists():
-            # keep what was measured up to the checkpoint, drop what came after it
-            kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= state.step]
-            _write_rows(self.path, kept)
-            self.rows = kept
-            self._file_started = True
+        if state.resumed:
+            # keep what was measured up to the checkpoint, drop what came after it (the
+            # writer's file, handed to every rank: the rows seed the next measurements)
+            kept = None
+            if self._writes() and self.path.exists():
+                kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= state.step]
+                _write_rows(self.path, kept)
+            kept = _from_writer(self._group(), kept)
+            if kept is not None:
+                self.rows = kept
+                self._file_started = True
 
     def _record_in_run(self, state: TrainState, step: int, batch: Any = None) -> None:
         """Measure, and log the row to the run's ``metrics.jsonl`` as ``{"event": "edge",
@@ -597,14 +639,11 @@ class EdgeTracker(Callback):
         :attr:`warmup_seconds` (outside the budget): the one-time costs of a first measurement
         (allocation, autograd graphs, compiled kernels, caches) do not count as a measurement's
         cost and do not space the next ones."""
-        from samkit.curvature import HessianOperator
-
         t0 = time.perf_counter()
         self._cold = False
         _, grad = self._loss_grad(model, params, probe)
-        if bool(torch.isfinite(grad).all()):
-            H = HessianOperator(model, self.loss_fn, _operator_data(probe), params=params,
-                                seed=self.seed)
+        if bool(torch.isfinite(grad).all()):  # the same on every rank (reduced)
+            H = self._operator(model, params, probe)
             H @ torch.ones(H.shape[0], device=H.device, dtype=H.dtype)
         self.warmup_seconds += time.perf_counter() - t0
 
@@ -623,19 +662,66 @@ class EdgeTracker(Callback):
             return self.params
         return [p for p in model.parameters() if p.requires_grad]
 
+    def _group(self) -> Any:
+        """The resolved process group (None: this process alone)."""
+        from samkit.curvature._dist import resolve_group
+
+        return resolve_group(self.process_group)
+
+    def _writes(self) -> bool:
+        """Whether this process writes the rows: the group's rank 0 (without a group, global
+        rank 0, so that ``"local"`` trackers of a torchrun run write once too)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        group = self._group()
+        return dist.get_rank(group) == 0 if group is not None else dist.get_rank() == 0
+
+    def _operator(self, model: nn.Module, params: list[Tensor], batches: list[tuple[Any, Any]]
+                  ) -> Any:
+        """The Hessian of the mean loss over ``batches`` (under the tracker's process group:
+        over the union of the ranks' ``batches``, one all-reduce per product)."""
+        from samkit.curvature import HessianOperator
+
+        # one batch is passed as (x, y): the operator then caches its gradient graph
+        # (x may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)
+        return HessianOperator(model, self.loss_fn, _operator_data(batches), params=params,
+                               seed=self.seed, process_group=self.process_group)
+
     def _loss_grad(
         self, model: nn.Module, params: list[Tensor], batches: list[tuple[Any, Any]],
         shift: Tensor | None = None,
     ) -> tuple[float, Tensor]:
-        """Mean loss and flat gradient over ``batches`` at ``w + shift``: the operator base's
+        r"""Mean loss and flat gradient over ``batches`` at ``w + shift``: the operator base's
         :func:`~samkit.curvature.operator.loss_and_gradient` (the weights are put back
-        exactly and ``.grad`` is not touched)."""
+        exactly and ``.grad`` is not touched). Under a process group, of the union of the
+        ranks' ``batches``: :math:`\sum_r n_r L_r / \sum_r n_r` and the same for the
+        gradient, one all-reduce (in float64) of :math:`(n_r g_r, n_r L_r, n_r)`, the same
+        on every rank (``shift`` must be too)."""
         from samkit.curvature._data import Batches
         from samkit.curvature.operator import loss_and_gradient
 
         loss, grads = loss_and_gradient(model, self.loss_fn, params,
                                         Batches(batches, params[0].device), self.seed, shift)
-        return loss, _flat(grads).detach()
+        grad = _flat(grads).detach()
+        group = self._group()
+        if group is None:
+            return loss, grad
+        import torch.distributed as dist
+
+        sizes = [_examples(x, y) for x, y in batches]
+        if None in sizes:
+            raise ValueError(
+                "Invalid probe: the number of examples of a batch cannot be told (allowed "
+                "under a process group: batches whose y, or x, has the examples along its "
+                "first dimension; the ranks' losses are weighted by them)")
+        n = float(sum(sizes))
+        packed = torch.cat([grad.to(torch.float64) * n,
+                            torch.tensor([loss * n, n], dtype=torch.float64, device=grad.device)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        total = packed[-1]
+        return float(packed[-2] / total), (packed[:-2] / total).to(grad.dtype)
 
     def _effective_operator(self, H: Any, optimizer: Optimizer, kind: Any, grad: Tensor):
         """The effective Hessian of the optimizer's ascent (its declared form) and ''; or None
@@ -710,13 +796,17 @@ class EdgeTracker(Callback):
             )
 
     def _append(self, row: dict[str, Any], start: float, matvecs: int) -> dict[str, Any]:
+        # the row's seconds: the largest of the ranks' (the same row, and the same budget
+        # decisions, on every rank)
+        (seconds,) = _largest(self._group(), [time.perf_counter() - start])
         self._last_end = time.perf_counter()
-        seconds = self._last_end - start
         self.seconds += seconds
         self.matvecs += matvecs
         row["matvecs"] = int(matvecs)
         row["seconds"] = seconds
         self.rows.append(row)
+        if not self._writes():
+            return row
         if self.path is not None:
             if not self._file_started:
                 _write_rows(self.path, [])
@@ -728,6 +818,60 @@ class EdgeTracker(Callback):
         return row
 
 
+def _check_group(process_group: Any) -> None:
+    """``process_group`` is None, ``"local"`` or a ``torch.distributed.ProcessGroup`` (resolved
+    at each use: a trainer joins its group after the tracker is made)."""
+    import torch.distributed as dist
+
+    if process_group is None or process_group == "local":
+        return
+    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+        return
+    raise ValueError(f"Invalid process_group: {process_group!r} (allowed: None, a "
+                     "torch.distributed.ProcessGroup, or 'local')")
+
+
+def _rank_world(group: Any) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _largest(group: Any, values: list[float]) -> list[float]:
+    """The largest of each value over the ranks of ``group`` (one all-reduce; the values
+    themselves without a group)."""
+    if group is None:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [float(v) for v in t.cpu()]
+
+
+def _from_writer(group: Any, rows: list[dict[str, Any]] | None) -> Any:
+    """``rows`` of the group's rank 0, on every rank (one broadcast; as given without one)."""
+    if group is None:
+        return rows
+    import torch.distributed as dist
+
+    box = [rows]
+    dist.broadcast_object_list(box, group_src=0, group=group)
+    return box[0]
+
+
+def _shard(probe: list[tuple[Any, Any]], rank: int, world: int) -> list[tuple[Any, Any]]:
+    """This rank's part of every batch of ``probe`` (contiguous, sizes differing by at most
+    one: :func:`samkit.distributed.shard_batch`). When a batch has fewer examples than there
+    are ranks, every rank keeps the whole probe set (the size-weighted mean over identical
+    copies is the probe set's own)."""
+    if any(len(y) < world for _, y in probe):
+        return probe
+    return [(x.tensor_split(world)[rank], y.tensor_split(world)[rank]) for x, y in probe]
+
+
 def _operator_data(probe: list[tuple[Any, Any]]) -> Any:
     """One batch is passed as ``(x, y)``: the operator then caches its gradient graph (``x``
     may be a dict of tensors, e.g. a Hugging Face batch: then a list of one batch)."""
@@ -735,10 +879,11 @@ def _operator_data(probe: list[tuple[Any, Any]]) -> Any:
 
 
 def _step_batch(state: TrainState) -> Any:
-    """The step's batch for the SAM-edge's ‖g‖, or None in full-batch runs (the probe set is
+    """The step's batch for the SAM-edge's ‖g‖ (under DDP this rank's slice of it: the
+    tracker measures the union of the slices), or None in full-batch runs (the probe set is
     then the training set)."""
     batch = state.batch
-    if batch is None or len(batch[1]) == len(state.train_data.y):
+    if batch is None or state.full_batch:
         return None
     return batch
 

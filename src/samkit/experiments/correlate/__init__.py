@@ -57,11 +57,13 @@ from samkit.experiments.correlate.config import (
     QUICK,
     QUICK_TRAIN,
     CorrelateConfig,
+    apply_preset,
     apply_study_overrides,
     config_from_dict,
     config_to_dict,
     field_help,
     load_correlate_config,
+    preset_changes,
     with_fallback,
 )
 from samkit.experiments.correlate.grid import HYPERPARAMETERS, ModelSpec, grid, model_key
@@ -87,6 +89,7 @@ from samkit.experiments.correlate.stats import (
     correlate,
     default_name,
     verdict,
+    verdicts,
 )
 from samkit.experiments.correlate.study import run_correlate
 from samkit.measures import (
@@ -113,6 +116,7 @@ __all__ = [
     "MeasureCache",
     "ModelSpec",
     "add_parser",
+    "apply_preset",
     "apply_study_overrides",
     "cache_key",
     "cmd_correlate",
@@ -137,12 +141,14 @@ __all__ = [
     "measures",
     "model_key",
     "plot_scatter",
+    "preset_changes",
     "process_model",
     "rescale_relu",
     "run_correlate",
     "status_of",
     "train_model",
     "verdict",
+    "verdicts",
     "with_fallback",
     "write_csv",
     "write_report",

@@ -14,13 +14,14 @@ from samkit.experiments import base
 from samkit.experiments.correlate.config import (
     DEFAULT,
     CorrelateConfig,
+    apply_preset,
     apply_study_overrides,
     field_help,
     load_correlate_config,
     with_fallback,
 )
 from samkit.experiments.correlate.report import format_table
-from samkit.experiments.correlate.stats import verdict
+from samkit.experiments.correlate.stats import verdicts
 from samkit.experiments.correlate.study import run_correlate
 
 
@@ -43,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  samkit correlate --jobs 2\n"
         "  samkit correlate --quick\n"
+        "  samkit correlate --measures andriushchenko2023 --jobs 2\n"
         "  samkit correlate --batch-size 32 256 --lr 0.01 0.1 --rescale 10\n"
         "  samkit correlate --config configs/correlate.yaml --set train.subset=5000 steps=20\n"
         "\nstudy keys (--set KEY=VALUE; training keys as train.KEY=VALUE):\n" + keys + "\n",
@@ -51,6 +53,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tiny study (8 small models, one ρ each) for tests and demos")
     p.add_argument("--jobs", "-j", type=int, default=1, help="models trained at once (processes)")
+    from samkit.measures import PRESET_SOURCES
+
+    p.add_argument(
+        "--measures", choices=tuple(PRESET_SOURCES), default=None,
+        help="the measure setting of a published study, applied before --set: "
+        + "; ".join(f"{k}: {v}" for k, v in PRESET_SOURCES.items()) + " (default: kwon2021)")
     study_flags = ("batch_sizes", "lrs", "weight_decays", "dropouts", "stop_loss", "rescale")
     texts = {k: f"{helps[k]} (default: {_show(getattr(d, k))})" for k in study_flags}
     C.add_flags(p, CorrelateConfig, study_flags, texts)
@@ -89,6 +97,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[CorrelateConfig, list[st
         config = config.replace(train=config.train.replace(**train_changes))
     if dataset is None and args.config is None:
         config, notes = with_fallback(config)
+    if getattr(args, "measures", None):
+        config = apply_preset(config, args.measures)
     changes = C.flag_values(args)
     if args.fixed_epochs:
         changes["stop_loss"] = None
@@ -120,7 +130,8 @@ def cmd_correlate(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     print()
     print(format_table(result))
     print()
-    print(verdict(result))
+    for line in verdicts(result):
+        print(f"- {line}")
     print(f"\n{len(result.rows)} models, {len(result.included)} correlated, "
           f"{result.wall_time:.0f} s; report: {result.run_dir / 'report.md'}")
     for note in result.notes:

@@ -15,6 +15,8 @@ from samkit.config import TrainConfig, setting
 from samkit.experiments import base
 
 GAPS = ("error", "loss")
+SIGMA_KEYS = ("avg_sigmas", "avg_sigmas_uniform", "adaptive_avg_sigmas",
+              "adaptive_avg_sigmas_uniform")
 HYPERPARAMETERS = ("batch_size", "lr", "weight_decay", "dropout")
 
 # What every model of the default study shares (the grid sets batch_size, lr, weight_decay and
@@ -87,6 +89,25 @@ class CorrelateConfig:
         10, "projected-gradient ascent steps after the first (SAM/ASAM) step")
     m: int | None = setting(
         None, "m-sharpness: maximize over micro-batches of m examples (null: all)")
+    starts: int | None = setting(
+        None, "ascents per worst-case maximization (null: samkit's 8; 1: one, from the SAM "
+        "step)")
+    avg_sigmas: tuple = setting(
+        (), "average-case sharpness, Gaussian perturbations: sigma per entry")
+    avg_sigmas_uniform: tuple = setting(
+        (), "average-case sharpness, uniform perturbations in [-sigma, sigma]")
+    adaptive_avg_sigmas: tuple = setting(
+        (), "adaptive average-case sharpness, Gaussian: sigma |w| per entry")
+    adaptive_avg_sigmas_uniform: tuple = setting(
+        (), "adaptive average-case sharpness, uniform in [-sigma |w|, sigma |w|]")
+    avg_samples: int = setting(
+        20, "random perturbations per average-case measure (seeded)")
+    normalize_logits: bool = setting(
+        False, "measure sharpness of the model with centred, unit-norm logits")
+    error_increase: bool = setting(
+        False, "also rank the error increase beside each sharpness's loss increase")
+    preset: str = setting(
+        "kwon2021", "the published measure setting the keys above started from (--measures)")
     lambda_max: bool = setting(
         True, "also the top Hessian eigenvalue (Lanczos, tol 1e-3)")
     trace: bool = setting(
@@ -97,12 +118,14 @@ class CorrelateConfig:
         (), "add a copy of every model with layer 1 x alpha, layer 2 / alpha")
     seed: int = setting(
         0, "seeds the measure subset, the sharpness starts and the trace vectors")
+    resamples: int = setting(
+        2000, "bootstrap resamples of the models for every confidence interval")
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"Invalid train: {self.train!r} (allowed: a TrainConfig mapping)")
         for key in ("batch_sizes", "lrs", "weight_decays", "dropouts", "rhos_l2", "rhos_linf",
-                    "adaptive_rhos_l2", "adaptive_rhos_linf", "rescale"):
+                    "adaptive_rhos_l2", "adaptive_rhos_linf", "rescale", *SIGMA_KEYS):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or any(
                 isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
@@ -124,7 +147,8 @@ class CorrelateConfig:
             raise ValueError(f"Invalid weight_decays: {list(self.weight_decays)} (allowed: >= 0)")
         if any(not 0 <= v < 1 for v in self.dropouts):
             raise ValueError(f"Invalid dropouts: {list(self.dropouts)} (allowed: 0 <= p < 1)")
-        for key in ("rhos_l2", "rhos_linf", "adaptive_rhos_l2", "adaptive_rhos_linf", "rescale"):
+        for key in ("rhos_l2", "rhos_linf", "adaptive_rhos_l2", "adaptive_rhos_linf", "rescale",
+                    *SIGMA_KEYS):
             if any(v <= 0 for v in getattr(self, key)):
                 raise ValueError(f"Invalid {key}: {list(getattr(self, key))} (allowed: > 0)")
         for key in ("batch_sizes", "lrs", "weight_decays", "dropouts"):
@@ -146,6 +170,16 @@ class CorrelateConfig:
             raise ValueError(f"Invalid m: {self.m} (allowed: an integer >= 1, or null)")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"Invalid eta: {self.eta} (allowed: a finite number >= 0)")
+        if self.starts is not None and (isinstance(self.starts, bool) or self.starts < 1):
+            raise ValueError(f"Invalid starts: {self.starts} (allowed: an integer >= 1, or null)")
+        if isinstance(self.resamples, bool) or self.resamples < 100:
+            raise ValueError(f"Invalid resamples: {self.resamples} (allowed: an integer >= 100)")
+        if isinstance(self.avg_samples, bool) or self.avg_samples < 2:
+            raise ValueError(f"Invalid avg_samples: {self.avg_samples} (allowed: an integer >= 2)")
+        from samkit.measures import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"Invalid preset: {self.preset!r} (allowed: {', '.join(PRESETS)})")
 
     def replace(self, **changes: Any) -> CorrelateConfig:
         return dataclasses.replace(self, **changes)
@@ -200,6 +234,24 @@ def load_correlate_config(
 ) -> CorrelateConfig:
     """The defaults (or ``--quick``'s), then the YAML file ``path``, then the overrides."""
     return C.load(CorrelateConfig, path, list(overrides), base=QUICK if quick else DEFAULT)
+
+
+def apply_preset(config: CorrelateConfig, name: str) -> CorrelateConfig:
+    """``config`` with the measure settings of a published study (:data:`samkit.measures.PRESETS`:
+    ``kwon2021``, ``andriushchenko2023``) and ``preset`` set to its name."""
+    from samkit.measures import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"Invalid measures: {name!r} (allowed: {', '.join(PRESETS)})")
+    return config.replace(**PRESETS[name], preset=name)
+
+
+def preset_changes(config: CorrelateConfig) -> dict[str, Any]:
+    """The measure settings in which ``config`` differs from its ``preset``."""
+    from samkit.measures import PRESETS
+
+    return {k: getattr(config, k) for k, v in PRESETS[config.preset].items()
+            if getattr(config, k) != (tuple(v) if isinstance(v, list) else v)}
 
 
 def config_to_dict(config: CorrelateConfig) -> dict[str, Any]:

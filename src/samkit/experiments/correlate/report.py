@@ -11,7 +11,7 @@ from typing import Any
 
 from samkit.experiments import base
 from samkit.experiments.correlate.config import config_to_dict
-from samkit.experiments.correlate.stats import CorrelateResult, comparison, verdict
+from samkit.experiments.correlate.stats import CorrelateResult, comparison, verdicts
 from samkit.measures import measures
 from samkit.train.checkpoint import atomic_write_text
 
@@ -28,37 +28,69 @@ def _p(value: float) -> str:
     return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
 
 
+def _ci(d: Any) -> str:
+    """``+0.560 [+0.410, +0.690]`` from an Interval or its dict."""
+    if d is None:
+        return "n/a"
+    if not isinstance(d, dict):
+        d = d.to_dict()
+    return f"{_f(d['estimate'], '+.3f')} [{_f(d['low'], '+.3f')}, {_f(d['high'], '+.3f')}]"
+
+
 def format_table(result: CorrelateResult) -> str:
-    """The τ table, sorted by τ (largest first), as Markdown (readable as text)."""
+    """The τ table, sorted by τ (largest first), as Markdown (readable as text): τ with its 95 %
+    bootstrap interval over the models, Ψ with its per-hyperparameter parts."""
+    from samkit.experiments.correlate.grid import HYPERPARAMETERS
+
     gap = "test - train error" if result.config.gap == "error" else "test - train loss"
     other = "loss gap" if result.config.gap == "error" else "error gap"
+    short = {"batch_size": "bs", "lr": "lr", "weight_decay": "wd", "dropout": "do",
+             "alpha": "α"}
+    keys = [*HYPERPARAMETERS, *(("alpha",) if result.config.rescale else ())]
     lines = [
-        f"| measure | τ vs gap ({gap}) | p-value | Ψ (granulated) | τ vs {other} | models |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in result.correlations:
-        lines.append(
-            f"| {c.measure.label} | {_f(c.tau, '+.3f')} | {_p(c.pvalue)} | {_f(c.psi, '+.3f')} "
-            f"| {_f(c.tau_other, '+.3f')} | {c.n} |"
-        )
-    return "\n".join(lines)
-
-
-def format_comparison(result: CorrelateResult) -> str:
-    lines = [
-        "| p | plain: best τ | plain: mean τ | adaptive: best τ | adaptive: mean τ "
-        "| plain: mean Ψ | adaptive: mean Ψ |",
+        f"| measure | τ vs gap ({gap}) [95 % CI] | p-value | Ψ (granulated) | Ψ parts "
+        f"({' / '.join(short[k] for k in keys)}) | τ vs {other} [95 % CI] | models |",
         "|---|---|---|---|---|---|---|",
     ]
-    for e in comparison(result):
-        s, a = e["sharpness"], e["adaptive"]
+    for c in result.correlations:
+        parts = " / ".join(_f(c.psi_per.get(k, math.nan), "+.2f") for k in keys)
         lines.append(
-            f"| {e['p']} | {_f(s['best_tau'], '+.3f')} | {_f(s['mean_tau'], '+.3f')} "
-            f"| {_f(a['best_tau'], '+.3f')} | {_f(a['mean_tau'], '+.3f')} "
-            f"| {_f(s['mean_psi'], '+.3f')} | {_f(a['mean_psi'], '+.3f')} |"
+            f"| {c.measure.label} | {_ci(c.interval)} | {_p(c.pvalue)} | {_f(c.psi, '+.3f')} "
+            f"| {parts} | {_ci(c.interval_other)} | {c.n} |"
         )
     return "\n".join(lines)
 
+
+def format_comparison(result: CorrelateResult, entries: list[dict[str, Any]] | None = None
+                      ) -> str:
+    """Adaptive against plain sharpness per group: best τ (its radius) with intervals, the
+    paired differences adaptive − plain of the best and of the mean τ with their intervals and
+    verdicts, the mean Ψ."""
+    lines = [
+        "| group | plain: best τ [95 % CI] | adaptive: best τ [95 % CI] | best: adaptive − plain "
+        "[95 % CI] | verdict | mean τ plain / adaptive | mean: adaptive − plain [95 % CI] "
+        "| verdict | mean Ψ plain / adaptive | models |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in comparison(result) if entries is None else entries:
+        s, a = e["sharpness"], e["adaptive"]
+        lines.append(
+            f"| {e['group']} | {_ci(s['best_interval'])} ({_rho(s['best_measure'])}) "
+            f"| {_ci(a['best_interval'])} ({_rho(a['best_measure'])}) "
+            f"| {_ci(e['best_difference'])} | {e['best_verdict']} "
+            f"| {_f(s['mean_tau'], '+.3f')} / {_f(a['mean_tau'], '+.3f')} "
+            f"| {_ci(e['mean_difference'])} | {e['mean_verdict']} "
+            f"| {_f(s['mean_psi'], '+.3f')} / {_f(a['mean_psi'], '+.3f')} "
+            f"| {e['best_difference']['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def _rho(label: str | None) -> str:
+    """The radius part of a measure's label (``ρ=0.1``, ``σ=0.2``)."""
+    if not label:
+        return "n/a"
+    return label.split(" (")[0].split(" ")[-1]
 
 
 def format_models(result: CorrelateResult) -> str:
@@ -144,10 +176,38 @@ def write_csv(result: CorrelateResult, path: Path) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
+def _measures_sentence(cfg) -> str:
+    """What the measures are, with the preset they follow and what differs from it."""
+    from samkit.experiments.correlate.config import preset_changes
+    from samkit.measures import PRESET_SOURCES
+
+    changes = preset_changes(cfg)
+    worst = (f"worst case: max L(w+ε) − L(w) over ‖ε‖_p ≤ ρ (plain) or ‖T_w⁻¹ε‖_p ≤ ρ "
+             f"(adaptive, T_w = |w| + {cfg.eta:g} element-wise, biases included) by projected "
+             f"ascent ({cfg.starts or 8} start(s), {cfg.steps} steps after the SAM/ASAM step)"
+             + (f", per micro-batch of m = {cfg.m} examples, averaged (m-sharpness)"
+                if cfg.m else ""))
+    avg = any(getattr(cfg, k) for k in ("avg_sigmas", "avg_sigmas_uniform",
+                                        "adaptive_avg_sigmas", "adaptive_avg_sigmas_uniform"))
+    return (
+        f"Measures (preset **{cfg.preset}**: {PRESET_SOURCES[cfg.preset]}"
+        + (f"; changed: {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else "")
+        + f") on {cfg.measure_examples} fixed training examples (seed {cfg.seed}), model in "
+        f"eval mode, cross-entropy"
+        + (" of the logit-normalized model" if cfg.normalize_logits else "") + ": " + worst
+        + ("; average case: E L(w + σ T_w z) − L(w), z Gaussian or uniform in [−1, 1], "
+           f"{cfg.avg_samples} seeded draws" if avg else "")
+        + ("; beside each loss increase the error increase (error at the perturbed weights − "
+           "error at w)" if cfg.error_increase else "")
+        + f"; λ₁ by Lanczos (tol 1e-3); trace by Hutchinson ({cfg.trace_samples} vectors)."
+    )
+
+
 def write_report(result: CorrelateResult, command: str | None = None) -> Path:
     """``report.md``, ``scatter.png``, ``results.csv`` and ``summary.json``."""
     cfg = result.config
     t = cfg.train
+    entries = comparison(result)
     plot_scatter(result, result.run_dir / "scatter.png")
     write_csv(result, result.run_dir / "results.csv")
     originals = [r for r in result.rows if r["alpha"] == 1.0]
@@ -175,35 +235,39 @@ def write_report(result: CorrelateResult, command: str | None = None) -> Path:
         + f". Stopping rule: {stop}.",
         f"Models: {counts['converged']} converged, {counts['unconverged']} missed the stopping "
         f"loss, {counts['diverged']} diverged; correlations over {len(result.included)} rows.",
-        f"Measures on {cfg.measure_examples} fixed training examples (seed {cfg.seed}), model in "
-        f"eval mode, cross-entropy: sharpness max L(w+ε) − L(w) over ‖ε‖_p ≤ ρ, adaptive "
-        f"sharpness over ‖T_w⁻¹ε‖_p ≤ ρ with T_w = |w| + {cfg.eta:g} element-wise (biases "
-        f"included); {cfg.steps} projected-gradient steps after the SAM/ASAM step"
-        + (f", m = {cfg.m}" if cfg.m else "")
-        + "; λ₁ by Lanczos (tol 1e-3); trace by Hutchinson "
-        f"({cfg.trace_samples} vectors).",
+        _measures_sentence(cfg),
         "",
         "## Kendall τ between each measure and the generalization gap (sorted by τ)",
         "",
         format_table(result),
         "",
-        "τ: Kendall's τ_b over all models (p-value of τ = 0, two-sided). Ψ: the granulated "
-        "coefficient of Jiang et al. (2020), the mean over the four hyperparameters of the mean "
-        "τ over groups of models that differ in that hyperparameter only.",
+        "τ: Kendall's τ_b over all models, with its 95 % BCa bootstrap interval over the models "
+        f"({cfg.resamples} resamples; a model drawn twice is a tie) and the two-sided p-value of "
+        "τ = 0. Ψ: the granulated coefficient of Jiang et al. (2020): for each hyperparameter "
+        "(the parts), the mean τ over the groups of models that differ in that hyperparameter "
+        "only; Ψ is their mean. Ψ has no interval: a bootstrap over models breaks the groups it "
+        "is made of.",
         "",
         "## Adaptive against plain sharpness",
         "",
-        format_comparison(result),
+        format_comparison(result, entries),
         "",
-        verdict(result),
+        "Within each group (same kind, p and quantity), each family's best τ over its radii and "
+        "its mean τ; the differences adaptive − plain are paired (both τ on the same bootstrap "
+        "resample of the models) and the best and the mean are taken again in every resample, "
+        "so the interval includes the choice of the best radius. The verdicts follow from the "
+        "intervals alone: better (or worse) only when the whole 95 % interval is above (below) "
+        "zero.",
+        "",
+        *[f"- {v}" for v in verdicts(result, entries)],
         "",
         "## The hyperparameters themselves (τ against the gap, for reference)",
         "",
-        "| hyperparameter | τ | p-value |",
-        "|---|---|---|",
+        "| hyperparameter | τ [95 % CI] | p-value | models |",
+        "|---|---|---|---|",
     ]
     for key, v in result.hparam_taus.items():
-        lines.append(f"| {key} | {_f(v['tau'], '+.3f')} | {_p(v['pvalue'])} |")
+        lines.append(f"| {key} | {_ci(v['interval'])} | {_p(v['pvalue'])} | {v['n']} |")
     lines += [
         "",
         "![measure against gap](scatter.png)",
@@ -225,13 +289,16 @@ def write_report(result: CorrelateResult, command: str | None = None) -> Path:
         "correlations": [
             {"measure": c.measure.key, "label": c.measure.label, "family": c.measure.family,
              "p": None if c.measure.p is None else ("inf" if c.measure.p == math.inf else 2),
+             "kind": c.measure.kind, "quantity": c.measure.quantity,
              "rho": c.measure.rho, "tau": c.tau, "pvalue": c.pvalue, "n": c.n, "psi": c.psi,
+             "tau_interval": c.interval.to_dict() if c.interval else None,
              "psi_per_hyperparameter": c.psi_per, "tau_other_gap": c.tau_other,
-             "pvalue_other_gap": c.pvalue_other}
+             "pvalue_other_gap": c.pvalue_other,
+             "tau_other_gap_interval": c.interval_other.to_dict() if c.interval_other else None}
             for c in result.correlations
         ],
-        "comparison": comparison(result),
-        "verdict": verdict(result),
+        "comparison": entries,
+        "verdicts": verdicts(result, entries),
         "hyperparameters": result.hparam_taus,
         "rows": result.rows,
         "notes": result.notes,

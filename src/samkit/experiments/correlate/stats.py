@@ -11,6 +11,7 @@ from typing import Any
 from samkit.experiments.correlate.config import CorrelateConfig
 from samkit.experiments.correlate.grid import HYPERPARAMETERS
 from samkit.measures import Measure, measures
+from samkit.stats import Interval
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Correlation:
     psi_per: dict
     tau_other: float  # τ against the other gap (loss gap when ranking the error gap, and back)
     pvalue_other: float
+    interval: Interval | None = None  # τ's bootstrap interval over the models
+    interval_other: Interval | None = None
 
 
 @dataclass
@@ -63,8 +66,9 @@ def default_name(config: CorrelateConfig, quick: bool = False) -> str:
 
 
 def correlate(result: CorrelateResult) -> None:
-    """Fill ``result.correlations`` (sorted by τ, largest first) and ``hparam_taus``."""
-    from samkit.stats import granulated_kendall, kendall_tau
+    """Fill ``result.correlations`` (sorted by τ, largest first, each with its bootstrap
+    interval over the models) and ``hparam_taus``."""
+    from samkit.stats import granulated_kendall, kendall_interval, kendall_tau
 
     cfg = result.config
     rows = result.included
@@ -74,55 +78,107 @@ def correlate(result: CorrelateResult) -> None:
     other = [r[other_key] for r in rows]
     groups = [{k: r[k] for k in (*HYPERPARAMETERS, *(("alpha",) if cfg.rescale else ()))}
               for r in rows]
+    boot = {"n_resamples": cfg.resamples, "seed": cfg.seed}
     out = []
     for measure in measures(cfg):
         x = [r.get(measure.key, math.nan) for r in rows]
         k = kendall_tau(x, gap)
         k2 = kendall_tau(x, other)
         psi, per = granulated_kendall(x, gap, groups)
-        out.append(Correlation(measure, k.tau, k.pvalue, k.n, psi, per, k2.tau, k2.pvalue))
+        out.append(Correlation(measure, k.tau, k.pvalue, k.n, psi, per, k2.tau, k2.pvalue,
+                               kendall_interval(x, gap, **boot),
+                               kendall_interval(x, other, **boot)))
     out.sort(key=lambda c: (-c.tau if not math.isnan(c.tau) else math.inf))
     result.correlations = out
     result.hparam_taus = {}
     for key in HYPERPARAMETERS:
-        k = kendall_tau([r[key] for r in rows], gap)
-        result.hparam_taus[key] = {"tau": k.tau, "pvalue": k.pvalue, "n": k.n}
+        x = [r[key] for r in rows]
+        k = kendall_tau(x, gap)
+        result.hparam_taus[key] = {"tau": k.tau, "pvalue": k.pvalue, "n": k.n,
+                                   "interval": kendall_interval(x, gap, **boot).to_dict()}
+
+
+def _best(correlations: list[Correlation]) -> Correlation | None:
+    defined = [c for c in correlations if not math.isnan(c.tau)]
+    return max(defined, key=lambda c: c.tau) if defined else None
 
 
 def comparison(result: CorrelateResult) -> list[dict[str, Any]]:
-    """Adaptive against plain sharpness at each p: the best and the mean τ over the radii."""
+    """Adaptive against plain sharpness within each group of the same kind, p and quantity
+    (e.g. worst-case p = 2, loss increase): each family's best τ over the radii (with its
+    interval) and mean τ, the differences adaptive − plain of the best and of the mean with
+    their paired bootstrap intervals over the models (the best and the mean recomputed in every
+    resample), their verdicts, and each family's mean Ψ."""
+    from samkit.stats import kendall_group_difference_interval, verdict
+
+    cfg = result.config
+    rows = result.included
+    gap = [r[f"gap_{cfg.gap}"] for r in rows]
+    by_group: dict[str, dict[str, list[Correlation]]] = {}
+    for c in result.correlations:
+        if c.measure.family in ("sharpness", "adaptive"):
+            by_group.setdefault(c.measure.group, {}).setdefault(c.measure.family, []).append(c)
+    from samkit.measures import KINDS
+
+    def order(group: str) -> tuple:  # worst p=2, p=∞, average Gaussian, uniform; loss first
+        m = by_group[group].get("adaptive", by_group[group].get("sharpness"))[0].measure
+        return (KINDS.index(m.kind), m.p or 0, m.quantity != "loss")
+
     out = []
-    for p in (2, math.inf):
-        entry: dict[str, Any] = {"p": "2" if p == 2 else "inf"}
+    for group in sorted(by_group, key=order):
+        families = by_group[group]
+        if set(families) != {"sharpness", "adaptive"}:
+            continue
+        entry: dict[str, Any] = {"group": group}
         for family in ("sharpness", "adaptive"):
-            taus = [c.tau for c in result.correlations
-                    if c.measure.family == family and c.measure.p == p and not math.isnan(c.tau)]
-            psis = [c.psi for c in result.correlations
-                    if c.measure.family == family and c.measure.p == p and not math.isnan(c.psi)]
+            cs = families[family]
+            taus = [c.tau for c in cs if not math.isnan(c.tau)]
+            psis = [c.psi for c in cs if not math.isnan(c.psi)]
+            best = _best(cs)
             entry[family] = {
-                "best_tau": max(taus) if taus else math.nan,
+                "best_tau": best.tau if best else math.nan,
+                "best_measure": best.measure.label if best else None,
+                "best_interval": best.interval.to_dict() if best and best.interval else None,
                 "mean_tau": sum(taus) / len(taus) if taus else math.nan,
                 "mean_psi": sum(psis) / len(psis) if psis else math.nan,
                 "count": len(taus),
             }
+        xs = {f: [[r.get(c.measure.key, math.nan) for r in rows] for c in families[f]]
+              for f in families}
+        for reduce in ("max", "mean"):
+            interval = kendall_group_difference_interval(
+                xs["adaptive"], xs["sharpness"], gap, reduce=reduce, n_resamples=cfg.resamples,
+                seed=cfg.seed)
+            name = "best" if reduce == "max" else "mean"
+            entry[f"{name}_difference"] = interval.to_dict()
+            entry[f"{name}_verdict"] = verdict(interval)
         out.append(entry)
     return out
 
 
+def _interval(d: dict[str, Any]) -> Interval:
+    return Interval(**d)
+
+
+def verdicts(result: CorrelateResult, entries: list[dict[str, Any]] | None = None) -> list[str]:
+    """One sentence per comparison group, generated from the intervals: is adaptive
+    sharpness's τ with the gap better, worse or not distinguishable from plain sharpness's?"""
+    from samkit.stats import verdict_sentence
+
+    out = []
+    for e in comparison(result) if entries is None else entries:
+        best = verdict_sentence(
+            "adaptive", "plain sharpness", "best τ over the radii",
+            _interval(e["best_difference"]))
+        mean = verdict_sentence(
+            "adaptive", "plain sharpness", "mean τ over the radii",
+            _interval(e["mean_difference"]))
+        out.append(f"{e['group']}: {best} {mean[0].upper()}{mean[1:]}")
+    return out
+
 
 def verdict(result: CorrelateResult) -> str:
-    """One sentence per p: is adaptive sharpness's τ higher than plain sharpness's?"""
-    parts = []
-    for e in comparison(result):
-        s, a = e["sharpness"], e["adaptive"]
-        if math.isnan(s["best_tau"]) or math.isnan(a["best_tau"]):
-            parts.append(f"p={e['p']}: not enough data to compare.")
-            continue
-        best = "higher" if a["best_tau"] > s["best_tau"] else "not higher"
-        mean = "higher" if a["mean_tau"] > s["mean_tau"] else "not higher"
-        parts.append(
-            f"p={e['p']}: adaptive sharpness's best τ over ρ is {best} than plain sharpness's "
-            f"({a['best_tau']:+.3f} vs {s['best_tau']:+.3f}); its mean τ over ρ is {mean} "
-            f"({a['mean_tau']:+.3f} vs {s['mean_tau']:+.3f})."
-        )
-    return " ".join(parts)
+    """:func:`verdicts` as one paragraph (or why there is nothing to compare)."""
+    parts = verdicts(result)
+    return " ".join(parts) if parts else (
+        "No group has both adaptive and plain sharpness measures: nothing to compare.")
