@@ -41,6 +41,7 @@ from samkit.experiments.compare import (
     run_compare,
     with_fallback,
 )
+from samkit.experiments.tuned import paired_row
 from samkit.optim import list_optimizers
 
 OPTIMIZERS = [
@@ -54,7 +55,8 @@ GOAL_TIME = 1.15  # x SGD's training time
 
 
 def verdict(result: CompareResult) -> list[str]:
-    """Each method against SAM's accuracy (within one SAM std) and 1.15x SGD's training time."""
+    """Each method against SAM's accuracy (within one SAM std; the paired difference to SAM with
+    its 95 % interval over the seeds) and 1.15x SGD's training time."""
     rows = {row["optimizer"]: row for row in result.rows()}
     if "sam" not in rows or "sgd" not in rows:
         return []
@@ -70,8 +72,13 @@ def verdict(result: CompareResult) -> list[str]:
         cheap = ratio <= GOAL_TIME
         if as_good and cheap and name != result.equal_budget_label:
             met.append(name)
+        paired = paired_row(result, "sam", name)
+        iv = paired["interval"]
+        versus = (f"{100 * iv['estimate']:+.2f} [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] "
+                  f"pp vs SAM, {len(paired['seeds'])} seeds, 95 % paired t: {paired['verdict']}"
+                  if iv is not None else f"vs SAM: {paired['verdict']}")
         lines.append(
-            f"- **{name}**: {100 * acc:.2f} % ({100 * (acc - sam_acc):+.2f} pp vs SAM's "
+            f"- **{name}**: {100 * acc:.2f} % ({versus}; SAM's "
             f"{100 * sam_acc:.2f} ± {100 * sam_std:.2f}), {ratio:.2f}x SGD's training time, "
             f"{row['passes'] / rows['sgd']['passes']:.2f}x its passes: "
             + ("(the baseline row)" if name == result.equal_budget_label else

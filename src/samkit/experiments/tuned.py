@@ -63,10 +63,13 @@ def paired_rows(result: CompareResult, every_pair: bool = False) -> list[dict[st
     reader may take from the table has its interval)."""
     pairs = [(result.labels[i], later) for i in range(len(result.labels) if every_pair else 1)
              for later in result.labels[i + 1:]]
-    return [_paired_row(result, first, label) for first, label in pairs]
+    return [paired_row(result, first, label) for first, label in pairs]
 
 
-def _paired_row(result: CompareResult, first: str, label: str) -> dict[str, Any]:
+def paired_row(result: CompareResult, first: str, label: str) -> dict[str, Any]:
+    """Run ``label`` against run ``first`` of ``result``: the final test accuracies of the seeds
+    both finished, their paired difference (``label`` − ``first``) with its 95 % paired t
+    interval and the verdict (keys of :func:`paired_rows`' rows)."""
     from samkit.stats import paired_difference, verdict
 
     ref = {r.seed: r.final_acc for r in result.by_label(first)}
