@@ -65,3 +65,17 @@ def _no_process_outside_slow(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", checked)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+
+
+@pytest.fixture
+def one_rank():
+    """A gloo process group of one rank in this process (no other process is started): the
+    distributed code paths, in the fast loop."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -23,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(worker, out_dir, world: int = 2) -> list[dict]:
-    """Run ``worker`` on ``world`` gloo processes; their results, one dict per rank.
+def spawn(worker, out_dir, world: int = 2, *args) -> list[dict]:
+    """Run ``worker(rank, world, port, out_dir, *args)`` on ``world`` gloo processes; their
+    results, one dict per rank.
 
     A launch that dies without a Python error (a port taken between choosing and binding it, a
     gloo abort on an overloaded machine) is retried once, on a new port.
@@ -34,7 +35,8 @@ def spawn(worker, out_dir, world: int = 2) -> list[dict]:
     first = None
     for _ in range(2):
         try:
-            mp.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
+            mp.spawn(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world,
+                     join=True)
             break
         except mp.ProcessExitedException as err:
             if first is not None:

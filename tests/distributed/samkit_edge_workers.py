@@ -16,28 +16,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from samkit_dist_workers import free_port
+from samkit_dist_workers import free_port, spawn  # noqa: F401 (the tests call W.spawn, W.free_port)
 from torch import nn
-
-
-def spawn(worker, out_dir, world: int = 2, *args) -> list[dict]:
-    """Run ``worker(rank, world, port, out_dir, *args)`` on ``world`` gloo processes; their
-    results, one dict per rank (one retry on a new port when a launch dies without a Python
-    error)."""
-    import torch.multiprocessing as mp
-
-    first = None
-    for _ in range(2):
-        try:
-            mp.spawn(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world,
-                     join=True)
-            break
-        except mp.ProcessExitedException as err:
-            if first is not None:
-                raise RuntimeError(f"2 launches failed; the first: {first}") from err
-            first = err
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-            for r in range(world)]
 
 
 def data(n: int = 41, d: int = 5, k: int = 3, seed: int = 1):
