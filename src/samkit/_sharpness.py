@@ -423,6 +423,24 @@ def sharpness(
 DISTRIBUTIONS = ("gaussian", "uniform")
 
 
+def _local_measurement(model: nn.Module, params, data, process_group: Any, name: str):
+    """The model (a DDP module unwrapped), its measured parameters, this rank's batches and the
+    :class:`DataParallel` of ``process_group`` (None for one process) of a measurement whose
+    per-rank sums are all-reduced once at its end. FSDP2 models are refused (their ascent needs
+    the full weights: :func:`sharpness` has it)."""
+    model = unwrap(model)
+    group = resolve_group(process_group)
+    _, ps = resolve_params(model, params)
+    if has_dtensors(ps):
+        raise ValueError(f"Invalid model: an FSDP2 model for {name} (allowed: a model that is "
+                         "not sharded, alone or under DDP; samkit.sharpness(m=...) measures "
+                         "FSDP2 models)")
+    batches = Batches(data, ps[0].device)
+    parallel = None if group is None else DataParallel(group, local_count(batches),
+                                                       ps[0].device)
+    return model, ps, batches, parallel
+
+
 def _loss_and_error(model, loss_fn, batches, seed: int, error: bool) -> tuple[float, float]:
     """The size-weighted mean loss and (with ``error``) classification error over ``batches``
     at the current weights, without gradients (the same batch seeds as the ascent)."""
@@ -509,6 +527,8 @@ def m_sharpness(
     params: Iterable[Tensor] | None = None,
     seed: int = 0,
     error: bool = False,
+    *,
+    process_group: Any = None,
 ) -> MSharpnessResult:
     r"""m-sharpness: the worst-case (adaptive) sharpness of each micro-batch of ``m`` examples,
     averaged over the micro-batches, with the error increase beside the loss increase.
@@ -536,6 +556,10 @@ def m_sharpness(
         m: the micro-batch size (>= 1).
         error: also the error increase (``model(x)`` must give class scores and ``y`` integer
             labels).
+        process_group: as in :func:`sharpness`: under a group the micro-batches of every rank
+            count (each rank maximizes its own, the sums are all-reduced once at the end), so
+            every rank returns the same numbers; ``batch_values`` are this rank's. FSDP2 models:
+            use ``sharpness(m=...)``.
 
     References:
         P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur. Sharpness-Aware Minimization for
@@ -558,8 +582,8 @@ def m_sharpness(
         starts = 1 if steps == 0 else DEFAULT_STARTS
     starts = check_int("starts", starts, 1)
     rho, eta = float(rho), float(eta)
-    _, ps = resolve_params(model, params)
-    batches = Batches(data, ps[0].device)
+    model, ps, batches, parallel = _local_measurement(model, params, data, process_group,
+                                                      "m_sharpness")
     generator = torch.Generator().manual_seed(int(seed))
     backup = [w.detach().clone() for w in ps]
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
@@ -587,6 +611,12 @@ def m_sharpness(
     finally:
         with torch.no_grad():
             torch._foreach_copy_(ps, backup)
+    count = len(values)
+    if parallel is not None:  # the micro-batches of every rank
+        reduced = parallel.sum([torch.tensor([*sums, total, evaluations, count],
+                                             dtype=torch.float64)])[0].tolist()
+        sums, (total, evaluations, count) = reduced[:4], reduced[4:]
+        evaluations, count = int(evaluations), int(count)
     base_loss, perturbed_loss, base_error, perturbed_error = (v / total for v in sums)
     return MSharpnessResult(
         value=max(perturbed_loss - base_loss, 0.0),
@@ -596,7 +626,7 @@ def m_sharpness(
         base_error=base_error,
         perturbed_error=perturbed_error,
         m=m,
-        batches=len(values),
+        batches=count,
         batch_values=tuple(values),
         evaluations=evaluations,
     )
@@ -638,6 +668,8 @@ def average_sharpness(
     params: Iterable[Tensor] | None = None,
     seed: int = 0,
     error: bool = False,
+    *,
+    process_group: Any = None,
 ) -> AverageSharpnessResult:
     r"""Average-case (adaptive) sharpness: the expected loss increase under random perturbations
     of the weights, estimated from ``samples`` seeded draws.
@@ -674,6 +706,10 @@ def average_sharpness(
         distribution: ``"gaussian"`` or ``"uniform"``.
         adaptive, eta, normalization: :math:`T_w` as in :func:`sharpness`.
         error: also the error increase.
+        process_group: as in :func:`sharpness`: under a group every draw's loss is the mean over
+            the union of the ranks' data (each rank evaluates its own, one all-reduce at the
+            end; the draws are the same on every rank), the same numbers on every rank. FSDP2
+            models are refused.
 
     The weights are restored bit for bit at the end (also on error).
 
@@ -695,8 +731,8 @@ def average_sharpness(
     if not isinstance(adaptive, bool) or not isinstance(error, bool):
         raise ValueError(f"Invalid adaptive / error: {adaptive!r} / {error!r} (allowed: True or "
                          "False)")
-    _, ps = resolve_params(model, params)
-    batches = Batches(data, ps[0].device)
+    model, ps, batches, parallel = _local_measurement(model, params, data, process_group,
+                                                      "average_sharpness")
     generator = torch.Generator().manual_seed(int(seed))
     backup = [w.detach().clone() for w in ps]
     scale = kernels.normalizer(backup, eta, normalization) if adaptive else None
@@ -718,6 +754,11 @@ def average_sharpness(
     finally:
         with torch.no_grad():
             torch._foreach_copy_(ps, backup)
+    if parallel is not None:  # each rank's means weighted by its examples, summed
+        local = torch.tensor([base_loss, base_error, *losses, *errors], dtype=torch.float64)
+        union = parallel.mean([local])[0].tolist()
+        base_loss, base_error = union[0], union[1]
+        losses, errors = union[2 : 2 + samples], union[2 + samples :]
     increase = [v - base_loss for v in losses]
     mean = math.fsum(increase) / samples
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in increase) / (samples - 1))

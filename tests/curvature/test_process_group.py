@@ -59,17 +59,6 @@ def test_without_a_group_the_default_is_this_process():
     assert a.local_dim == a.dim  # whole vectors
 
 
-@pytest.fixture
-def one_rank():
-    """A gloo group of one rank in this process (no other process is started)."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _fsdp(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -127,3 +116,15 @@ def test_fsdp2_weights_changed_by_an_optimizer_step_are_seen(one_rank):
     want = top_eigenvalues(HessianOperator(plain, loss_fn, data), k=1, tol=1e-10).values
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=1e-12, atol=0)
+
+
+def test_m_and_average_sharpness_refuse_an_fsdp2_model(one_rank):
+    from samkit.measures import average_sharpness, m_sharpness
+
+    fsdp = _fsdp(_mlp())
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss_fn = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="an FSDP2 model for m_sharpness"):
+        m_sharpness(fsdp, loss_fn, (x, y), rho=0.1, m=2)
+    with pytest.raises(ValueError, match="an FSDP2 model for average_sharpness"):
+        average_sharpness(fsdp, loss_fn, (x, y), sigma=0.1)

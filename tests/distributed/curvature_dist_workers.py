@@ -119,6 +119,17 @@ def measure(model: nn.Module, batches, params=None, **group) -> dict:
     # start: the SAM start, which draws nothing at random)
     res = samkit.sharpness(model, loss_fn, batches, rho=0.1, m=4, steps=2, starts=1, **group)
     out["m_sharpness"] = (res.value, res.base_loss, res.perturbed_loss, res.evaluations)
+    from samkit.curvature._dist import has_dtensors
+    from samkit.measures import average_sharpness, m_sharpness
+
+    if not has_dtensors(list(model.parameters())):  # FSDP2: refused (a fast test)
+        res = m_sharpness(model, loss_fn, batches, rho=0.1, m=4, steps=2, starts=1, error=True,
+                          **group)
+        out["m_sharpness_error"] = (res.value, res.error_increase, res.base_error, res.batches,
+                                    res.evaluations)
+        res = average_sharpness(model, loss_fn, batches, sigma=0.05, samples=3, adaptive=True,
+                                error=True, seed=2, **group)
+        out["average"] = (res.value, res.stderr, res.base_loss, res.error_increase)
     return out
 
 
