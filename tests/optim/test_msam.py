@@ -4,6 +4,7 @@ bit for bit; the held point: at_weights(), restore(), state_dict and resume, LR 
 weight decay, parameters without a gradient."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -342,3 +343,43 @@ def test_msam_step_allocates_no_parameter_sized_tensor():
     assert made, "the mode saw nothing"
     smallest = min(p.numel() for p in model.parameters())
     assert [(f, n) for f, n in made if n >= smallest] == []
+
+
+def test_the_fused_sgd_step_equals_the_general_one(monkeypatch):
+    """Over a plain torch SGD with momentum, MSAM fuses SGD's update with the move out (one
+    update of the weights instead of two; torch's SGD is not called). It takes the same steps as
+    the general path (forced here by a step hook on the base) in float64, with two param groups
+    (one with rho 0, which stays SGD bit for bit), weight decay and an LR scheduler on the base;
+    and the scheduler sees the base optimizer step (no warning)."""
+    import torch.optim.sgd as sgd_module
+
+    calls = []
+    functional = sgd_module.sgd
+    monkeypatch.setattr(sgd_module, "sgd", lambda *a, **k: (calls.append(1), functional(*a, **k)))
+
+    def run(force_general):
+        pb = Problem()
+        base = torch.optim.SGD([{"params": [pb.w1], "rho": 0.0}, {"params": [pb.w2]}],
+                               lr=0.05, momentum=0.9, weight_decay=1e-2)
+        opt = MSAM(base, rho=0.4)
+        if force_general:
+            base.register_step_post_hook(lambda *args: None)
+        sched = torch.optim.lr_scheduler.StepLR(base, step_size=3, gamma=0.5)
+        points = []
+        for _ in range(10):
+            opt.step(pb.closure(opt))
+            sched.step()
+            points.append((pb.flat(), at_w(pb, opt)))
+        return points
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        fused = run(False)
+        assert len(calls) == 2  # the first step only (no momentum yet): once per group
+        general = run(True)
+    assert len(calls) == 2 + 10 * 2
+    for (held_f, w_f), (held_g, w_g) in zip(fused, general, strict=True):
+        torch.testing.assert_close(held_f, held_g, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(w_f, w_g, rtol=1e-13, atol=1e-14)
+        assert torch.equal(w_f[:3], held_f[:3]) and torch.equal(w_f[:3], w_g[:3])  # rho 0: SGD
+    assert not torch.equal(fused[-1][0][3:], fused[-1][1][3:])  # the other group is moved

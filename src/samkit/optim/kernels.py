@@ -228,3 +228,16 @@ def perturb_(params: Sequence[Tensor], eps: Sequence[Tensor], backup: Sequence[T
 def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
     """Put the saved ``w`` back, bit for bit (a copy, never ``w + eps - eps``)."""
     torch._foreach_copy_(params, backup)
+
+
+def sgd_momentum_buffers_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor],
+    momentum: float, weight_decay: float,
+) -> None:
+    r"""The momentum update of ``torch.optim.SGD`` (no dampening, no Nesterov), in place:
+    :math:`v \leftarrow \mu v + (g + \lambda w)`, rounded as torch's SGD rounds it (the decayed
+    gradient first, then the sum), so the buffers are torch's bit for bit. The parameters and
+    gradients are not modified."""
+    decayed = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, decayed)
