@@ -60,18 +60,35 @@ def kl_reference(z, zhat, tau):
 # ---------------------------------------------------------------------- the KL term
 
 
-def test_trajectory_kl_value_and_gradient_are_the_closed_forms():
+@pytest.mark.parametrize("shape", [(6, 4), (6, 40), (2, 3, 5)])  # classes-first, last-dim, 3-d
+def test_trajectory_kl_value_and_gradient_are_the_closed_forms(shape):
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    zhat = torch.randn(6, 4, dtype=torch.float64, generator=g)
-    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    z = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    zhat = torch.randn(*shape, dtype=torch.float64, generator=g)
+    mask = torch.rand(shape[:-1], generator=g) > 0.4
+    n = mask.numel()
     tau = 3.0
-    value = trajectory_kl(z, zhat, tau, mask)
-    expected = (kl_reference(z, zhat, tau) * mask).sum() / 6 * tau**2
+    value = trajectory_kl(z, zhat, tau, mask, scale=0.7)
+    expected = 0.7 * (kl_reference(z, zhat, tau) * mask).sum() / n * tau**2
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-14)
     (grad,) = torch.autograd.grad(value, z)
-    closed = tau / 6 * (torch.softmax(z / tau, -1) - torch.softmax(zhat / tau, -1))
-    torch.testing.assert_close(grad, closed * mask[:, None], rtol=1e-10, atol=1e-14)
+    closed = 0.7 * tau / n * (torch.softmax(z / tau, -1) - torch.softmax(zhat / tau, -1))
+    torch.testing.assert_close(grad, closed * mask[..., None], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(trajectory_kl(z, zhat, tau), kl_reference(z, zhat, tau).mean()
+                               * tau**2, rtol=1e-12, atol=1e-14)
+
+
+def test_trajectory_kl_refuses_a_double_backward_and_keeps_low_precision_logits():
+    z = torch.randn(8, 10, requires_grad=True)
+    (grad,) = torch.autograd.grad(trajectory_kl(z, torch.randn(8, 10), 5.0), z,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):  # not a silently wrong second derivative
+        grad.sum().backward()
+    zb = torch.randn(8, 10, dtype=torch.bfloat16, requires_grad=True)
+    value = trajectory_kl(zb, torch.randn(8, 10), 5.0)
+    assert value.dtype == torch.float32
+    (gb,) = torch.autograd.grad(value, zb)
+    assert gb.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------- float64 references
@@ -312,6 +329,28 @@ def test_a_deepcopy_steps_like_the_original(name):
     opt = samkit.create_optimizer(name, model, lr=0.1, momentum=0.9, **SETTINGS[name])
     own_loop(opt, model, data, 2)
     model2, opt2 = copy.deepcopy((model, opt))
+    own_loop(opt, model, data, 2, first_epoch=2)
+    own_loop(opt2, model2, data, 2, first_epoch=2)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_an_saf_pickled_with_its_memory_example_major_steps_like_the_original():
+    """An older samkit kept SAF's memory as the attributes ``logits`` (N x lag x C) and
+    ``recorded`` (N x lag); such a pickle loads into today's slot-major memory."""
+    data = split(n=12)
+    model = mlp()
+    opt = samkit.create_optimizer("saf", model, lr=0.1, momentum=0.9, **SETTINGS["saf"])
+    own_loop(opt, model, data, 2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    old = opt2.__getstate__()
+    old["logits"] = old.pop("_slots").permute(1, 0, 2).contiguous()
+    old["recorded"] = old.pop("_flags").t().contiguous()
+    for key in ("_complete", "_checked_epoch"):
+        del old[key]
+    opt2 = samkit.SAF.__new__(samkit.SAF)
+    opt2.__setstate__(old)
+    assert torch.equal(opt2.logits, opt.logits) and torch.equal(opt2.recorded, opt.recorded)
     own_loop(opt, model, data, 2, first_epoch=2)
     own_loop(opt2, model2, data, 2, first_epoch=2)
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):

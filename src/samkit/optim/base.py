@@ -372,7 +372,7 @@ class SharpnessAwareOptimizer(WrappingOptimizer):
         present = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
         entry_norm = None
         if present:  # no host sync here; read only for a closure that did not zero
-            local = [g.to_local() if kernels._is_dtensor(g) else g for g in present.values()]
+            local = [g.to_local() if kernels.is_dtensor(g) else g for g in present.values()]
             entry_norm = kernels.global_sq_norm(
                 b[0] for b in kernels.group_by_device_and_dtype(local)
             )

@@ -121,16 +121,16 @@ def split_sharded(*tensor_lists: Sequence[Tensor]) -> list[tuple[tuple | None, t
     then hold the *local* tensors. These share storage with the DTensors, so in-place kernels
     on them update the distributed tensors; ``replicas`` counts the ranks holding each shard.
     """
-    if not tensor_lists[0] or not any(_is_dtensor(t) for t in tensor_lists[0]):
+    if not tensor_lists[0] or not any(is_dtensor(t) for t in tensor_lists[0]):
         return [(None, tuple(tensor_lists))]
     parts: dict[object, tuple[tuple | None, tuple[list[Tensor], ...]]] = {}
     for items in zip(*tensor_lists, strict=True):
-        info = _shard_info(items[0]) if _is_dtensor(items[0]) else None
+        info = _shard_info(items[0]) if is_dtensor(items[0]) else None
         key = None if info is None else (id(info[0]), info[1])
         if key not in parts:
             parts[key] = (info, tuple([] for _ in tensor_lists))
         for lst, t in zip(parts[key][1], items, strict=True):
-            lst.append(t.to_local() if _is_dtensor(t) else t)
+            lst.append(t.to_local() if is_dtensor(t) else t)
     return list(parts.values())
 
 
@@ -157,7 +157,7 @@ def _shard_info(tensor: Tensor) -> tuple[object, int]:
     return dist.group.WORLD, replicas
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
+def is_dtensor(tensor: Tensor) -> bool:
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
@@ -230,14 +230,19 @@ def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
     torch._foreach_copy_(params, backup)
 
 
-def sgd_momentum_buffers_(
-    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor],
-    momentum: float, weight_decay: float,
-) -> None:
-    r"""The momentum update of ``torch.optim.SGD`` (no dampening, no Nesterov), in place:
-    :math:`v \leftarrow \mu v + (g + \lambda w)`, rounded as torch's SGD rounds it (the decayed
-    gradient first, then the sum), so the buffers are torch's bit for bit. The parameters and
-    gradients are not modified."""
+def sgd_direction_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor] | None,
+    momentum: float, dampening: float, weight_decay: float,
+) -> Sequence[Tensor]:
+    r"""The direction of ``torch.optim.SGD`` (no Nesterov, no ``maximize``), with its rounding:
+    :math:`d = g + \lambda w` (a new list, or ``grads`` itself when :math:`\lambda = 0`), then
+    with momentum :math:`v \leftarrow \mu v + (1 - \text{dampening})\, d` in place, returning
+    ``bufs``; without it (``bufs`` None) returns :math:`d`. The parameters and gradients are not
+    modified; with the same ops in the same order as torch's SGD the result is its, bit for bit.
+    """
     decayed = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
+    if bufs is None:
+        return decayed
     torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, decayed)
+    torch._foreach_add_(bufs, decayed, alpha=1 - dampening)
+    return bufs

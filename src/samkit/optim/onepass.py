@@ -48,12 +48,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer as _optim_module
 
 from samkit.optim import amp, kernels
 from samkit.optim._validation import check_non_negative
 from samkit.optim.kind import StepForm
-from samkit.optim.wrapper import WrappingOptimizer, _not_compiled
+from samkit.optim.wrapper import SGDBucket, WrappingOptimizer, _not_compiled
 
 __all__ = ["OnePassOptimizer", "at_weights"]
 
@@ -72,10 +71,6 @@ def at_weights(optimizer: Any):
         inner = getattr(optimizer, "optimizer", None)  # LightningOptimizer
         method = getattr(inner, "at_weights", None)
     return method() if callable(method) else nullcontext()
-
-
-# one bucket of a fused SGD step: (group, params, grads, momentum buffers)
-_SGDBucket = tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]
 
 
 def _is_zero(rho: Any) -> bool:
@@ -266,57 +261,36 @@ class OnePassOptimizer(WrappingOptimizer):
         self._finish_step_(scaler)
         self._move_to_perturbed()
 
-    def _fused_sgd_lists(self) -> list[_SGDBucket] | None:
-        r"""Per group and bucket ``(group, params, grads, momentum buffers)`` when the base step
-        may be fused with the move to the next :math:`w + \epsilon`: the base is a plain
-        ``torch.optim.SGD`` (no hooks, no patched ``step`` but an LR scheduler's) with momentum,
-        no dampening, Nesterov or ``maximize``, float hyperparameters, no tail work (rewrite,
-        clip, non-finite check), and every parameter with a gradient has its buffer and is the
-        direction of ε. None: take the general path."""
-        base = self.base_optimizer
-        if type(base) is not torch.optim.SGD or self._tail_needs_buckets(True):
+    def _fused_sgd_lists(self) -> list[SGDBucket] | None:
+        r"""The plain-SGD base step's buckets (:meth:`_plain_sgd_buckets`) when it may also be
+        fused with the move to the next :math:`w + \epsilon`: no tail work (rewrite, clip,
+        non-finite check), momentum in every group, and the parameters with a buffer that are
+        stepped are those perturbed (a gradient exactly when ``requires_grad``). None: the
+        general path."""
+        if self._tail_needs_buckets(True):
             return None
-        patched = base.__dict__.get("step")
-        if (patched is not None and not hasattr(patched, "_wrapped_by_lr_sched")
-                or base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
-                or _optim_module._global_optimizer_pre_hooks
-                or _optim_module._global_optimizer_post_hooks):
+        buckets = self._plain_sgd_buckets()
+        if buckets is None or any(bufs is None for _, _, _, bufs in buckets):
             return None
-        out = []
-        state = base.state
-        for group in self.param_groups:
-            if (type(group["lr"]) is not float or type(group["weight_decay"]) not in (float, int)
-                    or not group["momentum"] or group["dampening"] or group["nesterov"]
-                    or group["maximize"] or group.get("differentiable")):
-                return None
-            params, grads, bufs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    if p.requires_grad and "momentum_buffer" in state.get(p, ()):
-                        return None  # a direction without a step: the general path
-                    continue
-                buf = state.get(p, {}).get("momentum_buffer")
-                if (buf is None or not p.requires_grad or p.grad.is_sparse
-                        or kernels._is_dtensor(p)):
-                    return None
-                params.append(p)
-                grads.append(p.grad)
-                bufs.append(buf)
-            for lists in kernels.group_by_device_and_dtype(params, grads, bufs) if params else ():
-                out.append((group, *lists))
-        return out
+        state = self.base_optimizer.state
+        if any((p.grad is not None) != p.requires_grad and "momentum_buffer" in state.get(p, ())
+               for group in self.param_groups for p in group["params"]):
+            return None
+        return buckets
 
-    def _fused_sgd_step(self, lists: list[_SGDBucket]) -> None:
-        r"""SGD's step fused with the move out: :math:`v \leftarrow \mu v + g + \lambda w`
-        (torch's rounding), then :math:`\tilde w \leftarrow w + (c - \gamma) v` with the new
-        coefficient :math:`c = s\rho/\|v\|` in one update (a group with ``rho=0``:
+    def _fused_sgd_step(self, buckets: list[SGDBucket]) -> None:
+        r"""SGD's step fused with the move out: the buffers :math:`v \leftarrow \mu v +
+        (1 - \text{dampening})(g + \lambda w)` (torch's rounding), then
+        :math:`\tilde w \leftarrow w + (c - \gamma) v` with the new coefficient
+        :math:`c = s\rho/\|v\|` in one update instead of two (a group with ``rho=0``:
         :math:`w - \gamma v`, torch's SGD bit for bit)."""
-        for group, params, grads, bufs in lists:
-            kernels.sgd_momentum_buffers_(params, grads, bufs, group["momentum"],
-                                          group["weight_decay"])
+        for group, params, grads, bufs in buckets:
+            kernels.sgd_direction_(params, grads, bufs, group["momentum"], group["dampening"],
+                                   group["weight_decay"])
         self._held = self._coefficients()
-        held, coef_of = [], {id(g): c for g, c in zip(self.param_groups, self._held, strict=True)}
-        for group, params, _, bufs in lists:
+        coef_of = {id(g): c for g, c in zip(self.param_groups, self._held, strict=True)}
+        held = []
+        for group, params, _, bufs in buckets:
             coef = coef_of[id(group)]
             if coef is None:
                 torch._foreach_add_(params, bufs, alpha=-group["lr"])

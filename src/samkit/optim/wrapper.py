@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from samkit.optim import amp, kernels
 from samkit.optim._validation import check_optimizer, check_positive
@@ -43,6 +44,10 @@ from samkit.optim.davda54 import accepts_base_class
 from samkit.optim.kind import OptimizerKind, StepForm, wrapper_kind
 
 Closure = Callable[[], Any]
+
+#: one bucket of a base step samkit takes itself (see WrappingOptimizer._plain_sgd_buckets):
+#: its param group, parameters, gradients and momentum buffers (None without momentum)
+SGDBucket = tuple[dict[str, Any], list[Tensor], list[Tensor], "list[Tensor] | None"]
 
 # Per-parameter state entries that only live within a step; they are not saved by state_dict
 # (a checkpoint is always taken between full steps).
@@ -414,9 +419,17 @@ class WrappingOptimizer(Optimizer):
 
     def _base_step(self, scaler: torch.amp.GradScaler | None) -> bool:
         """The base optimizer's step with the gradients as they are (through the scaler, with
-        the earlier pass's non-finite flag added to its record)."""
+        the earlier pass's non-finite flag added to its record). Over a plain SGD without a
+        scaler samkit takes it itself (:meth:`_plain_sgd_buckets`)."""
         stepped = True
-        if amp.enabled(scaler):
+        sgd = None if amp.enabled(scaler) else self._plain_sgd_buckets()
+        if sgd is not None:
+            for group, params, grads, bufs in sgd:
+                direction = kernels.sgd_direction_(params, grads, bufs, group["momentum"],
+                                                   group["dampening"], group["weight_decay"])
+                torch._foreach_add_(params, direction, alpha=-group["lr"])
+            self.base_optimizer._opt_called = True
+        elif amp.enabled(scaler):
             self._unscale_(scaler)  # a no-op when already unscaled
             amp.record_non_finite(scaler, self.base_optimizer, self._first_pass_finite)
             if type(self)._after_step_ is not WrappingOptimizer._after_step_:
@@ -427,6 +440,56 @@ class WrappingOptimizer(Optimizer):
         self._first_pass_finite = None
         self._opt_called = True  # tells LR schedulers that the optimizer stepped
         return stepped
+
+    def _plain_sgd_buckets(self) -> list[SGDBucket] | None:
+        """The base step's tensors, per param group and bucket, when samkit takes the step of
+        a plain ``torch.optim.SGD`` itself: foreach kernels in torch's order (so its result bit
+        for bit, without its per-parameter loop; see :func:`samkit.optim.kernels.sgd_direction_`).
+
+        Only for the exact class ``torch.optim.SGD`` without step hooks or a patched ``step``
+        (but an LR scheduler's, which only records the call), float hyperparameters, no Nesterov,
+        ``maximize``, ``fused`` or ``differentiable``, dense non-distributed tensors, and the
+        momentum buffers present (torch's SGD makes them in its first step). Else None: the
+        base optimizer's own ``step``. (The step then does not appear as ``Optimizer.step#SGD``
+        in a profiler's trace.)"""
+        base = self.base_optimizer
+        if type(base) is not torch.optim.SGD:
+            return None
+        patched = base.__dict__.get("step")
+        if ((patched is not None and not hasattr(patched, "_wrapped_by_lr_sched"))
+                or base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks):
+            return None
+        out: list[SGDBucket] = []
+        state = base.state
+        for group in self.param_groups:
+            if (type(group["lr"]) is not float
+                    or not all(type(group[k]) in (float, int)
+                               for k in ("momentum", "dampening", "weight_decay"))
+                    or group["nesterov"] or group["maximize"] or group.get("fused")
+                    or group.get("differentiable")):
+                return None
+            with_momentum = group["momentum"] != 0
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or kernels.is_dtensor(p):
+                    return None
+                params.append(p)
+                grads.append(p.grad)
+                if with_momentum:
+                    buf = state[p].get("momentum_buffer") if p in state else None
+                    if buf is None:
+                        return None
+                    bufs.append(buf)
+            if not params:
+                continue
+            lists = (params, grads, bufs) if with_momentum else (params, grads)
+            for bucket in kernels.group_by_device_and_dtype(*lists):
+                out.append((group, bucket[0], bucket[1], bucket[2] if with_momentum else None))
+        return out
 
     @_not_compiled
     @torch.no_grad()
