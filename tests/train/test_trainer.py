@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from samkit.train import Callback, TrainConfig, Trainer, load_checkpoint, read_metrics
+from samkit.train.build import optimizer_kwargs
 from samkit.train.rundir import MARKER
-from samkit.train.trainer import optimizer_kwargs
 
 TIME_KEYS = {"epoch_time", "images_per_s", "train_time"}
 
