@@ -1,6 +1,6 @@
 """What a :class:`~samkit.train.Trainer` builds from its config: the model (unless given), the
-optimizer (from the registry, its keywords from the config's fields) with its per-step LR
-schedule, and the step engine."""
+optimizer (from the registry, its keywords from the config's fields and the training set) with
+its per-step LR schedule, and the step engine."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def build_model(cfg: TrainConfig, train: Any) -> nn.Module:
                         **cfg.model_kwargs)
 
 
-def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
+def optimizer_kwargs(config: TrainConfig, num_examples: int | None = None
+                     ) -> tuple[dict[str, Any], list[str]]:
     """The keyword arguments for ``create_optimizer`` and notes about ignored fields.
 
     From the registry's declarations (:func:`samkit.optim.registry.optimizer_options`):
     ``momentum`` goes only to a base optimizer that declares it (SGD); ``rho`` and ``eta`` only
-    to optimizers that declare them (so one config can be trained with sgd, sam and asam).
+    to optimizers that declare them (so one config can be trained with sgd, sam and asam);
+    ``num_examples``, the size of the training set, goes as ``num_data`` to an optimizer that
+    declares it (bSAM's N). ``config.optimizer_kwargs`` win over all of these.
     """
     from samkit.optim import registry
 
@@ -58,15 +61,17 @@ def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
             kwargs[key] = value
         else:
             notes.append(f"{name} takes no {key}; {key}={value} is not used")
+    if num_examples is not None and any("num_data" in keys for keys in declared.values()):
+        kwargs["num_data"] = num_examples
     kwargs.update(given)
     return kwargs, notes
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Any
+def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Any, num_examples: int
                     ) -> tuple[torch.optim.Optimizer, Any, list[str]]:
-    """The optimizer of ``cfg`` on ``model``, its ``LambdaLR`` over ``schedule`` and the notes
-    about the config's fields it does not use."""
-    kwargs, notes = optimizer_kwargs(cfg)
+    """The optimizer of ``cfg`` on ``model`` (for a training set of ``num_examples``), its
+    ``LambdaLR`` over ``schedule`` and the notes about the config's fields it does not use."""
+    kwargs, notes = optimizer_kwargs(cfg, num_examples)
     optimizer = create_optimizer(cfg.optimizer, model, base=cfg.base,
                                  decay_bias_and_norm=cfg.decay_bias_and_norm, **kwargs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), notes

@@ -193,8 +193,8 @@ class Trainer:
 
         # 4. optimizer (from the registry), per-step LR schedule, and the step engine
         #    (samkit.step: DDP, micro-batches, mixed precision; self.model stays the plain module)
-        self.optimizer, self.scheduler, notes = build_optimizer(cfg, self.model,
-                                                                self._make_schedule())
+        self.optimizer, self.scheduler, notes = build_optimizer(
+            cfg, self.model, self._make_schedule(), len(self.train_data.y))
         self.engine, more = build_engine(cfg, self.optimizer, self.model, self.task,
                                          self.device, self.world_size, self.batch_size)
         self.notes += notes + more
