@@ -312,7 +312,7 @@ def test_the_davda54_adapter():
 
 def test_the_trainer_routes_its_fields_by_declaration():
     from samkit.config import TrainConfig
-    from samkit.train.trainer import optimizer_kwargs
+    from samkit.train.build import optimizer_kwargs
 
     kw, notes = optimizer_kwargs(TrainConfig(optimizer="gsam", rho=0.1, eta=0.02))
     assert "rho" not in kw and "eta" not in kw

@@ -13,9 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from samkit.train import Callback, TrainConfig, Trainer, load_checkpoint, read_metrics
+from samkit.train import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
+from samkit.train.build import optimizer_kwargs
 from samkit.train.rundir import MARKER
-from samkit.train.trainer import optimizer_kwargs
 
 TIME_KEYS = {"epoch_time", "images_per_s", "train_time"}
 
@@ -223,6 +230,39 @@ def test_optimizer_arguments_follow_the_optimizer():
     assert "momentum" not in kw
     with pytest.raises(ValueError, match="Invalid optimizer: 'sgdd'.*asam"):
         optimizer_kwargs(TrainConfig(optimizer="sgdd"))
+
+
+def test_bsam_takes_the_training_set_size_unless_given(tmp_path):
+    """bSAM's N (``num_data``, its posterior's scale) is the size of the data the Trainer trains
+    on, not the library's default (CIFAR-10's 50,000); a ``num_data`` the config gives is kept,
+    even when it differs from the data (the official runs give 4 N with augmentation)."""
+    run = dict(optimizer="bsam", lr=0.5, subset=300, steps=1, augment=False)
+    trainer = Trainer(cfg(tmp_path, **run), write=False, verbose=0)
+    trainer.fit()
+    assert len(trainer.train_data.y) == 300
+    assert {g["num_data"] for g in trainer.optimizer.param_groups} == {300}
+    given = Trainer(cfg(tmp_path, optimizer_kwargs={"num_data": 1200}, **run), write=False,
+                    verbose=0)
+    given.fit()
+    assert {g["num_data"] for g in given.optimizer.param_groups} == {1200}
+    # only to an optimizer that declares it
+    assert "num_data" not in optimizer_kwargs(TrainConfig(optimizer="sam"), 300)[0]
+    assert optimizer_kwargs(TrainConfig(optimizer="bsam"), 300)[0]["num_data"] == 300
+
+
+def test_a_resumed_bsam_run_keeps_its_checkpoints_num_data(tmp_path):
+    """A checkpoint written with another N (an older samkit's 50,000) resumes with it: the
+    optimizer's state wins over the size the Trainer builds with (bit-exact resume)."""
+    run = dict(optimizer="bsam", lr=0.5, subset=300, augment=False)
+    Trainer(cfg(tmp_path, **run, epochs=1), verbose=0).fit()
+    path = tmp_path / cfg(tmp_path, **run).run_name / "checkpoint.pt"
+    state = load_checkpoint(path)
+    for group in state["optimizer"]["param_groups"]:
+        group["num_data"] = 50_000
+    save_checkpoint(state, path)
+    trainer = Trainer(cfg(tmp_path, **run, epochs=2), resume=True, verbose=0)
+    trainer.fit()
+    assert {g["num_data"] for g in trainer.optimizer.param_groups} == {50_000}
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path):

@@ -208,8 +208,11 @@ class BSAM(SharpnessAwareOptimizer):
           β₁ = 0.9, β₂ = 0.999, damping 0.1, :math:`s_0` = 1, lr 0.5 (give ``lr``); the weight
           decay δ there is the prior precision over N (10 / (4 · 50,000)).
         * ``num_data`` is the paper's N, the number of training examples (the official runs
-          multiply it by 4 for data augmentation): set it to your data's size. The default
-          50,000 is CIFAR-10's training set.
+          multiply it by 4 for data augmentation). Built here or by ``create_optimizer``, set it
+          to your data's size: the default 50,000 is CIFAR-10's training set. Built by the
+          runner (``samkit train``, ``samkit compare``, :class:`samkit.train.Trainer`), N is the
+          size of the training set the run trains on, unless the config gives it
+          (``optimizer_kwargs.num_data``, kept as given); a resumed run keeps its checkpoint's.
         * The noise is drawn from a generator seeded with ``seed`` (one per device; saved by
           ``state_dict``), in the order of the param groups.
         * The first (noisy) pass is the step's own pass: it updates BatchNorm statistics; the
@@ -224,7 +227,7 @@ class BSAM(SharpnessAwareOptimizer):
         base_optimizer: a :class:`BSAMBase` over the model's parameters (``create_optimizer``
             builds it: ``create_optimizer("bsam", model, lr=0.5, num_data=50_000)``).
         rho: ρ (>= 0).
-        num_data: N (an integer >= 1).
+        num_data: N (an integer >= 1; the Trainer gives the training set's size).
         seed: the seed of the noise generator.
 
         max_grad_norm, skip_non_finite: see :class:`~samkit.optim.base.SharpnessAwareOptimizer`

@@ -1,5 +1,6 @@
 """What a :class:`~samkit.train.Trainer` builds from its config: the model (unless given), the
-optimizer (from the registry) with its per-step LR schedule, and the step engine."""
+optimizer (from the registry, its keywords from the config's fields and the training set) with
+its per-step LR schedule, and the step engine."""
 
 from __future__ import annotations
 
@@ -23,13 +24,54 @@ def build_model(cfg: TrainConfig, train: Any) -> nn.Module:
                         **cfg.model_kwargs)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Any
-                    ) -> tuple[torch.optim.Optimizer, Any, list[str]]:
-    """The optimizer of ``cfg`` on ``model``, its ``LambdaLR`` over ``schedule`` and the notes
-    about the config's fields it does not use."""
-    from samkit.train.trainer import optimizer_kwargs
+def optimizer_kwargs(config: TrainConfig, num_examples: int | None = None
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """The keyword arguments for ``create_optimizer`` and notes about ignored fields.
 
-    kwargs, notes = optimizer_kwargs(cfg)
+    From the registry's declarations (:func:`samkit.optim.registry.optimizer_options`):
+    ``momentum`` goes only to a base optimizer that declares it (SGD); ``rho`` and ``eta`` only
+    to optimizers that declare them (so one config can be trained with sgd, sam and asam);
+    ``num_examples``, the size of the training set, goes as ``num_data`` to an optimizer that
+    declares it (bSAM's N). ``config.optimizer_kwargs`` win over all of these.
+    """
+    from samkit.optim import registry
+
+    name = config.optimizer.lower()
+    try:
+        registry.optimizer_info(name)
+    except ValueError as err:
+        import difflib
+
+        close = difflib.get_close_matches(name, registry.list_optimizers(), n=3)
+        if not close:
+            raise
+        raise ValueError(f"{err}; did you mean {' or '.join(close)}?") from None
+    given = config.optimizer_kwargs
+    ascent = given.get("ascent") if isinstance(given.get("ascent"), str) else None
+    declared = registry.optimizer_options(name, base=config.base, ascent=ascent)
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    notes = []
+    if "momentum" in declared["base"]:
+        kwargs["momentum"] = config.momentum
+    for key in ("rho", "eta"):
+        value = getattr(config, key)
+        if value is None:
+            continue
+        if any(key in declared[space] for space in ("ascent", "descent", "schedule")):
+            kwargs[key] = value
+        else:
+            notes.append(f"{name} takes no {key}; {key}={value} is not used")
+    if num_examples is not None and any("num_data" in keys for keys in declared.values()):
+        kwargs["num_data"] = num_examples
+    kwargs.update(given)
+    return kwargs, notes
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Any, num_examples: int
+                    ) -> tuple[torch.optim.Optimizer, Any, list[str]]:
+    """The optimizer of ``cfg`` on ``model`` (for a training set of ``num_examples``), its
+    ``LambdaLR`` over ``schedule`` and the notes about the config's fields it does not use."""
+    kwargs, notes = optimizer_kwargs(cfg, num_examples)
     optimizer = create_optimizer(cfg.optimizer, model, base=cfg.base,
                                  decay_bias_and_norm=cfg.decay_bias_and_norm, **kwargs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), notes

@@ -65,44 +65,6 @@ from samkit.train.task import Classification, Task
 from samkit.train.task import classification_loss as classification_loss
 
 
-def optimizer_kwargs(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
-    """The keyword arguments for ``create_optimizer`` and notes about ignored fields.
-
-    From the registry's declarations (:func:`samkit.optim.registry.optimizer_options`):
-    ``momentum`` goes only to a base optimizer that declares it (SGD); ``rho`` and ``eta`` only
-    to optimizers that declare them (so one config can be trained with sgd, sam and asam).
-    """
-    from samkit.optim import registry
-
-    name = config.optimizer.lower()
-    try:
-        registry.optimizer_info(name)
-    except ValueError as err:
-        import difflib
-
-        close = difflib.get_close_matches(name, registry.list_optimizers(), n=3)
-        if not close:
-            raise
-        raise ValueError(f"{err}; did you mean {' or '.join(close)}?") from None
-    given = config.optimizer_kwargs
-    ascent = given.get("ascent") if isinstance(given.get("ascent"), str) else None
-    declared = registry.optimizer_options(name, base=config.base, ascent=ascent)
-    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
-    notes = []
-    if "momentum" in declared["base"]:
-        kwargs["momentum"] = config.momentum
-    for key in ("rho", "eta"):
-        value = getattr(config, key)
-        if value is None:
-            continue
-        if any(key in declared[space] for space in ("ascent", "descent", "schedule")):
-            kwargs[key] = value
-        else:
-            notes.append(f"{name} takes no {key}; {key}={value} is not used")
-    kwargs.update(given)
-    return kwargs, notes
-
-
 class Trainer:
     """Trains ``config.model`` on ``config.dataset`` with ``config.optimizer``.
 
@@ -231,8 +193,8 @@ class Trainer:
 
         # 4. optimizer (from the registry), per-step LR schedule, and the step engine
         #    (samkit.step: DDP, micro-batches, mixed precision; self.model stays the plain module)
-        self.optimizer, self.scheduler, notes = build_optimizer(cfg, self.model,
-                                                                self._make_schedule())
+        self.optimizer, self.scheduler, notes = build_optimizer(
+            cfg, self.model, self._make_schedule(), len(self.train_data.y))
         self.engine, more = build_engine(cfg, self.optimizer, self.model, self.task,
                                          self.device, self.world_size, self.batch_size)
         self.notes += notes + more
