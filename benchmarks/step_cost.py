@@ -5,10 +5,12 @@ same model and batch, the methods in a shuffled order, so drifts in machine load
 alike; the table gives the median time per step and the ratio to SGD. Each method is written as
 its users write it:
 
-* SGD: ``zero_grad``, ``backward``, ``step()``;
+* SGD: ``zero_grad``, ``backward``, ``step()``; also with ``foreach=True`` (torch's multi-tensor
+  kernels, which samkit's optimizers use for the SGD step they take themselves);
 * official MSAM (MarlonBecker/MSAM ``optimizer/msam.py``, ρ = 1): the same as SGD (it keeps the
   model at the perturbed point between steps);
-* samkit MSAM (ρ = 1), SAF (its trajectory term on in every step) and SAM (ρ = 0.05):
+* samkit MSAM (ρ = 1), SAF (its trajectory term on in every step, over the
+  positions of a shuffled 10,000-example training set, epoch after epoch) and SAM (ρ = 0.05):
   ``opt.step(closure)``;
 * davda54 SAM (``sam.py``, ρ = 0.05): ``first_step(zero_grad=True)``, ``second_step(...)``.
 
@@ -54,6 +56,23 @@ def load_class(path: str, name: str) -> type:
     return getattr(module, name)
 
 
+class Batches:
+    """Example positions as a loader gives them to SAF: each epoch a new permutation of the
+    ``n`` examples in batches (the last partial one dropped), the epoch counting from 2 (SAF's
+    term on from the first step, as in an epoch after ``start_epoch``)."""
+
+    def __init__(self, n: int, batch: int) -> None:
+        self.n, self.batch, self.epoch, self.order, self.start = n, batch, 1, None, n
+
+    def next(self) -> tuple[torch.Tensor, int]:
+        if self.start + self.batch > self.n:
+            self.epoch += 1
+            self.order, self.start = torch.randperm(self.n), 0
+        rows = self.order[self.start:self.start + self.batch]
+        self.start += self.batch
+        return rows, self.epoch
+
+
 def mlp(widths: list[int]) -> nn.Module:
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -62,7 +81,7 @@ def mlp(widths: list[int]) -> nn.Module:
 
 
 def methods(model: nn.Module, official_msam: type | None, davda54_sam: type | None,
-            indices: Callable[[], torch.Tensor]) -> dict[str, Callable]:
+            loader: Batches) -> dict[str, Callable]:
     """name -> step(x, y), each on its own copy of ``model``."""
     out: dict[str, Callable] = {}
 
@@ -75,6 +94,16 @@ def methods(model: nn.Module, official_msam: type | None, davda54_sam: type | No
         opt.step()
 
     out["SGD"] = sgd_step
+
+    m = copy.deepcopy(model)
+    sgd_foreach = torch.optim.SGD(m.parameters(), foreach=True, **SGD_KW)
+
+    def sgd_foreach_step(x, y, m=m, opt=sgd_foreach):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    out["SGD foreach"] = sgd_foreach_step
 
     if official_msam is not None:
         m = copy.deepcopy(model)
@@ -107,7 +136,7 @@ def methods(model: nn.Module, official_msam: type | None, davda54_sam: type | No
     saf = samkit.SAF(torch.optim.SGD(m.parameters(), **SGD_KW), lam=6.0, start_epoch=-1,
                      num_examples=NUM_EXAMPLES)
     out["samkit SAF"] = closure_step(
-        m, saf, lambda output, opt=saf: opt.trajectory_loss(output, indices(), epoch=2))
+        m, saf, lambda output, opt=saf: opt.trajectory_loss(output, *loader.next()))
     m = copy.deepcopy(model)
     out["samkit SAM"] = closure_step(m, samkit.SAM(torch.optim.SGD(m.parameters(), **SGD_KW),
                                                    rho=0.05))
@@ -132,15 +161,8 @@ def bench(widths: list[int], threads: int, args, official_msam, davda54_sam) -> 
     model = mlp(widths)
     x = torch.randn(args.batch, widths[0])
     y = torch.randint(0, widths[-1], (args.batch,))
-    perm = torch.randperm(NUM_EXAMPLES)
-    cursor = [0]
-
-    def indices() -> torch.Tensor:  # the next batch of example positions (as a loader gives)
-        start = cursor[0] % (NUM_EXAMPLES - args.batch)
-        cursor[0] += args.batch
-        return perm[start:start + args.batch]
-
-    steps = methods(model, official_msam, davda54_sam, indices)
+    loader = Batches(NUM_EXAMPLES, args.batch)
+    steps = methods(model, official_msam, davda54_sam, loader)
     times: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
     rng = random.Random(0)
