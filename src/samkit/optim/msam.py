@@ -37,9 +37,10 @@ class MSAM(OnePassOptimizer):
     **Between steps the model holds** :math:`\tilde w_{t+1}`, as in the official code: a step
     moves back by :math:`+\rho v_t/\|v_t\|`, takes the base step and moves on by
     :math:`-\rho v_{t+1}/\|v_{t+1}\|` (two parameter-sized updates and a norm, no copy of the
-    weights). Evaluate, measure and save inside ``with opt.at_weights():``, which moves to
-    :math:`w` and back bit for bit; ``opt.restore()`` moves to :math:`w` for good (end of
-    training). samkit's trainer, callbacks, edge tracker and integrations do it for you; see
+    weights; over a plain ``torch.optim.SGD`` the SGD update and the move on are one update,
+    :math:`w + (c - \gamma) v_{t+1}`, with torch's arithmetic for :math:`v`). Evaluate, measure
+    and save inside ``with opt.at_weights():``, which moves to :math:`w` and back bit for bit;
+    ``opt.restore()`` moves to :math:`w` for good (end of training). samkit's trainer, callbacks, edge tracker and integrations do it for you; see
     :mod:`samkit.optim.onepass` for checkpoints and resuming.
 
     Differences from the official code (MarlonBecker/MSAM, ``optimizer/msam.py``, whose

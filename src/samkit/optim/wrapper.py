@@ -9,7 +9,9 @@ r"""The one base of every samkit optimizer that wraps a torch optimizer.
 * the tail of every step (:meth:`WrappingOptimizer._finish_step_`): the gradients unscaled once
   under AMP (through :mod:`samkit.optim.amp`, the only module that touches GradScaler internals),
   the variant's rewrite, the clip to ``max_grad_norm`` (one numerics for every optimizer), the
-  non-finite skip, the base step (through ``scaler.step``), the variant's after-step hook;
+  non-finite skip, the base step (through ``scaler.step``; over a plain ``torch.optim.SGD``
+  samkit takes it itself with foreach kernels, torch's result bit for bit), the variant's
+  after-step hook;
 * the state: the per-parameter state and the optimizer-level state in one namespace of the base
   optimizer's state dict, pickling (``copy.deepcopy``, ``torch.save(opt)``), ``__setstate__``
   that fills new attributes so old pickles load;
