@@ -40,8 +40,9 @@ class MSAM(OnePassOptimizer):
     weights; over a plain ``torch.optim.SGD`` the SGD update and the move on are one update,
     :math:`w + (c - \gamma) v_{t+1}`, with torch's arithmetic for :math:`v`). Evaluate, measure
     and save inside ``with opt.at_weights():``, which moves to :math:`w` and back bit for bit;
-    ``opt.restore()`` moves to :math:`w` for good (end of training). samkit's trainer, callbacks, edge tracker and integrations do it for you; see
-    :mod:`samkit.optim.onepass` for checkpoints and resuming.
+    ``opt.restore()`` moves to :math:`w` for good (end of training). samkit's trainer,
+    callbacks, edge tracker and integrations do it for you; see :mod:`samkit.optim.onepass` for
+    checkpoints and resuming.
 
     Differences from the official code (MarlonBecker/MSAM, ``optimizer/msam.py``, whose
     ``move_back_from_momentumAscent()`` plays the part of ``restore()``):
