@@ -96,6 +96,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.optim import Optimizer
@@ -139,12 +140,12 @@ def _scaled_log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype,
     ``classes_first``. A new tensor (never a view of ``logits``)."""
     if classes_first:
         z = torch.empty((logits.shape[1], logits.shape[0]), dtype=dtype, device=logits.device)
-        z.copy_(logits.t())
-    else:
-        z = logits.to(dtype, copy=True)
+        torch.mul(logits.t(), 1.0 / temperature, out=z)  # transposed and scaled in one pass
+        return torch.log_softmax(z, dim=0)
+    z = logits.to(dtype, copy=True)
     if temperature != 1:
         z.div_(temperature)
-    return torch.log_softmax(z, dim=0 if classes_first else 1)
+    return torch.log_softmax(z, dim=1)
 
 
 class _TrajectoryKL(torch.autograd.Function):
@@ -154,26 +155,31 @@ class _TrajectoryKL(torch.autograd.Function):
     def forward(ctx, output: Tensor, reference: Tensor, mask: Tensor | None,
                 temperature: float, scale: float) -> Tensor:
         classes = output.shape[-1]
-        z = output.detach().reshape(-1, classes)
+        z, ref = output.detach(), reference.detach()
+        if z.dim() != 2:
+            z, ref = z.reshape(-1, classes), ref.reshape(-1, classes)
         rows = z.shape[0]
-        dtype = torch.promote_types(output.dtype, torch.float32)
+        dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
         classes_first = z.device.type == "cpu" and classes <= _FEW_CLASSES
         log_p = _scaled_log_softmax(z, temperature, dtype, classes_first)
-        log_q = _scaled_log_softmax(reference.detach().reshape(-1, classes), temperature,
-                                    dtype, classes_first)
-        log_ratio = log_q - log_p
-        q = log_q.exp_()
-        grad = log_p.exp_()  # p = softmax(z / τ)
-        if mask is not None:
+        log_q = _scaled_log_softmax(ref, temperature, dtype, classes_first)
+        if mask is None:  # Σ q (log q - log p) in one call
+            value = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+            q = log_q.exp_()
+            grad = log_p.exp_()  # p = softmax(z / τ)
+        else:
             m = mask.reshape((1, rows) if classes_first else (rows, 1)).to(dtype)
-            q.mul_(m)
-            grad.mul_(m)
-        value = torch.dot(q.reshape(-1), log_ratio.reshape(-1)) * (scale * temperature**2 / rows)
+            log_ratio = log_q - log_p
+            q = log_q.exp_().mul_(m)
+            value = torch.dot(q.view(-1), log_ratio.view(-1))
+            grad = log_p.exp_().mul_(m)
         grad.sub_(q).mul_(scale * temperature / rows)  # d value / d z = s τ m (p - q) / n
         if classes_first:
             grad = grad.t().contiguous()
-        ctx.save_for_backward(grad.reshape(output.shape).to(output.dtype))
-        return value
+        if grad.shape != output.shape:
+            grad = grad.reshape(output.shape)
+        ctx.save_for_backward(grad if grad.dtype == output.dtype else grad.to(output.dtype))
+        return value * (scale * temperature**2 / rows)
 
     @staticmethod
     @once_differentiable
