@@ -253,14 +253,15 @@ class StepClosure:
                     with self.autocast_context(self._device()):
                         output = self.model(x)
                         loss = self.loss_fn(output, y)
-                        part = loss * (n / self.total)
+                        part = loss if n == self.total else loss * (n / self.total)
                         # the loss that is backpropagated: plus the optimizer's term, if any
                         trained = loss if self.loss_term is None else self._with_term(
                             loss, output, x, y, i)
                         if replicas > 1:
                             weighted = trained * (n * replicas / self.global_examples)
                         else:
-                            weighted = part if trained is loss else trained * (n / self.total)
+                            weighted = (part if trained is loss else trained if n == self.total
+                                        else trained * (n / self.total))
                     _scaled(weighted, self.scaler).backward()
                 mean = part.detach() if mean is None else mean + part.detach()
                 if not perturbed and self.observe is not None:
