@@ -170,8 +170,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_its_data(tmp_path, ca
 
 def test_eos_refuses_an_existing_run_unless_overwrite(tmp_path, capsys):
     argv = ["eos", "--dataset", "synthetic", "--subset", "64", "--width", "8", "--steps", "2",
-            "--every", "2", "--lr", "0.05", "--out-dir", str(tmp_path), "--name", "e",
-            "--threads", "1", "--quiet"]
+            "--every", "2", "--lr", "0.05", "--rho", "--out-dir", str(tmp_path), "--name", "e",
+            "--threads", "1", "--quiet"]  # --rho with no radius: the GD run only
     assert main(argv) == 0
     assert main(argv) == 2
     assert "already holds a run: pass --overwrite" in capsys.readouterr().err
