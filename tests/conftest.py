@@ -82,6 +82,10 @@ def _no_process_outside_slow(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", checked)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    # a bare fork (os.fork, os.forkpty, pty.fork, os.spawn*: all through these two); the
+    # torch.compile workers and process pools go through subprocess or multiprocessing above
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(os, "forkpty", refuse)
 
 
 @pytest.fixture
