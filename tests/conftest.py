@@ -10,7 +10,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+# torch is imported in the fixtures, not here: the pytest-xdist controller (make fast) loads
+# this file too, and starts its workers only after; importing torch here delayed them ~1.5 s.
 
 try:  # numpy may already be loaded (by a plugin): limit its pool where it runs
     from threadpoolctl import threadpool_limits
@@ -36,6 +38,8 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
+
     if torch.cuda.is_available():
         torch.manual_seed(0)
     else:  # the same CPU seed; torch.manual_seed would also queue a CUDA, XPU and MTIA seed,
@@ -47,6 +51,8 @@ def _seed():
 def _one_thread():
     """One torch thread: the tests work on tiny tensors, where waking a thread pool for every op
     costs more than it saves (and CI machines have few cores)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
