@@ -16,6 +16,10 @@ from samkit.experiments.compare import CompareResult, RunSummary, _slug, run_com
 from samkit.train import TrainConfig
 from samkit.train.logs import read_metrics
 
+# the module's tests on one xdist worker (make fast: --dist loadgroup), so that the tuned
+# comparison of the module-scoped fixture below runs once, not once a worker
+pytestmark = pytest.mark.xdist_group("tuned")
+
 GRIDS = ["sam:rho=0.01,0.2", "asam:rho=0.1,2.0"]
 TUNE_SEED, SEEDS = 7, [0, 1, 2]
 
