@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import t as student_t
 
 from samkit.cli import build_parser
 from samkit.experiments import budget as B
@@ -110,6 +109,8 @@ def test_the_choice_is_the_argmax_of_validation_accuracy(protocol):
 
 
 def test_the_reports_numbers_come_from_the_runs(protocol):
+    from scipy.stats import t as student_t  # here: collecting the suite need not import scipy
+
     run_dir, result = protocol
     final = {}
     for label in result.labels:
