@@ -145,10 +145,12 @@ def test_average_sharpness_closed_form_on_a_quadratic(distribution, factor, adap
     assert abs(r.value - expected) < 4 * r.stderr
     assert r.base_loss == pytest.approx(float(0.5 * w0 @ A @ w0 + b @ w0))
     assert r.perturbed_loss == pytest.approx(r.base_loss + r.value)
-    # seeded: the same seed draws the same perturbations
-    again = average_sharpness(model, lambda out, y: out, data, sigma=sigma, samples=2000,
-                              distribution=distribution, adaptive=adaptive, eta=eta, seed=1)
-    assert again.value == r.value
+    # seeded: the same seed draws the same perturbations (checked on 200 samples: the 2,000
+    # above are for the closed form)
+    first, again = (average_sharpness(model, lambda out, y: out, data, sigma=sigma, samples=200,
+                                      distribution=distribution, adaptive=adaptive, eta=eta,
+                                      seed=1) for _ in range(2))
+    assert again.value == first.value
     assert torch.equal(model.w.detach(), w0)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -72,7 +73,14 @@ def fields_of(cls: Any) -> dict[str, dataclasses.Field]:
 
 
 def hints_of(cls: Any) -> dict[str, Any]:
-    cls = cls if isinstance(cls, type) else type(cls)
+    """Each field's resolved type hint, by name (a fresh dict: the caller may change it)."""
+    return dict(_hints(cls if isinstance(cls, type) else type(cls)))
+
+
+@functools.lru_cache(maxsize=256)
+def _hints(cls: type) -> dict[str, Any]:
+    # resolving the string annotations (``from __future__ import annotations``) compiles each
+    # one; the config helpers ask for the same classes' hints tens of thousands of times
     return typing.get_type_hints(cls)
 
 

@@ -79,7 +79,7 @@ def test_preset_under_the_flags():
 def test_top_k_and_preset_smoke(tmp_path):
     argv = ["--preset", "long-bartlett", "--dataset", "synthetic", "--subset", "64",
             "--width", "12", "--steps", "4", "--every", "2", "--budget", "none",
-            "--k", "2", "--out-dir",
+            "--k", "2", "--no-gd", "--out-dir",  # the SAM run only: the one checked
             str(tmp_path), "--name", "lb", "--threads", "1", "--quiet"]
     assert eos.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "lb/sam-lr0.8-rho0.1/edge.jsonl").open()]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import t as student_t
 
 from samkit.cli import build_parser
 from samkit.experiments import budget as B
@@ -15,6 +14,10 @@ from samkit.experiments import compare, tuned
 from samkit.experiments.compare import CompareResult, RunSummary, _slug, run_compare
 from samkit.train import TrainConfig
 from samkit.train.logs import read_metrics
+
+# the module's tests on one xdist worker (make fast: --dist loadgroup), so that the tuned
+# comparison of the module-scoped fixture below runs once, not once a worker
+pytestmark = pytest.mark.xdist_group("tuned")
 
 GRIDS = ["sam:rho=0.01,0.2", "asam:rho=0.1,2.0"]
 TUNE_SEED, SEEDS = 7, [0, 1, 2]
@@ -106,6 +109,8 @@ def test_the_choice_is_the_argmax_of_validation_accuracy(protocol):
 
 
 def test_the_reports_numbers_come_from_the_runs(protocol):
+    from scipy.stats import t as student_t  # here: collecting the suite need not import scipy
+
     run_dir, result = protocol
     final = {}
     for label in result.labels:

@@ -21,7 +21,8 @@ QUICK = {
     "train": ["train", "--dataset", "digits", "--subset", "200", "--epochs", "1"],
     "compare": ["compare", "--dataset", "digits", "--subset", "200", "--epochs", "1",
                 "--optimizers", "sgd", "--seeds", "0", "--equal-budget", "none"],
-    "eos": ["eos", "--dataset", "digits", "--subset", "100", "--steps", "4", "--every", "2"],
+    "eos": ["eos", "--dataset", "digits", "--subset", "100", "--steps", "4", "--every", "2",
+            "--rho"],  # no radius: the GD run only (the folder rules do not need SAM's)
     "correlate": ["correlate", "--quick"],
 }
 
@@ -233,8 +234,8 @@ def test_a_failed_start_leaves_nothing_in_the_way_of_the_retry(tmp_path, capsys)
     for name in IDX_NAMES:
         (corrupt / name).write_bytes(b"not an idx file")
     out = tmp_path / "runs"
-    eos = ["eos", "--subset", "100", "--steps", "4", "--every", "2", "--out-dir", str(out),
-           "--name", "e", "--quiet"]
+    eos = ["eos", "--subset", "100", "--steps", "4", "--every", "2", "--rho", "--out-dir",
+           str(out), "--name", "e", "--quiet"]  # --rho with no radius: the GD run only
     assert main([*eos, "--dataset", "fashion-mnist", "--data-dir", str(corrupt)]) == 2
     capsys.readouterr()
     assert not (out / "e").exists()  # the folder it made is gone

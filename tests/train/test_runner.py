@@ -110,8 +110,9 @@ def test_every_json_file_samkit_writes_is_strict_json(tmp_path, capsys):
     main(["compare", *FAST, "--out-dir", str(tmp_path), "--name", "cmp", "--epochs", "1",
           "--optimizers", "sgd", "sam:lr=100", "--seeds", "0", "1"])
     assert main(["eos", "--dataset", "synthetic", "--subset", "96", "--width", "16", "--steps",
-                 "6", "--every", "3", "--lr", "0.05", "--rho", "0.05", "--out-dir",
-                 str(tmp_path), "--name", "eos", "--threads", "1", "--quiet"]) == 0
+                 "6", "--every", "3", "--lr", "0.05", "--rho", "0.05", "--no-gd", "--out-dir",
+                 str(tmp_path), "--name", "eos", "--threads", "1", "--quiet"]) == 0  # SAM's
+    # run: its rows hold every field a GD run's do, and more
     files = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl")]
     assert {p.name for p in files} >= {"metrics.jsonl", "run.json", "summary.json",
                                        "config.json", "train.jsonl", "edge.jsonl"}
@@ -170,8 +171,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_its_data(tmp_path, ca
 
 def test_eos_refuses_an_existing_run_unless_overwrite(tmp_path, capsys):
     argv = ["eos", "--dataset", "synthetic", "--subset", "64", "--width", "8", "--steps", "2",
-            "--every", "2", "--lr", "0.05", "--out-dir", str(tmp_path), "--name", "e",
-            "--threads", "1", "--quiet"]
+            "--every", "2", "--lr", "0.05", "--rho", "--out-dir", str(tmp_path), "--name", "e",
+            "--threads", "1", "--quiet"]  # --rho with no radius: the GD run only
     assert main(argv) == 0
     assert main(argv) == 2
     assert "already holds a run: pass --overwrite" in capsys.readouterr().err
