@@ -308,14 +308,17 @@ def test_msam_explicit_form_and_misuse():
         samkit.create_optimizer("msam", [Problem().w1], lr=0.1, schedule="ae")
 
 
-def test_msam_step_allocates_no_parameter_sized_tensor():
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_msam_step_allocates_no_parameter_sized_tensor(weight_decay):
     """Once the momentum exists, a step (move back, base step, move on) makes no new tensor of
-    a parameter's size: only 0-d coefficients and the norms (no ε, no copy of the weights)."""
+    a parameter's size: only 0-d coefficients and the norms (no ε, no copy of the weights, no
+    decayed gradient: the official code's step allocates none either)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
-    opt = samkit.MSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=1.0)
+    opt = samkit.MSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                      weight_decay=weight_decay), rho=1.0)
     x, y = torch.randn(8, 20), torch.randint(0, 10, (8,))
 
     def closure():

@@ -246,3 +246,18 @@ def sgd_direction_(
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, decayed, alpha=1 - dampening)
     return bufs
+
+
+def sgd_momentum_in_place_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor],
+    momentum: float, dampening: float, weight_decay: float,
+) -> Sequence[Tensor]:
+    r"""SGD's momentum update without a parameter-sized temporary:
+    :math:`v \leftarrow \mu v + (1 - \text{dampening})\, g + (1 - \text{dampening})\lambda w`,
+    in place; returns ``bufs``. The same value as :func:`sgd_direction_`'s, rounded in another
+    order (the decayed gradient is never formed), so not torch's bits."""
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+    if weight_decay:
+        torch._foreach_add_(bufs, params, alpha=weight_decay * (1 - dampening))
+    return bufs

@@ -280,13 +280,16 @@ class OnePassOptimizer(WrappingOptimizer):
 
     def _fused_sgd_step(self, buckets: list[SGDBucket]) -> None:
         r"""SGD's step fused with the move out: the buffers :math:`v \leftarrow \mu v +
-        (1 - \text{dampening})(g + \lambda w)` (torch's rounding), then
+        (1 - \text{dampening})(g + \lambda w)` in place (no parameter-sized temporary), then
         :math:`\tilde w \leftarrow w + (c - \gamma) v` with the new coefficient
-        :math:`c = s\rho/\|v\|` in one update instead of two (a group with ``rho=0``:
-        :math:`w - \gamma v`, torch's SGD bit for bit)."""
+        :math:`c = s\rho/\|v\|` in one update instead of two. A group with ``rho=0`` is not
+        moved and takes torch's SGD step bit for bit: :math:`w - \gamma v` with torch's
+        rounding of :math:`v`."""
         for group, params, grads, bufs in buckets:
-            kernels.sgd_direction_(params, grads, bufs, group["momentum"], group["dampening"],
-                                   group["weight_decay"])
+            update = (kernels.sgd_direction_ if _is_zero(group["rho"])
+                      else kernels.sgd_momentum_in_place_)
+            update(params, grads, bufs, group["momentum"], group["dampening"],
+                   group["weight_decay"])
         self._held = self._coefficients()
         coef_of = {id(g): c for g, c in zip(self.param_groups, self._held, strict=True)}
         held = []
