@@ -5,7 +5,7 @@ bit, in every SGD setting it takes; torch's own step where it does not."""
 import pytest
 import torch
 import torch.optim.sgd as sgd_module
-from optim.test_protocol import PLAIN, data, mlp
+from optim.test_protocol import PLAIN, data, make_closure, mlp
 from torch import nn
 
 import samkit
@@ -84,12 +84,7 @@ def test_settings_it_does_not_take_go_to_torchs_step(kwargs):
     x, y = data()
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, **kwargs), rho=0.05)
     for _ in range(3):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(make_closure(opt, model, x, y))
     assert len(sgd_calls) == 3
 
 
@@ -107,11 +102,6 @@ def test_an_lr_scheduler_on_the_base_sees_its_steps():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(3):
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(make_closure(opt, model, x, y))
             sched.step()
     assert len(sgd_calls) == 1 and base.param_groups[0]["lr"] == 0.1 * 0.5**3
