@@ -335,6 +335,21 @@ def test_a_deepcopy_steps_like_the_original(name):
         assert torch.equal(p, q)
 
 
+def test_loading_another_safs_state_copies_its_memory():
+    """``opt2.load_state_dict(opt.state_dict())`` without a deep copy: the two memories are
+    separate (state_dict() hands out views of the live memory)."""
+    data = split(n=12)
+    model = mlp()
+    opt = samkit.create_optimizer("saf", model, lr=0.1, **SETTINGS["saf"])
+    own_loop(opt, model, data, 2)
+    before = opt.logits.clone()
+    model2 = copy.deepcopy(model)
+    opt2 = samkit.create_optimizer("saf", model2, lr=0.1, **SETTINGS["saf"])
+    opt2.load_state_dict(opt.state_dict())
+    own_loop(opt2, model2, data, 1, first_epoch=2)
+    assert torch.equal(opt.logits, before) and not torch.equal(opt2.logits, before)
+
+
 def test_an_saf_pickled_with_its_memory_example_major_steps_like_the_original():
     """An older samkit kept SAF's memory as the attributes ``logits`` (N x lag x C) and
     ``recorded`` (N x lag); such a pickle loads into today's slot-major memory."""

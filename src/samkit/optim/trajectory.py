@@ -427,8 +427,10 @@ class SAF(TrajectoryLossOptimizer):
         super()._load_global_state_dict(state)
         if state.get("logits") is not None:  # N x lag x C and N x lag, as every version saved
             device = self.memory_device or state["logits"].device
-            self._slots = state["logits"].to(device).permute(1, 0, 2).contiguous()
-            self._flags = state["recorded"].to(device).t().contiguous()
+            # a copy: the state may be another optimizer's live memory (its state_dict())
+            dense = torch.contiguous_format
+            self._slots = state["logits"].to(device).permute(1, 0, 2).clone(memory_format=dense)
+            self._flags = state["recorded"].to(device).t().clone(memory_format=dense)
             self._complete = [False] * self.lag
             self._checked_epoch = None
             self.num_examples = state.get("num_examples", self._slots.shape[1])
