@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_sharpness import _brute_force, _mse, _nine_parameter_net, trust_region_max
+from test_sharpness import (
+    Quadratic,
+    _brute_force,
+    _mse,
+    _nine_parameter_net,
+    trust_region_max,
+)
 from torch import nn
 
 from samkit import sharpness
@@ -109,19 +115,6 @@ def test_m_sharpness_on_the_nine_parameter_net_reaches_the_brute_force_maximum()
     for got, best in zip(r.batch_values, brute, strict=True):
         assert 0.95 * best <= got <= best * (1 + 1e-9) + 1e-12
     assert r.value == pytest.approx(np.mean(r.batch_values), rel=1e-12)
-
-
-class Quadratic(nn.Module):
-    """L(w) = 1/2 w'Aw + b'w whatever the batch."""
-
-    def __init__(self, A, b, w0):
-        super().__init__()
-        self.w = nn.Parameter(w0.clone())
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-
-    def forward(self, x):
-        return 0.5 * self.w @ self.A @ self.w + self.b @ self.w
 
 
 @pytest.mark.parametrize("distribution, factor", [("gaussian", 1 / 2), ("uniform", 1 / 6)])

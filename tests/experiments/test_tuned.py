@@ -145,14 +145,22 @@ def _records(acc):
              "epoch_time": 1.0}]
 
 
-def test_paired_rows_on_constructed_runs_with_a_known_answer(tmp_path):
+A = [0.80, 0.81, 0.82, 0.83]  # method a's accuracy per seed in the constructed comparisons
+
+
+def _three_methods(tmp_path, c_offset):
+    """A comparison of a, b (a + 0.05 + 0.001 s) and c (a + c_offset(s)) over seeds 0-3."""
     result = CompareResult("c", tmp_path, TrainConfig(dataset="digits"), ["a", "b", "c"],
                            [0, 1, 2, 3])
-    a = [0.80, 0.81, 0.82, 0.83]
     for s in range(4):
-        result.runs += [RunSummary("a", s, tmp_path, _records(a[s])),
-                        RunSummary("b", s, tmp_path, _records(a[s] + 0.05 + 0.001 * s)),
-                        RunSummary("c", s, tmp_path, _records(a[s] + (0.01, -0.01)[s % 2]))]
+        result.runs += [RunSummary("a", s, tmp_path, _records(A[s])),
+                        RunSummary("b", s, tmp_path, _records(A[s] + 0.05 + 0.001 * s)),
+                        RunSummary("c", s, tmp_path, _records(A[s] + c_offset(s)))]
+    return result
+
+
+def test_paired_rows_on_constructed_runs_with_a_known_answer(tmp_path):
+    result = _three_methods(tmp_path, lambda s: (0.01, -0.01)[s % 2])
     result.runs.append(RunSummary("d", 0, tmp_path, [{"event": "diverged", "step": 3}]))
     b, c = tuned.paired_rows(result)
     assert b["verdict"] == "better" and b["interval"]["estimate"] == pytest.approx(0.0515)
@@ -160,7 +168,7 @@ def test_paired_rows_on_constructed_runs_with_a_known_answer(tmp_path):
     assert c["interval"]["estimate"] == pytest.approx(0.0)
     # a seed on which one run diverged is left out of the pairing, and said
     result.labels.append("d")
-    result.runs += [RunSummary("d", s, tmp_path, _records(a[s] - 0.1 - 0.001 * s))
+    result.runs += [RunSummary("d", s, tmp_path, _records(A[s] - 0.1 - 0.001 * s))
                     for s in (1, 2, 3)]
     d = tuned.paired_rows(result)[-1]
     assert d["seeds"] == [1, 2, 3] and d["left_out"] == [0] and d["verdict"] == "worse"
@@ -175,13 +183,7 @@ def test_the_flag_reaches_the_options():
 
 
 def test_every_pair_has_its_interval(tmp_path):
-    result = CompareResult("c", tmp_path, TrainConfig(dataset="digits"), ["a", "b", "c"],
-                           [0, 1, 2, 3])
-    a = [0.80, 0.81, 0.82, 0.83]
-    for s in range(4):
-        result.runs += [RunSummary("a", s, tmp_path, _records(a[s])),
-                        RunSummary("b", s, tmp_path, _records(a[s] + 0.05 + 0.001 * s)),
-                        RunSummary("c", s, tmp_path, _records(a[s] + 0.02 - 0.001 * s))]
+    result = _three_methods(tmp_path, lambda s: 0.02 - 0.001 * s)
     rows = tuned.paired_rows(result, every_pair=True)
     assert [(r["method"], r["reference"]) for r in rows] == [("b", "a"), ("c", "a"), ("c", "b")]
     c_b = rows[-1]
