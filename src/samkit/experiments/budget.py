@@ -55,8 +55,8 @@ class CompareOptions:
     tune_seed: int | None = setting(
         None, "the tuned protocol: each grid's value is chosen by validation accuracy on runs "
         "with this seed (never one of the test seeds), then every method trains at its chosen "
-        "value on the whole training set with the test seeds; the report adds each method's "
-        "paired difference to the first with its 0.95 confidence interval (None: off)")
+        "value on the whole training set with the test seeds; the report gives the paired "
+        "difference of every pair of methods with its 0.95 confidence interval (None: off)")
 
     def __post_init__(self) -> None:
         if isinstance(self.equal_budget, str) and self.equal_budget.lower() in ("none", ""):

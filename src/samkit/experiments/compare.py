@@ -134,8 +134,8 @@ class CompareResult:
     # grid search: spec -> {candidate: mean final validation accuracy}
     selection: dict[str, dict[str, float]] = field(default_factory=dict)
     equal_budget_label: str | None = None
-    # --tune-seed: every tuning run (samkit.experiments.tuned), and each method's paired
-    # difference to the first (with its interval and verdict)
+    # --tune-seed: every tuning run (samkit.experiments.tuned); with more than one seed the
+    # paired difference of every pair of methods (with its interval and verdict)
     tuning: list[dict[str, Any]] = field(default_factory=list)
     differences: list[dict[str, Any]] = field(default_factory=list)
 
@@ -407,7 +407,7 @@ def _train_all(result, runs, data, resume, overwrite, verbose, command, diverged
     if len(seeds) > 1:  # every difference the table shows, with its interval and verdict
         from samkit.experiments.tuned import paired_rows
 
-        result.differences = paired_rows(result, every_pair=True)
+        result.differences = paired_rows(result)
     write_report(result, command=command)
     return result
 

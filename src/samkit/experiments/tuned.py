@@ -9,8 +9,9 @@ seed and whose verdict comes from paired intervals.
    candidate is ``tune/`` (the runs), ``report.md`` and ``summary.json["tuning"]``.
 2. **Test.** Every method trains at its chosen value on the *whole* training set with each test
    seed (``--seeds``) and is evaluated on the test set, which neither stage ever chooses with.
-3. **Report.** Per method the mean ± std of the final test accuracy; for each method after the
-   first, the paired difference to the first, over the seeds both finished,
+3. **Report.** Per method the mean ± std of the final test accuracy; for every pair of methods
+   (each later one against each earlier one), the paired difference over the seeds both
+   finished,
 
    .. math::
        d_s = a_s - b_s, \qquad \bar d \pm t_{n-1,\,0.975}\, s_d/\sqrt{n},
@@ -55,13 +56,12 @@ def split_for_tuning(train: Any, fraction: float, data_seed: int) -> tuple[Any, 
     return B.carve_validation(train, fraction, data_seed)
 
 
-def paired_rows(result: CompareResult, every_pair: bool = False) -> list[dict[str, Any]]:
-    """For each method after the first: the per-seed final test accuracies of both, the paired
-    difference (method - first) with its 95 % paired t interval and the verdict, over the seeds
-    on which both runs finished (a diverged run's seed is left out, and said). With
-    ``every_pair``, every later method against every earlier one (so that each difference a
-    reader may take from the table has its interval)."""
-    pairs = [(result.labels[i], later) for i in range(len(result.labels) if every_pair else 1)
+def paired_rows(result: CompareResult) -> list[dict[str, Any]]:
+    """For every later method against every earlier one (so that each difference a reader may
+    take from the table has its interval): the per-seed final test accuracies of both, the
+    paired difference (later − earlier) with its 95 % paired t interval and the verdict, over the
+    seeds on which both runs finished (a diverged run's seed is left out, and said)."""
+    pairs = [(result.labels[i], later) for i in range(len(result.labels))
              for later in result.labels[i + 1:]]
     return [paired_row(result, first, label) for first, label in pairs]
 
