@@ -159,20 +159,16 @@ class _TrajectoryKL(torch.autograd.Function):
         if z.dim() != 2:
             z, ref = z.reshape(-1, classes), ref.reshape(-1, classes)
         rows = z.shape[0]
+        if mask is not None:  # a dropped row's reference is its own output: p = q, bit for bit,
+            # so it adds exactly zero to the value and the gradient
+            ref = torch.where(mask.reshape(rows, 1), ref, z)
         dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
         classes_first = z.device.type == "cpu" and classes <= _FEW_CLASSES
         log_p = _scaled_log_softmax(z, temperature, dtype, classes_first)
         log_q = _scaled_log_softmax(ref, temperature, dtype, classes_first)
-        if mask is None:  # Σ q (log q - log p) in one call
-            value = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
-            q = log_q.exp_()
-            grad = log_p.exp_()  # p = softmax(z / τ)
-        else:
-            m = mask.reshape((1, rows) if classes_first else (rows, 1)).to(dtype)
-            log_ratio = log_q - log_p
-            q = log_q.exp_().mul_(m)
-            value = torch.dot(q.view(-1), log_ratio.view(-1))
-            grad = log_p.exp_().mul_(m)
+        value = F.kl_div(log_p, log_q, reduction="sum", log_target=True)  # Σ q (log q - log p)
+        q = log_q.exp_()
+        grad = log_p.exp_()  # p = softmax(z / τ)
         grad.sub_(q).mul_(scale * temperature / rows)  # d value / d z = s τ m (p - q) / n
         if classes_first:
             grad = grad.t().contiguous()
