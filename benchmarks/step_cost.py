@@ -10,7 +10,9 @@ its users write it:
 * official MSAM (MarlonBecker/MSAM ``optimizer/msam.py``, ρ = 1): the same as SGD (it keeps the
   model at the perturbed point between steps);
 * samkit MSAM (ρ = 1), SAF (its trajectory term on in every step, over the
-  positions of a shuffled 10,000-example training set, epoch after epoch) and SAM (ρ = 0.05):
+  positions of a shuffled 10,000-example training set, epoch after epoch; first
+  ``--saf-epochs`` untimed epochs, so that its memory holds a record of every example, as in
+  most of a run: before that it also reads the record flags) and SAM (ρ = 0.05):
   ``opt.step(closure)``;
 * davda54 SAM (``sam.py``, ρ = 0.05): ``first_step(zero_grad=True)``, ``second_step(...)``.
 
@@ -163,6 +165,8 @@ def bench(widths: list[int], threads: int, args, official_msam, davda54_sam) -> 
     y = torch.randint(0, widths[-1], (args.batch,))
     loader = Batches(NUM_EXAMPLES, args.batch)
     steps = methods(model, official_msam, davda54_sam, loader)
+    for _ in range(args.saf_epochs * (NUM_EXAMPLES // args.batch)):
+        steps["samkit SAF"](x, y)
     times: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
     rng = random.Random(0)
@@ -195,6 +199,9 @@ def main() -> None:
     ap.add_argument("--davda54-sam", metavar="PATH", help="davda54/sam's sam.py")
     ap.add_argument("--rounds", type=int, default=60, help="timed rounds (60)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (5)")
+    ap.add_argument("--saf-epochs", type=int, default=8,
+                    help="SAF's untimed epochs first, so that its memory is complete (8; 0: "
+                         "time its first epochs)")
     ap.add_argument("--steps", type=int, default=5, help="steps per method per round (5)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--models", choices=("both", "small", "large"), default="both",
