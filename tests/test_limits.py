@@ -63,6 +63,12 @@ def test_config_files_and_values_are_size_limited(tmp_path):
         load_config(huge)
     with pytest.raises(ValueError, match="nests too deeply|not valid YAML"):
         C.yaml_loads("[" * 100000)
+    # flow collections: refused at the first level past the cap, whatever the call stack's depth
+    deepest = "[" * C.MAX_YAML_DEPTH + "]" * C.MAX_YAML_DEPTH
+    assert C.yaml_loads(f"lr: {deepest}")["lr"] is not None
+    with pytest.raises(ValueError, match=rf"nests too deeply \({C.MAX_YAML_DEPTH + 1} nested flow "
+                                         rf"collections, allowed: at most {C.MAX_YAML_DEPTH}\)"):
+        C.yaml_loads(f"lr: {{a: [{deepest}]}}")
 
 
 def test_error_messages_cut_long_values(tmp_path):

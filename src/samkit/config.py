@@ -115,6 +115,15 @@ _INT = re.compile(r"^[-+]?[0-9][0-9_]*$")
 # A config is a few kilobytes; a bigger file or --set value is a mistake (or an attack), and
 # PyYAML holds the whole document in memory several times over while it parses.
 MAX_YAML_BYTES = 1 << 20
+# Flow collections (``[...]``, ``{...}``) nested deeper than this are refused as soon as the
+# scanner meets the first one too many. A config nests two or three levels; without the cap a
+# few thousand ``[`` took PyYAML's scanner about a second (it looks up to 1,024 characters ahead
+# for a simple key, over every open level) before Python's recursion limit stopped it.
+MAX_YAML_DEPTH = 100
+
+
+class _TooDeep(Exception):
+    pass
 
 
 def _loader():
@@ -134,6 +143,11 @@ def _loader():
                         "allowed in samkit configs (write the value out)", event.start_mark)
                 return super().compose_node(parent, index)
 
+            def fetch_flow_collection_start(self, TokenClass):  # noqa: D102, N803
+                if self.flow_level >= MAX_YAML_DEPTH:
+                    raise _TooDeep(f"{self.flow_level + 1} nested flow collections")
+                super().fetch_flow_collection_start(TokenClass)
+
         Loader.add_implicit_resolver(
             "tag:yaml.org,2002:float",
             re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
@@ -145,7 +159,8 @@ def _loader():
 
 def yaml_loads(text: str, source: str = "config") -> Any:
     """Parse YAML text (numbers as people write them); a ValueError when it is not YAML, is
-    larger than :data:`MAX_YAML_BYTES`, nests too deeply or uses aliases."""
+    larger than :data:`MAX_YAML_BYTES`, nests too deeply (flow collections: more than
+    :data:`MAX_YAML_DEPTH` levels) or uses aliases."""
     yaml = _yaml()
     if len(text) > MAX_YAML_BYTES:
         raise ValueError(f"Invalid {source}: {len(text)} characters (allowed: at most "
@@ -154,6 +169,9 @@ def yaml_loads(text: str, source: str = "config") -> Any:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ValueError(f"Invalid {source}: not valid YAML ({err})") from err
+    except _TooDeep as err:
+        raise ValueError(f"Invalid {source}: the YAML nests too deeply ({err}, allowed: at "
+                         f"most {MAX_YAML_DEPTH})") from err
     except RecursionError as err:
         raise ValueError(f"Invalid {source}: the YAML nests too deeply") from err
 

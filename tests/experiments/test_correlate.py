@@ -218,7 +218,7 @@ def test_quick_smoke_run_through_the_cli(tmp_path, capsys):
     from samkit.cli import main
 
     argv = ["correlate", "--quick", "--dataset", "digits", "--out-dir", str(tmp_path),
-            "--set", "train.epochs=5", "steps=1", "measure_examples=64"]
+            "--set", "train.epochs=2", "steps=1", "measure_examples=64"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| measure | τ vs gap" in out

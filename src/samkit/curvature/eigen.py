@@ -174,14 +174,19 @@ class _Basis:
         total = torch.zeros(shape, dtype=w.dtype, device=w.device)
         if not views:
             return total
+        update = w.addmv_ if w.dim() == 1 else w.addmm_
+        if len(views) == 1:  # the first 32 vectors: no concatenation and split of coefficients
+            (b,) = views
+            for _ in range(2):
+                h = self.reduce(b @ w)
+                update(b.T, h, alpha=-1)
+                total += h
+            return total
         sizes = [b.shape[0] for b in views]
         for _ in range(2):
             coeffs = list(torch.split(self.reduce(torch.cat([b @ w for b in views])), sizes))
             for b, h in zip(views, coeffs, strict=True):
-                if w.dim() == 1:
-                    w.addmv_(b.T, h, alpha=-1)
-                else:
-                    w.addmm_(b.T, h, alpha=-1)
+                update(b.T, h, alpha=-1)
             total += torch.cat(coeffs)
         return total
 
@@ -416,6 +421,10 @@ def _block_lanczos_top(
         run.step()
         if counter.count >= min_dim or run.m >= d:  # restarts keep the explored space's best
             reached = True
+        out_of_room = run.exhausted or counter.count + p > max_products
+        restarts = run.n + p > max_basis and max_basis < d and run.m > k
+        if not (lag or reached or out_of_room or restarts):
+            continue  # nothing below reads the Ritz pairs of this block (no eigh, no residuals)
         current = evaluate()
         current["reached"] = reached
         snapshots.append(current)
@@ -426,12 +435,12 @@ def _block_lanczos_top(
         if judged is not None and judged["reached"] and judged["ok"]:
             state = judged
             break
-        if run.exhausted or counter.count + p > max_products:
+        if out_of_room:
             # the space is exhausted (exact up to rounding) or the budget is spent
             state = dict(current, ok=current["ok"] and reached)
             break
         snapshots = snapshots[-1:]
-        if run.n + p > max_basis and max_basis < d and run.m > k:  # thick restart
+        if restarts:  # thick restart
             theta, s = current["theta"], current["s"]  # Ritz vectors
             order = _wanted(theta, len(theta), which)
             keep = max(k, min(run.m - p, max_basis // 2, max_basis - 2 * p))
