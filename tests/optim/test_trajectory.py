@@ -91,6 +91,25 @@ def test_trajectory_kl_refuses_a_double_backward_and_keeps_low_precision_logits(
     assert gb.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("classes", [10, 40])  # classes-first on the CPU, last-dim
+def test_low_precision_logits_are_scaled_in_float32_and_dropped_rows_add_exactly_zero(classes):
+    g = torch.Generator().manual_seed(0)
+    zb = (3 * torch.randn(16, classes, generator=g)).bfloat16().requires_grad_()
+    zhat = 3 * torch.randn(16, classes, generator=g)
+    # the term of bfloat16 logits is the float32 term of the same (widened) logits
+    z32 = zb.detach().float().requires_grad_()
+    value, value32 = trajectory_kl(zb, zhat, 5.0, scale=6.0), trajectory_kl(z32, zhat, 5.0,
+                                                                             scale=6.0)
+    torch.testing.assert_close(value, value32, rtol=1e-6, atol=1e-7)
+    (gb,), (g32,) = torch.autograd.grad(value, zb), torch.autograd.grad(value32, z32)
+    torch.testing.assert_close(gb, g32.bfloat16(), rtol=0, atol=0)
+    # rows without a record add nothing, exactly, whatever the logits' dtype
+    for z in (zb, z32):
+        value = trajectory_kl(z, zhat, 5.0, torch.zeros(16, dtype=torch.bool), 6.0)
+        (grad,) = torch.autograd.grad(value, z)
+        assert value.item() == 0.0 and not grad.any()
+
+
 # ---------------------------------------------------------------------- float64 references
 
 

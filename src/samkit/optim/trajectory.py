@@ -140,7 +140,10 @@ def _scaled_log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype,
     ``classes_first``. A new tensor (never a view of ``logits``)."""
     if classes_first:
         z = torch.empty((logits.shape[1], logits.shape[0]), dtype=dtype, device=logits.device)
-        torch.mul(logits.t(), 1.0 / temperature, out=z)  # transposed and scaled in one pass
+        if logits.dtype == dtype:
+            torch.mul(logits.t(), 1.0 / temperature, out=z)  # transposed and scaled in one pass
+        else:  # bfloat16/float16 logits: scaled in ``dtype``, not rounded to their own first
+            z.copy_(logits.t()).mul_(1.0 / temperature)
         return torch.log_softmax(z, dim=0)
     z = logits.to(dtype, copy=True)
     if temperature != 1:
@@ -159,13 +162,14 @@ class _TrajectoryKL(torch.autograd.Function):
         if z.dim() != 2:
             z, ref = z.reshape(-1, classes), ref.reshape(-1, classes)
         rows = z.shape[0]
-        if mask is not None:  # a dropped row's reference is its own output: p = q, bit for bit,
-            # so it adds exactly zero to the value and the gradient
-            ref = torch.where(mask.reshape(rows, 1), ref, z)
         dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
         classes_first = z.device.type == "cpu" and classes <= _FEW_CLASSES
         log_p = _scaled_log_softmax(z, temperature, dtype, classes_first)
         log_q = _scaled_log_softmax(ref, temperature, dtype, classes_first)
+        if mask is not None:  # a dropped row's reference is its own output: log q = log p bit
+            # for bit, so it adds exactly zero to the value and the gradient
+            keep = mask.reshape((1, rows) if classes_first else (rows, 1))
+            log_q = torch.where(keep, log_q, log_p)
         value = F.kl_div(log_p, log_q, reduction="sum", log_target=True)  # Σ q (log q - log p)
         q = log_q.exp_()
         grad = log_p.exp_()  # p = softmax(z / τ)
