@@ -193,6 +193,12 @@ def _split_indices(indices: Tensor | Sequence[Tensor] | None, sizes: list[int]):
 # ---------------------------------------------------------------------- the closure
 
 
+def _share(loss: Tensor, n: int, total: int) -> Tensor:
+    """``loss`` weighted by its micro-batch's share ``n / total`` of the step's examples (itself,
+    not multiplied by 1, for a single micro-batch)."""
+    return loss if n == total else loss * (n / total)
+
+
 class StepClosure:
     """The closure for ``optimizer.step``: one pass over weighted micro-batches (see the module
     docstring). Build it with :func:`step_closure` or :meth:`StepEngine.closure`."""
@@ -253,15 +259,14 @@ class StepClosure:
                     with self.autocast_context(self._device()):
                         output = self.model(x)
                         loss = self.loss_fn(output, y)
-                        part = loss if n == self.total else loss * (n / self.total)
+                        part = _share(loss, n, self.total)
                         # the loss that is backpropagated: plus the optimizer's term, if any
                         trained = loss if self.loss_term is None else self._with_term(
                             loss, output, x, y, i)
                         if replicas > 1:
                             weighted = trained * (n * replicas / self.global_examples)
                         else:
-                            weighted = (part if trained is loss else trained if n == self.total
-                                        else trained * (n / self.total))
+                            weighted = part if trained is loss else _share(trained, n, self.total)
                     _scaled(weighted, self.scaler).backward()
                 mean = part.detach() if mean is None else mean + part.detach()
                 if not perturbed and self.observe is not None:
